@@ -1,0 +1,1 @@
+"""Code imported by several embervm processes (supervisor, vCPU worker, device workers)."""
