@@ -170,9 +170,7 @@ def build_guest(out_dir: Path | None = None) -> GuestImages:
 
         bad = find_forbidden(_run([objdump, "-d", "--no-show-raw-insn", str(tmp_elf)]))
         if bad:
-            raise GuestBuildError(
-                "the guest uses instructions the kvm_pvm emulator rejects:\n  " + "\n  ".join(bad)
-            )
+            raise GuestBuildError("the guest uses instructions the kvm_pvm emulator rejects:\n  " + "\n  ".join(bad))
 
         _run([objcopy, "-O", "binary", str(tmp_elf), str(tmp_flat)])
         flat = tmp_flat.read_bytes()

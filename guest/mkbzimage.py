@@ -50,9 +50,7 @@ def make_bzimage(flat: bytes, bss_size: int) -> bytes:
     protected = flat + bytes(_align(len(flat), 16) - len(flat))
     syssize = len(protected) // 16
     init_size = _align(len(flat) + bss_size, 4096)
-    kernel_info = (
-        KERNEL_INFO_OFFSET if flat[KERNEL_INFO_OFFSET : KERNEL_INFO_OFFSET + 4] == KERNEL_INFO_MAGIC else 0
-    )
+    kernel_info = KERNEL_INFO_OFFSET if flat[KERNEL_INFO_OFFSET : KERNEL_INFO_OFFSET + 4] == KERNEL_INFO_MAGIC else 0
 
     setup = bytearray((SETUP_SECTS + 1) * SECTOR)
     setup[0 : len(_REAL_MODE_HALT)] = _REAL_MODE_HALT
@@ -91,9 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("flat", type=Path, help="flat binary, objcopy -O binary of the guest ELF")
     parser.add_argument("out", type=Path, help="bzImage to write")
-    parser.add_argument(
-        "--bss-size", type=lambda s: int(s, 0), default=0, help="bytes of .bss past the image"
-    )
+    parser.add_argument("--bss-size", type=lambda s: int(s, 0), default=0, help="bytes of .bss past the image")
     args = parser.parse_args(argv)
     args.out.write_bytes(make_bzimage(args.flat.read_bytes(), args.bss_size))
     return 0

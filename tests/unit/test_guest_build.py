@@ -114,9 +114,7 @@ def test_bzimage_header(images: GuestImages) -> None:
     assert protected[len(flat) :] == bytes(len(protected) - len(flat))
 
     with images.elf.open("rb") as f:
-        mem_end = max(
-            s["p_paddr"] + s["p_memsz"] for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD"
-        )
+        mem_end = max(s["p_paddr"] + s["p_memsz"] for s in ELFFile(f).iter_segments() if s["p_type"] == "PT_LOAD")
     assert h["init_size"] >= mem_end - LOAD
 
     ki = h["kernel_info_offset"]
