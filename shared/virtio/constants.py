@@ -1,0 +1,98 @@
+"""Virtio numbers from the spec (1.1/1.2) and <linux/virtio_*.h>, in one place.
+
+Values are copied from the specification; `tests/unit/virtio/test_constants.py` pins the
+ones a guest driver depends on.
+"""
+
+from __future__ import annotations
+
+# Device ids (spec 5 "Device Types").
+VIRTIO_ID_NET = 1
+VIRTIO_ID_BLOCK = 2
+VIRTIO_ID_CONSOLE = 3
+VIRTIO_ID_RNG = 4
+VIRTIO_ID_BALLOON = 5
+VIRTIO_ID_VSOCK = 19
+
+# Device-independent feature bits (spec 6 "Reserved Feature Bits").
+VIRTIO_F_INDIRECT_DESC = 28
+VIRTIO_F_EVENT_IDX = 29  # a.k.a. VIRTIO_RING_F_EVENT_IDX
+VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_ACCESS_PLATFORM = 33
+VIRTIO_F_RING_PACKED = 34
+VIRTIO_F_IN_ORDER = 35
+
+# Aliases used by the brief and by Linux headers.
+VIRTIO_RING_F_INDIRECT_DESC = VIRTIO_F_INDIRECT_DESC
+VIRTIO_RING_F_EVENT_IDX = VIRTIO_F_EVENT_IDX
+
+
+def feature(bit: int) -> int:
+    """The feature mask with only `bit` set."""
+    return 1 << bit
+
+
+# Device status bits (spec 2.1).
+STATUS_ACKNOWLEDGE = 1
+STATUS_DRIVER = 2
+STATUS_DRIVER_OK = 4
+STATUS_FEATURES_OK = 8
+STATUS_DEVICE_NEEDS_RESET = 64
+STATUS_FAILED = 128
+
+# virtio-mmio register offsets (spec 4.2.2, version 2 layout).
+MMIO_MAGIC_VALUE = 0x000
+MMIO_VERSION = 0x004
+MMIO_DEVICE_ID = 0x008
+MMIO_VENDOR_ID = 0x00C
+MMIO_DEVICE_FEATURES = 0x010
+MMIO_DEVICE_FEATURES_SEL = 0x014
+MMIO_DRIVER_FEATURES = 0x020
+MMIO_DRIVER_FEATURES_SEL = 0x024
+MMIO_QUEUE_SEL = 0x030
+MMIO_QUEUE_NUM_MAX = 0x034
+MMIO_QUEUE_NUM = 0x038
+MMIO_QUEUE_READY = 0x044
+MMIO_QUEUE_NOTIFY = 0x050
+MMIO_INTERRUPT_STATUS = 0x060
+MMIO_INTERRUPT_ACK = 0x064
+MMIO_STATUS = 0x070
+MMIO_QUEUE_DESC_LOW = 0x080
+MMIO_QUEUE_DESC_HIGH = 0x084
+MMIO_QUEUE_DRIVER_LOW = 0x090
+MMIO_QUEUE_DRIVER_HIGH = 0x094
+MMIO_QUEUE_DEVICE_LOW = 0x0A0
+MMIO_QUEUE_DEVICE_HIGH = 0x0A4
+MMIO_SHM_SEL = 0x0AC
+MMIO_SHM_LEN_LOW = 0x0B0
+MMIO_SHM_LEN_HIGH = 0x0B4
+MMIO_SHM_BASE_LOW = 0x0B8
+MMIO_SHM_BASE_HIGH = 0x0BC
+MMIO_CONFIG_GENERATION = 0x0FC
+MMIO_CONFIG = 0x100
+MMIO_WINDOW_SIZE = 0x1000
+
+MMIO_MAGIC = 0x74726976  # "virt", little-endian
+MMIO_VERSION_MODERN = 2
+VENDOR_ID = 0  # as Firecracker and crosvm
+
+# InterruptStatus / InterruptACK bits.
+INTERRUPT_USED_RING = 1
+INTERRUPT_CONFIG_CHANGE = 2
+
+# Split virtqueue descriptor flags (spec 2.7.5).
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+
+# Ring flags.
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+VIRTQ_USED_F_NO_NOTIFY = 1
+
+# Split virtqueue geometry.
+MAX_QUEUE_SIZE = 32768
+DEFAULT_QUEUE_SIZE = 256
+DESC_SIZE = 16
+DESC_TABLE_ALIGN = 16
+AVAIL_RING_ALIGN = 2
+USED_RING_ALIGN = 4
