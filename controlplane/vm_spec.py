@@ -1,0 +1,46 @@
+"""What the supervisor needs to know to start a microVM, independent of how it was asked.
+
+The API and the `--config-file` path both turn their (Firecracker-shaped) input into a
+`VmSpec`; `controlplane.microvm` turns a `VmSpec` into running processes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
+
+
+@dataclass
+class DriveSpec:
+    drive_id: str
+    path_on_host: str
+    is_root_device: bool = False
+    is_read_only: bool = False
+    partuuid: str | None = None
+    cache_type: str = "Unsafe"
+    rate_limiter: dict[str, Any] | None = None
+
+
+@dataclass
+class VmSpec:
+    kernel_image_path: str
+    boot_args: str | None = None
+    initrd_path: str | None = None
+    vcpu_count: int = 1
+    mem_size_mib: int = 128
+    smt: bool = False
+    cpu_config: dict[str, Any] | None = None
+    drives: list[DriveSpec] = field(default_factory=list)
+    vm_id: str = "anonymous-instance"
+    # (leaf, subleaf | None, register, mask) CPUID bits to clear, e.g. shared.boot.cpuid.PVM_UNSAFE_FEATURES.
+    cpuid_clear: list[tuple[int, int | None, str, int]] = field(default_factory=list)
+
+    @property
+    def mem_size(self) -> int:
+        return self.mem_size_mib << 20
+
+    @property
+    def effective_boot_args(self) -> str:
+        return DEFAULT_BOOT_ARGS if self.boot_args is None else self.boot_args

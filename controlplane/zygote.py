@@ -1,0 +1,223 @@
+"""The worker zygote: a single-threaded, preloaded process that forks every worker.
+
+Why: a fresh interpreter per worker costs ~70 ms and ~7 MiB; a fork of a process that
+has already imported the worker code costs a few ms and shares its pages. Forking is
+only safe from a process with no threads and no ZeroMQ context, which the supervisor
+is not (uvicorn, ZeroMQ I/O threads), so the supervisor forks this zygote first thing
+and asks it for workers over a SOCK_SEQPACKET socketpair, passing fds with SCM_RIGHTS.
+
+Wire format, msgpack maps:
+    supervisor -> zygote  {"op": "spawn", "kind": str, "name": str, "args": map} + fds
+                          {"op": "quit"}
+    zygote -> supervisor  {"op": "spawned", "pid": int} | {"op": "error", "text": str}
+                          {"op": "exited", "pid": int, "status": int}   (a raw wait status)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import select
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import msgpack
+
+from shared.process import close_fds_except, die_with_parent, set_process_name
+
+WorkerEntry = Callable[[dict[str, Any], list[int]], int]
+
+# kind -> "module:function"; the function runs in the forked child and returns its exit code.
+WORKER_ENTRIES = {
+    "vcpu": "vcpu_worker.main:run",
+    "test": "controlplane.zygote:_test_entry",
+}
+MAX_FDS = 64
+MAX_MSG = 1 << 20
+
+
+class ZygoteError(Exception):
+    """The zygote died or refused a spawn request."""
+
+
+def _test_entry(args: dict[str, Any], fds: list[int]) -> int:
+    """A worker kind for tests of the zygote itself: writes `args["text"]` to fds[0]."""
+    os.write(fds[0], str(args.get("text", "")).encode() + b" " + str(os.getpid()).encode())
+    return int(args.get("code", 0))
+
+
+def _resolve(kind: str) -> WorkerEntry:
+    module_name, _, func = WORKER_ENTRIES[kind].partition(":")
+    return getattr(importlib.import_module(module_name), func)  # type: ignore[no-any-return]
+
+
+class Zygote:
+    """Supervisor-side handle: spawn workers, learn their exit statuses."""
+
+    def __init__(self, pid: int, sock: socket.socket) -> None:
+        self.pid = pid
+        self._sock = sock
+        self._lock = threading.Lock()
+        self._exits: dict[int, int] = {}
+
+    @classmethod
+    def start(cls) -> Zygote:
+        """Fork the zygote. Call before this process starts any thread or ZeroMQ context."""
+        if threading.active_count() > 1:
+            raise ZygoteError("the zygote must be forked before any thread starts")
+        parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - runs in the child
+            parent_sock.close()
+            code = 1
+            try:
+                code = _zygote_main(child_sock)
+            finally:
+                os._exit(code)
+        child_sock.close()
+        return cls(pid, parent_sock)
+
+    @property
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def spawn(self, kind: str, name: str, args: dict[str, Any], fds: list[int]) -> int:
+        """Fork a worker of `kind` holding `fds` (in this order); returns its pid."""
+        request = msgpack.packb({"op": "spawn", "kind": kind, "name": name, "args": args})
+        with self._lock:
+            socket.send_fds(self._sock, [request], fds)
+            while True:
+                reply = self._recv_locked(block=True)
+                if reply.get("op") == "spawned":
+                    return int(reply["pid"])
+                if reply.get("op") == "error":
+                    raise ZygoteError(str(reply.get("text")))
+
+    def poll_exits(self) -> dict[int, int]:
+        """Exit statuses that arrived since the last call: {pid: raw wait status}."""
+        with self._lock:
+            while True:
+                try:
+                    self._recv_locked(block=False)
+                except BlockingIOError:
+                    break
+            exits, self._exits = self._exits, {}
+        return exits
+
+    def wait_exit(self, pid: int, timeout: float) -> int | None:
+        """Block up to `timeout` s for worker `pid`'s wait status."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with self._lock:
+                if pid in self._exits:
+                    return self._exits.pop(pid)
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                ready, _, _ = select.select([self._sock], [], [], remaining)
+                if ready:
+                    self._recv_locked(block=True)
+
+    def _recv_locked(self, block: bool) -> dict[str, Any]:
+        flags = 0 if block else socket.MSG_DONTWAIT
+        data = self._sock.recv(MAX_MSG, flags)
+        if not data:
+            raise ZygoteError("the worker zygote exited")
+        reply = msgpack.unpackb(data, raw=False)
+        if reply.get("op") == "exited":
+            self._exits[int(reply["pid"])] = int(reply["status"])
+        return reply  # type: ignore[no-any-return]
+
+    def shutdown(self) -> None:
+        """Ask the zygote to exit and reap it."""
+        try:
+            with self._lock:
+                self._sock.send(msgpack.packb({"op": "quit"}))
+        except OSError:
+            pass
+        self._sock.close()
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(self.pid, 0)
+
+
+def _zygote_main(sock: socket.socket) -> int:  # pragma: no cover - runs in the child
+    """The zygote's loop: fork workers on request, report their exits."""
+    set_process_name("embervm-zygote")
+    die_with_parent(signal.SIGKILL)
+    for kind in WORKER_ENTRIES:
+        _resolve(kind)  # preload: children share these imported pages
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    while True:
+        ready, _, _ = select.select([sock, wake_r], [], [])
+        if wake_r in ready:
+            while True:
+                try:
+                    if not os.read(wake_r, 64):
+                        break
+                except BlockingIOError:
+                    break
+            _report_exits(sock)
+        if sock in ready:
+            try:
+                data, fds, _, _ = socket.recv_fds(sock, MAX_MSG, MAX_FDS)
+            except OSError:
+                return 0
+            if not data:
+                return 0
+            request = msgpack.unpackb(data, raw=False)
+            if request.get("op") == "quit":
+                return 0
+            _spawn(sock, request, fds, keep={wake_r, wake_w})
+
+
+def _report_exits(sock: socket.socket) -> None:  # pragma: no cover - runs in the child
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        sock.send(msgpack.packb({"op": "exited", "pid": pid, "status": status}))
+
+
+def _spawn(
+    sock: socket.socket, request: dict[str, Any], fds: list[int], keep: set[int]
+) -> None:  # pragma: no cover
+    kind, name = request.get("kind"), str(request.get("name", "worker"))
+    if kind not in WORKER_ENTRIES:
+        sock.send(msgpack.packb({"op": "error", "text": f"unknown worker kind {kind!r}"}))
+        for fd in fds:
+            os.close(fd)
+        return
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            signal.set_wakeup_fd(-1)
+            signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            die_with_parent(signal.SIGKILL)  # a worker never outlives its zygote
+            sock.close()
+            for fd in keep:
+                os.close(fd)
+            set_process_name(f"embervm-{name}"[:15])
+            close_fds_except([0, 1, 2, *fds])
+            code = _resolve(str(kind))(request.get("args", {}), fds)
+        except BaseException:
+            traceback.print_exc(file=sys.stderr)
+        finally:
+            os._exit(code)
+    for fd in fds:
+        os.close(fd)
+    sock.send(msgpack.packb({"op": "spawned", "pid": pid}))

@@ -1,0 +1,259 @@
+"""Small safe wrappers over KVM's ioctls: `Kvm` (/dev/kvm), `Vm` and `Vcpu`.
+
+KVM only accepts VM and vCPU ioctls from the process that created the VM (the kernel
+compares `kvm->mm` with the caller's), so the vCPU worker, not the supervisor, creates
+the VM. The supervisor opens /dev/kvm and passes the fd (workers open no host paths).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import mmap
+import os
+from collections.abc import Iterable
+
+from shared import kvm_abi as abi
+from shared.boot.cpuid import CpuidEntry
+
+DEV_KVM = "/dev/kvm"
+
+REQUIRED_CAPS = {
+    "KVM_CAP_IRQCHIP": abi.KVM_CAP_IRQCHIP,
+    "KVM_CAP_USER_MEMORY": abi.KVM_CAP_USER_MEMORY,
+    "KVM_CAP_SET_TSS_ADDR": abi.KVM_CAP_SET_TSS_ADDR,
+    "KVM_CAP_EXT_CPUID": abi.KVM_CAP_EXT_CPUID,
+    "KVM_CAP_IRQFD": abi.KVM_CAP_IRQFD,
+    "KVM_CAP_PIT2": abi.KVM_CAP_PIT2,
+    "KVM_CAP_IOEVENTFD": abi.KVM_CAP_IOEVENTFD,
+    "KVM_CAP_IMMEDIATE_EXIT": abi.KVM_CAP_IMMEDIATE_EXIT,
+}
+
+
+class KvmError(Exception):
+    """/dev/kvm is missing, unusable, or refused an operation."""
+
+
+def open_kvm(path: str = DEV_KVM) -> int:
+    """Open /dev/kvm read-write (close-on-exec), with an error that says what to fix."""
+    try:
+        return os.open(path, os.O_RDWR | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise KvmError(f"{path} does not exist: KVM is not available on this host") from None
+    except PermissionError:
+        raise KvmError(f"no permission to open {path}: run as root or join the 'kvm' group") from None
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
+_libc.ioctl.restype = ctypes.c_int
+
+
+def _ioctl_value(fd: int, request: int, value: int) -> int:
+    """An ioctl whose argument is a plain unsigned long (fcntl.ioctl only takes a C int).
+
+    ctypes releases the GIL during the call and, unlike a retrying wrapper, returns EINTR
+    to us, which is how a kicked vCPU thread leaves KVM_RUN.
+    """
+    ret: int = _libc.ioctl(fd, request, value)
+    if ret < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return ret
+
+
+def _ioctl(fd: int, request: int, arg: object = 0) -> int:
+    try:
+        if isinstance(arg, int):
+            return _ioctl_value(fd, request, arg)
+        return fcntl.ioctl(fd, request, arg)  # type: ignore[call-overload, no-any-return]
+    except OSError as e:
+        raise KvmError(f"ioctl {request:#x} failed: {os.strerror(e.errno or 0)}") from e
+
+
+def _cpuid_buffer(entries: list[CpuidEntry] | int) -> tuple[bytearray, int]:
+    count = entries if isinstance(entries, int) else len(entries)
+    header = ctypes.sizeof(abi.kvm_cpuid2_header)
+    size = ctypes.sizeof(abi.kvm_cpuid_entry2)
+    buf = bytearray(header + count * size)
+    abi.kvm_cpuid2_header.from_buffer(buf).nent = count
+    if not isinstance(entries, int):
+        for i, e in enumerate(entries):
+            raw = abi.kvm_cpuid_entry2.from_buffer(buf, header + i * size)
+            raw.function, raw.index, raw.flags = e.function, e.index, e.flags
+            raw.eax, raw.ebx, raw.ecx, raw.edx = e.eax, e.ebx, e.ecx, e.edx
+    return buf, header
+
+
+class Kvm:
+    """The /dev/kvm system fd: version and capability checks, supported CPUID, VM creation."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def check(self) -> None:
+        """Fail with a clear KvmError unless the API version and required capabilities are there."""
+        version = _ioctl(self.fd, abi.KVM_GET_API_VERSION)
+        if version != abi.KVM_API_VERSION:
+            raise KvmError(f"KVM API version {version} is not supported (need {abi.KVM_API_VERSION})")
+        missing = [name for name, cap in REQUIRED_CAPS.items() if not self.check_extension(cap)]
+        if missing:
+            raise KvmError(f"this host's KVM lacks required capabilities: {', '.join(missing)}")
+
+    def check_extension(self, cap: int) -> int:
+        return _ioctl(self.fd, abi.KVM_CHECK_EXTENSION, cap)
+
+    def max_vcpus(self) -> int:
+        return self.check_extension(abi.KVM_CAP_MAX_VCPUS) or self.check_extension(abi.KVM_CAP_NR_VCPUS) or 4
+
+    def vcpu_mmap_size(self) -> int:
+        return _ioctl(self.fd, abi.KVM_GET_VCPU_MMAP_SIZE)
+
+    def supported_cpuid(self) -> list[CpuidEntry]:
+        buf, header = _cpuid_buffer(abi.KVM_MAX_CPUID_ENTRIES)
+        _ioctl(self.fd, abi.KVM_GET_SUPPORTED_CPUID, buf)
+        count = abi.kvm_cpuid2_header.from_buffer(buf).nent
+        size = ctypes.sizeof(abi.kvm_cpuid_entry2)
+        entries = []
+        for i in range(count):
+            raw = abi.kvm_cpuid_entry2.from_buffer(buf, header + i * size)
+            entries.append(CpuidEntry(raw.function, raw.index, raw.flags, raw.eax, raw.ebx, raw.ecx, raw.edx))
+        return entries
+
+    def create_vm(self) -> Vm:
+        return Vm(self, _ioctl(self.fd, abi.KVM_CREATE_VM, 0))
+
+
+class Vm:
+    """A KVM VM fd: memory slots, in-kernel irqchip and PIT, eventfd wiring, vCPU creation."""
+
+    def __init__(self, kvm: Kvm, fd: int) -> None:
+        self.kvm = kvm
+        self.fd = fd
+        self._slots = 0
+
+    def set_tss_address(self, addr: int) -> None:
+        _ioctl(self.fd, abi.KVM_SET_TSS_ADDR, addr)
+
+    def set_identity_map_address(self, addr: int) -> None:
+        _ioctl(self.fd, abi.KVM_SET_IDENTITY_MAP_ADDR, ctypes.c_uint64(addr))
+
+    def add_memory(self, guest_addr: int, size: int, host_addr: int) -> None:
+        """Map `size` bytes of host memory at `host_addr` into the guest at `guest_addr`."""
+        region = abi.kvm_userspace_memory_region(self._slots, 0, guest_addr, size, host_addr)
+        _ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, region)
+        self._slots += 1
+
+    def create_irqchip(self) -> None:
+        _ioctl(self.fd, abi.KVM_CREATE_IRQCHIP)
+
+    def create_pit2(self) -> None:
+        _ioctl(self.fd, abi.KVM_CREATE_PIT2, abi.kvm_pit_config(flags=abi.KVM_PIT_SPEAKER_DUMMY))
+
+    def irq_line(self, irq: int, level: int) -> None:
+        _ioctl(self.fd, abi.KVM_IRQ_LINE, abi.kvm_irq_level(irq, level))
+
+    def pulse_irq(self, irq: int) -> None:
+        """An edge on an ISA interrupt line (raise then lower)."""
+        self.irq_line(irq, 1)
+        self.irq_line(irq, 0)
+
+    def register_irqfd(self, eventfd: int, gsi: int) -> None:
+        """Writes to `eventfd` inject interrupt `gsi`, without any userspace hop."""
+        _ioctl(self.fd, abi.KVM_IRQFD, abi.kvm_irqfd(fd=eventfd, gsi=gsi))
+
+    def register_ioeventfd(self, eventfd: int, addr: int, length: int, datamatch: int | None = None) -> None:
+        """Guest MMIO writes of `length` bytes at `addr` (matching `datamatch`) signal `eventfd`."""
+        flags = 0 if datamatch is None else abi.KVM_IOEVENTFD_FLAG_DATAMATCH
+        req = abi.kvm_ioeventfd(datamatch=datamatch or 0, addr=addr, len=length, fd=eventfd, flags=flags)
+        _ioctl(self.fd, abi.KVM_IOEVENTFD, req)
+
+    def create_vcpu(self, vcpu_id: int) -> Vcpu:
+        fd = _ioctl(self.fd, abi.KVM_CREATE_VCPU, vcpu_id)
+        return Vcpu(vcpu_id, fd, self.kvm.vcpu_mmap_size())
+
+
+class Vcpu:
+    """A vCPU fd and its shared `kvm_run` page."""
+
+    def __init__(self, vcpu_id: int, fd: int, mmap_size: int) -> None:
+        self.id = vcpu_id
+        self.fd = fd
+        self.run_page = mmap.mmap(fd, mmap_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.run = abi.kvm_run.from_buffer(self.run_page)
+
+    def run_once(self) -> int:
+        """KVM_RUN until the next exit; returns the exit reason (KVM_EXIT_INTR on a kick)."""
+        try:
+            _ioctl_value(self.fd, abi.KVM_RUN, 0)
+        except OSError as e:
+            if e.errno in (errno.EINTR, errno.EAGAIN):
+                return abi.KVM_EXIT_INTR
+            raise KvmError(f"KVM_RUN failed on vCPU {self.id}: {os.strerror(e.errno or 0)}") from e
+        return int(self.run.exit_reason)
+
+    def get_regs(self) -> abi.kvm_regs:
+        regs = abi.kvm_regs()
+        _ioctl(self.fd, abi.KVM_GET_REGS, regs)
+        return regs
+
+    def set_regs(self, regs: abi.kvm_regs) -> None:
+        _ioctl(self.fd, abi.KVM_SET_REGS, regs)
+
+    def get_sregs(self) -> abi.kvm_sregs:
+        sregs = abi.kvm_sregs()
+        _ioctl(self.fd, abi.KVM_GET_SREGS, sregs)
+        return sregs
+
+    def set_sregs(self, sregs: abi.kvm_sregs) -> None:
+        _ioctl(self.fd, abi.KVM_SET_SREGS, sregs)
+
+    def get_fpu(self) -> abi.kvm_fpu:
+        fpu = abi.kvm_fpu()
+        _ioctl(self.fd, abi.KVM_GET_FPU, fpu)
+        return fpu
+
+    def set_fpu(self, fpu: abi.kvm_fpu) -> None:
+        _ioctl(self.fd, abi.KVM_SET_FPU, fpu)
+
+    def set_cpuid(self, entries: list[CpuidEntry]) -> None:
+        buf, _ = _cpuid_buffer(entries)
+        _ioctl(self.fd, abi.KVM_SET_CPUID2, buf)
+
+    def set_msrs(self, msrs: Iterable[tuple[int, int]]) -> None:
+        items = list(msrs)
+        header = ctypes.sizeof(abi.kvm_msrs_header)
+        size = ctypes.sizeof(abi.kvm_msr_entry)
+        buf = bytearray(header + len(items) * size)
+        abi.kvm_msrs_header.from_buffer(buf).nmsrs = len(items)
+        for i, (index, data) in enumerate(items):
+            entry = abi.kvm_msr_entry.from_buffer(buf, header + i * size)
+            entry.index, entry.data = index, data
+        written = _ioctl(self.fd, abi.KVM_SET_MSRS, buf)
+        if written != len(items):
+            raise KvmError(
+                f"KVM_SET_MSRS set {written} of {len(items)} MSRs (MSR {items[written][0]:#x} refused)"
+            )
+
+    def get_lapic(self) -> bytearray:
+        state = bytearray(ctypes.sizeof(abi.kvm_lapic_state))
+        _ioctl(self.fd, abi.KVM_GET_LAPIC, state)
+        return state
+
+    def set_lapic(self, state: bytearray) -> None:
+        _ioctl(self.fd, abi.KVM_SET_LAPIC, state)
+
+    def get_mp_state(self) -> int:
+        state = abi.kvm_mp_state()
+        _ioctl(self.fd, abi.KVM_GET_MP_STATE, state)
+        return int(state.mp_state)
+
+    def host_address(self) -> int:
+        """Address of the kvm_run page (for tests and diagnostics)."""
+        return ctypes.addressof(self.run)
+
+
+def host_address_of(mapping: mmap.mmap) -> int:
+    """The host virtual address of an mmap, for KVM memory slots."""
+    return ctypes.addressof(ctypes.c_char.from_buffer(mapping))

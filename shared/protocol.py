@@ -1,0 +1,151 @@
+"""Control messages between the supervisor and its workers: one dataclass per message.
+
+Every control message travels as a msgpack map `{"type": <name>, <fields>...}` over
+ZeroMQ. This module is the one place that encodes and decodes them; `decode` rejects
+unknown types, missing or extra fields and ill-typed values, so a compromised worker
+cannot make the supervisor act on a malformed message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, ClassVar
+
+import msgpack
+
+MAX_MESSAGE_BYTES = 1 << 20
+
+
+class ProtocolError(Exception):
+    """A control message was malformed (unknown type, wrong fields or types)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Message:
+    """Base of all control messages; subclasses set TYPE."""
+
+    TYPE: ClassVar[str] = ""
+
+
+_REGISTRY: dict[str, type[Message]] = {}
+
+
+def message(cls: type[Message]) -> type[Message]:
+    """Class decorator: make `cls` a frozen dataclass and register it under its TYPE."""
+    cls = dataclasses.dataclass(frozen=True)(cls)
+    if not cls.TYPE or cls.TYPE in _REGISTRY:
+        raise TypeError(f"message {cls.__name__} needs a unique TYPE")
+    _REGISTRY[cls.TYPE] = cls
+    return cls
+
+
+# --- supervisor -> vCPU worker -------------------------------------------------------
+@message
+class Pause(Message):
+    TYPE = "pause"
+
+
+@message
+class Resume(Message):
+    TYPE = "resume"
+
+
+@message
+class Stop(Message):
+    TYPE = "stop"
+
+
+@message
+class CtrlAltDel(Message):
+    TYPE = "ctrl_alt_del"
+
+
+@message
+class FlushMetrics(Message):
+    TYPE = "flush_metrics"
+
+
+# --- worker -> supervisor --------------------------------------------------------------
+@message
+class Ready(Message):
+    """The worker finished its set-up (for the vCPU worker: vCPUs are running)."""
+
+    TYPE = "ready"
+    pid: int
+
+
+@message
+class StateChanged(Message):
+    TYPE = "state_changed"
+    state: str  # "Running" | "Paused"
+
+
+@message
+class Exited(Message):
+    """The worker is about to exit: `code` is the microVM exit code, `detail` the evidence."""
+
+    TYPE = "exited"
+    code: int
+    reason: str
+    detail: str
+
+
+@message
+class Metrics(Message):
+    """Cumulative counters, by Firecracker metric group."""
+
+    TYPE = "metrics"
+    groups: dict[str, dict[str, int]]
+
+
+@message
+class Log(Message):
+    TYPE = "log"
+    level: str
+    text: str
+
+
+def encode(msg: Message) -> bytes:
+    body = {"type": msg.TYPE, **{f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}}
+    return msgpack.packb(body, use_bin_type=True)
+
+
+def _check_type(value: Any, annotation: Any) -> bool:
+    origin = typing.get_origin(annotation) or annotation
+    if origin is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if origin is dict:
+        key_t, val_t = typing.get_args(annotation) or (Any, Any)
+        return isinstance(value, dict) and all(
+            _check_type(k, key_t) and _check_type(v, val_t) for k, v in value.items()
+        )
+    if origin is list:
+        (item_t,) = typing.get_args(annotation) or (Any,)
+        return isinstance(value, list) and all(_check_type(v, item_t) for v in value)
+    if origin is Any:
+        return True
+    return isinstance(value, origin)
+
+
+def decode(data: bytes) -> Message:
+    """Parse and validate one control message."""
+    if len(data) > MAX_MESSAGE_BYTES:
+        raise ProtocolError(f"control message of {len(data)} bytes is over the {MAX_MESSAGE_BYTES} limit")
+    try:
+        body = msgpack.unpackb(data, raw=False, strict_map_key=True)
+    except Exception as e:  # msgpack raises several unrelated types
+        raise ProtocolError(f"control message is not valid msgpack: {e}") from e
+    if not isinstance(body, dict) or not isinstance(body.get("type"), str):
+        raise ProtocolError("control message is not a map with a 'type'")
+    cls = _REGISTRY.get(body.pop("type"))
+    if cls is None:
+        raise ProtocolError("unknown control message type")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    if set(body) != names:
+        raise ProtocolError(f"{cls.TYPE}: expected fields {sorted(names)}, got {sorted(body)}")
+    for name in names:
+        if not _check_type(body[name], hints[name]):
+            raise ProtocolError(f"{cls.TYPE}: field {name!r} has the wrong type")
+    return cls(**body)

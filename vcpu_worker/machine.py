@@ -1,0 +1,88 @@
+"""Build the KVM side of a microVM inside the vCPU worker.
+
+The VM must be created here, not in the supervisor: KVM rejects VM and vCPU ioctls
+from any process but the one that created the VM. The supervisor has already written
+the kernel and boot structures into the memfd; this module maps that memfd as guest
+RAM, creates the in-kernel interrupt controllers and PIT, and puts each vCPU in the
+state the 64-bit Linux boot protocol asks for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from shared import layout
+from shared.boot import cpuid
+from shared.boot.cpu_state import BootCpuState, set_lint
+from shared.kvm import Kvm, Vcpu, Vm, host_address_of
+from shared.memory import GuestMemory
+
+
+@dataclass
+class Machine:
+    kvm: Kvm
+    vm: Vm
+    mem: GuestMemory
+    vcpus: list[Vcpu]
+
+
+def _apply_segment(seg: Any, values: dict[str, int]) -> None:
+    for name, value in values.items():
+        setattr(seg, name, value)
+
+
+def configure_vcpu(vcpu: Vcpu, state: BootCpuState, msrs: list[tuple[int, int]]) -> None:
+    """Long-mode boot state: MSRs, general and special registers, FPU, LAPIC LINT pins."""
+    vcpu.set_msrs(msrs)
+    regs = vcpu.get_regs()
+    for name, _ in regs._fields_:
+        setattr(regs, name, state.regs.get(name, 0))
+    vcpu.set_regs(regs)
+    sregs = vcpu.get_sregs()
+    for name, value in state.sregs.items():
+        if isinstance(value, dict):
+            _apply_segment(getattr(sregs, name), value)
+        else:
+            setattr(sregs, name, value)
+    vcpu.set_sregs(sregs)
+    fpu = vcpu.get_fpu()
+    for name, value in state.fpu.items():
+        setattr(fpu, name, value)
+    vcpu.set_fpu(fpu)
+    lapic = vcpu.get_lapic()
+    set_lint(lapic)
+    vcpu.set_lapic(lapic)
+
+
+def build_machine(kvm_fd: int, memfd: int, args: dict[str, Any]) -> Machine:
+    """Create the VM, its memory slots, irqchip, PIT and configured vCPUs."""
+    kvm = Kvm(kvm_fd)
+    kvm.check()
+    vcpu_count = int(args["vcpu_count"])
+    if not 1 <= vcpu_count <= min(layout.MAX_VCPUS, kvm.max_vcpus()):
+        raise ValueError(f"vcpu_count {vcpu_count} is out of range (1..{min(layout.MAX_VCPUS, kvm.max_vcpus())})")
+    vm = kvm.create_vm()
+    vm.set_tss_address(layout.KVM_TSS_ADDRESS)
+    vm.set_identity_map_address(layout.KVM_IDENTITY_MAP_ADDRESS)
+    vm.create_irqchip()
+    vm.create_pit2()
+    mem = GuestMemory.map(memfd, int(args["mem_size"]))
+    base = host_address_of(mem.host_mapping)
+    for region in mem.regions:
+        vm.add_memory(region.guest_addr, region.size, base + region.file_offset)
+    supported = kvm.supported_cpuid()
+    state = BootCpuState.from_dict(args["cpu_state"])
+    msrs = [(int(i), int(v)) for i, v in args["msrs"]]
+    vcpus = []
+    for vcpu_id in range(vcpu_count):
+        vcpu = vm.create_vcpu(vcpu_id)
+        entries = cpuid.normalize(supported, vcpu_id, vcpu_count, smt=bool(args.get("smt", False)))
+        if args.get("cpu_template"):
+            entries = cpuid.apply_cpu_template(entries, args["cpu_template"])
+        if args.get("cpuid_clear"):
+            entries = cpuid.clear_bits(entries, [tuple(c) for c in args["cpuid_clear"]])
+        vcpu.set_cpuid(entries)
+        configure_vcpu(vcpu, state, msrs)
+        vcpus.append(vcpu)
+    return Machine(kvm, vm, mem, vcpus)

@@ -1,0 +1,202 @@
+"""The vCPU worker process: runs the guest's vCPUs, the serial console and the i8042.
+
+Entry `run(args, fds)` is called in a child forked by the zygote, holding exactly:
+    fds[0]  /dev/kvm            fds[1]  guest memory memfd
+    fds[2]  console socket (serial output to the supervisor, input from it)
+Its main thread serves the ZeroMQ control channel and the console input; one thread
+per vCPU runs KVM_RUN. The first vCPU exit that ends the guest (i8042 reset, triple
+fault, an exit we cannot handle) stops every vCPU and is reported as `Exited`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import threading
+import time
+import traceback
+from typing import Any
+
+import zmq
+
+from shared import exitcodes, layout
+from shared import protocol as p
+from vcpu_worker.bus import Bus
+from vcpu_worker.i8042 import I8042
+from vcpu_worker.machine import Machine, build_machine
+from vcpu_worker.serial import Serial8250
+from vcpu_worker.vcpu import VcpuThread, install_kick_handler
+
+METRICS_INTERVAL_S = 5.0
+
+
+class VcpuWorker:
+    def __init__(self, machine: Machine, console_fd: int, ctl: zmq.Socket) -> None:
+        self.machine = machine
+        self.console_fd = console_fd
+        self.ctl = ctl
+        # Events from vCPU threads for the main thread (ZeroMQ sockets are not thread-safe).
+        self._exits: queue.SimpleQueue[tuple[int, str, str]] = queue.SimpleQueue()
+        self._warnings: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+        self._console_lock = threading.Lock()
+        self.console_dropped = 0
+        vm = machine.vm
+        self.serial = Serial8250(self._console_write, lambda: vm.pulse_irq(layout.SERIAL_IRQ))
+        self.i8042 = I8042(
+            lambda: self._request_exit(exitcodes.OK, "guest requested reset via the i8042", ""),
+            lambda: vm.pulse_irq(layout.I8042_IRQ),
+        )
+        self.pio = Bus("port I/O", self._log_warning)
+        self.pio.add(layout.SERIAL_PORT, 8, self.serial)
+        self.pio.add(layout.I8042_DATA_PORT, 5, self.i8042)  # 0x60..0x64
+        self.mmio = Bus("MMIO", self._log_warning)
+        self.vcpus = [VcpuThread(v, self.pio, self.mmio, self._request_exit) for v in machine.vcpus]
+        self.state = "Running"
+
+    # --- called from vCPU threads -------------------------------------------------------
+    def _console_write(self, data: bytes) -> None:
+        with self._console_lock:
+            try:
+                os.write(self.console_fd, data)
+            except OSError:
+                self.console_dropped += len(data)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(BlockingIOError):  # a full pipe already wakes the loop
+            os.write(self._wake_w, b"x")
+
+    def _request_exit(self, code: int, reason: str, detail: str) -> None:
+        self._exits.put((code, reason, detail))
+        self._wake()
+
+    def _log_warning(self, text: str) -> None:
+        self._warnings.put(text)
+        self._wake()
+
+    # --- main thread -------------------------------------------------------------------------
+    def send(self, msg: p.Message) -> None:
+        self.ctl.send(p.encode(msg))
+
+    def metrics(self) -> dict[str, dict[str, int]]:
+        vcpu: dict[str, int] = {}
+        for t in self.vcpus:
+            for k, v in t.metrics.items():
+                vcpu[k] = vcpu.get(k, 0) + v
+        return {
+            "vcpu": vcpu,
+            "uart": dict(self.serial.metrics),
+            "i8042": dict(self.i8042.metrics),
+            "embervm_bus": {
+                "unhandled_pio_reads": self.pio.unhandled_reads,
+                "unhandled_pio_writes": self.pio.unhandled_writes,
+                "unhandled_mmio_reads": self.mmio.unhandled_reads,
+                "unhandled_mmio_writes": self.mmio.unhandled_writes,
+                "console_dropped_bytes": self.console_dropped,
+            },
+        }
+
+    def _set_paused(self, paused: bool) -> None:
+        for t in self.vcpus:
+            if paused:
+                t.pause()
+            else:
+                t.resume()
+        self.state = "Paused" if paused else "Running"
+        self.send(p.StateChanged(self.state))
+
+    def _handle_control(self, msg: p.Message) -> tuple[int, str, str] | None:
+        if isinstance(msg, p.Pause):
+            self._set_paused(True)
+        elif isinstance(msg, p.Resume):
+            self._set_paused(False)
+        elif isinstance(msg, p.CtrlAltDel):
+            self.i8042.send_ctrl_alt_del()
+        elif isinstance(msg, p.FlushMetrics):
+            self.send(p.Metrics(self.metrics()))
+        elif isinstance(msg, p.Stop):
+            return exitcodes.OK, "stopped by the supervisor", ""
+        return None
+
+    def serve(self) -> int:
+        """Run the vCPUs and the control loop until the guest or the supervisor ends it."""
+        for t in self.vcpus:
+            t.start()
+        self.send(p.Ready(os.getpid()))
+        poller = zmq.Poller()
+        poller.register(self.ctl, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
+        console_registered = False
+        console_open = True
+        next_metrics = time.monotonic() + METRICS_INTERVAL_S
+        outcome: tuple[int, str, str] | None = None
+        while outcome is None:
+            want_console = console_open and self.serial.rx_room() > 0
+            if want_console != console_registered:
+                (poller.register if want_console else poller.unregister)(self.console_fd, zmq.POLLIN)
+                console_registered = want_console
+            events = dict(poller.poll(timeout=200 if not want_console else 1000))
+            if self.ctl in events:
+                try:
+                    outcome = self._handle_control(p.decode(self.ctl.recv()))
+                except p.ProtocolError as e:
+                    self.send(p.Log("error", f"vCPU worker ignored a bad control message: {e}"))
+            if self._wake_r in events:
+                while True:
+                    try:
+                        if not os.read(self._wake_r, 256):
+                            break
+                    except BlockingIOError:
+                        break
+                while not self._warnings.empty():
+                    self.send(p.Log("warning", self._warnings.get()))
+            if self.console_fd in events:
+                try:
+                    data = os.read(self.console_fd, self.serial.rx_room())
+                except OSError:
+                    data = b""
+                if data:
+                    self.serial.enqueue_input(data)
+                else:
+                    poller.unregister(self.console_fd)
+                    console_registered = console_open = False
+            if outcome is None and not self._exits.empty():
+                outcome = self._exits.get()
+            if time.monotonic() >= next_metrics:
+                self.send(p.Metrics(self.metrics()))
+                next_metrics = time.monotonic() + METRICS_INTERVAL_S
+        self._stop_vcpus()
+        self.send(p.Metrics(self.metrics()))
+        self.send(p.Exited(*outcome))
+        return outcome[0]
+
+    def _stop_vcpus(self) -> None:
+        for t in self.vcpus:
+            t.stop()
+        for t in self.vcpus:
+            t.join(2.0)
+
+
+def run(args: dict[str, Any], fds: list[int]) -> int:
+    """Worker entry point (in the forked child)."""
+    kvm_fd, memfd, console_fd = fds[:3]
+    install_kick_handler()
+    ctx = zmq.Context()
+    ctl = ctx.socket(zmq.DEALER)
+    ctl.setsockopt(zmq.LINGER, 2000)
+    ctl.connect(str(args["control_endpoint"]))
+    try:
+        try:
+            machine = build_machine(kvm_fd, memfd, args)
+        except Exception as e:
+            ctl.send(
+                p.encode(
+                    p.Exited(exitcodes.BAD_CONFIGURATION, f"cannot build the microVM: {e}", traceback.format_exc())
+                )
+            )
+            return exitcodes.BAD_CONFIGURATION
+        return VcpuWorker(machine, console_fd, ctl).serve()
+    finally:
+        ctl.close()
+        ctx.term()
