@@ -1,0 +1,79 @@
+"""The FastAPI application: resource routers, Firecracker-style errors, the request guard."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from controlplane.api import (
+    actions,
+    boot_source,
+    cpu_config,
+    drives,
+    entropy,
+    instance,
+    logger,
+    machine_config,
+    metrics,
+    mmds,
+    network,
+    unsupported,
+    vsock,
+)
+from controlplane.api.common import log
+from controlplane.api.guard import DEFAULT_MAX_PAYLOAD, FirecrackerGuard, first_token
+from controlplane.state import ApiError, Vmm
+
+_ROUTERS = (
+    instance,
+    actions,
+    boot_source,
+    machine_config,
+    cpu_config,
+    drives,
+    network,
+    vsock,
+    entropy,
+    logger,
+    metrics,
+    mmds,
+    unsupported,
+)
+
+
+def fault(message: str, status: int = 400) -> JSONResponse:
+    log.error("Received Error. Status code: %d. Message: %s", status, message)
+    return JSONResponse({"fault_message": message}, status_code=status)
+
+
+def create_app(vmm: Vmm, max_payload: int = DEFAULT_MAX_PAYLOAD) -> FastAPI:
+    """The API for one Vmm; `max_payload` is --http-api-max-payload-size."""
+    app = FastAPI(
+        title="embervm (Firecracker-compatible API)",
+        redirect_slashes=False,
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
+    app.state.vmm = vmm
+    for module in _ROUTERS:
+        app.include_router(module.router)
+
+    @app.exception_handler(ApiError)
+    async def api_error(_: Request, err: ApiError) -> JSONResponse:
+        return fault(err.message, err.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def routing_error(request: Request, _: StarletteHTTPException) -> JSONResponse:
+        token = first_token(request.url.path)
+        return fault(f"Invalid request method and/or path: {request.method} {token}.")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0] if err.errors() else {"msg": "invalid request"}
+        return fault(f"Invalid request: {first.get('msg')}.")
+
+    app.add_middleware(FirecrackerGuard, max_payload=max_payload)
+    return app

@@ -1,0 +1,211 @@
+"""The microVM's configured resources, their pre-boot validation and their two exports.
+
+Exports: the GET /vm/config document (the --config-file schema) and the VmSpec that
+InstanceStart hands to the launcher. Messages follow Firecracker's "<Resource> error: ..."
+wording so clients matching on them keep working.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from controlplane.models.boot import MAX_VCPUS, BootSource, CpuConfig, MachineConfig, MachineConfigUpdate
+from controlplane.models.devices import Drive, Entropy, NetworkInterface, PartialDrive, Vsock
+from controlplane.models.system import LoggerConfig, MetricsConfig, MmdsConfig
+
+
+class ConfigError(Exception):
+    """A refused configuration; the message is a complete fault_message."""
+
+
+def _check_readable(path: str, what: str) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as err:
+        raise ConfigError(f"{what}: {err.strerror} (os error {err.errno})") from None
+    os.close(fd)
+
+
+def _check_backing_file(path: str, read_only: bool, prefix: str) -> None:
+    try:
+        fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+    except OSError as err:
+        message = f"{prefix}: Error manipulating the backing file: {err.strerror} (os error {err.errno})"
+        raise ConfigError(f"{message} {path}") from None
+    os.close(fd)
+
+
+@dataclass
+class Resources:
+    """Everything the API and the config file can configure before boot."""
+
+    boot_source: BootSource | None = None
+    machine: MachineConfig = field(default_factory=lambda: MachineConfig(vcpu_count=1, mem_size_mib=128))
+    cpu_config: CpuConfig | None = None
+    drives: dict[str, Drive] = field(default_factory=dict)
+    net: dict[str, NetworkInterface] = field(default_factory=dict)
+    vsock: Vsock | None = None
+    entropy: Entropy | None = None
+    logger: LoggerConfig | None = None
+    metrics: MetricsConfig | None = None
+    mmds_config: MmdsConfig | None = None
+
+    def set_boot_source(self, source: BootSource) -> None:
+        _check_readable(source.kernel_image_path, "Boot source error: The kernel file cannot be opened")
+        if source.initrd_path is not None:
+            _check_readable(source.initrd_path, "Boot source error: The initrd file cannot be opened")
+        self.boot_source = source
+
+    def set_machine(self, config: MachineConfig) -> None:
+        vcpus = config.vcpu_count
+        if not 1 <= vcpus <= MAX_VCPUS or (config.smt and vcpus > 1 and vcpus % 2):
+            raise ConfigError(
+                f"Machine config error: The number of vCPUs must be greater than 0, less than "
+                f"{MAX_VCPUS} and must be 1 or an even number if SMT is enabled."
+            )
+        if config.mem_size_mib == 0 or (config.huge_pages == "2M" and config.mem_size_mib % 2):
+            raise ConfigError(
+                "Machine config error: The memory size (MiB) is either 0, or not a multiple of the "
+                "configured page size."
+            )
+        if config.cpu_template not in (None, "None"):
+            raise ConfigError(
+                f"The requested operation is not supported: static CPU template "
+                f"`{config.cpu_template}`; use PUT /cpu-config with a custom CPU template instead."
+            )
+        self.machine = config
+
+    def update_machine(self, update: MachineConfigUpdate) -> None:
+        changes = update.model_dump(exclude_none=True)
+        self.set_machine(MachineConfig.model_validate({**self.machine.model_dump(), **changes}))
+
+    def set_drive(self, drive: Drive) -> None:
+        if drive.socket is not None:
+            raise ConfigError("The requested operation is not supported: vhost-user block devices (`socket`).")
+        if drive.path_on_host is None:
+            raise ConfigError("Drive config error: `path_on_host` is required for a virtio-block drive.")
+        _check_backing_file(drive.path_on_host, bool(drive.is_read_only), "Drive config error")
+        if drive.is_root_device and any(
+            d.is_root_device and d.drive_id != drive.drive_id for d in self.drives.values()
+        ):
+            raise ConfigError("Drive config error: A root block device already exists!")
+        drive = drive.model_copy(update={"is_read_only": bool(drive.is_read_only)})
+        self.drives[drive.drive_id] = drive
+        # Firecracker lists (and attaches) the root device first.
+        ordered = sorted(self.drives.values(), key=lambda d: not d.is_root_device)
+        self.drives = {d.drive_id: d for d in ordered}
+
+    def update_drive(self, update: PartialDrive) -> dict[str, Any]:
+        """Post-boot drive change: validated and stored; returns the changes to forward."""
+        drive = self.drives.get(update.drive_id)
+        if drive is None:
+            raise ConfigError(f"Drive config error: Invalid block device ID: `{update.drive_id}`.")
+        changes = update.model_dump(exclude_none=True, exclude={"drive_id"})
+        if not changes:
+            raise ConfigError("Drive config error: nothing to update; give `path_on_host` and/or `rate_limiter`.")
+        if update.path_on_host is not None:
+            _check_backing_file(update.path_on_host, bool(drive.is_read_only), "Drive config error")
+        self.drives[drive.drive_id] = drive.model_copy(update=update.model_dump(exclude_none=True))
+        return changes
+
+    def set_net(self, iface: NetworkInterface) -> None:
+        for other in self.net.values():
+            if other.iface_id == iface.iface_id:
+                continue
+            if iface.guest_mac and other.guest_mac and iface.guest_mac.lower() == other.guest_mac.lower():
+                raise ConfigError(f"Network config error: The MAC address is already in use: {iface.guest_mac}")
+            if other.host_dev_name == iface.host_dev_name:
+                raise ConfigError(
+                    f"Network config error: Could not create the network device: the host device "
+                    f"{iface.host_dev_name} is already used by interface {other.iface_id}"
+                )
+        self.net[iface.iface_id] = iface
+
+    def set_mmds_config(self, config: MmdsConfig) -> None:
+        if not config.network_interfaces:
+            raise ConfigError(
+                "MMDS config error: The list of network interface IDs that allow forwarding MMDS requests is empty."
+            )
+        if any(iface not in self.net for iface in config.network_interfaces):
+            raise ConfigError(
+                "MMDS config error: The list of network interface IDs provided contains at least one "
+                "ID that does not correspond to any existing network interface."
+            )
+        if config.ipv4_address is not None:
+            address = ipaddress.IPv4Address(config.ipv4_address)
+            third = address.packed[2]
+            if not address.is_link_local or third in (0, 255):
+                raise ConfigError("MMDS config error: The MMDS IPv4 address is not link local.")
+        self.mmds_config = config
+
+    def full_config(self) -> dict[str, Any]:
+        """GET /vm/config: the --config-file document for the current configuration."""
+
+        def dump(model: Any) -> Any:
+            return None if model is None else model.model_dump(by_alias=True)
+
+        machine = self.machine.model_dump(exclude={"cpu_template"})
+        if self.machine.cpu_template not in (None, "None"):
+            machine["cpu_template"] = self.machine.cpu_template
+        vsock = None if self.vsock is None else self.vsock.model_dump(exclude={"vsock_id"})
+        return {
+            "balloon": None,
+            "drives": [dump(d) for d in self.drives.values()],
+            "boot-source": dump(self.boot_source),
+            "cpu-config": None
+            if self.cpu_config is None
+            else self.cpu_config.model_dump(by_alias=True, exclude_none=True),
+            "logger": dump(self.logger),
+            "machine-config": machine,
+            "metrics": dump(self.metrics),
+            "mmds-config": dump(self.mmds_config),
+            "network-interfaces": [dump(n) for n in self.net.values()],
+            "vsock": vsock,
+            "entropy": dump(self.entropy),
+        }
+
+    def unused_by(self, spec_type: type) -> list[str]:
+        """Configured resources that `spec_type` has no field for (not applied at boot)."""
+        names = {f.name for f in fields(spec_type)}
+        extras = self._extras()
+        return [name for name, value in extras.items() if value not in (None, False, [], "None") and name not in names]
+
+    def _extras(self) -> dict[str, Any]:
+        """Resources beyond the VmSpec core, by the VmSpec field name that would carry them."""
+        return {
+            "network_interfaces": [n.model_dump() for n in self.net.values()],
+            "vsock": None if self.vsock is None else self.vsock.model_dump(exclude={"vsock_id"}),
+            "entropy": None if self.entropy is None else self.entropy.model_dump(),
+            "mmds_config": None if self.mmds_config is None else self.mmds_config.model_dump(),
+            "track_dirty_pages": self.machine.track_dirty_pages,
+            "huge_pages": self.machine.huge_pages,
+        }
+
+    def to_spec(self, spec_type: type, drive_type: type, vm_id: str, options: dict[str, Any]) -> Any:
+        """Build the launcher's VmSpec; extra resources go in only where VmSpec has a field."""
+        if self.boot_source is None:
+            raise ConfigError("Start microvm error: Cannot start microvm without kernel configuration.")
+        drive_names = {f.name for f in fields(drive_type)}
+        drives = []
+        for d in self.drives.values():
+            values = d.model_dump()
+            values["rate_limiter"] = d.rate_limiter.model_dump() if d.rate_limiter else None
+            drives.append(drive_type(**{k: v for k, v in values.items() if k in drive_names}))
+        cpu = self.cpu_config.model_dump(by_alias=True, exclude_none=True) if self.cpu_config else None
+        core: dict[str, Any] = {
+            "kernel_image_path": self.boot_source.kernel_image_path,
+            "boot_args": self.boot_source.boot_args,
+            "initrd_path": self.boot_source.initrd_path,
+            "vcpu_count": self.machine.vcpu_count,
+            "mem_size_mib": self.machine.mem_size_mib,
+            "smt": self.machine.smt,
+            "cpu_config": cpu,
+            "drives": drives,
+            "vm_id": vm_id,
+        }
+        names = {f.name for f in fields(spec_type)}
+        extra = {k: v for k, v in {**self._extras(), **options}.items() if k in names}
+        return spec_type(**core, **extra)

@@ -1,0 +1,323 @@
+"""The VMM's state machine: resources before boot, the MicroVm after, one lock for both.
+
+Every API call and the config file go through `Vmm`, which holds a lock for the whole
+call, so requests are serialised against the VM state as in Firecracker's single VMM
+thread. Pre-boot-only calls made after InstanceStart (and the reverse) fail with
+Firecracker's own messages.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from threading import RLock
+from typing import Any, BinaryIO, Protocol
+
+from controlplane import logger as fclog
+from controlplane.logger import LOGGER, FcLogger, SinkError
+from controlplane.metrics import METRICS, Metrics, MetricsError
+from controlplane.mmds_store import MmdsStore
+from controlplane.models import (
+    BootSource,
+    CpuConfig,
+    Drive,
+    Entropy,
+    LoggerConfig,
+    MachineConfig,
+    MachineConfigUpdate,
+    MetricsConfig,
+    MmdsConfig,
+    NetworkInterface,
+    PartialDrive,
+    PartialNetworkInterface,
+    Vsock,
+)
+from controlplane.models.resources import ConfigError, Resources
+
+NOT_SUPPORTED_PRE_BOOT = "The requested operation is not supported before starting the microVM."
+NOT_SUPPORTED_POST_BOOT = "The requested operation is not supported after starting the microVM."
+APP_NAME = "Firecracker"
+FIRECRACKER_API_VERSION = "1.12.0"
+EMBERVM_VERSION = "0.1.0"
+
+log = fclog.get("vmm")
+
+
+class ApiError(Exception):
+    """A refused request: `message` becomes the fault_message, `status` the HTTP status."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+
+
+class MicroVmLike(Protocol):
+    state: str
+
+    def pause(self) -> None: ...
+    def resume(self) -> None: ...
+    def send_ctrl_alt_del(self) -> None: ...
+    def stop(self) -> None: ...
+    def wait(self, timeout: float | None = None) -> int | None: ...
+    def metrics(self) -> dict[str, dict[str, int]]: ...
+    def workers(self) -> list[dict[str, Any]]: ...
+
+
+class LauncherLike(Protocol):
+    def start_vm(self, spec: Any, console_out: BinaryIO, on_exit: Callable[[int, str], None]) -> MicroVmLike: ...
+
+
+# Forwards a post-boot device change to its worker: (vm, kind, device_id, changes).
+DeviceUpdater = Callable[[MicroVmLike, str, str, dict[str, Any]], None]
+
+
+@dataclass
+class RuntimeOptions:
+    """Process options that are not API resources but reach the VmSpec where it has a field."""
+
+    boot_timer: bool = False
+    no_seccomp: bool = False
+    seccomp_filter: str | None = None
+    enable_fault_injection: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_spec_fields(self) -> dict[str, Any]:
+        return {
+            "boot_timer": self.boot_timer,
+            "no_seccomp": self.no_seccomp,
+            "seccomp_filter": self.seccomp_filter,
+            "enable_fault_injection": self.enable_fault_injection,
+            **self.extra,
+        }
+
+
+def _forward_to_vm(vm: MicroVmLike, kind: str, device_id: str, changes: dict[str, Any]) -> None:
+    """Default device updater: MicroVm.update_device if the VM has it, else store only."""
+    update = getattr(vm, "update_device", None)
+    if update is None:
+        log.warning("%s %s updated in the configuration only: no device worker takes updates yet", kind, device_id)
+        return
+    update(kind, device_id, changes)
+
+
+def default_spec_types() -> tuple[type, type, type[Exception]]:
+    """VmSpec, DriveSpec and VmStartError from the launcher side (imported late on purpose:
+    the control plane's unit tests run with a fake launcher)."""
+    from controlplane.microvm import VmStartError
+    from controlplane.vm_spec import DriveSpec, VmSpec
+
+    return VmSpec, DriveSpec, VmStartError
+
+
+class Vmm:
+    """Resources + MicroVm + lock: the single owner of the VM's state."""
+
+    def __init__(
+        self,
+        launcher: LauncherLike,
+        instance_id: str = "anonymous-instance",
+        console_out: BinaryIO | None = None,
+        options: RuntimeOptions | None = None,
+        mmds: MmdsStore | None = None,
+        metrics: Metrics = METRICS,
+        logger: FcLogger = LOGGER,
+        on_exit: Callable[[int, str], None] | None = None,
+    ) -> None:
+        self.launcher = launcher
+        self.instance_id = instance_id
+        self.console_out = console_out
+        self.options = options or RuntimeOptions()
+        self.mmds = mmds or MmdsStore()
+        self.metrics = metrics
+        self.logger = logger
+        self.on_exit = on_exit
+        self.device_updater: DeviceUpdater = _forward_to_vm
+        self.spec_types: tuple[type, type, type[Exception]] | None = None
+        self.resources = Resources()
+        self.vm: MicroVmLike | None = None
+        self.exit_code: int | None = None
+        self.lock = RLock()
+
+    # -- state --------------------------------------------------------------------------------
+    @property
+    def started(self) -> bool:
+        return self.vm is not None
+
+    def state(self) -> str:
+        """Firecracker's InstanceInfo.state: Not started, Running or Paused."""
+        if self.vm is None:
+            return "Not started"
+        return "Paused" if self.vm.state == "Paused" else "Running"
+
+    def _pre_boot(self) -> None:
+        if self.vm is not None:
+            raise ApiError(NOT_SUPPORTED_POST_BOOT)
+
+    def _post_boot(self) -> MicroVmLike:
+        if self.vm is None:
+            raise ApiError(NOT_SUPPORTED_PRE_BOOT)
+        if self.exit_code is not None:
+            raise ApiError("The microVM has already stopped.")
+        return self.vm
+
+    def _configure(self, action: Callable[[], None]) -> None:
+        with self.lock:
+            self._pre_boot()
+            try:
+                action()
+            except ConfigError as err:
+                raise ApiError(str(err)) from None
+
+    # -- reads --------------------------------------------------------------------------------
+    def instance_info(self) -> dict[str, Any]:
+        with self.lock:
+            workers = self.vm.workers() if self.vm is not None else []
+            return {
+                "id": self.instance_id,
+                "state": self.state(),
+                "vmm_version": FIRECRACKER_API_VERSION,
+                "app_name": APP_NAME,
+                "embervm": {"version": EMBERVM_VERSION, "workers": workers},
+            }
+
+    def machine_config(self) -> dict[str, Any]:
+        with self.lock:
+            return self.resources.full_config()["machine-config"]
+
+    def full_config(self) -> dict[str, Any]:
+        with self.lock:
+            return self.resources.full_config()
+
+    # -- pre-boot configuration ---------------------------------------------------------------
+    def put_boot_source(self, body: BootSource) -> None:
+        self._configure(lambda: self.resources.set_boot_source(body))
+
+    def put_machine_config(self, body: MachineConfig) -> None:
+        self._configure(lambda: self.resources.set_machine(body))
+
+    def patch_machine_config(self, body: MachineConfigUpdate) -> None:
+        self._configure(lambda: self.resources.update_machine(body))
+
+    def put_cpu_config(self, body: CpuConfig) -> None:
+        self._configure(lambda: setattr(self.resources, "cpu_config", body))
+
+    def put_drive(self, body: Drive) -> None:
+        self._configure(lambda: self.resources.set_drive(body))
+
+    def put_network_interface(self, body: NetworkInterface) -> None:
+        self._configure(lambda: self.resources.set_net(body))
+
+    def put_vsock(self, body: Vsock) -> None:
+        self._configure(lambda: setattr(self.resources, "vsock", body))
+
+    def put_entropy(self, body: Entropy) -> None:
+        self._configure(lambda: setattr(self.resources, "entropy", body))
+
+    def put_mmds_config(self, body: MmdsConfig) -> None:
+        self._configure(lambda: self.resources.set_mmds_config(body))
+
+    def put_logger(self, body: LoggerConfig) -> None:
+        def apply() -> None:
+            try:
+                self.logger.configure(
+                    body.log_path, body.level or "Info", bool(body.show_level), bool(body.show_log_origin), body.module
+                )
+            except SinkError as err:
+                raise ConfigError(f"Logger error: Failed to open target file: {err.strerror}") from None
+            self.resources.logger = body
+
+        self._configure(apply)
+
+    def put_metrics(self, body: MetricsConfig) -> None:
+        def apply() -> None:
+            try:
+                self.metrics.configure(body.metrics_path, body.properties)
+            except MetricsError as err:
+                raise ConfigError(f"Metrics error: {err}") from None
+            self.resources.metrics = body
+
+        self._configure(apply)
+
+    # -- actions ------------------------------------------------------------------------------
+    def start(self) -> None:
+        """InstanceStart: build the VmSpec and hand it to the launcher."""
+        spec_type, drive_type, start_error = self.spec_types or default_spec_types()
+        with self.lock:
+            self._pre_boot()
+            try:
+                spec = self.resources.to_spec(spec_type, drive_type, self.instance_id, self.options.as_spec_fields())
+            except ConfigError as err:
+                raise ApiError(str(err)) from None
+            for name in self.resources.unused_by(spec_type):
+                log.warning("Configured %s is validated and stored but not applied: no device for it yet", name)
+            assert self.console_out is not None, "console_out is set by the server before boot"
+            try:
+                vm = self.launcher.start_vm(spec, self.console_out, self._vm_exited)
+            except start_error as err:
+                raise ApiError(f"Start microvm error: {err}") from None
+            self.vm = vm
+            self.metrics.source = vm.metrics
+            log.info("Successfully started microvm")
+
+    def _vm_exited(self, exit_code: int, reason: str) -> None:
+        """Called by the launcher from a background thread when the guest or a worker ends."""
+        log.info("Vmm is stopping: %s (exit code %d)", reason, exit_code)
+        self.exit_code = exit_code
+        if self.on_exit is not None:
+            self.on_exit(exit_code, reason)
+
+    def send_ctrl_alt_del(self) -> None:
+        with self.lock:
+            self._post_boot().send_ctrl_alt_del()
+
+    def flush_metrics(self) -> None:
+        with self.lock:
+            if self.metrics.configured and not self.metrics.flush():
+                raise ApiError("Metrics error: Failed to write metrics.")
+
+    def set_vm_state(self, state: str) -> None:
+        """PATCH /vm: Paused or Resumed, timed into latencies_us like Firecracker."""
+        with self.lock:
+            vm = self._post_boot()
+            begin = time.monotonic_ns()
+            if state == "Paused":
+                vm.pause()
+            else:
+                vm.resume()
+            elapsed_us = max(1, (time.monotonic_ns() - begin) // 1000)
+            self.metrics.store("latencies_us", "pause_vm" if state == "Paused" else "resume_vm", elapsed_us)
+            log.info("'%s vm' API request took %d us.", "pause" if state == "Paused" else "resume", elapsed_us)
+
+    # -- post-boot device updates (the hook the device workers plug into) --------------------
+    def patch_drive(self, body: PartialDrive) -> None:
+        with self.lock:
+            vm = self._post_boot()
+            try:
+                changes = self.resources.update_drive(body)
+            except ConfigError as err:
+                raise ApiError(str(err)) from None
+            self._forward(vm, "drive", body.drive_id, changes)
+
+    def patch_network_interface(self, body: PartialNetworkInterface) -> None:
+        with self.lock:
+            vm = self._post_boot()
+            iface = self.resources.net.get(body.iface_id)
+            if iface is None:
+                raise ApiError(f"Network config error: Invalid network interface ID: `{body.iface_id}`.")
+            changes = body.model_dump(exclude_none=True, exclude={"iface_id"})
+            self.resources.net[body.iface_id] = iface.model_copy(update=body.model_dump(exclude_none=True))
+            self._forward(vm, "network-interface", body.iface_id, changes)
+
+    def _forward(self, vm: MicroVmLike, kind: str, device_id: str, changes: dict[str, Any]) -> None:
+        try:
+            self.device_updater(vm, kind, device_id, changes)
+        except Exception as err:  # the worker's refusal becomes the client's 400
+            raise ApiError(f"Device update error: {kind} {device_id}: {err}") from None
+
+    def stop(self) -> None:
+        """Stop the VM, if any (process exit)."""
+        with self.lock:
+            if self.vm is not None and self.exit_code is None:
+                self.vm.stop()

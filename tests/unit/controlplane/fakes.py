@@ -1,0 +1,103 @@
+"""A fake Launcher/MicroVm with the lead's interface, recording what the control plane asks."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+
+class FakeStartError(Exception):
+    """Stands in for controlplane.microvm.VmStartError."""
+
+
+@dataclass
+class FakeDrive:
+    drive_id: str
+    path_on_host: str
+    is_root_device: bool = False
+    is_read_only: bool = False
+    partuuid: str | None = None
+    cache_type: str = "Unsafe"
+    rate_limiter: dict[str, Any] | None = None
+
+
+@dataclass
+class FakeSpec:
+    kernel_image_path: str
+    boot_args: str | None = None
+    initrd_path: str | None = None
+    vcpu_count: int = 1
+    mem_size_mib: int = 128
+    smt: bool = False
+    cpu_config: dict[str, Any] | None = None
+    drives: list[FakeDrive] = field(default_factory=list)
+    vm_id: str = "anonymous-instance"
+
+
+SPEC_TYPES = (FakeSpec, FakeDrive, FakeStartError)
+
+
+class FakeMicroVm:
+    def __init__(self, spec: Any, console_out: BinaryIO, on_exit: Callable[[int, str], None]) -> None:
+        self.spec = spec
+        self.console_out = console_out
+        self.on_exit = on_exit
+        self.state = "Running"
+        self.calls: list[str] = []
+        self.counters: dict[str, Any] = {"vcpu": {"exit_io_out": 0}, "uart": {"write_count": 0}}
+        self.updates: list[tuple[str, str, dict[str, Any]]] = []
+        self.exited = threading.Event()
+        self.exit_code: int | None = None
+
+    def pause(self) -> None:
+        self.calls.append("pause")
+        self.state = "Paused"
+
+    def resume(self) -> None:
+        self.calls.append("resume")
+        self.state = "Running"
+
+    def send_ctrl_alt_del(self) -> None:
+        self.calls.append("ctrl_alt_del")
+
+    def stop(self) -> None:
+        self.calls.append("stop")
+        self.finish(0, "stopped")
+
+    def finish(self, code: int, reason: str) -> None:
+        """What the lead's MicroVm does when the guest ends: state, then on_exit."""
+        if self.exited.is_set():
+            return
+        self.state = "Exited"
+        self.exit_code = code
+        self.exited.set()
+        self.on_exit(code, reason)
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        self.exited.wait(timeout)
+        return self.exit_code
+
+    def metrics(self) -> dict[str, Any]:
+        return {group: dict(values) for group, values in self.counters.items()}
+
+    def workers(self) -> list[dict[str, Any]]:
+        return [{"name": "vcpu", "pid": 4242, "alive": self.state != "Exited", "exit_reason": None}]
+
+
+class FakeLauncher:
+    def __init__(self, fail_with: str | None = None) -> None:
+        self.fail_with = fail_with
+        self.vms: list[FakeMicroVm] = []
+        self.shut_down = False
+
+    def start_vm(self, spec: Any, console_out: BinaryIO, on_exit: Callable[[int, str], None]) -> FakeMicroVm:
+        if self.fail_with is not None:
+            raise FakeStartError(self.fail_with)
+        vm = FakeMicroVm(spec, console_out, on_exit)
+        self.vms.append(vm)
+        return vm
+
+    def shutdown(self) -> None:
+        self.shut_down = True
