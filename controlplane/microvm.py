@@ -109,6 +109,7 @@ class MicroVm:
         self.state = "Starting"
         self.exit_code: int | None = None
         self.exit_reason: str | None = None
+        self.exit_detail = ""  # evidence for a failed guest, e.g. a register dump
         self._console_out = console_out
         self._on_exit = on_exit
         self._endpoint = endpoint
@@ -299,6 +300,7 @@ class MicroVm:
             elif isinstance(msg, p.Exited):
                 if msg.detail:
                     log.error("%s\n%s", msg.reason, msg.detail)
+                    self.exit_detail = msg.detail
                 return msg.code, msg.reason
             self._cond.notify_all()
         return None

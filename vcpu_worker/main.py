@@ -185,6 +185,7 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
     ctx = zmq.Context()
     ctl = ctx.socket(zmq.DEALER)
     ctl.setsockopt(zmq.LINGER, 2000)
+    ctl.setsockopt(zmq.IDENTITY, str(args.get("name", "vcpu")).encode())  # the supervisor routes by name
     ctl.connect(str(args["control_endpoint"]))
     try:
         try:

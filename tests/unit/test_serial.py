@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+from vcpu_worker import serial as s
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.out = bytearray()
+        self.irqs = 0
+
+    def write(self, data: bytes) -> None:
+        self.out += data
+
+    def irq(self) -> None:
+        self.irqs += 1
+
+
+def make() -> tuple[s.Serial8250, Sink]:
+    sink = Sink()
+    return s.Serial8250(sink.write, sink.irq), sink
+
+
+def test_written_bytes_reach_the_output():
+    uart, sink = make()
+
+    for b in b"hi":
+        uart.write(s.DATA, b)
+
+    assert sink.out == b"hi"
+
+
+def test_lsr_reports_transmitter_empty_and_data_ready():
+    uart, _ = make()
+    assert uart.read(s.LSR) & (s.LSR_THRE | s.LSR_TEMT | s.LSR_DR) == s.LSR_THRE | s.LSR_TEMT
+
+    uart.enqueue_input(b"x")
+
+    assert uart.read(s.LSR) & s.LSR_DR
+
+
+def test_input_is_read_in_order():
+    uart, _ = make()
+    uart.enqueue_input(b"ab")
+
+    assert (uart.read(s.DATA), uart.read(s.DATA)) == (ord("a"), ord("b"))
+
+
+def test_enabling_thre_interrupt_raises_irq_and_iir_names_it_once():
+    uart, sink = make()
+
+    uart.write(s.IER, s.IER_THRE)
+
+    assert sink.irqs == 1
+    assert uart.read(s.IIR_FCR) & 0x0F == s.IIR_THRE
+    assert uart.read(s.IIR_FCR) & 0x0F == s.IIR_NONE
+
+
+def test_each_transmitted_byte_raises_thre_interrupt_when_enabled():
+    uart, sink = make()
+    uart.write(s.IER, s.IER_THRE)
+
+    uart.write(s.DATA, ord("a"))
+
+    assert sink.irqs == 2
+
+
+def test_received_data_interrupt_when_enabled():
+    uart, sink = make()
+    uart.write(s.IER, s.IER_RDA)
+
+    uart.enqueue_input(b"k")
+
+    assert sink.irqs == 1
+    assert uart.read(s.IIR_FCR) & 0x0F == s.IIR_RDA
+
+
+def test_rx_fifo_is_bounded():
+    uart, _ = make()
+
+    taken = uart.enqueue_input(bytes(200))
+
+    assert taken == s.RX_FIFO_SIZE
+    assert uart.rx_room() == 0
+
+
+def test_divisor_latch_does_not_transmit():
+    uart, sink = make()
+    uart.write(s.LCR, s.LCR_DLAB)
+
+    uart.write(s.DATA, 0x01)
+
+    assert sink.out == b""
+    assert uart.read(s.DATA) == 0x01
+
+
+def test_loopback_mode_mirrors_modem_control_as_linux_probes_it():
+    uart, sink = make()
+
+    uart.write(s.MCR, s.MCR_LOOP | 0x0A)  # OUT2 | RTS
+
+    assert uart.read(s.MSR) & 0xF0 == 0x90  # DCD | CTS
+    uart.write(s.DATA, 0x55)
+    assert sink.out == b""
+    assert uart.read(s.DATA) == 0x55
