@@ -10,10 +10,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import signal
 import socket
 import stat
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
@@ -58,6 +60,31 @@ def bind_unix_socket(path: str) -> socket.socket:
     return sock
 
 
+class _Server(uvicorn.Server):
+    """uvicorn, except that SIGINT/SIGTERM end `serve` normally instead of being re-raised,
+    so the caller still stops the VM, flushes metrics and removes the socket."""
+
+    stop_signal: int | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def handle(signum: int, _frame: FrameType | None) -> None:
+            self.force_exit = self.stop_signal is not None  # a second signal: do not wait
+            self.stop_signal = signum
+            self.should_exit = True
+
+        previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
 class ApiServer:
     """One uvicorn server on one Unix socket; `serve` blocks until `stop` or a signal."""
 
@@ -73,7 +100,7 @@ class ApiServer:
             date_header=False,
             timeout_graceful_shutdown=5,
         )
-        self.server = uvicorn.Server(config)
+        self.server = _Server(config)
 
     def serve(self) -> None:
         """Run until stopped; uvicorn handles SIGINT/SIGTERM when run on the main thread.
@@ -86,6 +113,11 @@ class ApiServer:
             self.server.run(sockets=[self.sock])
         finally:
             self.close()
+
+    @property
+    def stop_signal(self) -> int | None:
+        """The signal that ended `serve`, if one did."""
+        return self.server.stop_signal
 
     def stop(self) -> None:
         """Ask the server to finish (thread-safe; returns at once)."""

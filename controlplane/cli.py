@@ -1,0 +1,295 @@
+"""`embervm`: Firecracker's command line, then the API server or a --no-api boot.
+
+`main()` parses the arguments (no threads yet), forks the worker zygote with
+`Launcher.start()` before anything else can start a thread, then `run()` does the rest:
+logger, metrics, MMDS, the optional --config-file boot, and either the API server
+(until the guest ends or a signal) or a wait for the guest (--no-api). The process exits
+with the guest's exit code (0 on guest reset), as Firecracker does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import signal
+import sys
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, BinaryIO, NoReturn
+
+from controlplane import logger as fclog
+from controlplane.api import create_app
+from controlplane.logger import LEVELS, LOGGER, FcLogger, SinkError
+from controlplane.metrics import FLUSH_INTERVAL_S, METRICS, Metrics, MetricsError
+from controlplane.mmds_store import MmdsError, MmdsStore
+from controlplane.models import BodyError, CpuConfig, VmmConfigFile, parse_body, parse_value
+from controlplane.server import ApiServer, Periodic, SocketInUseError
+from controlplane.state import EMBERVM_VERSION, FIRECRACKER_API_VERSION, ApiError, LauncherLike, RuntimeOptions, Vmm
+from shared import exitcodes
+
+log = fclog.get("main")
+START_NS = time.monotonic_ns()
+DEFAULT_API_SOCK = "/run/firecracker.socket"
+DEFAULT_MAX_PAYLOAD = 51200
+_INSTANCE_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.print_usage(sys.stderr)
+        self.exit(exitcodes.ARG_PARSING, f"{self.prog}: error: {message}\n")
+
+
+def _level(value: str) -> str:
+    for name in LEVELS:
+        if value.lower() == name.lower():
+            return name
+    raise argparse.ArgumentTypeError(f"invalid level {value!r}: one of {', '.join(LEVELS)}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="embervm", description="A Firecracker-compatible microVM monitor.", allow_abbrev=False)
+    p.add_argument("--api-sock", default=DEFAULT_API_SOCK, help="Path of the API Unix socket.")
+    p.add_argument("--config-file", help="Boot from this Firecracker JSON configuration.")
+    p.add_argument("--no-api", action="store_true", help="Serve no API (requires --config-file).")
+    p.add_argument("--id", default="anonymous-instance", help="MicroVM unique identifier.")
+    p.add_argument("--log-path", help="Path to a file or named pipe for the log.")
+    p.add_argument("--level", type=_level, default="Info", help="Log level (Error, Warning, Info, Debug, Trace).")
+    p.add_argument("--show-level", action="store_true", help="Print the level in each log line.")
+    p.add_argument("--show-log-origin", action="store_true", help="Print the file and line of each log line.")
+    p.add_argument("--module", help="Only log lines from this module.")
+    p.add_argument("--metrics-path", help="Path to a file or named pipe for the metrics.")
+    p.add_argument("--boot-timer", action="store_true", help="Log the guest's boot time.")
+    p.add_argument("--http-api-max-payload-size", type=int, default=DEFAULT_MAX_PAYLOAD, metavar="BYTES")
+    p.add_argument("--mmds-size-limit", type=int, metavar="BYTES", help="MMDS size limit (default: payload size).")
+    p.add_argument("--metadata", help="JSON file with the initial MMDS contents.")
+    p.add_argument("--start-time-us", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--start-time-cpu-us", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--parent-cpu-time-us", type=int, help=argparse.SUPPRESS)
+    seccomp = p.add_mutually_exclusive_group()
+    seccomp.add_argument("--no-seccomp", action="store_true", help="Run the workers without seccomp filters.")
+    seccomp.add_argument("--seccomp-filter", help="Custom seccomp filter file for the workers.")
+    p.add_argument("--enable-fault-injection", action="store_true", help="Allow fault injection (tests).")
+    p.add_argument(
+        "--version", action="version", version=f"Firecracker v{FIRECRACKER_API_VERSION}\nembervm v{EMBERVM_VERSION}"
+    )
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.no_api and not args.config_file:
+        parser.error("argument --no-api requires --config-file")
+    if not _INSTANCE_ID.match(args.id):
+        parser.error(f"invalid instance ID {args.id!r}: 1 to 64 characters among letters, digits and '-'")
+    if args.http_api_max_payload_size <= 0 or (args.mmds_size_limit is not None and args.mmds_size_limit <= 0):
+        parser.error("sizes must be positive")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> NoReturn:
+    """The `embervm` console script."""
+    args = parse_args(argv)
+    from controlplane.microvm import Launcher  # the zygote forks first, before any thread exists
+
+    launcher = Launcher.start()
+    try:
+        code = run(args, launcher)
+    finally:
+        launcher.shutdown()
+    sys.exit(code)
+
+
+class StartupError(Exception):
+    """A startup failure: the message is printed, `code` is the process exit code."""
+
+    def __init__(self, message: str, code: int) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def run(
+    args: argparse.Namespace,
+    launcher: LauncherLike,
+    console_out: BinaryIO | None = None,
+    spec_types: tuple[type, type, type[Exception]] | None = None,
+    metrics: Metrics | None = None,
+    logger: FcLogger | None = None,
+) -> int:
+    """Everything after the zygote fork; returns the process exit code.
+
+    Tests pass a fake launcher, spec types and their own metrics/logger; `main` passes
+    the real launcher and the process-wide ones.
+    """
+    metrics = metrics or METRICS
+    logger = logger or LOGGER
+    done = threading.Event()
+    server: ApiServer | None = None
+    stop_signal: int | None = None
+
+    def vm_exited(code: int, reason: str) -> None:
+        done.set()
+        if server is not None:
+            server.stop()
+
+    logger.set_instance_id(args.id)
+    logger.on_miss = lambda: metrics.inc("logger", "missed_log_count")
+    vmm = Vmm(
+        launcher,
+        args.id,
+        console_out if console_out is not None else sys.stdout.buffer,
+        _options(args),
+        MmdsStore(args.mmds_size_limit or args.http_api_max_payload_size),
+        metrics=metrics,
+        logger=logger,
+        on_exit=vm_exited,
+    )
+    vmm.spec_types = spec_types
+    flusher = Periodic(FLUSH_INTERVAL_S, metrics.flush, "fc_metrics")
+    try:
+        _setup(args, vmm)
+        log.info("Running embervm v%s (Firecracker API v%s)", EMBERVM_VERSION, FIRECRACKER_API_VERSION)
+        flusher.start()
+        if not args.no_api:
+            server = ApiServer(create_app(vmm, args.http_api_max_payload_size), args.api_sock)
+        if args.config_file:
+            apply_config_file(vmm, args.config_file)
+            log.info("Successfully started microvm that was configured from one single json")
+        _report_startup(args, metrics)
+        if server is not None:
+            if not done.is_set():
+                server.serve()
+            stop_signal = server.stop_signal
+            server = None
+        else:
+            stop_signal = _wait_no_api(done)
+    except StartupError as err:
+        log.error("%s", err)
+        print(f"embervm: {err}", file=sys.stderr)
+        return err.code
+    except SocketInUseError as err:
+        log.error("%s", err.strerror)
+        print(f"embervm: {err.strerror}", file=sys.stderr)
+        return exitcodes.GENERIC_ERROR
+    finally:
+        if server is not None:
+            server.close()
+        flusher.stop()
+        _stop_vm(vmm)
+        metrics.flush()
+    if stop_signal is not None:
+        code = 128 + stop_signal  # stopped from the host, as a shell reports a signal
+    else:
+        code = vmm.exit_code if vmm.exit_code is not None else exitcodes.OK
+    log.info("Firecracker exiting successfully. exit_code=%d", code)
+    return code
+
+
+def _options(args: argparse.Namespace) -> RuntimeOptions:
+    return RuntimeOptions(
+        boot_timer=args.boot_timer,
+        no_seccomp=args.no_seccomp,
+        seccomp_filter=args.seccomp_filter,
+        enable_fault_injection=args.enable_fault_injection,
+    )
+
+
+def _setup(args: argparse.Namespace, vmm: Vmm) -> None:
+    """CLI logger, metrics and --metadata (a bad one is a configuration error)."""
+    try:
+        vmm.logger.configure(args.log_path, args.level, args.show_level, args.show_log_origin, args.module)
+        if args.metrics_path:
+            vmm.metrics.configure(args.metrics_path)
+    except (SinkError, MetricsError) as err:
+        raise StartupError(f"Cannot configure logging or metrics: {err}", exitcodes.GENERIC_ERROR) from None
+    if args.metadata:
+        try:
+            vmm.mmds.put(json.loads(Path(args.metadata).read_text()))
+        except (OSError, ValueError, MmdsError) as err:
+            raise StartupError(f"Invalid --metadata {args.metadata}: {err}", exitcodes.BAD_CONFIGURATION) from None
+
+
+def apply_config_file(vmm: Vmm, path: str) -> None:
+    """Apply a Firecracker config file, section by section, in Firecracker's order."""
+    try:
+        raw = Path(path).read_bytes()
+        config = parse_body(VmmConfigFile, raw)
+        cpu_config = config.cpu_config
+        if isinstance(cpu_config, str):  # a path to a custom CPU template
+            cpu_config = parse_value(CpuConfig, json.loads(Path(cpu_config).read_text()))
+        if config.balloon is not None:
+            raise ApiError("The requested operation is not supported: the balloon device.")
+        if config.logger is not None:
+            vmm.put_logger(config.logger)
+        if config.metrics is not None:
+            vmm.put_metrics(config.metrics)
+        if config.machine_config is not None:
+            vmm.put_machine_config(config.machine_config)
+        if cpu_config is not None:
+            vmm.put_cpu_config(cpu_config)
+        vmm.put_boot_source(config.boot_source)
+        for drive in config.drives:
+            vmm.put_drive(drive)
+        for iface in config.network_interfaces:
+            vmm.put_network_interface(iface)
+        if config.vsock is not None:
+            vmm.put_vsock(config.vsock)
+        if config.entropy is not None:
+            vmm.put_entropy(config.entropy)
+        if config.mmds_config is not None:
+            vmm.put_mmds_config(config.mmds_config)
+        vmm.start()
+    except OSError as err:
+        raise StartupError(f"Cannot read the configuration: {err}", exitcodes.BAD_CONFIGURATION) from None
+    except (BodyError, ValueError) as err:
+        raise StartupError(f"Invalid configuration file {path}: {err}", exitcodes.BAD_CONFIGURATION) from None
+    except ApiError as err:
+        raise StartupError(
+            f"Configuration for VMM from one single json failed: {err}", exitcodes.BAD_CONFIGURATION
+        ) from None
+
+
+def _report_startup(args: argparse.Namespace, metrics: Metrics) -> None:
+    """api_server.process_startup_time_us / _cpu_us, as Firecracker reports them."""
+    if args.start_time_us is not None:
+        elapsed_us = time.monotonic_ns() // 1000 - args.start_time_us
+    else:
+        elapsed_us = (time.monotonic_ns() - START_NS) // 1000
+    cpu_us = time.process_time_ns() // 1000 + (args.parent_cpu_time_us or 0)
+    metrics.store("api_server", "process_startup_time_us", max(0, elapsed_us))
+    metrics.store("api_server", "process_startup_time_cpu_us", cpu_us)
+
+
+def _wait_no_api(done: threading.Event) -> int | None:
+    """--no-api: wait for the guest to end; SIGINT/SIGTERM stop it. Returns the signal, if any."""
+    received: list[int] = []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        log.info("Received signal %d, stopping the microVM.", signum)
+        received.append(signum)
+        done.set()
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    try:
+        done.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return received[0] if received else None
+
+
+def _stop_vm(vmm: Vmm) -> None:
+    """Stop a VM still running (API server stopped by a signal, or an error) and reap it."""
+    vm = vmm.vm
+    if vm is None or vmm.exit_code is not None:
+        return
+    try:
+        vm.stop()
+        vm.wait(timeout=10)
+    except Exception:
+        log.exception("Stopping the microVM failed")
