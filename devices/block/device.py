@@ -1,0 +1,299 @@
+"""The virtio-blk device: features, config space, and serving its one request queue.
+
+It knows its queue, guest memory, an `Interrupt`, a `BlockBackend` and optionally a
+`RateLimiter`, nothing else: no transport, no eventfds, no process. The worker wires
+ioeventfd -> `process_queue(0)`, and a timer on `throttle_delay()` -> `process_queue(0)`.
+
+Guest errors never escape `process_queue`: a malformed chain or request is completed
+with IOERR/UNSUPP (or length 0 when there is no status byte) and counted in
+`invalid_reqs_count`; a corrupt ring makes the device ask for DEVICE_NEEDS_RESET.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Sequence
+from enum import Enum
+
+from devices.block.backend import BackendError, BlockBackend
+from devices.block.request import (
+    ID_BYTES,
+    SECTOR_SHIFT,
+    SECTOR_SIZE,
+    Request,
+    RequestError,
+    RequestType,
+    Status,
+    parse_request,
+)
+from shared.memory import GuestMemory
+from shared.ratelimit import RateLimiter
+from shared.virtio import constants as c
+from shared.virtio.chain import ChainError, DescriptorChain
+from shared.virtio.device import DeviceError, Interrupt, config_slice
+from shared.virtio.guestlog import GuestLog
+from shared.virtio.queue import Queue, QueueError
+
+_log = GuestLog(logging.getLogger(__name__))
+
+# Feature bits (spec 5.2.3).
+VIRTIO_BLK_F_SIZE_MAX = 1
+VIRTIO_BLK_F_SEG_MAX = 2
+VIRTIO_BLK_F_RO = 5
+VIRTIO_BLK_F_BLK_SIZE = 6
+VIRTIO_BLK_F_FLUSH = 9
+
+_CONFIG = struct.Struct("<QIIHBBI")  # capacity, size_max, seg_max, cylinders, heads, sectors, blk_size
+
+METRIC_NAMES = (
+    "activate_fails",
+    "read_bytes",
+    "write_bytes",
+    "read_count",
+    "write_count",
+    "flush_count",
+    "get_id_count",
+    "invalid_reqs_count",
+    "io_errors",
+    "rate_limiter_throttled",
+    "queue_event_count",
+    "needs_reset_count",
+)
+
+
+class CacheType(Enum):
+    """Firecracker's drive `cache_type`: whether guest flushes reach the disk."""
+
+    UNSAFE = "Unsafe"  # FLUSH not offered; a FLUSH request is a no-op
+    WRITEBACK = "Writeback"  # FLUSH offered; fdatasync on the backend
+
+
+class BlockDevice:
+    """virtio-blk with one queue of `queue_size` entries."""
+
+    device_type = c.VIRTIO_ID_BLOCK
+
+    def __init__(
+        self,
+        backend: BlockBackend,
+        *,
+        drive_id: str,
+        read_only: bool = False,
+        cache_type: CacheType = CacheType.UNSAFE,
+        rate_limiter: RateLimiter | None = None,
+        queue_size: int = c.DEFAULT_QUEUE_SIZE,
+    ) -> None:
+        self.backend = backend
+        self.drive_id = drive_id
+        self.read_only = read_only
+        self.cache_type = cache_type
+        self.rate_limiter = rate_limiter
+        self.queue_max_sizes: Sequence[int] = (queue_size,)
+        self.metrics = dict.fromkeys(METRIC_NAMES, 0)
+        self._mem: GuestMemory | None = None
+        self._queue: Queue | None = None
+        self._interrupt: Interrupt | None = None
+        self._throttled = False
+
+    # --- identity and configuration ------------------------------------------------------
+
+    @property
+    def avail_features(self) -> int:
+        bits = [
+            c.VIRTIO_F_VERSION_1,
+            c.VIRTIO_F_EVENT_IDX,
+            c.VIRTIO_F_INDIRECT_DESC,
+            VIRTIO_BLK_F_SEG_MAX,
+            VIRTIO_BLK_F_BLK_SIZE,
+        ]
+        if self.read_only:
+            bits.append(VIRTIO_BLK_F_RO)
+        if self.cache_type is CacheType.WRITEBACK:
+            bits.append(VIRTIO_BLK_F_FLUSH)
+        return sum(c.feature(bit) for bit in bits)
+
+    @property
+    def capacity(self) -> int:
+        """Disk size in 512-byte sectors (a trailing partial sector is not exposed)."""
+        return self.backend.size >> SECTOR_SHIFT
+
+    @property
+    def serial(self) -> bytes:
+        """GET_ID answer: the drive id, NUL-padded to 20 bytes (no NUL when exactly 20)."""
+        return self.drive_id.encode()[:ID_BYTES].ljust(ID_BYTES, b"\0")
+
+    def config_space(self) -> bytes:
+        # seg_max: a request is header + data segments + status, and a chain is never
+        # longer than the queue.
+        seg_max = self.queue_max_sizes[0] - 2
+        return _CONFIG.pack(self.capacity, 0, seg_max, 0, 0, 0, SECTOR_SIZE)
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        return config_slice(self.config_space(), offset, size)
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        _log.warning("Guest wrote block config space at %#x (read-only)", offset)
+
+    def set_backend(self, backend: BlockBackend) -> None:
+        """Swap the disk at run time (Firecracker's PATCH /drives path_on_host)."""
+        self.backend = backend
+        if self._interrupt is not None:
+            self._interrupt.signal_config_change()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    def activate(self, mem: GuestMemory, queues: Sequence[Queue], interrupt: Interrupt, features: int) -> None:
+        if len(queues) != 1:
+            self.metrics["activate_fails"] += 1
+            raise DeviceError(f"virtio-blk has one queue, got {len(queues)}")
+        self._mem, self._queue, self._interrupt = mem, queues[0], interrupt
+
+    def reset(self) -> None:
+        self._mem = self._queue = self._interrupt = None
+        self._throttled = False
+
+    @property
+    def active(self) -> bool:
+        return self._queue is not None
+
+    # --- the request queue ---------------------------------------------------------------------
+
+    def throttle_delay(self) -> float | None:
+        """Seconds until a throttled queue should be processed again; None if not throttled."""
+        if not self._throttled or self.rate_limiter is None:
+            return None
+        return self.rate_limiter.time_until_ready()
+
+    def process_queue(self, index: int) -> None:
+        queue, interrupt = self._queue, self._interrupt
+        if queue is None or interrupt is None or index != 0:
+            return
+        self.metrics["queue_event_count"] += 1
+        try:
+            self._drain(queue)
+        except QueueError as e:
+            self.metrics["needs_reset_count"] += 1
+            interrupt.signal_needs_reset(str(e))
+            return
+        if queue.needs_notification():
+            interrupt.signal_used_queue()
+
+    def _drain(self, queue: Queue) -> None:
+        self._throttled = False
+        while True:
+            while (chain := self._pop(queue)) is not None:
+                if not self._serve(queue, chain):
+                    return
+            if not queue.enable_notification():
+                return
+
+    def _pop(self, queue: Queue) -> DescriptorChain | None:
+        """The next well-formed chain; malformed ones are completed with length 0."""
+        while True:
+            try:
+                return queue.pop()
+            except ChainError as e:
+                _log.warning("%s", str(e))
+                self.metrics["invalid_reqs_count"] += 1
+                queue.add_used(e.head, 0)
+
+    def _serve(self, queue: Queue, chain: DescriptorChain) -> bool:
+        """Handle one chain; False (chain given back) when the rate limiter says wait."""
+        try:
+            request = parse_request(chain)
+        except RequestError as e:
+            _log.warning("%s", str(e))
+            self.metrics["invalid_reqs_count"] += 1
+            self._complete(queue, chain.head, e.status_addr, Status.IOERR, chain.writable_len)
+            return True
+        if not self._admit(request):
+            queue.undo_pop()
+            return False
+        status = self._execute(request)
+        self._complete(queue, chain.head, request.status_addr, status, request.used_len)
+        return True
+
+    def _admit(self, request: Request) -> bool:
+        if self.rate_limiter is None:
+            return True
+        nbytes = request.data_len if request.type in (RequestType.IN, RequestType.OUT) else 0
+        if self.rate_limiter.consume(nbytes):
+            return True
+        self.metrics["rate_limiter_throttled"] += 1
+        self._throttled = True
+        return False
+
+    def _complete(self, queue: Queue, head: int, status_addr: int | None, status: Status, used_len: int) -> None:
+        if status_addr is None:
+            used_len = 0
+        else:
+            assert self._mem is not None
+            self._mem.write_u8(status_addr, status)
+        queue.add_used(head, used_len)
+
+    # --- executing requests ----------------------------------------------------------------------
+
+    def _execute(self, request: Request) -> Status:
+        try:
+            match request.type:
+                case RequestType.IN:
+                    return self._read(request)
+                case RequestType.OUT:
+                    return self._write(request)
+                case RequestType.FLUSH:
+                    return self._flush()
+                case RequestType.GET_ID:
+                    return self._get_id(request)
+                case _:
+                    self.metrics["invalid_reqs_count"] += 1
+                    return Status.UNSUPP
+        except BackendError as e:
+            logging.getLogger(__name__).error("drive %s: %s", self.drive_id, str(e))
+            self.metrics["io_errors"] += 1
+            return Status.IOERR
+
+    def _views(self, request: Request) -> list[memoryview]:
+        assert self._mem is not None
+        return [self._mem.slice(s.addr, s.length) for s in request.data]
+
+    def _in_range(self, request: Request) -> bool:
+        if request.offset + request.data_len <= self.capacity << SECTOR_SHIFT:
+            return True
+        _log.warning("Guest accessed sectors past the end of drive %s (sector %d)", self.drive_id, request.sector)
+        self.metrics["invalid_reqs_count"] += 1
+        return False
+
+    def _read(self, request: Request) -> Status:
+        if not self._in_range(request):
+            return Status.IOERR
+        self.metrics["read_bytes"] += self.backend.preadv(self._views(request), request.offset)
+        self.metrics["read_count"] += 1
+        return Status.OK
+
+    def _write(self, request: Request) -> Status:
+        if self.read_only:
+            _log.warning("Guest wrote to read-only drive %s", self.drive_id)
+            self.metrics["invalid_reqs_count"] += 1
+            return Status.IOERR
+        if not self._in_range(request):
+            return Status.IOERR
+        self.metrics["write_bytes"] += self.backend.pwritev(self._views(request), request.offset)
+        self.metrics["write_count"] += 1
+        return Status.OK
+
+    def _flush(self) -> Status:
+        if self.cache_type is CacheType.WRITEBACK:
+            self.backend.flush()
+        self.metrics["flush_count"] += 1
+        return Status.OK
+
+    def _get_id(self, request: Request) -> Status:
+        serial = memoryview(self.serial)
+        pos = 0
+        for view in self._views(request):
+            take = min(len(view), ID_BYTES - pos)
+            view[:take] = serial[pos : pos + take]
+            pos += take
+        self.metrics["get_id_count"] += 1
+        return Status.OK
