@@ -151,6 +151,11 @@ class MockDriver:
 
         Returns the head index; the chain is not yet published (see `publish`).
         """
+        needed = 1 if indirect else len(readable) + len(writable)
+        if not readable and not writable:
+            raise ValueError("a chain needs at least one buffer")
+        if needed > len(self._free):
+            raise ValueError(f"{needed} descriptors needed, {len(self._free)} free: collect used() first")
         buffers = self._buffers(readable, writable)
         if indirect:
             return self._make_indirect(buffers)
