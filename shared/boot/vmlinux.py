@@ -46,7 +46,8 @@ def detect_compression(payload: bytes | memoryview) -> str:
 
 
 class _Decompressor(Protocol):
-    eof: bool
+    @property
+    def eof(self) -> bool: ...
 
     def decompress(self, data: bytes) -> bytes: ...
 
