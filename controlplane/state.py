@@ -303,11 +303,10 @@ class Vmm:
     def patch_network_interface(self, body: PartialNetworkInterface) -> None:
         with self.lock:
             vm = self._post_boot()
-            iface = self.resources.net.get(body.iface_id)
-            if iface is None:
-                raise ApiError(f"Network config error: Invalid network interface ID: `{body.iface_id}`.")
-            changes = body.model_dump(exclude_none=True, exclude={"iface_id"})
-            self.resources.net[body.iface_id] = iface.model_copy(update=body.model_dump(exclude_none=True))
+            try:
+                changes = self.resources.update_net(body)
+            except ConfigError as err:
+                raise ApiError(str(err)) from None
             self._forward(vm, "network-interface", body.iface_id, changes)
 
     def _forward(self, vm: MicroVmLike, kind: str, device_id: str, changes: dict[str, Any]) -> None:

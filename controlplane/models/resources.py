@@ -13,7 +13,14 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from controlplane.models.boot import MAX_VCPUS, BootSource, CpuConfig, MachineConfig, MachineConfigUpdate
-from controlplane.models.devices import Drive, Entropy, NetworkInterface, PartialDrive, Vsock
+from controlplane.models.devices import (
+    Drive,
+    Entropy,
+    NetworkInterface,
+    PartialDrive,
+    PartialNetworkInterface,
+    Vsock,
+)
 from controlplane.models.system import LoggerConfig, MetricsConfig, MmdsConfig
 
 
@@ -36,6 +43,11 @@ def _check_backing_file(path: str, read_only: bool, prefix: str) -> None:
         message = f"{prefix}: Error manipulating the backing file: {err.strerror} (os error {err.errno})"
         raise ConfigError(f"{message} {path}") from None
     os.close(fd)
+
+
+def _given(model: Any) -> dict[str, Any]:
+    """The fields a partial update sets, as model objects (for model_copy)."""
+    return {name: getattr(model, name) for name in model.model_fields_set if getattr(model, name) is not None}
 
 
 @dataclass
@@ -108,7 +120,7 @@ class Resources:
             raise ConfigError("Drive config error: nothing to update; give `path_on_host` and/or `rate_limiter`.")
         if update.path_on_host is not None:
             _check_backing_file(update.path_on_host, bool(drive.is_read_only), "Drive config error")
-        self.drives[drive.drive_id] = drive.model_copy(update=update.model_dump(exclude_none=True))
+        self.drives[drive.drive_id] = drive.model_copy(update=_given(update))
         return changes
 
     def set_net(self, iface: NetworkInterface) -> None:
@@ -123,6 +135,14 @@ class Resources:
                     f"{iface.host_dev_name} is already used by interface {other.iface_id}"
                 )
         self.net[iface.iface_id] = iface
+
+    def update_net(self, update: PartialNetworkInterface) -> dict[str, Any]:
+        """Post-boot rate limiter change: validated and stored; returns the changes to forward."""
+        iface = self.net.get(update.iface_id)
+        if iface is None:
+            raise ConfigError(f"Network config error: Invalid network interface ID: `{update.iface_id}`.")
+        self.net[iface.iface_id] = iface.model_copy(update=_given(update))
+        return update.model_dump(exclude_none=True, exclude={"iface_id"})
 
     def set_mmds_config(self, config: MmdsConfig) -> None:
         if not config.network_interfaces:
