@@ -45,7 +45,9 @@ def parse_value(model: type[M], value: Any) -> M:
 
 def describe_error(model: type[BaseModel], err: ValidationError) -> str:
     """One serde-like sentence for the first error pydantic reports."""
-    first = err.errors(include_url=False)[0]
+    errors = err.errors(include_url=False)
+    # serde stops at an unknown field as it reads it, before it can miss a required one.
+    first = next((e for e in errors if e["type"] == "extra_forbidden"), errors[0])
     loc = tuple(first.get("loc", ()))
     kind = first["type"]
     value = first.get("input")
