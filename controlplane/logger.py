@@ -110,8 +110,9 @@ def _thread(record: logging.LogRecord) -> str:
     if record.name == API_LOGGER or record.name.startswith(API_LOGGER + "."):
         return "fc_api"
     name = str(record.threadName)
-    # The VMM's work runs on the main thread or, serialised by the VM lock, on API workers.
-    return "main" if name == "MainThread" or name.startswith("AnyIO worker") else name
+    # The VMM's work runs on the main thread or, serialised by the VM lock, on API workers;
+    # only threads named like Firecracker's (fc_*) show under their own name.
+    return name if name.startswith("fc_") else "main"
 
 
 def _origin(pathname: str) -> str:
