@@ -8,6 +8,7 @@ Firecracker's own messages.
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -252,6 +253,10 @@ class Vmm:
                 raise ApiError(str(err)) from None
             for name in self.resources.unused_by(spec_type):
                 log.warning("Configured %s is validated and stored but not applied: no device for it yet", name)
+            spec_fields = {f.name for f in dataclasses.fields(spec_type)}
+            for name, value in self.options.as_spec_fields().items():
+                if value and name not in spec_fields:
+                    log.warning("Option --%s is accepted but not applied yet", name.replace("_", "-"))
             assert self.console_out is not None, "console_out is set by the server before boot"
             try:
                 vm = self.launcher.start_vm(spec, self.console_out, self._vm_exited)
