@@ -77,9 +77,11 @@ def build_machine(kvm_fd: int, memfd: int, args: dict[str, Any]) -> Machine:
     vcpus = []
     for vcpu_id in range(vcpu_count):
         vcpu = vm.create_vcpu(vcpu_id)
-        entries = cpuid.normalize(supported, vcpu_id, vcpu_count, smt=bool(args.get("smt", False)))
+        # As Firecracker: the user's template first, then normalisation (APIC ids, topology).
+        entries = supported
         if args.get("cpu_template"):
             entries = cpuid.apply_cpu_template(entries, args["cpu_template"])
+        entries = cpuid.normalize(entries, vcpu_id, vcpu_count, smt=bool(args.get("smt", False)))
         if args.get("cpuid_clear"):
             entries = cpuid.clear_bits(entries, [tuple(c) for c in args["cpuid_clear"]])
         vcpu.set_cpuid(entries)
