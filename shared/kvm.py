@@ -43,6 +43,8 @@ def open_kvm(path: str = DEV_KVM) -> int:
         raise KvmError(f"{path} does not exist: KVM is not available on this host") from None
     except PermissionError:
         raise KvmError(f"no permission to open {path}: run as root or join the 'kvm' group") from None
+    except OSError as e:
+        raise KvmError(f"cannot open {path}: {e.strerror}") from None
 
 
 _libc = ctypes.CDLL(None, use_errno=True)

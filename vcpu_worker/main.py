@@ -68,6 +68,10 @@ class VcpuWorker:
             os.write(self._wake_w, b"x")
 
     def _request_exit(self, code: int, reason: str, detail: str) -> None:
+        # Stop every vCPU now (the calling one leaves its loop before re-entering KVM_RUN),
+        # so the guest runs no further once it has asked to end.
+        for t in self.vcpus:
+            t.stop()
         self._exits.put((code, reason, detail))
         self._wake()
 

@@ -48,6 +48,7 @@ def test_guest_prints_exact_cmdline_and_our_e820_map_then_resets(launcher, guest
     assert [line for line in out.splitlines() if line.startswith("BIOS-e820")] == expected_e820_lines(MEM_MIB << 20)
     assert "embervm-guest: ok" in out
     assert (vm.exit_code, vm.exit_reason) == (exitcodes.OK, "guest requested reset via the i8042")
+    assert out.endswith("embervm-guest: ok\n"), "the guest ran on after its reset request"
 
 
 def test_bzimage_guest_boots_through_the_64bit_entry(launcher, guest_images: GuestImages):
@@ -164,3 +165,9 @@ def test_out_of_range_machine_config_is_refused(launcher, guest_images: GuestIma
 
     with pytest.raises(VmStartError, match=message):
         launcher.start_vm(spec, ConsoleCapture(), lambda c, r: None)
+
+
+def test_thirty_two_vcpus_boot(launcher, guest_images: GuestImages):
+    vm, out = boot_to_exit(launcher, guest_images.elf, "test=boot", vcpu_count=32)
+
+    assert vm.exit_code == exitcodes.OK
