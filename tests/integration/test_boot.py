@@ -105,13 +105,13 @@ def test_pause_stops_guest_progress_and_resume_continues(launcher, guest_images:
 
 
 def test_two_vcpus_boot(launcher, guest_images: GuestImages):
-    vm, out = boot_to_exit(launcher, guest_images.elf, "test=boot", vcpu_count=2)
+    vm, _out = boot_to_exit(launcher, guest_images.elf, "test=boot", vcpu_count=2)
 
     assert vm.exit_code == exitcodes.OK
 
 
 def test_vcpu_worker_is_its_own_named_process(launcher, guest_images: GuestImages):
-    vm, console = start(launcher, guest_images.elf, "test=loop")
+    vm, _console = start(launcher, guest_images.elf, "test=loop")
     try:
         (worker,) = vm.workers()
         pid = int(worker["pid"])  # type: ignore[call-overload]
@@ -168,6 +168,6 @@ def test_out_of_range_machine_config_is_refused(launcher, guest_images: GuestIma
 
 
 def test_thirty_two_vcpus_boot(launcher, guest_images: GuestImages):
-    vm, out = boot_to_exit(launcher, guest_images.elf, "test=boot", vcpu_count=32)
+    vm, _out = boot_to_exit(launcher, guest_images.elf, "test=boot", vcpu_count=32)
 
     assert vm.exit_code == exitcodes.OK
