@@ -37,6 +37,7 @@ WorkerEntry = Callable[[dict[str, Any], list[int]], int]
 # kind -> "module:function"; the function runs in the forked child and returns its exit code.
 WORKER_ENTRIES = {
     "vcpu": "vcpu_worker.main:run",
+    "block": "devices.block.worker:run",
     "test": "controlplane.zygote:_test_entry",
 }
 MAX_FDS = 64

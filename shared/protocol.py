@@ -9,6 +9,8 @@ cannot make the supervisor act on a malformed message.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import types
 import typing
 from typing import Any, ClassVar
 
@@ -106,6 +108,67 @@ class Log(Message):
     text: str
 
 
+# --- vCPU worker <-> device worker: the MMIO channel (one DEALER per vCPU thread and device) ---
+@message
+class MmioRead(Message):
+    """A trapped guest read of `size` bytes at `offset` in the device's window."""
+
+    TYPE = "mmio_read"
+    seq: int
+    offset: int
+    size: int
+
+
+@message
+class MmioWrite(Message):
+    """A trapped guest write; answered too, so it is ordered before the vCPU's next access."""
+
+    TYPE = "mmio_write"
+    seq: int
+    offset: int
+    size: int
+    value: int
+
+
+@message
+class MmioDone(Message):
+    """The answer to MmioRead/MmioWrite `seq` (`value` is 0 for writes)."""
+
+    TYPE = "mmio_done"
+    seq: int
+    value: int
+
+
+# --- supervisor -> device worker -------------------------------------------------------
+@message
+class ReplaceBackingFile(Message):
+    """Sent on the fd channel with exactly one fd: the drive's new backing file."""
+
+    TYPE = "replace_backing_file"
+    request_id: int
+
+
+@message
+class UpdateRateLimiter(Message):
+    """New token buckets in the API's shape ({size, refill_time, one_time_burst}); None keeps one."""
+
+    TYPE = "update_rate_limiter"
+    request_id: int
+    bandwidth: dict[str, int] | None
+    ops: dict[str, int] | None
+
+
+# --- device worker -> supervisor ---------------------------------------------------------
+@message
+class UpdateResult(Message):
+    """The outcome of a run-time update; `error` says why it was refused."""
+
+    TYPE = "update_result"
+    request_id: int
+    ok: bool
+    error: str
+
+
 def encode(msg: Message) -> bytes:
     body = {"type": msg.TYPE, **{f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}}
     return msgpack.packb(body, use_bin_type=True)
@@ -125,7 +188,17 @@ def _check_type(value: Any, annotation: Any) -> bool:
         return isinstance(value, list) and all(_check_type(v, item_t) for v in value)
     if origin is Any:
         return True
+    if origin in (types.UnionType, typing.Union):
+        return any(_check_type(value, option) for option in typing.get_args(annotation))
+    if annotation is type(None):
+        return value is None
     return isinstance(value, origin)
+
+
+@functools.cache
+def _schema(cls: type[Message]) -> tuple[dict[str, Any], frozenset[str]]:
+    """Field types and names of `cls`, worked out once (decode is on the MMIO path)."""
+    return typing.get_type_hints(cls), frozenset(f.name for f in dataclasses.fields(cls))
 
 
 def decode(data: bytes) -> Message:
@@ -141,8 +214,7 @@ def decode(data: bytes) -> Message:
     cls = _REGISTRY.get(body.pop("type"))
     if cls is None:
         raise ProtocolError("unknown control message type")
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
+    hints, names = _schema(cls)
     if set(body) != names:
         raise ProtocolError(f"{cls.TYPE}: expected fields {sorted(names)}, got {sorted(body)}")
     for name in names:

@@ -1,0 +1,313 @@
+"""The generic half of a device worker process: one epoll loop around one virtio device.
+
+Every device worker (block now, net and vsock later) is the same loop; only its hooks
+differ. Inputs, each an fd in the loop, dispatched by token:
+
+    token        fd                                 what arrives
+    CONTROL      ZeroMQ DEALER to the supervisor    Stop, FlushMetrics, device updates
+    MMIO         ZeroMQ ROUTER (bound)              MmioRead/MmioWrite from vCPU threads
+    FD_CHANNEL   SEQPACKET socket (shared.fdpass)   messages carrying fds (a new disk)
+    QUEUE + i    queue i's ioeventfd                the guest kicked queue i (data path)
+
+plus timers (`loop.add_timer`: rate limiters, the periodic metrics push). The data path
+is ioeventfd -> `transport.notify_queue(i)` -> device -> irqfd: ZeroMQ is only for
+register accesses and control. The loop blocks in epoll; nothing polls.
+
+ZeroMQ's own fd (`zmq.FD`) is edge-triggered and only says "look at zmq.EVENTS": each
+socket is drained until EVENTS has no POLLIN, and a zero-delay timer re-drains whenever a
+send may have swallowed an edge. Nothing a guest or a peer sends may end the loop: a
+malformed message is logged and dropped, a device bug sets DEVICE_NEEDS_RESET (the
+transport does that), and only Stop or the supervisor closing the fd channel stop it.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import os
+import socket
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import zmq
+
+from shared import exitcodes, fdpass
+from shared import protocol as p
+from shared.eventloop import EventLoop
+from shared.ratelimit import BucketConfig, RateLimiter
+from shared.virtio import constants as c
+from shared.virtio.mmio import MmioTransport
+
+CONTROL, MMIO, FD_CHANNEL, QUEUE = 0, 1, 2, 16
+METRICS_INTERVAL_S = 5.0
+MAX_PENDING_LOGS = 200
+_MMIO_SIZES = (1, 2, 4, 8)
+
+log = logging.getLogger("embervm.devworker")
+
+
+class DeviceHooks(Protocol):
+    """What a device kind adds to the generic loop."""
+
+    def install(self, loop: EventLoop) -> None:
+        """Add the device's own timers (e.g. its rate limiter's) to the loop."""
+
+    def metrics(self) -> dict[str, dict[str, int]]:
+        """Cumulative counters, by Firecracker metric group (e.g. {"block_rootfs": {...}})."""
+
+    def handle_control(self, msg: p.Message) -> p.Message | None:
+        """A device-specific control message; the answer (if any) goes back to the supervisor."""
+
+    def handle_fds(self, msg: p.Message, fds: list[int]) -> p.Message | None:
+        """A fd-channel message; the hook owns `fds` (it must close what it does not keep)."""
+
+
+@dataclass
+class Channels:
+    """The worker's ends of its channels, as handed over at spawn."""
+
+    control_endpoint: str
+    mmio_endpoint: str
+    fd_channel: int
+    queue_fds: list[int]
+    irqfd: int
+    name: str = "device"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def irq_trigger(irqfd: int) -> Callable[[], None]:
+    """The transport's `trigger`: one write to the irqfd injects the device's GSI."""
+    return lambda: os.eventfd_write(irqfd, 1)
+
+
+def bucket_from_api(config: dict[str, Any] | None) -> BucketConfig | None:
+    """A Firecracker API TokenBucket ({size, refill_time, one_time_burst}) as a BucketConfig."""
+    if not config:
+        return None
+    return BucketConfig(int(config["size"]), int(config.get("one_time_burst") or 0), int(config["refill_time"]))
+
+
+def rate_limiter_from_api(config: dict[str, Any] | None) -> RateLimiter | None:
+    """A Firecracker API RateLimiter ({bandwidth, ops}) as a RateLimiter; None when it limits nothing."""
+    if not config:
+        return None
+    bandwidth, ops = bucket_from_api(config.get("bandwidth")), bucket_from_api(config.get("ops"))
+    if bandwidth is None and ops is None:
+        return None
+    return RateLimiter(bandwidth, ops)
+
+
+class _ForwardingHandler(logging.Handler):
+    """Keeps this process's log records for the loop to send to the supervisor as `Log`."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.pending: collections.deque[tuple[str, str]] = collections.deque(maxlen=MAX_PENDING_LOGS)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        level = "info"
+        if record.levelno >= logging.WARNING:
+            level = "error" if record.levelno >= logging.ERROR else "warning"
+        try:
+            self.pending.append((level, self.format(record)))
+        except Exception:  # a bad format string in a log call must not break the loop
+            self.handleError(record)
+
+
+class DeviceWorker:
+    """Runs one device's transport and hooks until the supervisor says Stop."""
+
+    def __init__(self, transport: MmioTransport, hooks: DeviceHooks, channels: Channels, ctx: zmq.Context) -> None:
+        self.transport = transport
+        self.hooks = hooks
+        self.channels = channels
+        self.loop = EventLoop()
+        self.control = ctx.socket(zmq.DEALER)
+        self.control.setsockopt(zmq.LINGER, 1000)
+        self.control.setsockopt(zmq.IDENTITY, channels.name.encode())
+        self.control.connect(channels.control_endpoint)
+        self.mmio = ctx.socket(zmq.ROUTER)
+        self.mmio.setsockopt(zmq.LINGER, 0)
+        self.mmio.bind(channels.mmio_endpoint)
+        self.fd_channel = socket.socket(fileno=channels.fd_channel)
+        self.fd_channel.setblocking(False)
+        self.mmio_requests = 0
+        self.bad_messages = 0
+        self._outcome: tuple[int, str] = (exitcodes.OK, "stopped by the supervisor")
+        self._next_metrics = time.monotonic() + METRICS_INTERVAL_S
+        self._logs = _ForwardingHandler()
+        logging.getLogger().addHandler(self._logs)
+        logging.getLogger().setLevel(logging.INFO)
+        self._register()
+        hooks.install(self.loop)
+
+    def _register(self) -> None:
+        self.loop.register(self.control.getsockopt(zmq.FD), CONTROL, self)
+        self.loop.register(self.mmio.getsockopt(zmq.FD), MMIO, self)
+        self.loop.register(self.fd_channel.fileno(), FD_CHANNEL, self)
+        for index, fd in enumerate(self.channels.queue_fds):
+            self.loop.register(fd, QUEUE + index, self)
+        self.loop.add_timer(self._backlog_delay, self._drain_backlog)
+        self.loop.add_timer(lambda: self._next_metrics - time.monotonic(), self._push_metrics)
+
+    # --- sending -------------------------------------------------------------------------
+
+    def send(self, msg: p.Message) -> None:
+        """A message to the supervisor (dropped, not blocked on, if it cannot take it)."""
+        with contextlib.suppress(zmq.ZMQError):
+            self.control.send(p.encode(msg), zmq.NOBLOCK)
+
+    def _push_metrics(self) -> None:
+        self._next_metrics = time.monotonic() + METRICS_INTERVAL_S
+        self.send(p.Metrics(self.hooks.metrics()))
+
+    def _flush_logs(self) -> None:
+        while self._logs.pending:
+            level, text = self._logs.pending.popleft()
+            self.send(p.Log(level, f"{self.channels.name}: {text}"))
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def serve(self) -> int:
+        """Announce readiness, then dispatch until Stop; returns the exit code."""
+        self.send(p.Ready(os.getpid()))
+        self.loop.run()
+        self._flush_logs()
+        self.send(p.Metrics(self.hooks.metrics()))
+        self.send(p.Exited(self._outcome[0], self._outcome[1], ""))
+        return self._outcome[0]
+
+    def process(self, token: int, events: int) -> None:
+        try:
+            if token == CONTROL:
+                self._drain(self.control, self._on_control)
+            elif token == MMIO:
+                self._drain(self.mmio, self._on_mmio)
+            elif token == FD_CHANNEL:
+                self._on_fd_channel()
+            else:
+                self._on_queue(token - QUEUE)
+        except Exception:  # a bug in our own code: report it, keep serving
+            log.error("device worker error (token %d):\n%s", token, traceback.format_exc())
+        self._flush_logs()
+
+    def _backlog_delay(self) -> float | None:
+        pending = self._logs.pending or any(s.getsockopt(zmq.EVENTS) & zmq.POLLIN for s in (self.control, self.mmio))
+        return 0.0 if pending else None
+
+    def _drain_backlog(self) -> None:
+        self.process(CONTROL, 0)
+        self.process(MMIO, 0)
+
+    @staticmethod
+    def _drain(sock: zmq.Socket, handle: Callable[[list[bytes]], None]) -> None:
+        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            handle(sock.recv_multipart(zmq.NOBLOCK))
+
+    def _on_queue(self, index: int) -> None:
+        try:
+            os.eventfd_read(self.channels.queue_fds[index])
+        except BlockingIOError:
+            return
+        self.transport.notify_queue(index)
+
+    # --- MMIO ----------------------------------------------------------------------------
+
+    def _on_mmio(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            self.bad_messages += 1
+            return
+        identity, payload = frames
+        try:
+            msg = p.decode(payload)
+        except p.ProtocolError as e:
+            self.bad_messages += 1
+            log.warning("bad MMIO request dropped: %s", e)
+            return
+        if isinstance(msg, p.MmioRead | p.MmioWrite):
+            self.mmio_requests += 1
+            value = self.mmio_access(msg)
+            self.mmio.send_multipart([identity, p.encode(p.MmioDone(msg.seq, value))], zmq.NOBLOCK)
+
+    def mmio_access(self, msg: p.MmioRead | p.MmioWrite) -> int:
+        """Apply one register access; out-of-window or odd-sized ones read all-ones."""
+        if msg.size not in _MMIO_SIZES or not 0 <= msg.offset <= c.MMIO_WINDOW_SIZE - msg.size:
+            return (1 << (8 * msg.size)) - 1 if msg.size in _MMIO_SIZES else 0xFFFFFFFF
+        if isinstance(msg, p.MmioRead):
+            return self.transport.read(msg.offset, msg.size) & ((1 << (8 * msg.size)) - 1)
+        self.transport.write(msg.offset, msg.size, msg.value & ((1 << (8 * msg.size)) - 1))
+        return 0
+
+    # --- control ---------------------------------------------------------------------------
+
+    def _on_control(self, frames: list[bytes]) -> None:
+        try:
+            msg = p.decode(frames[-1])
+        except p.ProtocolError as e:
+            self.bad_messages += 1
+            log.warning("bad control message dropped: %s", e)
+            return
+        if isinstance(msg, p.Stop):
+            self.loop.stop()
+        elif isinstance(msg, p.FlushMetrics):
+            self._push_metrics()
+        else:
+            answer = self.hooks.handle_control(msg)
+            if answer is not None:
+                self.send(answer)
+
+    def _on_fd_channel(self) -> None:
+        try:
+            received = fdpass.recv_message(self.fd_channel)
+        except BlockingIOError:
+            return
+        except (fdpass.FdChannelError, OSError) as e:
+            self.bad_messages += 1
+            log.warning("bad fd-channel message dropped: %s", e)
+            return
+        if received is None:
+            self._outcome = (exitcodes.OK, "the supervisor closed the fd channel")
+            self.loop.stop()
+            return
+        answer = self.hooks.handle_fds(*received)
+        if answer is not None:
+            self.send(answer)
+
+    def close(self) -> None:
+        logging.getLogger().removeHandler(self._logs)
+        self.loop.close()
+        self.mmio.close(linger=0)
+        self.control.close()
+        self.fd_channel.close()
+
+
+def run_device(channels: Channels, build: Callable[[], tuple[MmioTransport, DeviceHooks]]) -> int:
+    """Worker skeleton: build the device, serve it, always tell the supervisor how it ended."""
+    ctx = zmq.Context()
+    try:
+        try:
+            transport, hooks = build()
+            worker = DeviceWorker(transport, hooks, channels, ctx)
+        except Exception as e:
+            _report_start_failure(ctx, channels, e)
+            return exitcodes.BAD_CONFIGURATION
+        try:
+            return worker.serve()
+        finally:
+            worker.close()
+    finally:
+        ctx.term()
+
+
+def _report_start_failure(ctx: zmq.Context, channels: Channels, error: Exception) -> None:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.setsockopt(zmq.IDENTITY, channels.name.encode())
+    sock.connect(channels.control_endpoint)
+    reason = f"{channels.name} worker cannot start: {error}"
+    sock.send(p.encode(p.Exited(exitcodes.BAD_CONFIGURATION, reason, traceback.format_exc())))
+    sock.close()

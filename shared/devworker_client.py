@@ -1,0 +1,59 @@
+"""The caller's side of a device worker's MMIO channel: one synchronous request at a time.
+
+Used by each vCPU thread (one `MmioClient` per thread and device: ZeroMQ sockets are not
+thread-safe) and by host-driven tests and benchmarks. Requests carry a sequence number,
+so an answer that arrives after its request timed out is recognised and dropped.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import zmq
+
+from shared import protocol as p
+
+DEFAULT_TIMEOUT_S = 1.0
+
+
+class MmioTimeout(Exception):
+    """The device worker did not answer in time (it is dead, stuck or overloaded)."""
+
+
+class MmioClient:
+    """A DEALER socket to one device worker's MMIO endpoint; not thread-safe."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.endpoint = endpoint
+        self.timeout_ms = int(timeout_s * 1000)
+        self._seq = itertools.count(1)
+        self._sock = ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 0)
+        self._sock.connect(endpoint)
+
+    def read(self, offset: int, size: int) -> int:
+        seq = next(self._seq)
+        return self._call(seq, p.MmioRead(seq, offset, size))
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        seq = next(self._seq)
+        self._call(seq, p.MmioWrite(seq, offset, size, value))
+
+    def _call(self, seq: int, msg: p.Message) -> int:
+        try:
+            self._sock.send(p.encode(msg), zmq.NOBLOCK)
+        except zmq.Again:
+            raise MmioTimeout(f"device worker at {self.endpoint} is not taking requests") from None
+        deadline = time.monotonic() + self.timeout_ms / 1000
+        while self._sock.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
+            try:
+                answer = p.decode(self._sock.recv())
+            except p.ProtocolError:
+                continue  # a broken answer is no answer; keep waiting for ours
+            if isinstance(answer, p.MmioDone) and answer.seq == seq:
+                return answer.value
+        raise MmioTimeout(f"device worker at {self.endpoint} did not answer within {self.timeout_ms} ms")
+
+    def close(self) -> None:
+        self._sock.close(linger=0)
