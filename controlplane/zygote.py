@@ -192,9 +192,7 @@ def _report_exits(sock: socket.socket) -> None:  # pragma: no cover - runs in th
         sock.send(msgpack.packb({"op": "exited", "pid": pid, "status": status}))
 
 
-def _spawn(
-    sock: socket.socket, request: dict[str, Any], fds: list[int], keep: set[int]
-) -> None:  # pragma: no cover
+def _spawn(sock: socket.socket, request: dict[str, Any], fds: list[int], keep: set[int]) -> None:  # pragma: no cover
     kind, name = request.get("kind"), str(request.get("name", "worker"))
     if kind not in WORKER_ENTRIES:
         sock.send(msgpack.packb({"op": "error", "text": f"unknown worker kind {kind!r}"}))

@@ -234,9 +234,7 @@ class Vcpu:
             entry.index, entry.data = index, data
         written = _ioctl(self.fd, abi.KVM_SET_MSRS, buf)
         if written != len(items):
-            raise KvmError(
-                f"KVM_SET_MSRS set {written} of {len(items)} MSRs (MSR {items[written][0]:#x} refused)"
-            )
+            raise KvmError(f"KVM_SET_MSRS set {written} of {len(items)} MSRs (MSR {items[written][0]:#x} refused)")
 
     def get_lapic(self) -> bytearray:
         state = bytearray(ctypes.sizeof(abi.kvm_lapic_state))

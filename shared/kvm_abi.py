@@ -39,8 +39,7 @@ u8, u16, u32, u64, s32 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctype
 
 class kvm_regs(ctypes.Structure):
     _fields_ = [
-        (name, u64)
-        for name in ("rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split())
+        (name, u64) for name in ("rax rbx rcx rdx rsi rdi rsp rbp r8 r9 r10 r11 r12 r13 r14 r15 rip rflags".split())
     ]
 
 

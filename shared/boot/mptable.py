@@ -91,9 +91,7 @@ def _entries(vcpu_count: int) -> list[bytes]:
     entries.append(BUS_ENTRY.pack(ENTRY_BUS, ISA_BUS_ID, b"ISA   "))
     entries.append(IOAPIC_ENTRY.pack(ENTRY_IOAPIC, ioapic_id, IOAPIC_VERSION, IOAPIC_ENABLED, IOAPIC_START))
     entries.extend(
-        INTERRUPT_ENTRY.pack(
-            ENTRY_IO_INTERRUPT, INT_TYPE_INT, INT_FLAGS_CONFORMS, ISA_BUS_ID, irq, ioapic_id, irq
-        )
+        INTERRUPT_ENTRY.pack(ENTRY_IO_INTERRUPT, INT_TYPE_INT, INT_FLAGS_CONFORMS, ISA_BUS_ID, irq, ioapic_id, irq)
         for irq in range(IRQ_MAX + 1)
     )
     # LINT0 takes the 8259's ExtINT (virtual wire mode), LINT1 the NMI, on every LAPIC.
@@ -103,9 +101,7 @@ def _entries(vcpu_count: int) -> list[bytes]:
         )
     )
     entries.append(
-        INTERRUPT_ENTRY.pack(
-            ENTRY_LOCAL_INTERRUPT, INT_TYPE_NMI, INT_FLAGS_CONFORMS, ISA_BUS_ID, 0, ALL_LOCAL_APICS, 1
-        )
+        INTERRUPT_ENTRY.pack(ENTRY_LOCAL_INTERRUPT, INT_TYPE_NMI, INT_FLAGS_CONFORMS, ISA_BUS_ID, 0, ALL_LOCAL_APICS, 1)
     )
     return entries
 
