@@ -297,15 +297,17 @@ void *memmove(void *d, const void *s, size_t n)
 	return d;
 }
 
+/* repe cmpsb: one instruction for the emulator, however long the run. */
 int memcmp(const void *a, const void *b, size_t n)
 {
 	const u8 *x = a, *y = b;
+	bool differ;
 
-	for (; n; n--, x++, y++) {
-		if (*x != *y)
-			return *x - *y;
-	}
-	return 0;
+	if (!n)
+		return 0;
+	__asm__ volatile("repe cmpsb" : "+S"(x), "+D"(y), "+c"(n), "=@ccnz"(differ) : : "memory");
+	/* Both pointers stopped one past the first differing byte. */
+	return differ ? x[-1] - y[-1] : 0;
 }
 
 bool parse_u64(const char *s, u64 *out)
@@ -399,6 +401,15 @@ const char *cmdline_get(const char *key)
 	/* Last occurrence wins. */
 	for (unsigned i = cmdline_nargs; i-- > 0;) {
 		if (!strcmp(cmdline_args[i].key, key))
+			return cmdline_args[i].value;
+	}
+	return NULL;
+}
+
+const char *cmdline_get_nth(const char *key, unsigned n)
+{
+	for (unsigned i = 0; i < cmdline_nargs; i++) {
+		if (!strcmp(cmdline_args[i].key, key) && n-- == 0)
 			return cmdline_args[i].value;
 	}
 	return NULL;

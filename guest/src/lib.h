@@ -45,6 +45,8 @@ void cmdline_init(const char *cmdline);
 const char *cmdline_raw(void);			/* the string as given */
 const char *cmdline_get(const char *key);	/* value, "" for a bare key, NULL if absent */
 u64 cmdline_get_u64(const char *key, u64 dflt); /* dflt when absent or not a number */
+/* The n-th (from 0, in command-line order) value of a key given several times, or NULL. */
+const char *cmdline_get_nth(const char *key, unsigned n);
 
 /* --- machine control --- */
 NORETURN void poweroff(void);	  /* i8042 reset (0x64 <- 0xfe); the VMM exits with 0 */
