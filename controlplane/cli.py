@@ -18,17 +18,20 @@ import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO, NoReturn
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 from controlplane import logger as fclog
-from controlplane.api import create_app
 from controlplane.logger import LEVELS, LOGGER, FcLogger, SinkError
 from controlplane.metrics import FLUSH_INTERVAL_S, METRICS, Metrics, MetricsError
 from controlplane.mmds_store import MmdsError, MmdsStore
 from controlplane.models import BodyError, CpuConfig, VmmConfigFile, parse_body, parse_value
-from controlplane.server import ApiServer, Periodic, SocketInUseError
+from controlplane.periodic import Periodic
 from controlplane.state import EMBERVM_VERSION, FIRECRACKER_API_VERSION, ApiError, LauncherLike, RuntimeOptions, Vmm
+from controlplane.uds import SocketInUseError
 from shared import exitcodes
+
+if TYPE_CHECKING:
+    from controlplane.server import ApiServer
 
 log = fclog.get("main")
 START_NS = time.monotonic_ns()
@@ -155,6 +158,10 @@ def run(
         log.info("Running embervm v%s (Firecracker API v%s)", EMBERVM_VERSION, FIRECRACKER_API_VERSION)
         flusher.start()
         if not args.no_api:
+            # Imported here: FastAPI and uvicorn take most of a cold start, and --no-api needs neither.
+            from controlplane.api import create_app
+            from controlplane.server import ApiServer
+
             server = ApiServer(create_app(vmm, args.http_api_max_payload_size), args.api_sock)
         if args.config_file:
             apply_config_file(vmm, args.config_file)

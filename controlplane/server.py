@@ -8,56 +8,19 @@ and guarantees the path is removed on exit.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
-import socket
-import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from types import FrameType
 
 import uvicorn
 from fastapi import FastAPI
 
 from controlplane import logger as fclog
+from controlplane.uds import bind_unix_socket
 
 log = fclog.get("server")
-LISTEN_BACKLOG = 128
-
-
-class SocketInUseError(OSError):
-    """The API socket path is taken; the message says by what."""
-
-
-def bind_unix_socket(path: str) -> socket.socket:
-    """Bind and listen on `path`, refusing a path another process is serving."""
-    try:
-        mode = os.lstat(path).st_mode
-    except FileNotFoundError:
-        mode = None
-    if mode is not None:
-        if not stat.S_ISSOCK(mode):
-            raise SocketInUseError(errno.EADDRINUSE, f"Failed to open the API socket at {path}: not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            probe.connect(path)
-        except (ConnectionRefusedError, FileNotFoundError):
-            os.unlink(path)  # stale: nobody listens there any more
-        else:
-            raise SocketInUseError(
-                errno.EADDRINUSE, f"Failed to open the API socket at {path}: it is already in use by another process"
-            )
-        finally:
-            probe.close()
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.bind(path)
-        sock.listen(LISTEN_BACKLOG)
-    except OSError as err:
-        sock.close()
-        raise SocketInUseError(err.errno, f"Failed to open the API socket at {path}: {err.strerror}") from None
-    return sock
 
 
 class _Server(uvicorn.Server):
@@ -127,26 +90,3 @@ class ApiServer:
         self.sock.close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.socket_path)
-
-
-class Periodic:
-    """Calls `action` every `interval` seconds on a daemon thread until `stop`."""
-
-    def __init__(self, interval: float, action: Callable[[], object], name: str) -> None:
-        self.interval = interval
-        self.action = action
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            try:
-                self.action()
-            except Exception:
-                log.exception("Periodic %s failed", self._thread.name)
-
-    def stop(self) -> None:
-        self._stop.set()

@@ -8,7 +8,7 @@ import threading
 from pathlib import Path
 
 from controlplane.metrics import SCHEMA, Metrics
-from controlplane.server import Periodic
+from controlplane.periodic import Periodic
 from tests.support.api_client import assert_no_content, fault
 
 
