@@ -1,15 +1,26 @@
 """Supervisor side of a running microVM: its worker processes and their channels.
 
 `Launcher` owns the worker zygote (forked before any thread exists) and a private run
-directory for ZeroMQ endpoints. `Launcher.start_vm` lays out guest memory
-(`controlplane.builder`), forks the vCPU worker and returns a `MicroVm`, whose monitor
-thread is the only user of the control socket: it forwards console output, applies
-worker messages and notices a worker's death at once through its pidfd.
+directory for ZeroMQ endpoints. `Launcher.start_vm` lays out the devices and guest
+memory (`controlplane.builder`), then forks, in order:
+
+1. one block worker per drive, holding guest memory, its queue eventfd and irqfd, its
+   backing file and its fd channel; each binds its MMIO endpoint and says Ready;
+2. the vCPU worker, holding /dev/kvm, guest memory, the console socket and every
+   device's eventfds, which it registers with KVM (ioeventfd on QueueNotify, irqfd on
+   the GSI); it forwards other accesses to a device window to that device's worker.
+
+`MicroVm`'s monitor thread is the only user of the control socket (a ZeroMQ ROUTER,
+one identity per worker): it forwards console output, applies worker messages and
+notices a worker's death at once through its pidfd. The vCPU worker's death ends the
+microVM; a device worker's death is reported (logs, `metrics()`, `workers()`) and the
+guest keeps running without that device.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import queue
@@ -22,14 +33,15 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import zmq
 
-from controlplane.builder import build_guest
-from controlplane.vm_spec import VmSpec
+from controlplane.builder import BlockDevicePlan, GuestPlan, build_guest, open_backing_file, plan_block_devices
+from controlplane.vm_spec import DriveSpec, VmSpec
+from controlplane.worker_handle import WorkerHandle, merge_metrics
 from controlplane.zygote import Zygote, ZygoteError
-from shared import exitcodes
+from shared import exitcodes, fdpass
 from shared import protocol as p
 from shared.boot.errors import BootError
 from shared.kvm import Kvm, KvmError, open_kvm
@@ -38,12 +50,18 @@ log = logging.getLogger("embervm.microvm")
 
 READY_TIMEOUT_S = 30.0
 STOP_TIMEOUT_S = 5.0
+UPDATE_TIMEOUT_S = 5.0
+VCPU = "vcpu"
 
 ExitCallback = Callable[[int, str], None]
 
 
 class VmStartError(Exception):
     """The microVM could not start; the message is fit for an API `fault_message`."""
+
+
+class DeviceUpdateError(Exception):
+    """A run-time device update was refused or its worker could not apply it."""
 
 
 def describe_wait_status(status: int) -> tuple[int, str]:
@@ -71,24 +89,30 @@ class Launcher:
         return cls(zygote, run_dir)
 
     def start_vm(self, spec: VmSpec, console_out: BinaryIO, on_exit: ExitCallback) -> MicroVm:
-        """Build guest memory, spawn the vCPU worker, wait until the guest runs."""
+        """Lay out devices and memory, spawn the workers, wait until the guest runs."""
         self._count += 1
         try:
             kvm_fd = open_kvm()
         except KvmError as e:
             raise VmStartError(str(e)) from None
+        devices: list[BlockDevicePlan] = []
         try:
             Kvm(kvm_fd).check()
-            plan = build_guest(spec)
+            devices = plan_block_devices(spec)
+            plan = build_guest(spec, devices)
         except (KvmError, BootError, OSError, ValueError) as e:
             os.close(kvm_fd)
+            for device in devices:
+                device.close()
             raise VmStartError(str(e)) from None
-        vm = MicroVm(self, spec, console_out, on_exit, f"ipc://{self.run_dir}/vm{self._count}-ctl")
+        vm = MicroVm(self, spec, console_out, on_exit, f"{self.run_dir}/vm{self._count}")
         try:
-            vm._spawn_vcpu_worker(kvm_fd, plan.memfd, plan.vcpu_args)
+            vm._start(kvm_fd, plan, devices)
         finally:
             os.close(kvm_fd)
             os.close(plan.memfd)
+            for device in devices:
+                device.close()
         vm.cmdline = plan.cmdline
         return vm
 
@@ -101,7 +125,7 @@ class MicroVm:
     """A running microVM as the supervisor sees it."""
 
     def __init__(
-        self, launcher: Launcher, spec: VmSpec, console_out: BinaryIO, on_exit: ExitCallback, endpoint: str
+        self, launcher: Launcher, spec: VmSpec, console_out: BinaryIO, on_exit: ExitCallback, prefix: str
     ) -> None:
         self.launcher = launcher
         self.spec = spec
@@ -112,62 +136,121 @@ class MicroVm:
         self.exit_detail = ""  # evidence for a failed guest, e.g. a register dump
         self._console_out = console_out
         self._on_exit = on_exit
-        self._endpoint = endpoint
+        self._prefix = prefix
+        self._endpoint = f"ipc://{prefix}-ctl"
         self._ctx = zmq.Context()
         self._ctl = self._ctx.socket(zmq.ROUTER)
         self._ctl.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._ctl.setsockopt(zmq.LINGER, 0)
-        self._ctl.bind(endpoint)
+        self._ctl.bind(self._endpoint)
         self._cond = threading.Condition()
-        self._commands: queue.SimpleQueue[p.Message] = queue.SimpleQueue()
+        self._commands: queue.SimpleQueue[tuple[bytes, p.Message]] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-        self._metrics: dict[str, dict[str, int]] = {}
-        self._metrics_seq = 0
-        self._worker_pid = 0
-        self._worker_alive = False
-        self._pidfd = -1
+        self._workers: dict[bytes, WorkerHandle] = {}
+        self._request_ids = itertools.count(1)
+        self._update_results: dict[int, p.UpdateResult] = {}
         self._console: socket.socket | None = None
         self._thread = threading.Thread(target=self._monitor, name="vm-monitor", daemon=True)
 
     # --- start-up -------------------------------------------------------------------------
-    def _spawn_vcpu_worker(self, kvm_fd: int, memfd: int, vcpu_args: dict[str, object]) -> None:
-        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._console = mine
-        args = {**vcpu_args, "control_endpoint": self._endpoint, "name": "vcpu"}
+    def _start(self, kvm_fd: int, plan: GuestPlan, devices: list[BlockDevicePlan]) -> None:
         try:
-            self._worker_pid = self.launcher.zygote.spawn("vcpu", "vcpu", args, [kvm_fd, memfd, theirs.fileno()])
-        except (ZygoteError, OSError) as e:
-            self._close()
-            raise VmStartError(f"cannot start the vCPU worker: {e}") from None
-        finally:
-            theirs.close()
-        self._worker_alive = True
-        self._pidfd = os.pidfd_open(self._worker_pid)
-        first = self._await_first_message()
-        if not isinstance(first, p.Ready):
-            reason = first.reason if isinstance(first, p.Exited) else "the vCPU worker did not start"
-            self._reap_worker()
-            self._close()
-            raise VmStartError(reason)
+            for device in devices:
+                self._spawn_block_worker(device, plan.memfd)
+            self._spawn_vcpu_worker(kvm_fd, plan.memfd, plan.vcpu_args, devices)
+        except VmStartError:
+            self._abort_start()
+            raise
         self.state = "Running"
         self._thread.start()
 
-    def _await_first_message(self) -> p.Message | None:
+    def _mmio_endpoint(self, name: str) -> str:
+        return f"ipc://{self._prefix}-{name}-mmio"
+
+    def _spawn(self, kind: str, name: str, args: dict[str, Any], fds: list[int], what: str) -> WorkerHandle:
+        try:
+            pid = self.launcher.zygote.spawn(kind, name, {**args, "name": name}, fds)
+        except (ZygoteError, OSError) as e:
+            raise VmStartError(f"cannot start the {what}: {e}") from None
+        handle = WorkerHandle(name, kind, pid, os.pidfd_open(pid))
+        self._workers[handle.identity] = handle
+        return handle
+
+    def _spawn_block_worker(self, device: BlockDevicePlan, memfd: int) -> None:
+        drive = device.drive
+        mine, theirs = fdpass.channel_pair()
+        args = {
+            "drive_id": drive.drive_id,
+            "mem_size": self.spec.mem_size,
+            "read_only": drive.is_read_only,
+            "cache_type": drive.cache_type,
+            "rate_limiter": drive.rate_limiter,
+            "control_endpoint": self._endpoint,
+            "mmio_endpoint": self._mmio_endpoint(device.name),
+        }
+        fds = [memfd, device.irqfd, *device.queue_fds, device.backing_fd, theirs.fileno()]
+        try:
+            handle = self._spawn("block", device.name, args, fds, f"block worker for drive {drive.drive_id}")
+        except VmStartError:
+            mine.close()
+            raise
+        finally:
+            theirs.close()
+        handle.drive_id, handle.fd_channel = drive.drive_id, mine
+        self._await_ready(handle)
+
+    def _spawn_vcpu_worker(
+        self, kvm_fd: int, memfd: int, vcpu_args: dict[str, object], devices: list[BlockDevicePlan]
+    ) -> None:
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._console = mine
+        fds = [kvm_fd, memfd, theirs.fileno()]
+        virtio = []
+        for device in devices:
+            entry = {"name": device.name, "base": device.base, "gsi": device.gsi}
+            entry["mmio_endpoint"] = self._mmio_endpoint(device.name)
+            entry["queue_fds"] = list(range(len(fds), len(fds) + len(device.queue_fds)))
+            fds += device.queue_fds
+            entry["irqfd"] = len(fds)
+            fds.append(device.irqfd)
+            virtio.append(entry)
+        args = {**vcpu_args, "control_endpoint": self._endpoint, "virtio_devices": virtio}
+        try:
+            handle = self._spawn("vcpu", VCPU, args, fds, "vCPU worker")
+        finally:
+            theirs.close()
+        self._await_ready(handle)
+
+    def _await_ready(self, handle: WorkerHandle) -> None:
+        """Wait for `handle`'s Ready; VmStartError if it exits or stays silent instead."""
         poller = zmq.Poller()
         poller.register(self._ctl, zmq.POLLIN)
-        poller.register(self._pidfd, zmq.POLLIN)
+        poller.register(handle.pidfd, zmq.POLLIN)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while (remaining := deadline - time.monotonic()) > 0:
             events = dict(poller.poll(timeout=remaining * 1000))
             if self._ctl in events:
-                msg = self._recv()
-                if isinstance(msg, p.Log):
-                    log.warning("vcpu worker: %s", msg.text)
-                    continue
-                return msg
-            if self._pidfd in events:
-                return None
-        return None
+                identity, msg = self._recv()
+                if identity == handle.identity and isinstance(msg, p.Ready):
+                    return
+                if identity == handle.identity and isinstance(msg, p.Exited):
+                    if msg.detail:
+                        log.error("%s\n%s", msg.reason, msg.detail)
+                    raise VmStartError(msg.reason)
+                self._apply(identity, msg)
+            elif handle.pidfd in events:
+                status = self._reap(handle)
+                how = describe_wait_status(status)[1] if status is not None else "vanished"
+                raise VmStartError(f"the {handle.name} worker {how} before it was ready")
+        raise VmStartError(f"the {handle.name} worker did not start within {READY_TIMEOUT_S:g} s")
+
+    def _abort_start(self) -> None:
+        for handle in self._workers.values():
+            if handle.alive:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(handle.pid, signal.SIGKILL)
+                self._reap(handle)
+        self._close()
 
     # --- the API's verbs ------------------------------------------------------------------------
     def pause(self) -> None:
@@ -185,26 +268,36 @@ class MicroVm:
                 self._console.sendall(data)
 
     def metrics(self) -> dict[str, dict[str, int]]:
-        """The workers' cumulative counters, refreshed from the workers if they answer in time."""
+        """Every worker's cumulative counters, refreshed from the workers that answer in time."""
         with self._cond:
-            seq = self._metrics_seq
+            live = [w for w in self._workers.values() if w.alive]
+            seqs = {w.name: w.metrics_seq for w in live}
         if self.state != "Exited":
-            self._command(p.FlushMetrics())
+            for handle in live:
+                self._command(p.FlushMetrics(), handle.identity)
             with self._cond:
-                self._cond.wait_for(lambda: self._metrics_seq > seq or self.state == "Exited", timeout=1.0)
+                self._cond.wait_for(
+                    lambda: self.state == "Exited" or all(w.metrics_seq > seqs[w.name] or not w.alive for w in live),
+                    timeout=1.0,
+                )
         with self._cond:
-            return {group: dict(values) for group, values in self._metrics.items()}
+            return merge_metrics(list(self._workers.values()))
 
     def workers(self) -> list[dict[str, object]]:
-        return [{"name": "vcpu", "pid": self._worker_pid, "alive": self._worker_alive, "exit_reason": self.exit_reason}]
+        """Each worker process (the vCPU worker first) with its pid and whether it lives."""
+        with self._cond:
+            handles = sorted(self._workers.values(), key=lambda w: w.name != VCPU)
+            return [w.describe() for w in handles]
 
     def stop(self) -> None:
         """Stop the guest and its workers (idempotent)."""
         if self.state != "Exited":
             self._command(p.Stop())
             if self.wait(STOP_TIMEOUT_S) is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self._worker_pid, signal.SIGKILL)
+                vcpu = self._workers.get(VCPU.encode())
+                if vcpu is not None:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(vcpu.pid, signal.SIGKILL)
                 self.wait(STOP_TIMEOUT_S)
 
     def wait(self, timeout: float | None = None) -> int | None:
@@ -212,9 +305,63 @@ class MicroVm:
             self._cond.wait_for(lambda: self.state == "Exited", timeout=timeout)
             return self.exit_code
 
+    # --- run-time device updates (PATCH /drives) -------------------------------------------------
+    def update_device(self, kind: str, device_id: str, changes: dict[str, Any]) -> None:
+        """The API's hook (`controlplane.state`): forward a validated post-boot change."""
+        if kind != "drive":
+            raise DeviceUpdateError(f"{kind} devices take no run-time updates yet")
+        self.update_drive(device_id, changes.get("path_on_host"), changes.get("rate_limiter"))
+
+    def update_drive(
+        self, drive_id: str, path_on_host: str | None = None, rate_limiter: dict[str, Any] | None = None
+    ) -> None:
+        """Give drive `drive_id`'s worker a new backing file and/or rate limiter, and wait for it."""
+        handle, drive = self._drive_worker(drive_id)
+        if path_on_host is not None:
+            try:
+                fd = open_backing_file(drive, path_on_host)
+            except BootError as e:
+                raise DeviceUpdateError(str(e)) from None
+            request_id = next(self._request_ids)
+            try:
+                assert handle.fd_channel is not None
+                fdpass.send_message(handle.fd_channel, p.ReplaceBackingFile(request_id), [fd])
+            except OSError as e:
+                raise DeviceUpdateError(f"cannot reach the block worker of drive {drive_id}: {e}") from None
+            finally:
+                os.close(fd)
+            self._await_update(handle, request_id)
+            drive.path_on_host = path_on_host
+        if rate_limiter is not None:
+            request_id = next(self._request_ids)
+            limits = {k: rate_limiter.get(k) for k in ("bandwidth", "ops")}
+            self._command(p.UpdateRateLimiter(request_id, limits["bandwidth"], limits["ops"]), handle.identity)
+            self._await_update(handle, request_id)
+
+    def _drive_worker(self, drive_id: str) -> tuple[WorkerHandle, DriveSpec]:
+        handle = self._workers.get(f"block_{drive_id}".encode())
+        drive = next((d for d in self.spec.drives if d.drive_id == drive_id), None)
+        if handle is None or drive is None:
+            raise DeviceUpdateError(f"no drive {drive_id!r} in this microVM")
+        if not handle.alive or self.state == "Exited":
+            raise DeviceUpdateError(f"the block worker of drive {drive_id} is not running")
+        return handle, drive
+
+    def _await_update(self, handle: WorkerHandle, request_id: int) -> None:
+        with self._cond:
+            done = self._cond.wait_for(
+                lambda: request_id in self._update_results or not handle.alive, timeout=UPDATE_TIMEOUT_S
+            )
+            result = self._update_results.pop(request_id, None)
+        if result is None:
+            why = "did not answer" if done is False else "died"
+            raise DeviceUpdateError(f"the block worker of drive {handle.drive_id} {why}")
+        if not result.ok:
+            raise DeviceUpdateError(result.error)
+
     # --- monitor thread ---------------------------------------------------------------------------
-    def _command(self, msg: p.Message) -> None:
-        self._commands.put(msg)
+    def _command(self, msg: p.Message, to: bytes = VCPU.encode()) -> None:
+        self._commands.put((to, msg))
         with contextlib.suppress(BlockingIOError):
             os.write(self._wake_w, b"c")
 
@@ -224,21 +371,23 @@ class MicroVm:
             if not self._cond.wait_for(done, timeout=STOP_TIMEOUT_S):
                 raise TimeoutError(f"the vCPU worker did not answer {msg.TYPE!r}")
 
-    def _recv(self) -> p.Message | None:
+    def _recv(self) -> tuple[bytes, p.Message | None]:
         identity, payload = self._ctl.recv_multipart()
         try:
-            return p.decode(payload)
+            return identity, p.decode(payload)
         except p.ProtocolError as e:
             log.error("bad message from worker %r: %s", identity, e)
-            return None
+            return identity, None
 
     def _monitor(self) -> None:
         poller = zmq.Poller()
         poller.register(self._ctl, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
-        poller.register(self._pidfd, zmq.POLLIN)
         assert self._console is not None
         poller.register(self._console.fileno(), zmq.POLLIN)
+        pidfds = {w.pidfd: w for w in self._workers.values()}
+        for fd in pidfds:
+            poller.register(fd, zmq.POLLIN)
         outcome: tuple[int, str] | None = None
         while outcome is None:
             events = dict(poller.poll())
@@ -247,18 +396,44 @@ class MicroVm:
             if self._wake_r in events:
                 self._send_commands()
             if self._ctl in events:
-                outcome = self._apply(self._recv())
-            if outcome is None and self._pidfd in events:
-                self._pump_console()
-                while self._ctl.poll(0):  # messages sent just before the exit
-                    outcome = self._apply(self._recv()) or outcome
-                if outcome is None:
-                    status = self._reap_worker()
-                    code, how = describe_wait_status(status) if status is not None else (1, "vanished")
-                    outcome = (code, f"vCPU worker {how}")
-        self._reap_worker()
+                outcome = self._drain_messages()
+            for fd in [fd for fd in pidfds if fd in events]:
+                poller.unregister(fd)
+                outcome = self._worker_died(pidfds.pop(fd)) or outcome
+        self._stop_device_workers()
+        vcpu = self._workers[VCPU.encode()]
+        if vcpu.alive:
+            self._reap(vcpu)
         self._pump_console()
         self._finish(*outcome)
+
+    def _drain_messages(self) -> tuple[int, str] | None:
+        outcome = None
+        while self._ctl.poll(0):
+            outcome = self._apply(*self._recv()) or outcome
+        return outcome
+
+    def _worker_died(self, handle: WorkerHandle) -> tuple[int, str] | None:
+        self._pump_console()
+        outcome = self._drain_messages()  # messages sent just before the exit
+        status = self._reap(handle)
+        how = describe_wait_status(status)[1] if status is not None else "vanished"
+        if handle.name == VCPU:
+            if outcome is None:
+                code = describe_wait_status(status)[0] if status is not None else exitcodes.GENERIC_ERROR
+                outcome = (code, f"vCPU worker {how}")
+            return outcome
+        with self._cond:
+            handle.exit_reason = handle.exit_reason or f"{handle.kind} worker {how}"
+            self._cond.notify_all()
+        log.error(
+            "the %s worker (pid %d) %s: drive %s is gone, the guest keeps running without it",
+            handle.name,
+            handle.pid,
+            how,
+            handle.drive_id,
+        )
+        return None
 
     def _pump_console(self) -> None:
         assert self._console is not None
@@ -280,39 +455,71 @@ class MicroVm:
             while os.read(self._wake_r, 256):
                 pass
         while not self._commands.empty():
-            msg = self._commands.get()
-            try:
-                self._ctl.send_multipart([b"vcpu", p.encode(msg)])
-            except zmq.ZMQError as e:
-                log.error("cannot send %s to the vCPU worker: %s", msg.TYPE, e)
+            identity, msg = self._commands.get()
+            self._send(identity, msg)
 
-    def _apply(self, msg: p.Message | None) -> tuple[int, str] | None:
+    def _send(self, identity: bytes, msg: p.Message) -> None:
+        try:
+            self._ctl.send_multipart([identity, p.encode(msg)], zmq.NOBLOCK)
+        except zmq.ZMQError as e:
+            log.error("cannot send %s to the %s worker: %s", msg.TYPE, identity.decode(errors="replace"), e)
+
+    def _apply(self, identity: bytes, msg: p.Message | None) -> tuple[int, str] | None:
+        handle = self._workers.get(identity)
+        if handle is None or msg is None:
+            return None
         with self._cond:
-            if isinstance(msg, p.StateChanged):
-                self.state = msg.state
-            elif isinstance(msg, p.Metrics):
-                self._metrics = msg.groups
-                self._metrics_seq += 1
-            elif isinstance(msg, p.Log):
-                getattr(log, msg.level if msg.level in ("warning", "error", "info") else "info")(
-                    "vcpu worker: %s", msg.text
-                )
-            elif isinstance(msg, p.Exited):
-                if msg.detail:
-                    log.error("%s\n%s", msg.reason, msg.detail)
-                    self.exit_detail = msg.detail
+            try:
+                return self._apply_locked(handle, msg)
+            finally:
+                self._cond.notify_all()
+
+    def _apply_locked(self, handle: WorkerHandle, msg: p.Message) -> tuple[int, str] | None:
+        if isinstance(msg, p.Metrics):
+            handle.metrics = msg.groups
+            handle.metrics_seq += 1
+        elif isinstance(msg, p.Log):
+            level = msg.level if msg.level in ("warning", "error", "info") else "info"
+            getattr(log, level)("%s worker: %s", handle.name, msg.text)
+        elif isinstance(msg, p.UpdateResult):
+            self._update_results[msg.request_id] = msg
+        elif isinstance(msg, p.StateChanged) and handle.name == VCPU:
+            self.state = msg.state
+        elif isinstance(msg, p.Exited):
+            if msg.detail:
+                log.error("%s\n%s", msg.reason, msg.detail)
+            if handle.name == VCPU:
+                self.exit_detail = msg.detail or self.exit_detail
                 return msg.code, msg.reason
-            self._cond.notify_all()
+            handle.exit_reason = msg.reason
         return None
 
-    def _reap_worker(self) -> int | None:
-        status = self.launcher.zygote.wait_exit(self._worker_pid, STOP_TIMEOUT_S)
-        self._worker_alive = False
+    def _stop_device_workers(self) -> None:
+        """Stop every device worker with the guest: Stop, then SIGKILL for the slow ones."""
+        devices = [w for w in self._workers.values() if w.name != VCPU and w.alive]
+        for handle in devices:
+            self._send(handle.identity, p.Stop())
+        deadline = time.monotonic() + STOP_TIMEOUT_S
+        for handle in devices:
+            if not select.select([handle.pidfd], [], [], max(0.0, deadline - time.monotonic()))[0]:
+                log.warning("the %s worker did not stop in time: killing it", handle.name)
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(handle.pid, signal.SIGKILL)
+            self._reap(handle)
+        self._drain_messages()  # their final metrics
+
+    def _reap(self, handle: WorkerHandle) -> int | None:
+        status = self.launcher.zygote.wait_exit(handle.pid, STOP_TIMEOUT_S)
+        with self._cond:
+            handle.alive = False
+            self._cond.notify_all()
         return status
 
     def _finish(self, code: int, reason: str) -> None:
         with self._cond:
             self.exit_code, self.exit_reason = code, reason
+            vcpu = self._workers[VCPU.encode()]
+            vcpu.exit_reason = vcpu.exit_reason or reason
             self.state = "Exited"
             self._cond.notify_all()
         self._close()
@@ -324,11 +531,11 @@ class MicroVm:
     def _close(self) -> None:
         self._ctl.close(linger=0)
         self._ctx.term()
-        for fd in (self._wake_r, self._wake_w, self._pidfd):
-            if fd >= 0:
-                with contextlib.suppress(OSError):
-                    os.close(fd)
-        self._pidfd = -1
+        for fd in (self._wake_r, self._wake_w):
+            with contextlib.suppress(OSError):
+                os.close(fd)
+        for handle in self._workers.values():
+            handle.close()
         if self._console is not None:
             self._console.close()
 

@@ -3,6 +3,7 @@
 Entry `run(args, fds)` is called in a child forked by the zygote, holding exactly:
     fds[0]  /dev/kvm            fds[1]  guest memory memfd
     fds[2]  console socket (serial output to the supervisor, input from it)
+    fds[3:] virtio eventfds (queue notifies, irqfds), indexed by args["virtio_devices"]
 Its main thread serves the ZeroMQ control channel and the console input; one thread
 per vCPU runs KVM_RUN. The first vCPU exit that ends the guest (i8042 reset, triple
 fault, an exit we cannot handle) stops every vCPU and is reported as `Exited`.
@@ -22,11 +23,15 @@ import zmq
 
 from shared import exitcodes, layout
 from shared import protocol as p
+from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, install_filter
 from vcpu_worker.bus import Bus
 from vcpu_worker.i8042 import I8042
 from vcpu_worker.machine import Machine, build_machine
+from vcpu_worker.mmio_bus import MmioBus
+from vcpu_worker.policy import POLICY
 from vcpu_worker.serial import Serial8250
 from vcpu_worker.vcpu import VcpuThread, install_kick_handler
+from vcpu_worker.virtio import RemoteMmioDevice, attach_virtio_devices
 
 METRICS_INTERVAL_S = 5.0
 
@@ -51,9 +56,11 @@ class VcpuWorker:
         self.pio = Bus("port I/O", self._log_warning)
         self.pio.add(layout.SERIAL_PORT, 8, self.serial)
         self.pio.add(layout.I8042_DATA_PORT, 5, self.i8042)  # 0x60..0x64
-        self.mmio = Bus("MMIO", self._log_warning)
+        self.mmio = MmioBus(self._log_warning)
+        self.virtio: list[RemoteMmioDevice] = []
         self.vcpus = [VcpuThread(v, self.pio, self.mmio, self._request_exit) for v in machine.vcpus]
         self.state = "Running"
+        self.seccomp = SeccompSettings()
 
     # --- called from vCPU threads -------------------------------------------------------
     def _console_write(self, data: bytes) -> None:
@@ -98,6 +105,7 @@ class VcpuWorker:
                 "unhandled_mmio_reads": self.mmio.unhandled_reads,
                 "unhandled_mmio_writes": self.mmio.unhandled_writes,
                 "console_dropped_bytes": self.console_dropped,
+                "virtio_mmio_timeouts": sum(d.timeouts for d in self.virtio),
             },
         }
 
@@ -121,6 +129,8 @@ class VcpuWorker:
             self.send(p.Metrics(self.metrics()))
         elif isinstance(msg, p.Stop):
             return exitcodes.OK, "stopped by the supervisor", ""
+        elif isinstance(msg, p.TestSyscall) and self.seccomp.test_hooks:
+            self.send(p.Log("warning", f"test syscall survived: {attempt_forbidden(msg.what)}"))
         return None
 
     def serve(self) -> int:
@@ -185,6 +195,8 @@ class VcpuWorker:
 def run(args: dict[str, Any], fds: list[int]) -> int:
     """Worker entry point (in the forked child)."""
     kvm_fd, memfd, console_fd = fds[:3]
+    seccomp = SeccompSettings.from_args(args)
+    drop_privileges()  # before ZeroMQ starts its threads: capabilities are per thread
     install_kick_handler()
     ctx = zmq.Context()
     ctl = ctx.socket(zmq.DEALER)
@@ -194,6 +206,11 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
     try:
         try:
             machine = build_machine(kvm_fd, memfd, args)
+            worker = VcpuWorker(machine, console_fd, ctl)
+            devices = list(args.get("virtio_devices", []))
+            worker.virtio = attach_virtio_devices(machine.vm, worker.mmio, devices, fds, ctx, worker._log_warning)
+            worker.seccomp = seccomp
+            install_filter(seccomp, POLICY)  # set-up is over: from here on, only the policy's syscalls
         except Exception as e:
             ctl.send(
                 p.encode(
@@ -201,7 +218,11 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
                 )
             )
             return exitcodes.BAD_CONFIGURATION
-        return VcpuWorker(machine, console_fd, ctl).serve()
+        try:
+            return worker.serve()
+        finally:
+            for device in worker.virtio:
+                device.close()
     finally:
         ctl.close()
         ctx.term()

@@ -17,6 +17,7 @@ from shared import exitcodes
 from shared import kvm_abi as abi
 from shared.kvm import Vcpu
 from vcpu_worker.bus import Bus
+from vcpu_worker.mmio_bus import MmioBus
 
 KICK_SIGNAL = signal.SIGUSR1
 
@@ -42,7 +43,7 @@ def describe_registers(vcpu: Vcpu) -> str:
 class VcpuThread:
     """Runs one vCPU until stopped; reports a guest exit through `on_exit`."""
 
-    def __init__(self, vcpu: Vcpu, pio: Bus, mmio: Bus, on_exit: ExitCallback) -> None:
+    def __init__(self, vcpu: Vcpu, pio: Bus, mmio: MmioBus, on_exit: ExitCallback) -> None:
         self.vcpu = vcpu
         self._pio = pio
         self._mmio = mmio

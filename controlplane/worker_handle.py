@@ -1,0 +1,84 @@
+"""The supervisor's record of one worker process, and how their metrics add up.
+
+A microVM has one vCPU worker and one worker per device. Each connects to the
+microVM's ZeroMQ ROUTER with its name as identity; the supervisor watches each through
+a pidfd. Only the vCPU worker's death ends the guest: a dead device worker is recorded
+here (`alive`, `exit_reason`), reported, and its device simply stops answering.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+Groups = dict[str, dict[str, int]]
+
+
+@dataclass
+class WorkerHandle:
+    name: str  # also its ZeroMQ identity: "vcpu", "block_<drive_id>"
+    kind: str  # a zygote worker kind
+    pid: int
+    pidfd: int
+    drive_id: str | None = None
+    fd_channel: socket.socket | None = None
+    alive: bool = True
+    exit_reason: str | None = None
+    metrics: Groups = field(default_factory=dict)
+    metrics_seq: int = 0
+
+    @property
+    def identity(self) -> bytes:
+        return self.name.encode()
+
+    def describe(self) -> dict[str, Any]:
+        """What `GET /` shows for this worker."""
+        info: dict[str, Any] = {
+            "name": self.name,
+            "kind": self.kind,
+            "pid": self.pid,
+            "alive": self.alive,
+            "exit_reason": self.exit_reason,
+        }
+        if self.drive_id is not None:
+            info["drive_id"] = self.drive_id
+        return info
+
+    def close(self) -> None:
+        if self.pidfd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.pidfd)
+            self.pidfd = -1
+        if self.fd_channel is not None:
+            self.fd_channel.close()
+            self.fd_channel = None
+
+
+def merge_metrics(workers: list[WorkerHandle]) -> Groups:
+    """Every worker's groups, plus Firecracker's `block` aggregate and worker status.
+
+    Firecracker reports each drive as `block_<drive_id>` and their sum as `block`; a
+    drive whose worker died keeps its last counters and shows `worker_alive: 0`.
+    """
+    merged: Groups = {}
+    for worker in workers:
+        for group, values in worker.metrics.items():
+            merged.setdefault(group, {}).update(values)
+    drives = [w for w in workers if w.kind == "block"]
+    for worker in drives:
+        merged.setdefault(f"block_{worker.drive_id}", {})["worker_alive"] = int(worker.alive)
+    if drives:
+        total: dict[str, int] = {}
+        for worker in drives:
+            for key, value in merged[f"block_{worker.drive_id}"].items():
+                if key != "worker_alive" and isinstance(value, int):
+                    total[key] = total.get(key, 0) + value
+        merged["block"] = total
+    merged["embervm_workers"] = {
+        "alive": sum(w.alive for w in workers),
+        "dead": sum(not w.alive for w in workers),
+    }
+    return merged

@@ -1,0 +1,141 @@
+"""virtio-mmio devices as the vCPU worker sees them: a window forwarded to a device worker.
+
+For each device the supervisor passes (window base, GSI, MMIO endpoint) and eventfds it
+created: one per queue and the irqfd. This process created the VM, so it is the one that
+can register them with KVM: a guest write of queue index i to QueueNotify signals queue
+i's eventfd inside KVM (no exit), and a write to the irqfd injects the GSI. Every other
+access to the window exits to a vCPU thread and is forwarded, synchronously, to the
+device worker (`RemoteMmioDevice`).
+
+A device worker that does not answer must not hang the guest: the access times out
+(reads see all-ones, as for a missing device), it is reported, and for the next
+`RETRY_AFTER_S` the window answers at once instead of waiting again.
+
+The eventfds stay open here: KVM drops an irqfd when its eventfd file is released, and
+keeping our copy keeps the routing in place while a device worker is being replaced.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from shared.devworker_client import DEFAULT_TIMEOUT_S, MmioClient, MmioTimeout
+from shared.kvm import Vm
+from shared.layout import VIRTIO_MMIO_SIZE
+from shared.virtio import constants as c
+from vcpu_worker.mmio_bus import MmioBus
+
+RETRY_AFTER_S = 1.0
+
+
+@dataclass(frozen=True)
+class VirtioDeviceArgs:
+    """One entry of the vCPU worker's `virtio_devices` argument (fd fields index into fds)."""
+
+    name: str
+    base: int
+    gsi: int
+    mmio_endpoint: str
+    queue_fds: list[int]
+    irqfd: int
+
+    @classmethod
+    def from_args(cls, raw: dict[str, Any]) -> VirtioDeviceArgs:
+        return cls(
+            str(raw["name"]),
+            int(raw["base"]),
+            int(raw["gsi"]),
+            str(raw["mmio_endpoint"]),
+            [int(i) for i in raw["queue_fds"]],
+            int(raw["irqfd"]),
+        )
+
+
+class RemoteMmioDevice:
+    """A virtio-mmio window served by a device worker; one MMIO client per vCPU thread."""
+
+    def __init__(
+        self, name: str, endpoint: str, ctx: zmq.Context, report: Callable[[str], None], timeout_s: float
+    ) -> None:
+        self.name = name
+        self.endpoint = endpoint
+        self._ctx = ctx
+        self._report = report
+        self._timeout_s = timeout_s
+        self._local = threading.local()
+        self._clients: list[MmioClient] = []
+        self._lock = threading.Lock()
+        self._down_until = 0.0
+        self.timeouts = 0
+        self.skipped = 0
+
+    def _client(self) -> MmioClient:
+        client: MmioClient | None = getattr(self._local, "client", None)
+        if client is None:
+            client = MmioClient(self._ctx, self.endpoint, self._timeout_s)
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def _available(self) -> bool:
+        if time.monotonic() >= self._down_until:
+            return True
+        with self._lock:
+            self.skipped += 1
+        return False
+
+    def _failed(self, error: MmioTimeout) -> None:
+        with self._lock:
+            self.timeouts += 1
+            self._down_until = time.monotonic() + RETRY_AFTER_S
+        self._report(f"virtio device {self.name}: {error}; its window reads all-ones for {RETRY_AFTER_S:g} s")
+
+    def read(self, offset: int, size: int) -> int:
+        if self._available():
+            try:
+                return self._client().read(offset, size)
+            except MmioTimeout as e:
+                self._failed(e)
+        return (1 << (8 * size)) - 1
+
+    def write(self, offset: int, size: int, value: int) -> None:
+        if self._available():
+            try:
+                self._client().write(offset, size, value)
+            except MmioTimeout as e:
+                self._failed(e)
+
+    def close(self) -> None:
+        with self._lock:
+            for client in self._clients:
+                client.close()
+            self._clients.clear()
+
+
+def attach_virtio_devices(
+    vm: Vm,
+    bus: MmioBus,
+    devices: list[dict[str, Any]],
+    fds: list[int],
+    ctx: zmq.Context,
+    report: Callable[[str], None],
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+) -> list[RemoteMmioDevice]:
+    """Register each device's ioeventfds and irqfd with KVM and put its window on `bus`."""
+    attached = []
+    for raw in devices:
+        dev = VirtioDeviceArgs.from_args(raw)
+        for index, fd_index in enumerate(dev.queue_fds):
+            vm.register_ioeventfd(fds[fd_index], dev.base + c.MMIO_QUEUE_NOTIFY, 4, datamatch=index)
+        vm.register_irqfd(fds[dev.irqfd], dev.gsi)
+        remote = RemoteMmioDevice(dev.name, dev.mmio_endpoint, ctx, report, timeout_s)
+        bus.add(dev.base, VIRTIO_MMIO_SIZE, remote)
+        attached.append(remote)
+    return attached
