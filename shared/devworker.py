@@ -140,8 +140,9 @@ class DeviceWorker:
         self._outcome: tuple[int, str] = (exitcodes.OK, "stopped by the supervisor")
         self._next_metrics = time.monotonic() + METRICS_INTERVAL_S
         self._logs = _ForwardingHandler()
-        logging.getLogger().addHandler(self._logs)
-        logging.getLogger().setLevel(logging.INFO)
+        root = logging.getLogger()
+        self._inherited_handlers, root.handlers = root.handlers, [self._logs]  # logs go to the supervisor only
+        root.setLevel(logging.INFO)
         self._register()
         hooks.install(self.loop)
 
@@ -168,7 +169,7 @@ class DeviceWorker:
     def _flush_logs(self) -> None:
         while self._logs.pending:
             level, text = self._logs.pending.popleft()
-            self.send(p.Log(level, f"{self.channels.name}: {text}"))
+            self.send(p.Log(level, text))
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -278,7 +279,7 @@ class DeviceWorker:
             self.send(answer)
 
     def close(self) -> None:
-        logging.getLogger().removeHandler(self._logs)
+        logging.getLogger().handlers = self._inherited_handlers
         self.loop.close()
         self.mmio.close(linger=0)
         self.control.close()
