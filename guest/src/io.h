@@ -31,8 +31,12 @@ static inline u32 inl(u16 port)
 
 /* Compiler barrier; x86 keeps stores/loads to uncached MMIO in order. */
 static inline void barrier(void) { __asm__ volatile("" : : : "memory"); }
-/* Full fence, e.g. between filling a virtqueue and notifying the device. */
-static inline void mb(void) { __asm__ volatile("mfence" : : : "memory"); }
+/*
+ * Full fence (store then load), e.g. publishing the avail index and then
+ * reading the device's avail_event. A locked add to the stack, as Linux's
+ * smp_mb on x86-64: plain integer code the emulator runs like any other.
+ */
+static inline void mb(void) { __asm__ volatile("lock; addl $0, (%%rsp)" : : : "memory", "cc"); }
 
 static inline u8 mmio_read8(uintptr_t addr) { return *(volatile u8 *)addr; }
 static inline u16 mmio_read16(uintptr_t addr) { return *(volatile u16 *)addr; }

@@ -18,7 +18,7 @@ static void add_status(struct virtio_dev *d, u8 bits)
 }
 
 /* Full fence for a store followed by a load (publish avail idx, then read avail_event). */
-static inline void virtio_mb(void) { __asm__ volatile("lock; addl $0, (%%rsp)" : : : "memory", "cc"); }
+static inline void virtio_mb(void) { mb(); }
 
 /* --- discovery ------------------------------------------------------------------------------ */
 
