@@ -68,6 +68,16 @@ class FlushMetrics(Message):
     TYPE = "flush_metrics"
 
 
+@message
+class TestSyscall(Message):
+    """Test-only, to any worker: attempt a forbidden syscall (`shared.confine.TEST_SYSCALLS`).
+    Acted on only by a worker spawned with seccomp test hooks armed; ignored otherwise."""
+
+    TYPE = "test_syscall"
+    __test__ = False  # not a pytest test class
+    what: str
+
+
 # --- worker -> supervisor --------------------------------------------------------------
 @message
 class Ready(Message):

@@ -1,0 +1,195 @@
+"""Confining a worker process: no privileges from its first line, a seccomp filter after set-up.
+
+Every worker (vCPU, block, net, vsock, ...) does, in this order:
+
+1. `drop_privileges()` first thing, while it is still the only thread: empty the capability
+   bounding, inheritable, permitted, effective and ambient sets (python-prctl) and set
+   no_new_privs. Linux keeps capabilities per thread: threads created later inherit the
+   empty sets, but a thread created before (ZeroMQ's I/O threads start with the first
+   socket) would keep its own, so this must come before any thread exists.
+2. its set-up: KVM VM, mappings, the ZeroMQ control connection, ...
+3. `install_filter(settings, default)` before its first guest-facing read: it compiles the
+   worker's policy with libseccomp and loads it with SECCOMP_FILTER_FLAG_TSYNC, so the
+   threads started during set-up are covered too; threads started later inherit it.
+
+Python imports and reads source lazily: a module imported after step 3, or source lines
+read for a traceback, would open files. Workers import everything at module level (the
+zygote preloads it), and `install_filter` first reads the source of every loaded module
+into `linecache`, marked so that it is never re-checked against the file.
+
+A worker's args carry `SeccompSettings` under "seccomp": the default filter (the policy
+next to the worker's code), none (`--no-seccomp`), or a user's filter for its kind
+(`--seccomp-filter`), and whether the test-only `TestSyscall` hook is armed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import linecache
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import prctl
+
+from shared.seccomp import Filter, PolicyError, compile_filter, filter_from_json, policy, tgkill_own_process
+
+PR_CAP_AMBIENT = 47
+PR_CAP_AMBIENT_CLEAR_ALL = 4
+M_ARENA_MAX = -8
+MODES = ("default", "off", "custom")
+# What the test hook can be asked to attempt: each is forbidden by every default policy.
+TEST_SYSCALLS = ("execve", "open", "socket_inet")
+TEST_EXEC_PATH = "/nonexistent/embervm-seccomp-test"  # harmless even when unconfined
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class ConfineError(Exception):
+    """The worker could not be confined as asked; it must not go on running."""
+
+
+@dataclass(frozen=True)
+class SeccompSettings:
+    """How one worker installs its filter; travels in the worker's args as a plain map."""
+
+    mode: str = "default"
+    custom: dict[str, Any] | None = None  # the user's filter for this worker's kind (JSON form)
+    test_hooks: bool = False
+
+    def to_arg(self) -> dict[str, Any]:
+        return {"mode": self.mode, "custom": self.custom, "test_hooks": self.test_hooks}
+
+    @classmethod
+    def from_args(cls, args: dict[str, Any]) -> SeccompSettings:
+        raw = args.get("seccomp") or {}
+        mode = raw.get("mode", "default")
+        if mode not in MODES or (mode == "custom") != isinstance(raw.get("custom"), dict):
+            raise ConfineError(f"bad seccomp settings {raw!r}")
+        return cls(mode, raw.get("custom"), bool(raw.get("test_hooks", False)))
+
+
+def settings_for(
+    kind: str, no_seccomp: bool, user_filters: dict[str, Filter] | None, test_hooks: bool = False
+) -> SeccompSettings:
+    """The supervisor's choice for a worker of `kind` (user_filters from `load_filter_file`)."""
+    if no_seccomp:
+        return SeccompSettings("off", None, test_hooks)
+    if user_filters is None:
+        return SeccompSettings("default", None, test_hooks)
+    if kind not in user_filters:
+        raise PolicyError(f"the seccomp filter file has no filter for worker kind {kind!r}")
+    return SeccompSettings("custom", user_filters[kind].to_json(), test_hooks)
+
+
+# --- step 1: privileges -------------------------------------------------------------------------
+def _status() -> dict[str, str]:
+    with open("/proc/self/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def _last_cap() -> int:
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        return int(f.read())
+
+
+def drop_privileges() -> None:
+    """Empty every capability set and set no_new_privs; call before any thread starts."""
+    if len(os.listdir("/proc/self/task")) != 1:
+        raise ConfineError("drop_privileges() must run before the worker starts any thread")
+    if prctl.cap_effective.setpcap:  # dropping from the bounding set needs CAP_SETPCAP
+        for cap in range(_last_cap() + 1):
+            if prctl.capbset_read(cap):
+                prctl.capbset_drop(cap)
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    every_set = [prctl.CAP_EFFECTIVE, prctl.CAP_PERMITTED, prctl.CAP_INHERITABLE]
+    prctl.set_caps((prctl.ALL_CAPS, every_set, False))  # one capset(): effective must stay within permitted
+    prctl.set_no_new_privs(1)
+    status = _status()
+    left = {k: v for k, v in status.items() if k in ("CapInh", "CapPrm", "CapEff", "CapAmb") and int(v, 16)}
+    if left or status.get("NoNewPrivs", "").strip() != "1":
+        raise ConfineError(f"privileges still held after dropping them: {left or 'no_new_privs unset'}")
+
+
+# --- step 3: the seccomp filter ------------------------------------------------------------------
+def warm_linecache() -> int:
+    """Read the source of every loaded module into linecache (mtime None: never re-checked),
+    so a traceback formatted under the filter opens no file. Returns the number of files."""
+    count = 0
+    for module in list(sys.modules.values()):
+        path = getattr(module, "__file__", None)
+        if not isinstance(path, str) or not path.endswith(".py") or path in linecache.cache:
+            continue
+        with contextlib.suppress(OSError, UnicodeDecodeError):
+            with open(path, encoding="utf-8") as f:
+                lines = f.readlines()
+            linecache.cache[path] = (sum(map(len, lines)), None, lines, path)
+            count += 1
+    return count
+
+
+def preload_lazy_state() -> None:
+    """Do now what CPython and glibc would otherwise do lazily, by opening a file, under the filter."""
+    warm_linecache()
+    # glibc malloc reads /sys/devices/system/cpu/online when a 9th thread first wants an
+    # arena; fixing the limit now to what glibc would compute (8 per CPU) skips that read.
+    _libc.mallopt(M_ARENA_MAX, 8 * (os.cpu_count() or 1))
+    time.localtime()  # glibc reads /etc/localtime once (logging's asctime)
+
+
+def effective_filter(settings: SeccompSettings, default: Filter) -> Filter | None:
+    """The filter a worker loads: its default policy (plus tgkill pinned to this process),
+    the user's, or None when seccomp is off."""
+    if settings.mode == "off":
+        return None
+    if settings.mode == "custom":
+        return filter_from_json(settings.custom, "custom seccomp filter")
+    return default + policy(tgkill_own_process(os.getpid()))
+
+
+def install_filter(settings: SeccompSettings, default: Filter) -> bool:
+    """Load this worker's filter on all its threads; False when seccomp is off."""
+    flt = effective_filter(settings, default)
+    if flt is None:
+        return False
+    preload_lazy_state()
+    try:
+        compiled = compile_filter(flt, tsync=True)
+        compiled.load()
+    except OSError as e:
+        raise ConfineError(f"cannot load the seccomp filter: {e}") from None
+    return True
+
+
+# --- the test-only hook -----------------------------------------------------------------------
+def attempt_forbidden(what: str) -> str:
+    """Make a syscall no policy allows (for tests; armed by SeccompSettings.test_hooks).
+
+    Under a filter the worker dies here by SIGSYS. Unconfined, each attempt is harmless:
+    the exec target does not exist, the file is removed, the socket closed.
+    """
+    if what == "execve":
+        try:
+            os.execv(TEST_EXEC_PATH, [TEST_EXEC_PATH])
+        except OSError as e:
+            return f"execve failed: {e.strerror}"
+    if what == "open":
+        path = f"/tmp/embervm-seccomp-test-{os.getpid()}"
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except OSError as e:
+            return f"open failed: {e.strerror}"
+        os.close(fd)
+        os.unlink(path)
+        return "open succeeded"
+    if what == "socket_inet":
+        try:
+            socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+        except OSError as e:
+            return f"socket(AF_INET) failed: {e.strerror}"
+        return "socket(AF_INET) succeeded"
+    return f"unknown test syscall {what!r}"

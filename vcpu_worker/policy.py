@@ -1,0 +1,25 @@
+"""The vCPU worker's seccomp policy: COMMON (CPython, glibc, ZeroMQ) plus what its
+threads do once the VM is built.
+
+Everything that creates or configures the VM (KVM_CREATE_VM, memory slots, irqchip, PIT,
+CPUID, registers, and the virtio ioeventfds and irqfds) happens before the filter is
+loaded, so only the ioctls a running guest needs are allowed, each pinned by number.
+No open, no exec, no fork, and only AF_UNIX sockets (ZeroMQ's ipc:// channels).
+"""
+
+from __future__ import annotations
+
+from shared import kvm_abi as abi
+from shared.seccomp import COMMON, Filter, allow, arg_eq, policy
+
+VCPU = policy(
+    allow("ioctl", "vCPU threads run the guest (Vcpu.run_once)", arg_eq(1, abi.KVM_RUN, "KVM_RUN")),
+    allow("ioctl", "serial and i8042 interrupts (Vm.pulse_irq)", arg_eq(1, abi.KVM_IRQ_LINE, "KVM_IRQ_LINE")),
+    allow("ioctl", "register dump of a failed guest (describe_registers)", arg_eq(1, abi.KVM_GET_REGS, "KVM_GET_REGS")),
+    allow(
+        "ioctl", "register dump of a failed guest (describe_registers)", arg_eq(1, abi.KVM_GET_SREGS, "KVM_GET_SREGS")
+    ),
+    allow("eventfd2", "a vCPU thread's first access to a virtio window creates its ZeroMQ socket (mailbox)"),
+)
+
+POLICY: Filter = COMMON + VCPU
