@@ -37,8 +37,10 @@ import zmq
 
 from shared import exitcodes, fdpass
 from shared import protocol as p
+from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, install_filter
 from shared.eventloop import EventLoop
 from shared.ratelimit import BucketConfig, RateLimiter
+from shared.seccomp import COMMON, Filter
 from shared.virtio import constants as c
 from shared.virtio.mmio import MmioTransport
 
@@ -137,6 +139,7 @@ class DeviceWorker:
         self.fd_channel.setblocking(False)
         self.mmio_requests = 0
         self.bad_messages = 0
+        self.test_hooks = False  # SeccompSettings.test_hooks: act on TestSyscall
         self._outcome: tuple[int, str] = (exitcodes.OK, "stopped by the supervisor")
         self._next_metrics = time.monotonic() + METRICS_INTERVAL_S
         self._logs = _ForwardingHandler()
@@ -256,6 +259,8 @@ class DeviceWorker:
             self.loop.stop()
         elif isinstance(msg, p.FlushMetrics):
             self._push_metrics()
+        elif isinstance(msg, p.TestSyscall) and self.test_hooks:
+            log.warning("test syscall survived: %s", attempt_forbidden(msg.what))
         else:
             answer = self.hooks.handle_control(msg)
             if answer is not None:
@@ -286,13 +291,23 @@ class DeviceWorker:
         self.fd_channel.close()
 
 
-def run_device(channels: Channels, build: Callable[[], tuple[MmioTransport, DeviceHooks]]) -> int:
-    """Worker skeleton: build the device, serve it, always tell the supervisor how it ended."""
+def run_device(
+    channels: Channels,
+    build: Callable[[], tuple[MmioTransport, DeviceHooks]],
+    seccomp: SeccompSettings | None = None,
+    policy: Filter = COMMON,
+) -> int:
+    """Worker skeleton: drop privileges, build the device, load the seccomp `policy`, serve
+    it, always tell the supervisor how it ended (shared.confine explains the order)."""
+    seccomp = seccomp or SeccompSettings()
+    drop_privileges()  # before ZeroMQ starts its threads: capabilities are per thread
     ctx = zmq.Context()
     try:
         try:
             transport, hooks = build()
             worker = DeviceWorker(transport, hooks, channels, ctx)
+            worker.test_hooks = seccomp.test_hooks
+            install_filter(seccomp, policy)  # set-up is over: from here on, only the policy's syscalls
         except Exception as e:
             _report_start_failure(ctx, channels, e)
             return exitcodes.BAD_CONFIGURATION

@@ -40,6 +40,7 @@ PROT_EXEC = 0x4
 AT_EMPTY_PATH = 0x1000
 AF_UNIX = 1
 CLONE_THREAD = 0x10000
+SOCK_CLOEXEC = 0o2000000
 
 _SIMPLE_ACTIONS = {
     "allow": pyseccomp.ALLOW,
@@ -217,6 +218,12 @@ COMMON = policy(
     allow("gettid", "glibc thread bookkeeping"),
     # tgkill is added with its first argument pinned to this process (tgkill_own_process)
     allow("clock_gettime", "time.monotonic where the vDSO falls back to the syscall (some clock sources)"),
+)
+
+# Every device worker (shared.devworker) serves a bound ZeroMQ ROUTER for MMIO: the vCPU
+# threads connect to it lazily, after the filter is loaded.
+DEVICE_COMMON = policy(
+    allow("accept4", "libzmq accepts a vCPU thread's MMIO connection", arg_eq(3, SOCK_CLOEXEC, "SOCK_CLOEXEC")),
 )
 
 

@@ -22,7 +22,9 @@ from typing import Any
 
 from devices.block.backend import FileBackend
 from devices.block.device import BlockDevice, CacheType
+from devices.block.policy import POLICY
 from shared import protocol as p
+from shared.confine import SeccompSettings
 from shared.devworker import Channels, bucket_from_api, irq_trigger, rate_limiter_from_api, run_device
 from shared.eventloop import EventLoop
 from shared.memory import GuestMemory
@@ -134,4 +136,4 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
         irqfd=irqfd,
         name=str(args.get("name", "block")),
     )
-    return run_device(channels, lambda: build(args, fds))
+    return run_device(channels, lambda: build(args, fds), SeccompSettings.from_args(args), POLICY)
