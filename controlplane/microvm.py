@@ -44,7 +44,9 @@ from controlplane.zygote import Zygote, ZygoteError
 from shared import exitcodes, fdpass
 from shared import protocol as p
 from shared.boot.errors import BootError
+from shared.confine import settings_for
 from shared.kvm import Kvm, KvmError, open_kvm
+from shared.seccomp import Filter, PolicyError, SeccompKillLog, load_filter_file
 
 log = logging.getLogger("embervm.microvm")
 
@@ -64,12 +66,15 @@ class DeviceUpdateError(Exception):
     """A run-time device update was refused or its worker could not apply it."""
 
 
-def describe_wait_status(status: int) -> tuple[int, str]:
-    """(microVM exit code, human reason) for a worker's raw wait status."""
+def describe_wait_status(status: int, pid: int = 0, kills: SeccompKillLog | None = None) -> tuple[int, str]:
+    """(microVM exit code, human reason) for worker `pid`'s raw wait status; with `kills`,
+    a SIGSYS death is reported as a seccomp kill with the syscall that caused it."""
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
         name = signal.Signals(sig).name if sig in signal.Signals._value2member_map_ else str(sig)
         code = exitcodes.BAD_SYSCALL if sig == signal.SIGSYS else exitcodes.GENERIC_ERROR
+        if sig == signal.SIGSYS and kills is not None:
+            return code, f"killed by seccomp ({kills.describe(pid)})"
         return code, f"killed by signal {name}"
     return os.WEXITSTATUS(status), f"exited with status {os.WEXITSTATUS(status)}"
 
@@ -81,6 +86,7 @@ class Launcher:
         self.zygote = zygote
         self.run_dir = run_dir
         self._count = 0
+        self.seccomp_kills = SeccompKillLog.open()  # which syscall a filter killed a worker for
 
     @classmethod
     def start(cls) -> Launcher:
@@ -118,6 +124,7 @@ class Launcher:
 
     def shutdown(self) -> None:
         self.zygote.shutdown()
+        self.seccomp_kills.close()
         shutil.rmtree(self.run_dir, ignore_errors=True)
 
 
@@ -151,6 +158,8 @@ class MicroVm:
         self._update_results: dict[int, p.UpdateResult] = {}
         self._console: socket.socket | None = None
         self._thread = threading.Thread(target=self._monitor, name="vm-monitor", daemon=True)
+        self._seccomp_filters: dict[str, Filter] | None = None  # --seccomp-filter, by worker kind
+        self._seccomp_faults = 0
 
     # --- start-up -------------------------------------------------------------------------
     def _start(self, kvm_fd: int, plan: GuestPlan, devices: list[BlockDevicePlan]) -> None:
@@ -169,12 +178,26 @@ class MicroVm:
 
     def _spawn(self, kind: str, name: str, args: dict[str, Any], fds: list[int], what: str) -> WorkerHandle:
         try:
-            pid = self.launcher.zygote.spawn(kind, name, {**args, "name": name}, fds)
-        except (ZygoteError, OSError) as e:
+            seccomp = self._seccomp_settings(kind)
+            pid = self.launcher.zygote.spawn(kind, name, {**args, "name": name, "seccomp": seccomp}, fds)
+        except (ZygoteError, OSError, PolicyError) as e:
             raise VmStartError(f"cannot start the {what}: {e}") from None
         handle = WorkerHandle(name, kind, pid, os.pidfd_open(pid))
         self._workers[handle.identity] = handle
         return handle
+
+    def _seccomp_settings(self, kind: str) -> dict[str, Any]:
+        """The "seccomp" argument of a worker of `kind` (see shared.confine)."""
+        spec = self.spec
+        if spec.no_seccomp:
+            log.warning("seccomp is OFF (--no-seccomp): the %s worker runs without a syscall filter", kind)
+        elif spec.seccomp_filter and self._seccomp_filters is None:
+            self._seccomp_filters = load_filter_file(spec.seccomp_filter)
+        return settings_for(kind, spec.no_seccomp, self._seccomp_filters, spec.seccomp_test_hooks).to_arg()
+
+    def test_syscall(self, worker: str, what: str) -> None:
+        """Tests only: ask `worker` to attempt a forbidden syscall (armed by VmSpec.seccomp_test_hooks)."""
+        self._command(p.TestSyscall(what), worker.encode())
 
     def _spawn_block_worker(self, device: BlockDevicePlan, memfd: int) -> None:
         drive = device.drive
@@ -240,7 +263,7 @@ class MicroVm:
                 self._apply(identity, msg)
             elif handle.pidfd in events:
                 status = self._reap(handle)
-                how = describe_wait_status(status)[1] if status is not None else "vanished"
+                how = self._how(handle, status)
                 raise VmStartError(f"the {handle.name} worker {how} before it was ready")
         raise VmStartError(f"the {handle.name} worker did not start within {READY_TIMEOUT_S:g} s")
 
@@ -281,7 +304,7 @@ class MicroVm:
                     timeout=1.0,
                 )
         with self._cond:
-            return merge_metrics(list(self._workers.values()))
+            return {**merge_metrics(list(self._workers.values())), "seccomp": {"num_faults": self._seccomp_faults}}
 
     def workers(self) -> list[dict[str, object]]:
         """Each worker process (the vCPU worker first) with its pid and whether it lives."""
@@ -417,15 +440,16 @@ class MicroVm:
         self._pump_console()
         outcome = self._drain_messages()  # messages sent just before the exit
         status = self._reap(handle)
-        how = describe_wait_status(status)[1] if status is not None else "vanished"
+        how = self._how(handle, status)
+        with self._cond:
+            handle.exit_reason = handle.exit_reason or f"{handle.kind} worker {how}"
+            self._cond.notify_all()
         if handle.name == VCPU:
             if outcome is None:
                 code = describe_wait_status(status)[0] if status is not None else exitcodes.GENERIC_ERROR
                 outcome = (code, f"vCPU worker {how}")
+                log.error("the vCPU worker (pid %d) %s", handle.pid, how)
             return outcome
-        with self._cond:
-            handle.exit_reason = handle.exit_reason or f"{handle.kind} worker {how}"
-            self._cond.notify_all()
         log.error(
             "the %s worker (pid %d) %s: drive %s is gone, the guest keeps running without it",
             handle.name,
@@ -507,6 +531,16 @@ class MicroVm:
                     os.kill(handle.pid, signal.SIGKILL)
             self._reap(handle)
         self._drain_messages()  # their final metrics
+
+    def _how(self, handle: WorkerHandle, status: int | None) -> str:
+        """How `handle` ended; a seccomp kill is counted in the `seccomp` metrics group."""
+        if status is None:
+            return "vanished"
+        how = describe_wait_status(status, handle.pid, self.launcher.seccomp_kills)[1]
+        if how.startswith("killed by seccomp"):
+            with self._cond:
+                self._seccomp_faults += 1
+        return how
 
     def _reap(self, handle: WorkerHandle) -> int | None:
         status = self.launcher.zygote.wait_exit(handle.pid, STOP_TIMEOUT_S)

@@ -36,6 +36,11 @@ class VmSpec:
     vm_id: str = "anonymous-instance"
     # (leaf, subleaf | None, register, mask) CPUID bits to clear, e.g. shared.boot.cpuid.PVM_UNSAFE_FEATURES.
     cpuid_clear: list[tuple[int, int | None, str, int]] = field(default_factory=list)
+    # Worker confinement (shared.confine): --no-seccomp, --seccomp-filter FILE, and the
+    # test-only TestSyscall hook (never set from the API or the command line).
+    no_seccomp: bool = False
+    seccomp_filter: str | None = None
+    seccomp_test_hooks: bool = False
 
     @property
     def mem_size(self) -> int:

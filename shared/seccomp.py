@@ -410,11 +410,11 @@ class SeccompKillLog:
             time.sleep(0.01)
 
     def describe(self, pid: int) -> str:
-        """ "syscall 59 (execve)", or why the syscall is unknown."""
+        """ "syscall 59, execve", or why the syscall is unknown."""
         number = self.syscall_of(pid)
         if number is None:
             return f"syscall unknown: {self.unavailable or 'no audit record in the kernel log'}"
-        return f"syscall {number} ({syscall_name(number)})"
+        return f"syscall {number}, {syscall_name(number)}"
 
     def close(self) -> None:
         with self._lock:
