@@ -199,6 +199,8 @@ static void virtio_irq(u32 gsi, void *arg)
 		virtio_write32(d, VIRTIO_MMIO_INTERRUPT_ACK, isr);
 	d->isr |= isr;
 	d->interrupts++;
+	if (isr & VIRTIO_MMIO_INT_VRING)
+		d->vring_interrupts++;
 }
 
 const char *virtio_driver_ok(struct virtio_dev *d, bool use_irq)
@@ -313,6 +315,7 @@ void virtq_kick(struct virtq *vq)
 	/* Everything since the last kick: [old, new). */
 	u16 new_idx = vq->avail_idx, old = (u16)(new_idx - vq->unkicked);
 	vq->unkicked = 0;
+	vq->irqs_at_kick = vq->dev->vring_interrupts;
 	virtio_mb(); /* the index store must be visible before we read the device's flags */
 	bool kick;
 	if (virtio_has(vq->dev, VIRTIO_F_EVENT_IDX))
@@ -375,20 +378,36 @@ static void enable_cb(struct virtq *vq)
 
 #define POLL_SPINS 256
 
+void virtq_dump(struct virtq *vq, const char *why)
+{
+	struct virtio_dev *d = vq->dev;
+
+	printf("virtio: 0x%lx queue %u %s: avail idx %u used idx %u last_used %u used flags 0x%x avail_event %u "
+	       "used_event %u kicks %llu skipped %llu irqs %llu/%llu status 0x%x isr 0x%x\n",
+	       (unsigned long)d->base, vq->index, why, vq->avail_idx, USED_IDX(vq), vq->last_used, USED_FLAGS(vq),
+	       AVAIL_EVENT(vq), USED_EVENT(vq), vq->kicks, vq->kicks_skipped, d->vring_interrupts, d->interrupts,
+	       virtio_status(d), virtio_read32(d, VIRTIO_MMIO_INTERRUPT_STATUS));
+}
+
 void *virtq_wait_used(struct virtq *vq, u32 *len, u32 timeout_ms)
 {
+	struct virtio_dev *d = vq->dev;
 	void *token = NULL;
 
 	deadline_start(timeout_ms);
 	for (;;) {
-		if ((token = virtq_get_used(vq, len)) || vq->error)
+		bool signalled = !d->use_irq || d->vring_interrupts != vq->irqs_at_kick;
+		if (signalled && ((token = virtq_get_used(vq, len)) || vq->error))
 			break;
-		if (deadline_passed())
+		if (deadline_passed()) {
+			if (!signalled && virtq_has_used(vq))
+				vq->error = "the device completed the request but no used-buffer interrupt arrived";
+			virtq_dump(vq, "timeout");
 			break;
-		if (vq->dev->use_irq) {
+		}
+		if (d->use_irq) {
 			enable_cb(vq);
-			if (!virtq_has_used(vq))
-				wait_for_interrupt(); /* the device's interrupt, or the deadline's */
+			wait_for_interrupt(); /* the device's interrupt, or the deadline's */
 		} else {
 			for (u32 i = 0; i < POLL_SPINS && !virtq_has_used(vq); i++)
 				cpu_relax();

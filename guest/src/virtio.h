@@ -109,7 +109,8 @@ struct virtq {
 	u16 last_used; /* next used->idx entry to consume */
 	u16 unkicked;  /* chains added since the last virtq_kick */
 	const char *error; /* set when the device broke the ring; the queue is then dead */
-	u64 kicks;     /* QueueNotify writes */
+	u64 irqs_at_kick; /* dev->vring_interrupts when virtq_kick ran */
+	u64 kicks;	  /* QueueNotify writes */
 	u64 kicks_skipped;
 };
 
@@ -121,8 +122,9 @@ struct virtio_dev {
 	u64 device_features; /* what the device offers */
 	u64 features;	     /* negotiated */
 	bool use_irq;
-	volatile u64 interrupts; /* handler runs (used-ring or config) */
-	volatile u32 isr;	 /* InterruptStatus bits seen since last cleared */
+	volatile u64 interrupts;      /* handler runs */
+	volatile u64 vring_interrupts; /* ... that found InterruptStatus bit 0 (used buffer) set */
+	volatile u32 isr;	      /* InterruptStatus bits seen since last cleared */
 	struct virtq vqs[VIRTIO_MAX_QUEUES];
 };
 
@@ -180,10 +182,15 @@ void virtq_kick(struct virtq *vq);
 void *virtq_get_used(struct virtq *vq, u32 *len);
 bool virtq_has_used(const struct virtq *vq);
 /*
- * Wait for the next used chain: by polling the used ring, or, when the device
- * uses interrupts, by sleeping until its interrupt (with EVENT_IDX, used_event
- * asks for one at the next entry). NULL after timeout_ms.
+ * Wait for the next used chain. Without interrupts: poll the used ring. With
+ * them (as Linux, which only looks at the ring from its interrupt handler):
+ * sleep until a used-buffer interrupt has arrived since the last virtq_kick,
+ * then take the entry; an entry that shows up without one is an error
+ * ("... but no used-buffer interrupt arrived"). NULL on timeout or error
+ * (vq->error says which, NULL for a timeout).
  */
 void *virtq_wait_used(struct virtq *vq, u32 *len, u32 timeout_ms);
+/* One "virtio: <base> queue <i> <why>: ..." line with both sides' ring indexes (after a timeout). */
+void virtq_dump(struct virtq *vq, const char *why);
 
 #endif

@@ -230,7 +230,7 @@ static void test_one(struct virtio_dev *d, u32 n, u64 extra, bool use_irq, u32 t
 	}
 	printf("blk%u: write ok\n", n);
 	if (use_irq)
-		printf("blk%u: interrupts %llu\n", n, d->interrupts);
+		printf("blk%u: interrupts %llu\n", n, d->vring_interrupts);
 }
 
 static void test_blk(void)
