@@ -89,7 +89,7 @@ int blk_request(struct blk_dev *b, u32 type, u64 sector, void *buf, u32 len, u32
 
 /* ------------------------------------------------------------------------ test=blk */
 
-#define MAX_BLK 16
+#define MAX_BLK VIRTIO_MAX_DEVICES
 #define READ_FIRST 0
 #define WRITE_FIRST 16
 #define TEST_SECTORS 8
