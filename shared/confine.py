@@ -30,6 +30,7 @@ import linecache
 import os
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -139,6 +140,10 @@ def preload_lazy_state() -> None:
     # arena; fixing the limit now to what glibc would compute (8 per CPU) skips that read.
     _libc.mallopt(M_ARENA_MAX, 8 * (os.cpu_count() or 1))
     time.localtime()  # glibc reads /etc/localtime once (logging's asctime)
+    # glibc installs its SIGCANCEL/SIGSETXID handlers (rt_sigaction) on the first pthread_create.
+    first = threading.Thread(target=lambda: None)
+    first.start()
+    first.join()
 
 
 def effective_filter(settings: SeccompSettings, default: Filter) -> Filter | None:

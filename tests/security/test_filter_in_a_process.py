@@ -1,0 +1,146 @@
+"""COMMON loaded into a fresh interpreter: what it lets Python do and what kills it."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from shared.seccomp import SeccompKillLog
+from tests.security.conftest import REPO, SIGSYS_RC, proc_status, run_confined, threads_of
+
+
+def test_threads_start_and_join_under_the_filter() -> None:
+    result = run_confined(
+        """
+        import threading
+        out = []
+        threads = [threading.Thread(target=out.append, args=(i,)) for i in range(12)]
+        for t in threads: t.start()
+        for t in threads: t.join()
+        print(sorted(out) == list(range(12)))
+        """,
+        setup="import threading",
+    )
+
+    assert (result.returncode, result.stdout) == (0, "confined\nTrue\n")
+
+
+def test_traceback_is_formatted_with_source_lines_and_without_opening_files() -> None:
+    result = run_confined(
+        """
+        import traceback
+        texts = []
+        for fail in (lambda: sock.recv(zmq.NOBLOCK), lambda: json.loads("{")):
+            try:
+                fail()
+            except Exception:
+                texts.append(traceback.format_exc())
+        print("zmq.error.Again" in texts[0], "obj, end = self.scan_once(s, idx)" in texts[1])
+        """,
+        setup="import json, traceback, zmq; ctx = zmq.Context(); sock = ctx.socket(zmq.PULL)",
+    )
+
+    assert (result.returncode, result.stdout) == (0, "confined\nTrue True\n")
+
+
+def test_af_unix_socket_is_allowed() -> None:
+    result = run_confined("import socket; socket.socket(socket.AF_UNIX).close(); print('ok')", setup="import socket")
+
+    assert (result.returncode, result.stdout) == (0, "confined\nok\n")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        pytest.param("open('/etc/hostname')", id="openat"),
+        pytest.param("import socket; socket.socket(socket.AF_INET)", id="socket-af-inet"),
+        pytest.param("os.execv('/bin/true', ['true'])", id="execve"),
+        pytest.param("os.fork()", id="fork"),
+        pytest.param("import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_EXEC)", id="mmap-exec"),
+        pytest.param("os.kill(os.getppid(), 0)", id="kill-another-process"),
+        pytest.param("import ctypes; ctypes.CDLL(None).syscall(0x40000000 | 39)", id="x32-abi"),
+    ],
+)
+def test_forbidden_syscall_stops_the_process_with_sigsys(body: str) -> None:
+    result = run_confined(body, setup="import mmap, socket, ctypes", quiet=True)
+
+    assert result.stdout == "confined\n"
+    assert result.returncode == SIGSYS_RC
+
+
+def test_kill_log_names_the_syscall_of_a_killed_process() -> None:
+    kills = SeccompKillLog.open()
+    if kills.unavailable:
+        pytest.skip(kills.unavailable)
+    try:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-c",
+                "from shared.confine import SeccompSettings, install_filter; from shared.seccomp import COMMON;"
+                "import os; install_filter(SeccompSettings(), COMMON); os.getppid()",
+            ],
+            cwd=REPO,
+        )
+        assert proc.wait(timeout=30) == SIGSYS_RC
+
+        assert kills.describe(proc.pid) == "syscall 110, getppid"
+    finally:
+        kills.close()
+
+
+def test_kill_log_without_a_kernel_log_says_why(tmp_path) -> None:
+    kills = SeccompKillLog.open(str(tmp_path / "no-kmsg"))
+
+    assert kills.describe(os.getpid()).startswith("syscall unknown: cannot read the kernel log")
+
+
+def test_drop_privileges_empties_every_capability_set_and_sets_no_new_privs() -> None:
+    script = (
+        "import os, time; from shared.confine import drop_privileges; drop_privileges();"
+        "print(open('/proc/self/status').read(), flush=True)"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=30)
+    status = dict(line.split(":\t", 1) for line in result.stdout.splitlines() if ":\t" in line)
+    if os.geteuid() != 0:
+        pytest.skip("needs root to have capabilities to drop")
+
+    assert result.returncode == 0, result.stderr
+    assert {k: int(status[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")} == dict.fromkeys(
+        ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"), 0
+    )
+    assert status["NoNewPrivs"].strip() == "1"
+
+
+def test_drop_privileges_refuses_once_a_thread_runs() -> None:
+    script = (
+        "import threading, time; from shared.confine import drop_privileges;"
+        "threading.Thread(target=time.sleep, args=(5,), daemon=True).start(); drop_privileges()"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=30)
+
+    assert result.returncode == 1
+    assert "must run before the worker starts any thread" in result.stderr
+
+
+def test_filter_covers_threads_started_before_it_was_loaded() -> None:
+    script = (
+        "import sys, threading; from shared.confine import SeccompSettings, install_filter;"
+        "from shared.seccomp import COMMON; import os; gate = threading.Event();"
+        "threading.Thread(target=gate.wait, daemon=True).start();"
+        "install_filter(SeccompSettings(), COMMON); sys.stdout.write('confined\\n'); sys.stdout.flush();"
+        "sys.stdin.buffer.read(1); gate.set(); os._exit(0)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout is not None and proc.stdout.readline() == b"confined\n"
+        modes = {tid: proc_status(proc.pid, tid)["Seccomp"] for tid in threads_of(proc.pid)}
+    finally:
+        proc.communicate(timeout=30)  # closes stdin: the child reads EOF and exits
+
+    assert len(modes) >= 2
+    assert set(modes.values()) == {"2"}
+    assert proc.returncode == 0

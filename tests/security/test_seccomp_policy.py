@@ -1,0 +1,170 @@
+"""The default policies as data: what they allow, how they serialize, how user files are checked."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from devices.block.policy import POLICY as BLOCK_POLICY
+from shared import kvm_abi as abi
+from shared.confine import SeccompSettings, settings_for
+from shared.seccomp import COMMON, Filter, PolicyError, compile_filter, filter_from_json, load_filter_file, syscall_name
+from vcpu_worker.policy import POLICY as VCPU_POLICY
+
+DEFAULT_POLICIES = {"vcpu": VCPU_POLICY, "block": BLOCK_POLICY}
+NEVER_ALLOWED = {"execve", "execveat", "fork", "vfork", "open", "openat", "openat2", "ptrace", "kill", "bpf", "mount"}
+
+
+@pytest.mark.parametrize("kind", sorted(DEFAULT_POLICIES))
+def test_default_policy_allows_no_exec_open_fork_or_ptrace(kind: str) -> None:
+    allowed = {r.syscall for r in DEFAULT_POLICIES[kind].rules if r.action is None}
+
+    assert not allowed & NEVER_ALLOWED
+
+
+@pytest.mark.parametrize("kind", sorted(DEFAULT_POLICIES))
+def test_every_rule_names_its_caller(kind: str) -> None:
+    assert [r.syscall for r in DEFAULT_POLICIES[kind].rules if len(r.comment) < 10] == []
+
+
+@pytest.mark.parametrize("kind", sorted(DEFAULT_POLICIES))
+def test_default_policy_kills_the_process_on_a_miss(kind: str) -> None:
+    assert DEFAULT_POLICIES[kind].default_action == "kill_process"
+
+
+def test_vcpu_ioctls_are_pinned_to_the_few_kvm_requests_a_running_guest_needs() -> None:
+    ioctls = [r for r in VCPU_POLICY.rules if r.syscall == "ioctl"]
+
+    assert all(len(r.args) == 1 and r.args[0].index == 1 and r.args[0].op == "eq" for r in ioctls)
+    assert {r.args[0].value for r in ioctls} == {
+        abi.KVM_RUN,
+        abi.KVM_IRQ_LINE,
+        abi.KVM_GET_REGS,
+        abi.KVM_GET_SREGS,
+    }
+
+
+def test_block_worker_may_not_ioctl() -> None:
+    assert "ioctl" not in BLOCK_POLICY.syscalls()
+
+
+def test_sockets_are_limited_to_af_unix() -> None:
+    (rule,) = [r for r in COMMON.rules if r.syscall == "socket"]
+
+    assert [(c.index, c.value) for c in rule.args] == [(0, 1)]
+
+
+def test_clone3_fails_with_enosys_so_glibc_uses_clone_with_visible_flags() -> None:
+    (clone3,) = [r for r in COMMON.rules if r.syscall == "clone3"]
+    (clone,) = [r for r in COMMON.rules if r.syscall == "clone"]
+
+    assert clone3.action == {"errno": 38}
+    assert [(c.index, c.op, c.mask, c.value) for c in clone.args] == [(0, "masked_eq", 0x10000, 0x10000)]
+
+
+def test_memory_can_never_be_made_executable() -> None:
+    for name in ("mmap", "mprotect"):
+        (rule,) = [r for r in COMMON.rules if r.syscall == name]
+        assert [(c.index, c.mask, c.value) for c in rule.args] == [(2, 4, 0)]
+
+
+@pytest.mark.parametrize("kind", sorted(DEFAULT_POLICIES))
+def test_policy_survives_a_round_trip_through_firecrackers_json_format(kind: str) -> None:
+    as_json = json.loads(json.dumps(DEFAULT_POLICIES[kind].to_json()))
+
+    assert filter_from_json(as_json) == DEFAULT_POLICIES[kind]
+
+
+@pytest.mark.parametrize("kind", sorted(DEFAULT_POLICIES))
+def test_policy_compiles_with_libseccomp(kind: str) -> None:
+    compile_filter(DEFAULT_POLICIES[kind])
+
+
+def test_firecracker_style_filter_file_is_read(tmp_path: Path) -> None:
+    path = tmp_path / "filters.json"
+    path.write_text(
+        json.dumps(
+            {
+                "vcpu": {
+                    "default_action": "trap",
+                    "filter_action": "allow",
+                    "filter": [
+                        {"syscall": "read"},
+                        {
+                            "syscall": "ioctl",
+                            "comment": "KVM_RUN only",
+                            "args": [{"index": 1, "type": "dword", "op": "eq", "val": 44672, "comment": "KVM_RUN"}],
+                        },
+                        {"syscall": "fcntl", "args": [{"index": 1, "type": "dword", "op": {"masked_eq": 3}, "val": 2}]},
+                        {"syscall": "openat", "action": {"errno": 2}},
+                    ],
+                }
+            }
+        )
+    )
+
+    (flt,) = load_filter_file(path).values()
+
+    assert flt.default_action == "trap"
+    assert [r.syscall for r in flt.rules] == ["read", "ioctl", "fcntl", "openat"]
+    assert flt.rules[1].args[0].value == abi.KVM_RUN
+    assert (flt.rules[2].args[0].op, flt.rules[2].args[0].mask) == ("masked_eq", 3)
+    assert flt.rules[3].action == {"errno": 2}
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("not json", "not valid JSON"),
+        ("[]", "must map worker kinds"),
+        ('{"vcpu": {"filter": []}}', "needs 'default_action'"),
+        (
+            '{"vcpu": {"default_action": "allow", "filter_action": "allow", "filter": [{"syscall": "nope"}]}}',
+            "unknown syscall",
+        ),
+        ('{"vcpu": {"default_action": "explode", "filter_action": "allow", "filter": []}}', "unknown action"),
+        (
+            '{"vcpu": {"default_action": "kill", "filter_action": "allow", "filter": '
+            '[{"syscall": "read", "args": [{"index": 9, "op": "eq", "val": 1}]}]}}',
+            "'index' must be 0..5",
+        ),
+        (
+            '{"vcpu": {"default_action": "kill", "filter_action": "allow", "filter": '
+            '[{"syscall": "read", "args": [{"index": 0, "op": "approx", "val": 1}]}]}}',
+            "unknown op",
+        ),
+    ],
+)
+def test_malformed_filter_file_is_refused_with_the_reason(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "filters.json"
+    path.write_text(content)
+
+    with pytest.raises(PolicyError, match=message):
+        load_filter_file(path)
+
+
+def test_missing_filter_file_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError, match="cannot read seccomp filter file"):
+        load_filter_file(tmp_path / "absent.json")
+
+
+def test_settings_for_a_kind_the_user_file_lacks_is_refused() -> None:
+    user = {"vcpu": Filter(())}
+
+    with pytest.raises(PolicyError, match="no filter for worker kind 'block'"):
+        settings_for("block", no_seccomp=False, user_filters=user)
+
+
+def test_settings_travel_as_plain_values() -> None:
+    user = {"vcpu": VCPU_POLICY}
+    settings = settings_for("vcpu", no_seccomp=False, user_filters=user, test_hooks=True)
+
+    assert SeccompSettings.from_args({"seccomp": json.loads(json.dumps(settings.to_arg()))}) == settings
+    assert settings_for("vcpu", no_seccomp=True, user_filters=user).mode == "off"
+    assert settings_for("vcpu", no_seccomp=False, user_filters=None).mode == "default"
+
+
+def test_syscall_numbers_are_named() -> None:
+    assert (syscall_name(59), syscall_name(41), syscall_name(257)) == ("execve", "socket", "openat")
