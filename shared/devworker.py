@@ -291,6 +291,27 @@ class DeviceWorker:
         self.fd_channel.close()
 
 
+def wait_for_zmq_threads(ctx: zmq.Context, timeout_s: float = 2.0) -> bool:
+    """Return once libzmq's background threads have finished starting (False on timeout).
+
+    libzmq starts its I/O and reaper threads with the first socket; each thread asks for its
+    scheduling parameters (sched_getparam, sched_getscheduler) and then names itself
+    "ZMQbg/...". A seccomp filter loaded before that would kill the worker on a slow start
+    (seen under CPU load), so wait until every one of them carries its name.
+    """
+    expected = int(ctx.get(zmq.IO_THREADS)) + 1  # + the reaper
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        names = []
+        for tid in os.listdir("/proc/self/task"):
+            with contextlib.suppress(OSError), open(f"/proc/self/task/{tid}/comm") as f:
+                names.append(f.read())
+        if sum(name.startswith("ZMQbg/") for name in names) >= expected:
+            return True
+        time.sleep(0.001)
+    return False
+
+
 def run_device(
     channels: Channels,
     build: Callable[[], tuple[MmioTransport, DeviceHooks]],
@@ -307,6 +328,7 @@ def run_device(
             transport, hooks = build()
             worker = DeviceWorker(transport, hooks, channels, ctx)
             worker.test_hooks = seccomp.test_hooks
+            wait_for_zmq_threads(ctx)
             install_filter(seccomp, policy)  # set-up is over: from here on, only the policy's syscalls
         except Exception as e:
             _report_start_failure(ctx, channels, e)
