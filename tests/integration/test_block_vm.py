@@ -1,0 +1,188 @@
+"""virtio-blk end to end: the test guest's driver, the vCPU worker's MMIO forwarding and
+ioeventfd/irqfd wiring, and one block worker process per drive."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from controlplane.microvm import DeviceUpdateError, Launcher, MicroVm, VmStartError
+from controlplane.vm_spec import DriveSpec, VmSpec
+from guest.build import GuestImages
+from shared import exitcodes
+from tests.support.console import ConsoleCapture
+
+MEM_MIB = 64
+SECTORS = 64
+SECTOR = 512
+
+
+def host_pattern(sector: int) -> bytes:
+    """What the guest expects in sectors 0..7 (guest/README.md, test=blk)."""
+    return bytes((sector * 7 + i) & 0xFF for i in range(SECTOR))
+
+
+def guest_pattern(sector: int) -> bytes:
+    """What the guest writes."""
+    return bytes((sector * 13 + i + 1) & 0xFF for i in range(SECTOR))
+
+
+def make_disk(path: Path) -> Path:
+    path.write_bytes(b"".join(host_pattern(s) for s in range(SECTORS)))
+    return path
+
+
+@pytest.fixture
+def disks(tmp_path: Path) -> tuple[Path, Path]:
+    return make_disk(tmp_path / "rootfs.img"), make_disk(tmp_path / "data.img")
+
+
+def two_drives(disks: tuple[Path, Path]) -> list[DriveSpec]:
+    rootfs, data = disks
+    return [
+        DriveSpec("data", str(data), is_read_only=True),  # listed first, attached second
+        DriveSpec("rootfs", str(rootfs), is_root_device=True, cache_type="Writeback"),
+    ]
+
+
+def start(launcher: Launcher, guest: GuestImages, args: str, drives: list[DriveSpec]) -> tuple[MicroVm, ConsoleCapture]:
+    console = ConsoleCapture()
+    spec = VmSpec(kernel_image_path=str(guest.elf), boot_args=args, mem_size_mib=MEM_MIB, drives=drives)
+    return launcher.start_vm(spec, console, lambda code, reason: None), console
+
+
+@pytest.fixture
+def looping_vm(launcher, guest_images: GuestImages, disks) -> Iterator[tuple[MicroVm, ConsoleCapture]]:
+    vm, console = start(launcher, guest_images, "test=loop ticks_every=20000", two_drives(disks))
+    yield vm, console
+    vm.stop()
+
+
+def block_workers(vm: MicroVm) -> dict[str, dict[str, object]]:
+    return {str(w["drive_id"]): w for w in vm.workers() if w["kind"] == "block"}
+
+
+def fd_targets(pid: object) -> set[str]:
+    fds = os.listdir(f"/proc/{pid}/fd")
+    return {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds if int(fd) > 2}
+
+
+@pytest.mark.parametrize(
+    "options", ["", "blk.irq=1 blk.event_idx=1 blk.indirect=1"], ids=["polled", "irqfd+event_idx+indirect"]
+)
+def test_guest_driver_reads_writes_and_identifies_two_drives(launcher, guest_images, disks, options):
+    vm, console = start(launcher, guest_images, f"test=blk {options}", two_drives(disks))
+
+    assert vm.wait(timeout=60) == exitcodes.OK
+    lines = console.text.splitlines()
+    for line in [
+        f"blk0: capacity {SECTORS}",
+        "blk0: id rootfs",
+        "blk0: read ok",
+        "blk0: write ok",
+        "blk1: id data",
+        "blk1: read ok",
+        "blk1: write rejected ok",
+        "blk: done",
+    ]:
+        assert line in lines, console.text
+    rootfs, data = disks
+    assert rootfs.read_bytes()[16 * SECTOR : 17 * SECTOR] == guest_pattern(16)
+    assert data.read_bytes() == b"".join(host_pattern(s) for s in range(SECTORS))
+
+
+def test_metrics_have_per_drive_groups_and_their_sum(launcher, guest_images, disks):
+    vm, _ = start(launcher, guest_images, "test=blk", two_drives(disks))
+    vm.wait(timeout=60)
+
+    metrics = vm.metrics()
+
+    assert metrics["block_rootfs"]["write_count"] >= 1
+    assert metrics["block_data"]["write_count"] == 0
+    assert metrics["block_data"]["invalid_reqs_count"] == 1  # the rejected write
+    assert metrics["block"]["read_count"] == metrics["block_rootfs"]["read_count"] + metrics["block_data"]["read_count"]
+    assert metrics["block"]["get_id_count"] == 2
+
+
+def test_cmdline_carries_root_and_one_window_per_drive_root_first(looping_vm):
+    vm, _ = looping_vm
+
+    assert vm.cmdline.endswith("root=/dev/vda rw virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6")
+
+
+def test_each_drive_has_its_own_process_holding_only_its_own_disk(looping_vm, disks):
+    vm, _ = looping_vm
+    rootfs, data = disks
+    vcpu = vm.workers()[0]
+    drives = block_workers(vm)
+    pids = {vcpu["pid"], drives["rootfs"]["pid"], drives["data"]["pid"]}
+
+    assert len(pids) == 3 and os.getpid() not in pids
+    root_fds, data_fds = fd_targets(drives["rootfs"]["pid"]), fd_targets(drives["data"]["pid"])
+    assert str(rootfs) in root_fds and str(data) not in root_fds
+    assert str(data) in data_fds and str(rootfs) not in data_fds
+    assert not any("kvm" in t for t in root_fds | data_fds)
+    assert not {str(rootfs), str(data)} & fd_targets(vcpu["pid"])
+
+
+def test_killed_block_worker_is_reported_and_the_guest_keeps_running(looping_vm):
+    vm, console = looping_vm
+    console.wait_for("tick 1\n")
+    victim = block_workers(vm)["data"]
+
+    os.kill(int(victim["pid"]), 9)  # type: ignore[call-overload]
+
+    ticks = console.text.count("tick")
+    console.wait_for(f"tick {ticks + 2}\n")
+    dead = block_workers(vm)["data"]
+    assert dead["alive"] is False and "SIGKILL" in str(dead["exit_reason"])
+    assert block_workers(vm)["rootfs"]["alive"] is True
+    metrics = vm.metrics()
+    assert metrics["block_data"]["worker_alive"] == 0
+    assert metrics["embervm_workers"] == {"alive": 2, "dead": 1}
+    assert vm.state == "Running"
+    with pytest.raises(DeviceUpdateError, match="not running"):
+        vm.update_drive("data", rate_limiter={"bandwidth": {"size": 1000, "refill_time": 100}})
+
+
+def test_guest_survives_a_drive_whose_worker_dies_mid_run(launcher, guest_images, disks):
+    vm, console = start(launcher, guest_images, "test=blk blk.loops=1000 blk.timeout_ms=300", two_drives(disks))
+    console.wait_for("blk0: loop 2 ok")
+
+    os.kill(int(block_workers(vm)["rootfs"]["pid"]), 9)  # type: ignore[call-overload]
+
+    assert vm.wait(timeout=60) == exitcodes.OK
+    assert "blk0: FAIL" in console.text
+    assert "blk1: read ok" in console.text and "blk: done" in console.text
+    assert vm.metrics()["embervm_bus"]["virtio_mmio_timeouts"] >= 1  # the guest read the dead window
+
+
+def test_update_device_swaps_the_backing_file_and_the_rate_limiter(looping_vm, tmp_path):
+    vm, _ = looping_vm
+    new_disk = make_disk(tmp_path / "new.img")
+
+    vm.update_device("drive", "rootfs", {"path_on_host": str(new_disk)})
+    vm.update_device("drive", "rootfs", {"rate_limiter": {"ops": {"size": 100, "refill_time": 1000}}})
+
+    assert vm.metrics()["block_rootfs"]["update_count"] == 2
+    assert str(new_disk) in fd_targets(block_workers(vm)["rootfs"]["pid"])
+    assert next(d for d in vm.spec.drives if d.drive_id == "rootfs").path_on_host == str(new_disk)
+
+
+def test_update_of_an_unknown_drive_or_a_missing_file_is_refused(looping_vm, tmp_path):
+    vm, _ = looping_vm
+
+    with pytest.raises(DeviceUpdateError, match="no drive"):
+        vm.update_drive("nope", path_on_host=str(tmp_path / "x"))
+    with pytest.raises(DeviceUpdateError, match="cannot open"):
+        vm.update_drive("rootfs", path_on_host=str(tmp_path / "missing.img"))
+
+
+def test_missing_backing_file_refuses_to_start(launcher, guest_images, tmp_path):
+    drives = [DriveSpec("rootfs", str(tmp_path / "missing.img"), is_root_device=True)]
+
+    with pytest.raises(VmStartError, match=r"drive rootfs: cannot open the backing file .*missing\.img"):
+        start(launcher, guest_images, "test=boot", drives)
