@@ -147,13 +147,15 @@ def preload_lazy_state() -> None:
 
 
 def effective_filter(settings: SeccompSettings, default: Filter) -> Filter | None:
-    """The filter a worker loads: its default policy (plus tgkill pinned to this process),
-    the user's, or None when seccomp is off."""
+    """The filter a worker loads: its default policy or the user's, plus tgkill pinned to
+    this process (unless the user's filter has its own tgkill rules); None when seccomp is off."""
     if settings.mode == "off":
         return None
+    own_threads = policy(tgkill_own_process(os.getpid()))  # the pid is known only now
     if settings.mode == "custom":
-        return filter_from_json(settings.custom, "custom seccomp filter")
-    return default + policy(tgkill_own_process(os.getpid()))
+        user = filter_from_json(settings.custom, "custom seccomp filter")
+        return user if "tgkill" in user.syscalls() else user + own_threads
+    return default + own_threads
 
 
 def install_filter(settings: SeccompSettings, default: Filter) -> bool:

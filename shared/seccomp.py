@@ -41,6 +41,7 @@ AT_EMPTY_PATH = 0x1000
 AF_UNIX = 1
 CLONE_THREAD = 0x10000
 SOCK_CLOEXEC = 0o2000000
+PR_SET_NAME = 15
 
 _SIMPLE_ACTIONS = {
     "allow": pyseccomp.ALLOW,
@@ -207,6 +208,11 @@ COMMON = policy(
     ),
     fail("clone3", errno.ENOSYS, "glibc tries clone3 first; ENOSYS makes it use clone, whose flags a filter can see"),
     allow("set_robust_list", "glibc: every new thread"),
+    # libzmq's background threads, started with the first socket, may still be starting when
+    # TSYNC puts the filter on them: each reads its scheduling parameters and names itself.
+    allow("sched_getparam", "libzmq thread start-up (pthread_getschedparam)"),
+    allow("sched_getscheduler", "libzmq thread start-up (pthread_getschedparam)"),
+    allow("prctl", "libzmq names its threads ZMQbg/... (pthread_setname_np)", arg_eq(0, PR_SET_NAME, "PR_SET_NAME")),
     allow("rseq", "glibc: every new thread registers its restartable sequence area"),
     allow("exit", "a thread ends"),
     allow("exit_group", "the worker ends (os._exit in the zygote's child)"),

@@ -206,6 +206,7 @@ def test_user_filter_file_replaces_the_default_policy(launcher, guest_images: Gu
         assert "test syscall survived: execve failed: Operation not permitted" in caplog.text
     finally:
         vm.stop()
+    assert vm.exit_code == exitcodes.OK  # stopping kicks the vCPU threads: tgkill is added to user filters
 
 
 def test_filter_file_without_a_filter_for_a_worker_kind_refuses_to_start(
