@@ -1,0 +1,91 @@
+"""Drives through the Firecracker API of a real `embervm` process: PUT before boot, the
+workers in GET /, PATCH after boot (new backing file, new rate limiter), metrics lines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from guest.build import GuestImages
+from tests.integration.test_api_boot import Embervm, wait_connectable
+from tests.support.api_client import ApiClient, assert_no_content, fault
+
+MEM_MIB = 64
+
+
+@pytest.fixture
+def running(tmp_path: Path, guest_images: GuestImages) -> Iterator[tuple[Embervm, ApiClient, Path]]:
+    sock = str(tmp_path / "fc.sock")
+    metrics = tmp_path / "metrics.json"
+    proc = Embervm("--api-sock", sock, "--metrics-path", str(metrics))
+    client = ApiClient(sock)
+    try:
+        wait_connectable(sock, proc)
+        for name in ("rootfs", "data"):
+            (tmp_path / f"{name}.img").write_bytes(bytes(64 * 512))
+        assert_no_content(client.put("/machine-config", json={"vcpu_count": 1, "mem_size_mib": MEM_MIB}))
+        boot = {"kernel_image_path": str(guest_images.elf), "boot_args": "test=loop ticks_every=20000"}
+        assert_no_content(client.put("/boot-source", json=boot))
+        for name, root in (("rootfs", True), ("data", False)):
+            drive = {"drive_id": name, "path_on_host": str(tmp_path / f"{name}.img"), "is_root_device": root}
+            assert_no_content(client.put(f"/drives/{name}", json=drive))
+        assert_no_content(client.put("/actions", json={"action_type": "InstanceStart"}))
+        proc.console.wait_for("tick 1\n")
+        yield proc, client, tmp_path
+    finally:
+        client.close()
+        if proc.proc.poll() is None:
+            os.kill(proc.proc.pid, signal.SIGTERM)
+            proc.wait()
+        proc.close()
+
+
+def drive_workers(client: ApiClient) -> dict[str, dict[str, object]]:
+    workers = client.get("/").json()["embervm"]["workers"]
+    return {w["drive_id"]: w for w in workers if w["kind"] == "block"}
+
+
+def test_instance_info_lists_one_live_worker_per_drive(running):
+    _, client, _ = running
+
+    workers = drive_workers(client)
+
+    assert set(workers) == {"rootfs", "data"}
+    assert all(w["alive"] for w in workers.values())
+
+
+def test_patch_drive_after_boot_reaches_the_worker(running):
+    _, client, tmp_path = running
+    (tmp_path / "new.img").write_bytes(bytes(128 * 512))
+    limiter = {"bandwidth": {"size": 1 << 20, "refill_time": 100}}
+
+    assert_no_content(
+        client.patch("/drives/rootfs", json={"drive_id": "rootfs", "path_on_host": str(tmp_path / "new.img")})
+    )
+    assert_no_content(client.patch("/drives/rootfs", json={"drive_id": "rootfs", "rate_limiter": limiter}))
+
+    assert_no_content(client.put("/actions", json={"action_type": "FlushMetrics"}))
+    lines = [json.loads(line) for line in (tmp_path / "metrics.json").read_text().splitlines()]
+    assert sum(line.get("block_rootfs", {}).get("update_count", 0) for line in lines) == 2
+    assert sum(line["block"]["update_count"] for line in lines) == 2
+
+
+def test_dead_block_worker_shows_in_get_and_patch_fails_cleanly(running):
+    proc, client, _ = running
+    os.kill(int(drive_workers(client)["data"]["pid"]), signal.SIGKILL)  # type: ignore[call-overload]
+    ticks = proc.console.text.count("tick")
+
+    proc.console.wait_for(f"tick {ticks + 1}\n")
+
+    dead = drive_workers(client)["data"]
+    assert dead["alive"] is False and "SIGKILL" in str(dead["exit_reason"])
+    assert client.get("/").json()["state"] == "Running"
+    message = fault(
+        client.patch("/drives/data", json={"drive_id": "data", "rate_limiter": {"ops": {"size": 1, "refill_time": 1}}})
+    )
+    assert "not running" in message
