@@ -1,0 +1,119 @@
+#!/bin/sh
+# /init of the inner guests (Debian's kernel on embervm, inside the outer VM).
+#
+# Prints "E2E-INIT uptime=<s>" first thing (the boot benchmark's mark), loads the virtio
+# and vsock modules, runs the checks named on the kernel command line and powers off
+# with `reboot -f` (reboot=k: a reset through the i8042, which ends embervm with 0).
+#
+#   e2e.checks=boot,cpus:0-1      checks to run, in order; NAME or NAME:ARGUMENT
+#   e2e.root=vda                  mount /dev/vda (ext4) and switch_root to it first
+#
+# Each check prints one line "E2E-CHECK <name> PASS|FAIL <detail>"; the last line is
+# "E2E-DONE failures=<n>". Add a check as a function check_<name> taking the argument.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+
+mount -t proc proc /proc 2>/dev/null
+if [ -e /e2e/rootfs ]; then
+    echo "E2E-ROOT uptime=$(cut -d' ' -f1 /proc/uptime) root=$(awk '$2 == "/" {print $1}' /proc/mounts | tail -1)"
+else
+    echo "E2E-INIT uptime=$(cut -d' ' -f1 /proc/uptime)"
+fi
+mount -t sysfs sysfs /sys 2>/dev/null
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+
+arg() { for w in $(cat /proc/cmdline); do case "$w" in "$1"=*) echo "${w#*=}" ;; esac; done; }
+failures=0
+pass() { echo "E2E-CHECK $1 PASS $2"; }
+fail() { echo "E2E-CHECK $1 FAIL $2"; failures=$((failures + 1)); }
+finish() {
+    echo "E2E-DONE failures=$failures"
+    sync
+    reboot -f
+    sleep 10
+    echo "E2E-INIT reboot -f returned"
+}
+
+insmod_failed=""
+loaded=0
+for m in $(cat /lib/e2e-modules/order); do
+    grep -q "^$m " /proc/modules && continue
+    if insmod "/lib/e2e-modules/$m.ko" 2>/dev/null; then
+        loaded=$((loaded + 1))
+    else
+        insmod_failed="$insmod_failed $m"
+    fi
+done
+
+wait_for() { # wait_for PATH SECONDS
+    i=0
+    while [ ! -e "$1" ] && [ "$i" -lt $(($2 * 10)) ]; do sleep 0.1; i=$((i + 1)); done
+    [ -e "$1" ]
+}
+
+root=$(arg e2e.root)
+if [ -n "$root" ] && [ ! -e /e2e/rootfs ]; then
+    mkdir -p /newroot
+    if wait_for "/dev/$root" 5 && mount -t ext4 "/dev/$root" /newroot; then
+        umount /sys /dev 2>/dev/null
+        umount /proc
+        exec switch_root /newroot /init
+    fi
+    fail root "cannot mount /dev/$root"
+    finish
+fi
+
+echo "E2E-INFO kernel $(uname -r)"
+echo "E2E-INFO cmdline $(cat /proc/cmdline)"
+
+check_boot() {
+    pass boot "kernel=$(uname -r) uptime=$(cut -d' ' -f1 /proc/uptime)"
+}
+
+check_cpus() {
+    online=$(cat /sys/devices/system/cpu/online)
+    if [ "$online" = "$1" ]; then pass cpus "online=$online"; else fail cpus "online=$online expected=$1"; fi
+}
+
+check_modules() {
+    if [ -z "$insmod_failed" ]; then pass modules "loaded=$loaded"; else fail modules "insmod failed:$insmod_failed"; fi
+}
+
+check_mem() { # the guest's memory in MiB, at least the argument
+    total=$(awk '/^MemTotal:/ {print int($2 / 1024)}' /proc/meminfo)
+    if [ "$total" -ge "${1:-1}" ]; then pass mem "total_mib=$total"; else fail mem "total_mib=$total expected>=$1"; fi
+}
+
+check_blk() { # ext4 on virtio-blk: read a file the host put there, write one back
+    if [ -e /e2e/rootfs ]; then
+        dir=/e2e
+    else
+        dev=${1:-vda}
+        mkdir -p /mnt
+        if ! wait_for "/dev/$dev" 5 || ! mount -t ext4 "/dev/$dev" /mnt; then
+            fail blk "cannot mount /dev/$dev"
+            return
+        fi
+        dir=/mnt/e2e
+    fi
+    hello=$(cat "$dir/hello" 2>&1)
+    if echo "written by the guest" >"$dir/written-by-guest" && sync; then wrote=yes; else wrote=no; fi
+    [ "$dir" = /mnt/e2e ] && umount /mnt
+    if [ "$hello" = "hello from the ext4 root image" ] && [ "$wrote" = yes ]; then
+        pass blk "read+write dir=$dir"
+    else
+        fail blk "hello='$hello' wrote=$wrote"
+    fi
+}
+
+checks=$(arg e2e.checks)
+for spec in $(echo "$checks" | tr ',' ' '); do
+    name=${spec%%:*}
+    argument=""
+    [ "$name" != "$spec" ] && argument=${spec#*:}
+    if command -v "check_$name" >/dev/null 2>&1; then
+        "check_$name" "$argument"
+    else
+        fail "$name" "no such check"
+    fi
+done
+finish

@@ -1,0 +1,108 @@
+"""Runs inside the outer VM: boots inner guests with embervm and frames their consoles.
+
+    python -m tests.e2e.inside cases '<json list of cases>'
+
+For each case it writes a Firecracker config file, runs `embervm --config-file ...
+--no-api` under a timeout and prints
+
+    E2E-CASE-BEGIN <name>
+    <the inner guest's console, then embervm's log>
+    E2E-CASE-END <name> status=<embervm's exit status> init_s=<launch → E2E-INIT> total_s=<launch → exit>
+
+`tests.e2e.nested` builds the cases on the host and parses this back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+GUEST = Path("/e2e/guest")
+INIT_MARK = b"E2E-INIT "
+
+
+def embervm_command() -> list[str]:
+    script = Path(sys.prefix) / "bin" / "embervm"
+    if script.is_file():
+        return [sys.executable, str(script)]
+    return [sys.executable, "-c", "from controlplane.cli import main; main()"]
+
+
+def config_for(case: dict[str, Any], workdir: Path) -> Path:
+    config: dict[str, Any] = {
+        "boot-source": {
+            "kernel_image_path": str(GUEST / case.get("kernel", "vmlinux")),
+            "boot_args": case["boot_args"],
+        },
+        "machine-config": {"vcpu_count": case.get("vcpus", 1), "mem_size_mib": case.get("mem_mib", 256)},
+    }
+    if case.get("initrd", True):
+        config["boot-source"]["initrd_path"] = str(GUEST / "initramfs")
+    for drive in case.get("drives", []):
+        config.setdefault("drives", []).append(drive)
+    path = workdir / "vm.json"
+    path.write_text(json.dumps(config, indent=1))
+    return path
+
+
+def run_case(case: dict[str, Any]) -> int:
+    name = case["name"]
+    workdir = Path("/tmp") / f"e2e-{name}"
+    workdir.mkdir(parents=True, exist_ok=True)
+    command = [*embervm_command(), "--no-api", "--config-file", str(config_for(case, workdir)), *case.get("args", [])]
+    out = sys.stdout.buffer
+    out.write(f"E2E-CASE-BEGIN {name}\n".encode())
+    out.flush()
+    start = time.monotonic()
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir)
+    assert proc.stdout is not None and proc.stderr is not None
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    sel.register(proc.stderr, selectors.EVENT_READ)
+    seen, log, init_s = b"", b"", -1.0
+    deadline = start + case.get("timeout", 120)
+    open_streams = 2
+    while open_streams and time.monotonic() < deadline:
+        for key, _ in sel.select(timeout=max(0.0, deadline - time.monotonic())):
+            data = os.read(key.fd, 65536)
+            if not data:
+                sel.unregister(key.fileobj)
+                open_streams -= 1
+                continue
+            if key.fileobj is proc.stderr:
+                log += data
+                continue
+            if init_s < 0 and INIT_MARK in seen[-64:] + data:
+                init_s = time.monotonic() - start
+            seen = (seen + data)[-256:]
+            out.write(data)
+            out.flush()
+    timed_out = open_streams > 0
+    if timed_out:
+        proc.kill()
+    status = proc.wait()
+    total_s = time.monotonic() - start
+    if log:
+        out.write(b"\n--- embervm log ---\n" + log)
+    end = f"status={status} timed_out={int(timed_out)} init_s={init_s:.3f} total_s={total_s:.3f}"
+    out.write(f"\nE2E-CASE-END {name} {end}\n".encode())
+    out.flush()
+    return status
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 2 or argv[0] != "cases":
+        print(__doc__, file=sys.stderr)
+        return 2
+    failures = sum(run_case(case) != 0 for case in json.loads(argv[1]))
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

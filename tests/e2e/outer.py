@@ -1,0 +1,180 @@
+"""Boot the outer VM (QEMU, software CPU with SVM and nested paging) and run one job in it.
+
+    .venv/bin/python -m tests.e2e.outer 'uname -a; ls /dev/kvm'     # a shell job
+    .venv/bin/python -m tests.e2e.outer --file job.sh
+
+The job is a shell script. It goes into a small archive of its own, put in front of the
+cached outer initramfs (the kernel unpacks concatenated archives in order; the big one
+goes last because an lz4 stream cannot be followed by anything), so changing a job
+never rebuilds anything. The outer /init runs it as /e2e/job under `timeout` and reports
+its status through QEMU's isa-debug-exit device: QEMU exits with (status << 1) | 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TextIO
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from tests.e2e.cpio import Archive  # noqa: E402
+from tests.e2e.environment import Environment, prepare  # noqa: E402
+
+MEMORY = "2G"
+OUTER_EXIT = re.compile(r"^E2E-OUTER-EXIT (\d+)\s*$", re.M)
+# Debian's kernel on QEMU's microvm machine: no PCI, no legacy PIC probing delays.
+OUTER_CMDLINE = "console=ttyS0 panic=-1 quiet pci=off i8042.noaux tsc=reliable"
+
+
+class OuterVmError(RuntimeError):
+    pass
+
+
+@dataclass
+class OuterRun:
+    qemu_status: int  # QEMU's exit status (124 or 137 after `timeout`)
+    job_status: int | None  # the job's exit status, None if it never reported one
+    console: str  # everything the outer VM printed, \r\n turned into \n
+    log: Path  # the same, kept on disk
+    seconds: float
+    timed_out: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.job_status == 0
+
+    def describe(self) -> str:
+        if self.timed_out:
+            return f"the outer VM timed out after {self.seconds:.0f} s"
+        if self.job_status is None:
+            return f"the outer VM ended (QEMU status {self.qemu_status}) without the job's exit status"
+        return f"the job exited with status {self.job_status} ({self.seconds:.0f} s)"
+
+
+def qemu_command(env: Environment, initrd: Path, timeout_s: float, cmdline_extra: str = "") -> list[str]:
+    return [
+        "timeout", "--kill-after=10", str(int(timeout_s)),
+        env.qemu,
+        "-M", "microvm,x-option-roms=off,rtc=on",
+        "-accel", "tcg,tb-size=512",
+        "-cpu", "max",
+        "-smp", "1",  # a rare lock-up in kvm_destroy_vm was seen with 2
+        "-m", MEMORY,
+        "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
+        "-serial", "stdio",
+        "-no-reboot",
+        "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
+        "-kernel", str(env.kernel.bzimage),
+        "-initrd", str(initrd),
+        "-append", f"{OUTER_CMDLINE} e2e.timeout={int(timeout_s) - 5} {cmdline_extra}".strip(),
+    ]  # fmt: skip
+
+
+def job_archive(job: str, extra: Archive | None = None) -> bytes:
+    archive = extra or Archive()
+    archive.file("e2e/job", job.encode(), 0o755)
+    buf = io.BytesIO()
+    archive.write(buf)
+    data = buf.getvalue()
+    return gzip.compress(data, compresslevel=1) if len(data) > 1 << 20 else data
+
+
+def decode_status(qemu_status: int, console: str) -> int | None:
+    """The job's exit status: as the outer /init printed it, else from isa-debug-exit's
+    (status << 1) | 1 (1 is ambiguous: QEMU's own failure status)."""
+    reported = OUTER_EXIT.findall(console)
+    if reported:
+        return int(reported[-1])
+    if qemu_status & 1 and qemu_status not in (1, 125, 127, 137):
+        return qemu_status >> 1
+    return None
+
+
+def _pump(stream: io.BufferedReader, log: io.BufferedWriter, echo: TextIO | None, chunks: list[bytes]) -> None:
+    while data := stream.read1(65536):
+        chunks.append(data)
+        log.write(data)
+        log.flush()
+        if echo is not None:
+            echo.write(data.decode(errors="replace").replace("\r\n", "\n"))
+            echo.flush()
+
+
+def run_outer(
+    job: str,
+    timeout_s: float = 600,
+    env: Environment | None = None,
+    extra: Archive | None = None,
+    echo: TextIO | None = None,
+    log_path: Path | None = None,
+) -> OuterRun:
+    """Boot the outer VM with `job` (a shell script) as /e2e/job; wait for it to end."""
+    env = env or prepare()
+    work = Path(tempfile.mkdtemp(prefix="embervm-e2e-"))
+    try:
+        initrd = work / "initrd"
+        with initrd.open("wb") as out:
+            out.write(job_archive(job, extra))
+            with env.outer_initramfs.open("rb") as base:
+                shutil.copyfileobj(base, out, 1 << 20)
+        log = log_path or Path(tempfile.gettempdir()) / f"embervm-e2e-{os.getpid()}-{time.monotonic_ns()}.log"
+        start = time.monotonic()
+        chunks: list[bytes] = []
+        with log.open("wb") as log_file:
+            proc = subprocess.Popen(
+                qemu_command(env, initrd, timeout_s),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+            )
+            assert proc.stdout is not None
+            pump = threading.Thread(target=_pump, args=(proc.stdout, log_file, echo, chunks), daemon=True)
+            pump.start()
+            try:
+                status = proc.wait(timeout_s + 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                status = proc.wait()
+            finally:
+                pump.join(10)
+                proc.stdout.close()
+        seconds = time.monotonic() - start
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    console = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
+    return OuterRun(status, decode_status(status, console), console, log, seconds, status in (124, 137))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("job", nargs="?", help="shell commands to run in the outer VM")
+    parser.add_argument("--file", type=Path, help="a shell script to run instead")
+    parser.add_argument("--timeout", type=float, default=600)
+    args = parser.parse_args()
+    if args.file:
+        job = args.file.read_text()
+    elif args.job:
+        job = f"#!/bin/sh\n{args.job}\n"
+    else:
+        parser.error("give a job or --file")
+    run = run_outer(job, args.timeout, echo=sys.stdout)
+    print(f"\n{run.describe()}; console log: {run.log}", file=sys.stderr)
+    return run.job_status if run.job_status is not None else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
