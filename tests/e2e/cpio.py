@@ -41,7 +41,7 @@ class Entry:
 
 
 def _norm(path: str | PurePosixPath) -> str:
-    parts = [p for p in PurePosixPath("/", path).parts[1:] if p not in ("", ".")]
+    parts = [p for p in str(path).split("/") if p not in ("", ".")]
     if ".." in parts:
         raise ValueError(f"archive path {path!r} contains '..'")
     return "/".join(parts)
@@ -50,13 +50,14 @@ def _norm(path: str | PurePosixPath) -> str:
 class Archive:
     def __init__(self) -> None:
         self.entries: dict[str, Entry] = {}
+        self._links: set[str] = set()  # names of symlink entries, for `resolve`'s fast path
 
     # --- building ---------------------------------------------------------------------------
     def directory(self, path: str, mode: int = 0o755) -> None:
         name = self.resolve(path)
+        existing = self.entries.get(name)
         if not name:
             return
-        existing = self.entries.get(name)
         if existing is not None:
             if not stat.S_ISDIR(existing.mode) and not stat.S_ISLNK(existing.mode):
                 raise ValueError(f"{name} is already a file in the archive")
@@ -77,6 +78,7 @@ class Archive:
         name = self.resolve(path)
         self._parents(name)
         self.entries[name] = Entry(stat.S_IFLNK | 0o777, data=target.encode())
+        self._links.add(name)
 
     def char_device(self, path: str, major: int, minor: int, mode: int = 0o600) -> None:
         name = self.resolve(path)
@@ -85,8 +87,16 @@ class Archive:
 
     def resolve(self, path: str) -> str:
         """`path` with every directory component that is a symlink in the archive followed."""
+        name = _norm(path)
+        parts = name.split("/")
+        prefix = ""
+        for part in parts[:-1]:
+            prefix = f"{prefix}/{part}" if prefix else part
+            if prefix in self._links:
+                break
+        else:
+            return name  # no symlink on the way (the common case)
         current = PurePosixPath()
-        parts = list(PurePosixPath(_norm(path)).parts)
         hops = 0
         while len(parts) > 1:
             candidate = current / parts.pop(0)
@@ -97,16 +107,16 @@ class Archive:
                     raise OSError(f"too many symlinks resolving {path}")
                 target = entry.data.decode()
                 base = PurePosixPath("/") if target.startswith("/") else PurePosixPath("/", current)
-                parts = list(PurePosixPath(os.path.normpath(base / target)).parts[1:]) + parts
+                parts = _norm(os.path.normpath(base / target)).split("/") + parts
                 current = PurePosixPath()
             else:
                 current = candidate
         return _norm(current / parts[0]) if parts else _norm(current)
 
     def _parents(self, name: str) -> None:
-        parent = PurePosixPath(name).parent
-        if str(parent) != ".":
-            self.directory(str(parent))
+        parent, sep, _ = name.rpartition("/")
+        if sep and parent not in self.entries:
+            self.directory(parent)
 
     def add_host_path(self, host_path: str | Path) -> str:
         """Mirror `host_path` (a file or symlink chain) at the same absolute path; returns

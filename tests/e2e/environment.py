@@ -56,7 +56,7 @@ HOST_PACKAGES = {  # Debian package -> a command it provides
     "lz4": "lz4",
     "e2fsprogs": "mkfs.ext4",
 }
-OUTER_MODULES = ["irqbypass", "kvm", "kvm_amd", "tun"]
+OUTER_MODULES = ["irqbypass", "kvm", "kvm_amd", "kvm_intel", "tun"]  # one of kvm_amd/kvm_intel loads
 INNER_MODULES = ["virtio_mmio", "virtio_blk", "virtio_net", "vsock", "vmw_vsock_virtio_transport"]
 # Repository folders copied into the outer VM (Python files only), at their host paths.
 REPO_PACKAGES = ["controlplane", "vcpu_worker", "devices", "jailer", "shared", "guest", "tests", "bench"]
