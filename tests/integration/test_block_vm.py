@@ -3,6 +3,7 @@ ioeventfd/irqfd wiring, and one block worker process per drive."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -66,8 +67,17 @@ def block_workers(vm: MicroVm) -> dict[str, dict[str, object]]:
 
 
 def fd_targets(pid: object) -> set[str]:
-    fds = os.listdir(f"/proc/{pid}/fd")
-    return {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in fds if int(fd) > 2}
+    targets = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(FileNotFoundError):  # closed meanwhile
+            if int(fd) > 2:
+                targets.add(os.readlink(f"/proc/{pid}/fd/{fd}"))
+    return targets
+
+
+def zygote_children(launcher: Launcher) -> set[str]:
+    pid = launcher.zygote.pid
+    return set(Path(f"/proc/{pid}/task/{pid}/children").read_text().split())
 
 
 @pytest.mark.parametrize(
@@ -126,6 +136,7 @@ def test_each_drive_has_its_own_process_holding_only_its_own_disk(looping_vm, di
     assert str(data) in data_fds and str(rootfs) not in data_fds
     assert not any("kvm" in t for t in root_fds | data_fds)
     assert not {str(rootfs), str(data)} & fd_targets(vcpu["pid"])
+    assert not {str(rootfs), str(data)} & fd_targets(os.getpid())  # the supervisor handed them over
 
 
 def test_killed_block_worker_is_reported_and_the_guest_keeps_running(looping_vm):
@@ -186,3 +197,14 @@ def test_missing_backing_file_refuses_to_start(launcher, guest_images, tmp_path)
 
     with pytest.raises(VmStartError, match=r"drive rootfs: cannot open the backing file .*missing\.img"):
         start(launcher, guest_images, "test=boot", drives)
+
+
+def test_block_worker_that_cannot_start_fails_the_start_and_leaves_no_worker(launcher, guest_images, disks):
+    rootfs, _ = disks
+    bad = {"bandwidth": {"size": -1, "refill_time": 100}, "ops": None}
+    drives = [DriveSpec("rootfs", str(rootfs), is_root_device=True, rate_limiter=bad)]
+    before = zygote_children(launcher)
+
+    with pytest.raises(VmStartError, match="block_rootfs worker cannot start"):
+        start(launcher, guest_images, "test=boot", drives)
+    assert zygote_children(launcher) <= before
