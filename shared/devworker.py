@@ -165,9 +165,14 @@ class DeviceWorker:
         with contextlib.suppress(zmq.ZMQError):
             self.control.send(p.encode(msg), zmq.NOBLOCK)
 
+    def metrics(self) -> dict[str, dict[str, int]]:
+        """The device's groups, each with the worker's own counters added."""
+        own = {"mmio_requests": self.mmio_requests, "bad_messages": self.bad_messages}
+        return {group: {**values, **own} for group, values in self.hooks.metrics().items()}
+
     def _push_metrics(self) -> None:
         self._next_metrics = time.monotonic() + METRICS_INTERVAL_S
-        self.send(p.Metrics(self.hooks.metrics()))
+        self.send(p.Metrics(self.metrics()))
 
     def _flush_logs(self) -> None:
         while self._logs.pending:
@@ -181,7 +186,7 @@ class DeviceWorker:
         self.send(p.Ready(os.getpid()))
         self.loop.run()
         self._flush_logs()
-        self.send(p.Metrics(self.hooks.metrics()))
+        self.send(p.Metrics(self.metrics()))
         self.send(p.Exited(self._outcome[0], self._outcome[1], ""))
         return self._outcome[0]
 

@@ -236,6 +236,7 @@ def test_garbage_on_every_channel_leaves_the_worker_serving(worker: BlockWorkerH
     assert raw.poll(5000) and p.decode(raw.recv()) == p.MmioDone(1, 0xFFFFFFFF)
     assert not worker.expect(p.UpdateResult).ok  # /dev/null is no disk
     assert _alive_and_serving(worker)
+    assert worker.metrics()["bad_messages"] == 3
     raw.close()
 
 
