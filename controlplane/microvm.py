@@ -251,7 +251,7 @@ class MicroVm:
         poller.register(handle.pidfd, zmq.POLLIN)
         deadline = time.monotonic() + READY_TIMEOUT_S
         while (remaining := deadline - time.monotonic()) > 0:
-            events = dict(poller.poll(timeout=remaining * 1000))
+            events = dict(poller.poll(timeout=int(remaining * 1000) + 1))
             if self._ctl in events:
                 identity, msg = self._recv()
                 if identity == handle.identity and isinstance(msg, p.Ready):

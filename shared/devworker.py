@@ -214,7 +214,7 @@ class DeviceWorker:
 
     @staticmethod
     def _drain(sock: zmq.Socket, handle: Callable[[list[bytes]], None]) -> None:
-        while sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while int(sock.getsockopt(zmq.EVENTS)) & zmq.POLLIN:
             handle(sock.recv_multipart(zmq.NOBLOCK))
 
     def _on_queue(self, index: int) -> None:

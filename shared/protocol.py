@@ -9,7 +9,6 @@ cannot make the supervisor act on a malformed message.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import types
 import typing
 from typing import Any, ClassVar
@@ -33,7 +32,11 @@ class Message:
 _REGISTRY: dict[str, type[Message]] = {}
 
 
-def message(cls: type[Message]) -> type[Message]:
+M = typing.TypeVar("M", bound=Message)
+
+
+@typing.dataclass_transform(frozen_default=True)
+def message(cls: type[M]) -> type[M]:
     """Class decorator: make `cls` a frozen dataclass and register it under its TYPE."""
     cls = dataclasses.dataclass(frozen=True)(cls)
     if not cls.TYPE or cls.TYPE in _REGISTRY:
@@ -205,10 +208,15 @@ def _check_type(value: Any, annotation: Any) -> bool:
     return isinstance(value, origin)
 
 
-@functools.cache
+_SCHEMAS: dict[str, tuple[dict[str, Any], frozenset[str]]] = {}
+
+
 def _schema(cls: type[Message]) -> tuple[dict[str, Any], frozenset[str]]:
     """Field types and names of `cls`, worked out once (decode is on the MMIO path)."""
-    return typing.get_type_hints(cls), frozenset(f.name for f in dataclasses.fields(cls))
+    schema = _SCHEMAS.get(cls.TYPE)
+    if schema is None:
+        schema = _SCHEMAS[cls.TYPE] = typing.get_type_hints(cls), frozenset(f.name for f in dataclasses.fields(cls))
+    return schema
 
 
 def decode(data: bytes) -> Message:
