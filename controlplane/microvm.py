@@ -437,6 +437,8 @@ class MicroVm:
         return outcome
 
     def _worker_died(self, handle: WorkerHandle) -> tuple[int, str] | None:
+        if handle.name != VCPU:
+            self._send(VCPU.encode(), p.DeviceDown(handle.name))  # its window answers at once from now on
         self._pump_console()
         outcome = self._drain_messages()  # messages sent just before the exit
         status = self._reap(handle)

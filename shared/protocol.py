@@ -72,6 +72,14 @@ class FlushMetrics(Message):
 
 
 @message
+class DeviceDown(Message):
+    """The worker of device `name` died: its MMIO window answers at once (all-ones)."""
+
+    TYPE = "device_down"
+    name: str
+
+
+@message
 class TestSyscall(Message):
     """Test-only, to any worker: attempt a forbidden syscall (`shared.confine.TEST_SYSCALLS`).
     Acted on only by a worker spawned with seccomp test hooks armed; ignored otherwise."""

@@ -32,7 +32,7 @@ from vcpu_worker.mmio_bus import MmioBus
 from vcpu_worker.policy import POLICY
 from vcpu_worker.serial import Serial8250
 from vcpu_worker.vcpu import VcpuThread, install_kick_handler
-from vcpu_worker.virtio import RemoteMmioDevice, attach_virtio_devices
+from vcpu_worker.virtio import RemoteMmioDevice, attach_virtio_devices, mark_device_down
 
 METRICS_INTERVAL_S = 5.0
 
@@ -107,6 +107,7 @@ class VcpuWorker:
                 "unhandled_mmio_writes": self.mmio.unhandled_writes,
                 "console_dropped_bytes": self.console_dropped,
                 "virtio_mmio_timeouts": sum(d.timeouts for d in self.virtio),
+                "virtio_mmio_unanswered": sum(d.skipped for d in self.virtio),
             },
         }
 
@@ -130,6 +131,8 @@ class VcpuWorker:
             self.send(p.Metrics(self.metrics()))
         elif isinstance(msg, p.Stop):
             return exitcodes.OK, "stopped by the supervisor", ""
+        elif isinstance(msg, p.DeviceDown):
+            mark_device_down(self.virtio, msg.name)
         elif isinstance(msg, p.TestSyscall) and self.seccomp.test_hooks:
             self.send(p.Log("warning", f"test syscall survived: {attempt_forbidden(msg.what)}"))
         return None

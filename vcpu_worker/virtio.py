@@ -9,7 +9,9 @@ device worker (`RemoteMmioDevice`).
 
 A device worker that does not answer must not hang the guest: the access times out
 (reads see all-ones, as for a missing device), it is reported, and for the next
-`RETRY_AFTER_S` the window answers at once instead of waiting again.
+`RETRY_AFTER_S` the window answers at once instead of waiting again. When the supervisor
+sees a device worker die (its pidfd) it says so (`DeviceDown`), and from then on the
+window answers at once without trying.
 
 The eventfds stay open here: KVM drops an irqfd when its eventfd file is released, and
 keeping our copy keeps the routing in place while a device worker is being replaced.
@@ -17,6 +19,7 @@ keeping our copy keeps the routing in place while a device worker is being repla
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -97,6 +100,11 @@ class RemoteMmioDevice:
             self._down_until = time.monotonic() + RETRY_AFTER_S
         self._report(f"virtio device {self.name}: {error}; its window reads all-ones for {RETRY_AFTER_S:g} s")
 
+    def mark_down(self) -> None:
+        """The worker is gone (the supervisor saw it die): stop sending it requests."""
+        with self._lock:
+            self._down_until = math.inf
+
     def read(self, offset: int, size: int) -> int:
         if self._available():
             try:
@@ -117,6 +125,12 @@ class RemoteMmioDevice:
             for client in self._clients:
                 client.close()
             self._clients.clear()
+
+
+def mark_device_down(devices: list[RemoteMmioDevice], name: str) -> None:
+    for device in devices:
+        if device.name == name:
+            device.mark_down()
 
 
 def attach_virtio_devices(

@@ -140,6 +140,20 @@ def test_silent_worker_reads_all_ones_once_after_the_timeout_then_at_once(ctx: z
         remote.close()
 
 
+def test_device_marked_down_answers_at_once_without_trying(ctx: zmq.Context, tmp_path: Path) -> None:
+    reports: list[str] = []
+    remote = RemoteMmioDevice("block_x", f"ipc://{tmp_path}/nobody", ctx, reports.append, timeout_s=5.0)
+    try:
+        remote.mark_down()
+        start = time.monotonic()
+
+        assert remote.read(0x70, 4) == 0xFFFFFFFF
+
+        assert time.monotonic() - start < 1.0 and (remote.timeouts, remote.skipped, reports) == (0, 1, [])
+    finally:
+        remote.close()
+
+
 def test_late_answer_is_not_taken_for_the_next_request(ctx: zmq.Context, tmp_path: Path) -> None:
     endpoint = f"ipc://{tmp_path}/mmio"
     worker = FakeDeviceWorker(ctx, endpoint, delay=0.3)
