@@ -14,7 +14,9 @@ import zmq
 
 from shared import protocol as p
 
-DEFAULT_TIMEOUT_S = 1.0
+# Generous: a dead worker is noticed at once through its pidfd (DeviceDown), so this only
+# bounds a live but stalled worker; 1 s was seen to expire on a loaded 2-core host.
+DEFAULT_TIMEOUT_S = 5.0
 
 
 class MmioTimeout(Exception):
