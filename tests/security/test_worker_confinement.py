@@ -17,6 +17,7 @@ from guest.build import GuestImages
 from shared import exitcodes
 from tests.security.conftest import proc_status, threads_of
 from tests.support.console import ConsoleCapture
+from tests.support.waiting import wait_until
 from vcpu_worker.policy import POLICY as VCPU_POLICY
 
 MEM_MIB = 64
@@ -184,7 +185,8 @@ def test_no_seccomp_runs_workers_unfiltered_and_says_so_loudly(launcher, guest_i
         assert {proc_status(pid, tid)["Seccomp"] for tid in threads_of(pid)} == {"0"}
         assert int(proc_status(pid)["CapEff"], 16) == 0
         assert "seccomp is OFF (--no-seccomp)" in caplog.text
-        assert "test syscall survived: execve failed: No such file or directory" in caplog.text
+        # The worker's log line travels over ZeroMQ and may land after the console echo.
+        assert wait_until(lambda: "test syscall survived: execve failed: No such file or directory" in caplog.text)
     finally:
         vm.stop()
 
@@ -203,7 +205,7 @@ def test_user_filter_file_replaces_the_default_policy(launcher, guest_images: Gu
         vm.send_console_input(b"custom\n")
 
         console.wait_for("echo: custom")
-        assert "test syscall survived: execve failed: Operation not permitted" in caplog.text
+        assert wait_until(lambda: "test syscall survived: execve failed: Operation not permitted" in caplog.text)
     finally:
         vm.stop()
     assert vm.exit_code == exitcodes.OK  # stopping kicks the vCPU threads: tgkill is added to user filters
