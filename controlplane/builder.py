@@ -4,17 +4,20 @@ It creates the sealed memfd, loads kernel + initrd + command line, and writes th
 boot structures (zero page, page tables, GDT, MP table, ACPI tables). What it returns
 is everything the vCPU worker needs, as msgpack-friendly values plus the memfd.
 
-Devices (`plan_block_devices`): each drive gets a virtio-mmio window in Firecracker's
-order (the root device first, then the others as configured), its backing file opened
-here (workers open no host paths), one eventfd per queue and an irqfd. The windows go
-into the ACPI DSDT and onto the command line (`virtio_mmio.device=4K@<base>:<gsi>`),
-and the root device adds `root=` and `ro`/`rw`, as Firecracker does.
+Devices (`plan_devices`): one `DevicePlan` per virtio device, whatever its kind. Each
+kind registers a planner (`@planner("block")`) that opens its backends here (workers open
+no host paths): drives (the root device first, then as configured), then network
+interfaces, then vsock, in Firecracker's order. Each device then gets the next
+virtio-mmio window, one eventfd per queue and an irqfd. The windows go into the ACPI
+DSDT and onto the command line (`virtio_mmio.device=4K@<base>:<gsi>`), and the root
+drive adds `root=` and `ro`/`rw`, as Firecracker does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,26 +36,67 @@ BLOCK_QUEUES = 1
 
 
 @dataclass
-class BlockDevicePlan:
-    """One drive's window and the fds its worker and the vCPU worker share; `close()` frees them."""
+class DevicePlan:
+    """One virtio device: its window, the fds its worker and the vCPU worker share, and the
+    worker's kind-specific arguments. `close()` frees the fds.
 
-    drive: DriveSpec
-    base: int
-    gsi: int
-    backing_fd: int
+    Every device worker gets its fds in one order: memfd, irqfd, the queue eventfds, the
+    `backend_fds` (a disk, a TAP, ...), then its fd-channel end (see `worker_fds`).
+    """
+
+    kind: str  # the zygote worker kind: "block", "net", "vsock"
+    device_id: str  # drive_id, iface_id, ...
+    num_queues: int
+    args: dict[str, Any] = field(default_factory=dict)  # kind-specific worker arguments
+    backend_fds: list[int] = field(default_factory=list)
+    spec: Any = None  # the DriveSpec / NetSpec / ... it was planned from
+    base: int = 0
+    gsi: int = 0
     queue_fds: list[int] = field(default_factory=list)
     irqfd: int = -1
+    name: str = ""  # worker name and ZeroMQ identity; default "<kind>_<device_id>"
+
+    def __post_init__(self) -> None:
+        self.name = self.name or f"{self.kind}_{self.device_id}"
 
     @property
-    def name(self) -> str:
-        return f"block_{self.drive.drive_id}"
+    def what(self) -> str:
+        """How error messages name the device, e.g. "block worker for drive rootfs"."""
+        noun = {"block": "drive", "net": "network interface"}.get(self.kind, "device")
+        return f"{self.kind} worker for {noun} {self.device_id}"
+
+    def worker_fds(self, memfd: int, fd_channel: int) -> list[int]:
+        return [memfd, self.irqfd, *self.queue_fds, *self.backend_fds, fd_channel]
 
     def close(self) -> None:
-        for fd in (self.backing_fd, *self.queue_fds, self.irqfd):
+        for fd in (*self.backend_fds, *self.queue_fds, self.irqfd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self.backing_fd, self.queue_fds, self.irqfd = -1, [], -1
+        self.backend_fds, self.queue_fds, self.irqfd = [], [], -1
+
+
+# A planner turns one kind of a spec's devices into plans with their backends opened (no
+# window or eventfds yet); `plan_devices` runs them in this order (Firecracker's: block,
+# net, vsock) and gives each device the next window. A planner that fails closes what it
+# opened and raises BootError (or ValueError) with a message fit for an API client.
+Planner = Callable[[VmSpec], list[DevicePlan]]
+PLANNERS: dict[str, Planner] = {}
+
+
+def planner(kind: str) -> Callable[[Planner], Planner]:
+    """Register a device kind's planner (kinds plan in registration order)."""
+
+    def register(func: Planner) -> Planner:
+        PLANNERS[kind] = func
+        return func
+
+    return register
+
+
+def close_plans(plans: list[DevicePlan]) -> None:
+    for plan in plans:
+        plan.close()
 
 
 def open_backing_file(drive: DriveSpec, path: str | None = None) -> int:
@@ -69,32 +113,58 @@ def _new_eventfd() -> int:
     return os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
 
 
-def plan_block_devices(spec: VmSpec) -> list[BlockDevicePlan]:
-    """Open each drive's backing file and create its eventfds; the caller closes the plans."""
+@planner("block")
+def plan_block_backends(spec: VmSpec) -> list[DevicePlan]:
+    """Each drive, root first then configuration order, with its backing file open."""
     drives = sorted(spec.drives, key=lambda d: not d.is_root_device)  # stable: root first
-    plans: list[BlockDevicePlan] = []
+    plans: list[DevicePlan] = []
     try:
-        for index, drive in enumerate(drives):
-            base, gsi = layout.virtio_mmio_window(index)
-            plan = BlockDevicePlan(drive, base, gsi, open_backing_file(drive))
-            plans.append(plan)
-            plan.queue_fds = [_new_eventfd() for _ in range(BLOCK_QUEUES)]
-            plan.irqfd = _new_eventfd()
+        for drive in drives:
+            args = {
+                "drive_id": drive.drive_id,
+                "read_only": drive.is_read_only,
+                "cache_type": drive.cache_type,
+                "rate_limiter": drive.rate_limiter,
+            }
+            plans.append(DevicePlan("block", drive.drive_id, BLOCK_QUEUES, args, [open_backing_file(drive)], drive))
     except BaseException:
-        for plan in plans:
-            plan.close()
+        close_plans(plans)
         raise
     return plans
 
 
-def kernel_cmdline(spec: VmSpec, devices: list[BlockDevicePlan]) -> str:
+def plan_devices(spec: VmSpec, kinds: tuple[str, ...] | None = None) -> list[DevicePlan]:
+    """Every device of `spec` (or of `kinds` only) with its window, backend fds and eventfds;
+    the caller closes them."""
+    plans: list[DevicePlan] = []
+    try:
+        for kind, plan_kind in PLANNERS.items():
+            if kinds is None or kind in kinds:
+                plans += plan_kind(spec)
+        for index, plan in enumerate(plans):
+            plan.base, plan.gsi = layout.virtio_mmio_window(index)
+            plan.queue_fds = [_new_eventfd() for _ in range(plan.num_queues)]
+            plan.irqfd = _new_eventfd()
+    except BaseException:
+        close_plans(plans)
+        raise
+    return plans
+
+
+def plan_block_devices(spec: VmSpec) -> list[DevicePlan]:
+    """The drives alone (tests and tools)."""
+    return plan_devices(spec, ("block",))
+
+
+def kernel_cmdline(spec: VmSpec, devices: list[DevicePlan]) -> str:
     """The boot args plus what the devices need the kernel to know."""
     cmdline = Cmdline.from_str(spec.effective_boot_args)
     for device in devices:
-        if device.drive.is_root_device:
-            partuuid = device.drive.partuuid
+        drive = device.spec
+        if device.kind == "block" and drive.is_root_device:
+            partuuid = drive.partuuid
             cmdline.insert("root", f"PARTUUID={partuuid}" if partuuid else "/dev/vda")
-            cmdline.insert_str("ro" if device.drive.is_read_only else "rw")
+            cmdline.insert_str("ro" if drive.is_read_only else "rw")
     for device in devices:
         cmdline.add_virtio_mmio_device(layout.VIRTIO_MMIO_SIZE, device.base, device.gsi)
     return str(cmdline)
@@ -118,7 +188,7 @@ def validate_spec(spec: VmSpec) -> None:
             raise BootError(f"{what} {path} does not exist or is not a file")
 
 
-def build_guest(spec: VmSpec, devices: list[BlockDevicePlan] | None = None) -> GuestPlan:
+def build_guest(spec: VmSpec, devices: list[DevicePlan] | None = None) -> GuestPlan:
     """Create and fill guest memory for `spec` with `devices`; the caller owns the returned memfd."""
     validate_spec(spec)
     devices = devices or []

@@ -4,8 +4,9 @@
 directory for ZeroMQ endpoints. `Launcher.start_vm` lays out the devices and guest
 memory (`controlplane.builder`), then forks, in order:
 
-1. one block worker per drive, holding guest memory, its queue eventfd and irqfd, its
-   backing file and its fd channel; each binds its MMIO endpoint and says Ready;
+1. one worker per virtio device (`DevicePlan`: a block worker per drive, a net worker per
+   network interface, ...), holding guest memory, its irqfd and queue eventfds, its
+   backend fds (disk, TAP) and its fd channel; each binds its MMIO endpoint and says Ready;
 2. the vCPU worker, holding /dev/kvm, guest memory, the console socket and every
    device's eventfds, which it registers with KVM (ioeventfd on QueueNotify, irqfd on
    the GSI); it forwards other accesses to a device window to that device's worker.
@@ -37,7 +38,7 @@ from typing import Any, BinaryIO
 
 import zmq
 
-from controlplane.builder import BlockDevicePlan, GuestPlan, build_guest, open_backing_file, plan_block_devices
+from controlplane.builder import DevicePlan, GuestPlan, build_guest, open_backing_file, plan_devices
 from controlplane.vm_spec import DriveSpec, VmSpec
 from controlplane.worker_handle import WorkerHandle, merge_metrics
 from controlplane.zygote import Zygote, ZygoteError
@@ -101,10 +102,10 @@ class Launcher:
             kvm_fd = open_kvm()
         except KvmError as e:
             raise VmStartError(str(e)) from None
-        devices: list[BlockDevicePlan] = []
+        devices: list[DevicePlan] = []
         try:
             Kvm(kvm_fd).check()
-            devices = plan_block_devices(spec)
+            devices = plan_devices(spec)
             plan = build_guest(spec, devices)
         except (KvmError, BootError, OSError, ValueError) as e:
             os.close(kvm_fd)
@@ -162,10 +163,10 @@ class MicroVm:
         self._seccomp_faults = 0
 
     # --- start-up -------------------------------------------------------------------------
-    def _start(self, kvm_fd: int, plan: GuestPlan, devices: list[BlockDevicePlan]) -> None:
+    def _start(self, kvm_fd: int, plan: GuestPlan, devices: list[DevicePlan]) -> None:
         try:
             for device in devices:
-                self._spawn_block_worker(device, plan.memfd)
+                self._spawn_device_worker(device, plan.memfd)
             self._spawn_vcpu_worker(kvm_fd, plan.memfd, plan.vcpu_args, devices)
         except VmStartError:
             self._abort_start()
@@ -199,31 +200,30 @@ class MicroVm:
         """Tests only: ask `worker` to attempt a forbidden syscall (armed by VmSpec.seccomp_test_hooks)."""
         self._command(p.TestSyscall(what), worker.encode())
 
-    def _spawn_block_worker(self, device: BlockDevicePlan, memfd: int) -> None:
-        drive = device.drive
+    def _spawn_device_worker(self, device: DevicePlan, memfd: int) -> None:
+        """Any virtio device's worker: fds [memfd, irqfd, queues..., backends..., fd channel],
+        args = the plan's own + mem_size and the endpoints."""
         mine, theirs = fdpass.channel_pair()
         args = {
-            "drive_id": drive.drive_id,
+            **device.args,
             "mem_size": self.spec.mem_size,
-            "read_only": drive.is_read_only,
-            "cache_type": drive.cache_type,
-            "rate_limiter": drive.rate_limiter,
             "control_endpoint": self._endpoint,
             "mmio_endpoint": self._mmio_endpoint(device.name),
         }
-        fds = [memfd, device.irqfd, *device.queue_fds, device.backing_fd, theirs.fileno()]
         try:
-            handle = self._spawn("block", device.name, args, fds, f"block worker for drive {drive.drive_id}")
+            handle = self._spawn(device.kind, device.name, args, device.worker_fds(memfd, theirs.fileno()), device.what)
         except VmStartError:
             mine.close()
             raise
         finally:
             theirs.close()
-        handle.drive_id, handle.fd_channel = drive.drive_id, mine
+        handle.device_id, handle.fd_channel = device.device_id, mine
+        if device.kind == "block":
+            handle.drive_id = device.device_id
         self._await_ready(handle)
 
     def _spawn_vcpu_worker(
-        self, kvm_fd: int, memfd: int, vcpu_args: dict[str, object], devices: list[BlockDevicePlan]
+        self, kvm_fd: int, memfd: int, vcpu_args: dict[str, object], devices: list[DevicePlan]
     ) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._console = mine
@@ -453,11 +453,12 @@ class MicroVm:
                 log.error("the vCPU worker (pid %d) %s", handle.pid, how)
             return outcome
         log.error(
-            "the %s worker (pid %d) %s: drive %s is gone, the guest keeps running without it",
+            "the %s worker (pid %d) %s: %s %s is gone, the guest keeps running without it",
             handle.name,
             handle.pid,
             how,
-            handle.drive_id,
+            "drive" if handle.kind == "block" else "device",
+            handle.device_id,
         )
         return None
 

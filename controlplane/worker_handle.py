@@ -19,11 +19,12 @@ Groups = dict[str, dict[str, int]]
 
 @dataclass
 class WorkerHandle:
-    name: str  # also its ZeroMQ identity: "vcpu", "block_<drive_id>"
+    name: str  # also its ZeroMQ identity: "vcpu", "block_<drive_id>", "net_<iface_id>"
     kind: str  # a zygote worker kind
     pid: int
     pidfd: int
-    drive_id: str | None = None
+    drive_id: str | None = None  # block workers
+    device_id: str | None = None  # any device worker: drive_id, iface_id, ...
     fd_channel: socket.socket | None = None
     alive: bool = True
     exit_reason: str | None = None
@@ -45,6 +46,8 @@ class WorkerHandle:
         }
         if self.drive_id is not None:
             info["drive_id"] = self.drive_id
+        elif self.kind == "net" and self.device_id is not None:
+            info["iface_id"] = self.device_id
         return info
 
     def close(self) -> None:
@@ -57,26 +60,32 @@ class WorkerHandle:
             self.fd_channel = None
 
 
-def merge_metrics(workers: list[WorkerHandle]) -> Groups:
-    """Every worker's groups, plus Firecracker's `block` aggregate and worker status.
+# Device kinds Firecracker reports per device (`<kind>_<id>`) and summed (`<kind>`).
+AGGREGATED_KINDS = ("block", "net")
 
-    Firecracker reports each drive as `block_<drive_id>` and their sum as `block`; a
-    drive whose worker died keeps its last counters and shows `worker_alive: 0`.
+
+def merge_metrics(workers: list[WorkerHandle]) -> Groups:
+    """Every worker's groups, plus Firecracker's `block`/`net` aggregates and worker status.
+
+    Firecracker reports each drive as `block_<drive_id>` and their sum as `block` (each
+    interface as `net_<iface_id>`, summed into `net`); a device whose worker died keeps
+    its last counters and shows `worker_alive: 0`.
     """
     merged: Groups = {}
     for worker in workers:
         for group, values in worker.metrics.items():
             merged.setdefault(group, {}).update(values)
-    drives = [w for w in workers if w.kind == "block"]
-    for worker in drives:
-        merged.setdefault(f"block_{worker.drive_id}", {})["worker_alive"] = int(worker.alive)
-    if drives:
-        total: dict[str, int] = {}
-        for worker in drives:
-            for key, value in merged[f"block_{worker.drive_id}"].items():
-                if key != "worker_alive" and isinstance(value, int):
-                    total[key] = total.get(key, 0) + value
-        merged["block"] = total
+    for kind in AGGREGATED_KINDS:
+        devices = [w for w in workers if w.kind == kind]
+        for worker in devices:
+            merged.setdefault(f"{kind}_{worker.device_id or worker.drive_id}", {})["worker_alive"] = int(worker.alive)
+        if devices:
+            total: dict[str, int] = {}
+            for worker in devices:
+                for key, value in merged[f"{kind}_{worker.device_id or worker.drive_id}"].items():
+                    if key != "worker_alive" and isinstance(value, int):
+                        total[key] = total.get(key, 0) + value
+            merged[kind] = total
     merged["embervm_workers"] = {
         "alive": sum(w.alive for w in workers),
         "dead": sum(not w.alive for w in workers),

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.builder import BlockDevicePlan, kernel_cmdline, plan_block_devices
+from controlplane.builder import DevicePlan, kernel_cmdline, plan_block_devices
 from controlplane.vm_spec import DriveSpec, VmSpec
 from shared.boot.errors import BootError
 
@@ -24,7 +24,7 @@ def spec(*drives: DriveSpec, boot_args: str = "console=ttyS0") -> VmSpec:
     return VmSpec(kernel_image_path="/nonexistent", boot_args=boot_args, drives=list(drives))
 
 
-def plans(s: VmSpec) -> list[BlockDevicePlan]:
+def plans(s: VmSpec) -> list[DevicePlan]:
     result = plan_block_devices(s)
     for plan in result:
         plan.close()
@@ -34,7 +34,7 @@ def plans(s: VmSpec) -> list[BlockDevicePlan]:
 def test_root_drive_gets_the_first_window_then_configuration_order(image: Path) -> None:
     s = spec(DriveSpec("a", str(image)), DriveSpec("root", str(image), is_root_device=True), DriveSpec("b", str(image)))
 
-    assert [(p.drive.drive_id, p.base, p.gsi) for p in plans(s)] == [
+    assert [(p.device_id, p.base, p.gsi) for p in plans(s)] == [
         ("root", 0xD0000000, 5),
         ("a", 0xD0001000, 6),
         ("b", 0xD0002000, 7),
@@ -69,7 +69,7 @@ def test_no_drives_leaves_the_boot_args_alone() -> None:
 def test_read_only_drive_is_opened_read_only(image: Path) -> None:
     (plan,) = plan_block_devices(spec(DriveSpec("d", str(image), is_read_only=True)))
     try:
-        assert fcntl.fcntl(plan.backing_fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
+        assert fcntl.fcntl(plan.backend_fds[0], fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDONLY
         assert len(plan.queue_fds) == 1 and plan.irqfd >= 0
     finally:
         plan.close()
