@@ -12,11 +12,8 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
-
-from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 from controlplane.logger import LineSink, SinkError
 
@@ -70,7 +67,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     }.items()
 }
 _STORE_GROUPS = {"api_server", "latencies_us", "seccomp", "vmm", "signals"}
-_PER_DEVICE = ("block_", "net_", "entropy_", "vhost_user_block_")
+PER_DEVICE_GROUPS = ("block_", "net_", "entropy_", "vhost_user_block_")
 
 
 def is_store(group: str, key: str) -> bool:
@@ -164,9 +161,10 @@ class Metrics:
         return out
 
     def prometheus_text(self) -> bytes:
-        registry = CollectorRegistry(auto_describe=False)
-        registry.register(_Collector(self))
-        return generate_latest(registry)
+        # Imported on first scrape: prometheus_client costs start-up time nobody else needs.
+        from controlplane.prometheus import render
+
+        return render(self)
 
     def close(self) -> None:
         if self._sink is not None:
@@ -183,40 +181,6 @@ def _merge(tree: Nested, update: Nested) -> None:
             _merge(tree.setdefault(key, {}), value)
         elif isinstance(value, int) and not isinstance(value, bool):
             tree[key] = value
-
-
-class _Collector:
-    """Exposes a snapshot in Prometheus' text format (cumulative counters, gauges for stores)."""
-
-    def __init__(self, metrics: Metrics) -> None:
-        self.metrics = metrics
-
-    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
-        families: dict[str, CounterMetricFamily | GaugeMetricFamily] = {}
-        for group, values in sorted(self.metrics.snapshot().items()):
-            base, device = group, None
-            for prefix in _PER_DEVICE:
-                if group.startswith(prefix):
-                    base, device = prefix.rstrip("_") + "_device", group[len(prefix) :]
-            for key, value in _flatten(values):
-                name = f"embervm_{base}_{key}"
-                store = is_store(group, key)
-                family = families.get(name)
-                if family is None:
-                    doc = f"Firecracker metric {group}.{key.replace('__', '.')}"
-                    labels = ["device"] if device is not None else []
-                    family = (GaugeMetricFamily if store else CounterMetricFamily)(name, doc, labels=labels)
-                    families[name] = family
-                family.add_metric([device] if device is not None else [], float(value))
-        yield from families.values()
-
-
-def _flatten(values: Nested, prefix: str = "") -> Iterator[tuple[str, int]]:
-    for key, value in values.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}__")
-        else:
-            yield f"{prefix}{key}", value
 
 
 METRICS = Metrics()
