@@ -1,0 +1,451 @@
+"""The host side of the vsock device: the `VsockBackend` interface and the AF_UNIX muxer.
+
+The device knows only its queues and a backend (Firecracker's VsockBackend/VsockChannel
+split): it gives the backend every packet the guest sends (`send_pkt`) and asks it for
+packets to put in rx buffers (`recv_pkt`). The backend is one pollable fd for the worker's
+loop (`fileno`, then `notify()` when it is readable) plus timers (`next_timeout`,
+`on_timer`).
+
+`UnixMuxer` implements Firecracker's hybrid vsock over Unix sockets:
+
+* host-initiated: a host process connects to the listening socket at `uds_path` (created
+  by the supervisor, handed over as an fd), writes `CONNECT <port>\\n`; the muxer sends
+  REQUEST to the guest, and on RESPONSE writes `OK <host_port>\\n` back and starts
+  forwarding; a guest RST (nobody listening) closes the host socket;
+* guest-initiated: a REQUEST to host port P makes the muxer connect to `<uds_path>_P`
+  (non-blocking: an AF_UNIX connect completes at once or fails); RESPONSE on success,
+  RST when nobody listens.
+
+Many connections, no head-of-line blocking: the host sockets sit in the muxer's own epoll
+(nested in the worker's loop), connections with something for the guest wait on a
+round-robin list, and each `recv_pkt` serves one packet of one connection. RSTs for
+packets that belong to no connection wait on a bounded queue (overflow: dropped and
+counted); `rx_backlogged()` tells the device to stop taking tx packets until the guest
+gives rx buffers again, so a guest that never reads cannot make the worker queue work.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import errno
+import logging
+import os
+import select
+import socket
+import time
+from collections.abc import Callable
+from typing import Protocol
+
+from devices.vsock.connection import EPOLLIN, Connection, CreditViolation, State
+from devices.vsock.packet import HEADER_SIZE, HOST_CID, TYPE_STREAM, Op, TxPacket, header_bytes
+from shared.virtio.chain import DescriptorChain
+from shared.virtio.guestlog import GuestLog
+
+log = logging.getLogger(__name__)
+_glog = GuestLog(log)
+
+MAX_CONNECTIONS = 1023  # Firecracker's defs::MAX_CONNECTIONS
+MAX_PENDING_RST = 256  # RSTs for packets of no connection, waiting for rx buffers
+CONNECT_LINE_MAX = 32  # "CONNECT 4294967295\n" is 19 bytes
+CONNECT_TIMEOUT_S = 2.0  # a host connection must send its CONNECT line within this
+MAX_ACCEPTS_PER_TURN = 64
+LOCAL_PORT_FIRST = 1 << 30  # host-initiated connections get ports from here (as Firecracker)
+MAX_UDS_PATH = 107  # sun_path holds 108 bytes with the NUL
+
+_LISTENER = -1
+
+COUNTER_NAMES = (
+    "conns_added",
+    "conns_killed",
+    "conns_removed",
+    "conn_event_fails",
+    "muxer_event_fails",
+    "killq_resync",
+    "tx_flush_fails",
+    "tx_write_fails",
+    "rx_read_fails",
+    "rx_bytes_count",
+    "tx_bytes_count",
+    # ours, beside Firecracker's
+    "host_connects",
+    "host_connect_bad_lines",
+    "host_connect_refused",
+    "guest_connects",
+    "guest_connect_refused",
+    "credit_violations",
+    "unknown_conn_packets",
+    "unknown_op_packets",
+    "bad_type_packets",
+    "rst_dropped",
+)
+
+
+class VsockBackend(Protocol):
+    """What the device needs from the host side."""
+
+    def send_pkt(self, pkt: TxPacket) -> None:
+        """A packet from the guest (already checked: header well-formed, CIDs right)."""
+
+    def recv_pkt(self, chain: DescriptorChain) -> int | None:
+        """Write the next packet for the guest into `chain`; its length, or None if none."""
+
+    def has_pending_rx(self) -> bool:
+        """Whether `recv_pkt` may have something."""
+
+    def rx_backlogged(self) -> bool:
+        """Too many packets wait for rx buffers: take no more tx packets for now."""
+
+    def fileno(self) -> int:
+        """The fd to poll; call `notify()` when it is readable."""
+
+    def notify(self) -> None:
+        """Handle whatever happened on the host side."""
+
+    def next_timeout(self) -> float | None:
+        """Seconds until `on_timer` is due, or None."""
+
+    def on_timer(self) -> None:
+        """Expire connection deadlines."""
+
+    def reset(self) -> None:
+        """Drop every connection (device reset, transport reset)."""
+
+
+class _Pending:
+    """An accepted host connection whose CONNECT line has not arrived yet."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+
+
+def parse_connect_line(line: bytes) -> int | None:
+    """The port of `CONNECT <port>` (without the newline), or None if malformed."""
+    parts = line.split(b" ")
+    if len(parts) != 2 or parts[0] != b"CONNECT" or not parts[1].isdigit() or len(parts[1]) > 10:
+        return None
+    port = int(parts[1])
+    return port if port <= 0xFFFFFFFF else None
+
+
+class UnixMuxer:
+    """Firecracker's vsock-over-AF_UNIX backend for the guest with CID `guest_cid`."""
+
+    def __init__(
+        self,
+        guest_cid: int,
+        uds_path: str,
+        listener: socket.socket | None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        if len(f"{uds_path}_4294967295".encode()) > MAX_UDS_PATH:
+            raise ValueError(f"uds_path {uds_path!r} is too long for <uds_path>_<port> to fit a Unix socket address")
+        self.guest_cid = guest_cid
+        self.uds_path = uds_path
+        self.listener = listener
+        self.clock = clock
+        self.max_connections = max_connections
+        self.counters = dict.fromkeys(COUNTER_NAMES, 0)
+        self.epoll = select.epoll()
+        self.conns: dict[tuple[int, int], Connection] = {}
+        self._by_fd: dict[int, Connection] = {}
+        self.pending: dict[int, _Pending] = {}
+        self.ready: collections.deque[Connection] = collections.deque()
+        self.rst_queue: collections.deque[tuple[int, int]] = collections.deque()
+        self._local_port_last = LOCAL_PORT_FIRST - 1
+        if listener is not None:
+            self.epoll.register(listener.fileno(), EPOLLIN)
+
+    # --- the worker's loop ------------------------------------------------------------------
+    def fileno(self) -> int:
+        return self.epoll.fileno()
+
+    def notify(self) -> None:
+        try:
+            events = self.epoll.poll(0, 256)
+        except OSError as e:
+            self.counters["muxer_event_fails"] += 1
+            log.error("vsock muxer: epoll failed: %s", e)
+            return
+        for fd, mask in events:
+            if self.listener is not None and fd == self.listener.fileno():
+                self._accept()
+            elif fd in self.pending:
+                self._read_connect_line(self.pending[fd])
+            elif fd in self._by_fd:
+                conn = self._by_fd[fd]
+                conn.on_host_events(mask, bool(mask & (select.EPOLLHUP | select.EPOLLERR)))
+                self._after(conn)
+            else:
+                self.counters["conn_event_fails"] += 1
+
+    def next_timeout(self) -> float | None:
+        deadlines = [p.deadline for p in self.pending.values()]
+        deadlines += [c.deadline for c in self.conns.values() if c.deadline is not None]
+        if not deadlines:
+            return None
+        return max(0.0, min(deadlines) - self.clock())
+
+    def on_timer(self) -> None:
+        now = self.clock()
+        for fd, pending in list(self.pending.items()):
+            if now >= pending.deadline:
+                self.counters["host_connect_bad_lines"] += 1
+                self._drop_pending(fd)
+        for conn in list(self.conns.values()):
+            if conn.deadline is not None and now >= conn.deadline:
+                conn.on_timeout()
+                self._after(conn)
+
+    # --- host-initiated connections ----------------------------------------------------------
+    def _accept(self) -> None:
+        assert self.listener is not None
+        for _ in range(MAX_ACCEPTS_PER_TURN):
+            try:
+                sock, _ = self.listener.accept()
+            except BlockingIOError:
+                return
+            except OSError as e:
+                self.counters["muxer_event_fails"] += 1
+                log.warning("vsock: accept on %s failed: %s", self.uds_path, e)
+                return
+            if len(self.conns) + len(self.pending) >= self.max_connections:
+                self.counters["host_connect_refused"] += 1
+                sock.close()
+                continue
+            self.pending[sock.fileno()] = _Pending(sock, self.clock() + CONNECT_TIMEOUT_S)
+            self.epoll.register(sock.fileno(), EPOLLIN)
+
+    def _drop_pending(self, fd: int) -> None:
+        pending = self.pending.pop(fd)
+        with contextlib.suppress(OSError):
+            self.epoll.unregister(fd)
+        pending.sock.close()
+
+    def _read_connect_line(self, pending: _Pending) -> None:
+        fd = pending.sock.fileno()
+        try:
+            peek = pending.sock.recv(CONNECT_LINE_MAX, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            self._drop_pending(fd)
+            return
+        end = peek.find(b"\n")
+        if end < 0:
+            if not peek or len(peek) >= CONNECT_LINE_MAX:  # closed, or no line where one must be
+                self.counters["host_connect_bad_lines"] += 1
+                self._drop_pending(fd)
+            return
+        pending.sock.recv(end + 1, socket.MSG_DONTWAIT)  # the line only: what follows is stream data
+        port = parse_connect_line(peek[:end].rstrip(b"\r"))
+        if port is None:
+            self.counters["host_connect_bad_lines"] += 1
+            self._drop_pending(fd)
+            return
+        del self.pending[fd]
+        self.epoll.unregister(fd)
+        conn = Connection(pending.sock, self.guest_cid, self._new_local_port(), port, State.LOCAL_INIT, self.counters)
+        self.counters["host_connects"] += 1
+        self._add(conn)
+
+    def _new_local_port(self) -> int:
+        while True:
+            self._local_port_last += 1
+            if self._local_port_last > 0x7FFFFFFF:
+                self._local_port_last = LOCAL_PORT_FIRST
+            if not any(k[0] == self._local_port_last for k in self.conns):
+                return self._local_port_last
+
+    # --- packets from the guest ---------------------------------------------------------------
+    def send_pkt(self, pkt: TxPacket) -> None:
+        h = pkt.header
+        key = (h.dst_port, h.src_port)
+        conn = self.conns.get(key)
+        if h.type != TYPE_STREAM:
+            self.counters["bad_type_packets"] += 1
+            _glog.warning("vsock: guest sent a packet of type %d (only stream is supported)", h.type)
+            if h.op != Op.RST:
+                self._reset_or_rst(conn, key)
+            return
+        if h.op not in (Op.REQUEST, Op.RESPONSE, Op.RST, Op.SHUTDOWN, Op.RW, Op.CREDIT_UPDATE, Op.CREDIT_REQUEST):
+            self.counters["unknown_op_packets"] += 1
+            _glog.warning("vsock: guest sent a packet with unknown op %d", h.op)
+            self._reset_or_rst(conn, key)
+            return
+        if conn is None:
+            if h.op == Op.REQUEST:
+                self._guest_connect(pkt)
+            elif h.op != Op.RST:
+                self.counters["unknown_conn_packets"] += 1
+                self._enqueue_rst(key)
+            return
+        if h.op == Op.RST:
+            self._remove(conn)
+            return
+        if conn.state is State.DEAD:
+            return  # its RST is on the way
+        conn.update_peer_credit(h.buf_alloc, h.fwd_cnt)
+        match h.op:
+            case Op.REQUEST:
+                conn.kill()  # a second REQUEST for a live connection
+            case Op.RESPONSE:
+                conn.on_response()
+            case Op.SHUTDOWN:
+                conn.on_shutdown(h.flags)
+            case Op.RW:
+                try:
+                    conn.on_rw(pkt.payload)
+                except CreditViolation as e:
+                    self.counters["credit_violations"] += 1
+                    _glog.warning("vsock: guest ignored its credit, connection reset: %s", e)
+                    conn.kill()
+            case Op.CREDIT_REQUEST:
+                conn.on_credit_request()
+            case _:
+                pass  # CREDIT_UPDATE: the header said it all
+        self._after(conn)
+
+    def _reset_or_rst(self, conn: Connection | None, key: tuple[int, int]) -> None:
+        if conn is not None:
+            conn.kill()
+            self._after(conn)
+        else:
+            self._enqueue_rst(key)
+
+    def _guest_connect(self, pkt: TxPacket) -> None:
+        h = pkt.header
+        self.counters["guest_connects"] += 1
+        if len(self.conns) + len(self.pending) >= self.max_connections:
+            self.counters["guest_connect_refused"] += 1
+            self._enqueue_rst((h.dst_port, h.src_port))
+            return
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(f"{self.uds_path}_{h.dst_port}")
+        except OSError as e:
+            sock.close()
+            self.counters["guest_connect_refused"] += 1
+            if e.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN):
+                log.warning("vsock: connecting to %s_%d failed: %s", self.uds_path, h.dst_port, e)
+            self._enqueue_rst((h.dst_port, h.src_port))
+            return
+        conn = Connection(
+            sock,
+            self.guest_cid,
+            h.dst_port,
+            h.src_port,
+            State.ESTABLISHED,
+            self.counters,
+            peer_buf_alloc=h.buf_alloc,
+            peer_fwd_cnt=h.fwd_cnt,
+        )
+        conn.need_response = True
+        self._add(conn)
+
+    # --- connection bookkeeping -----------------------------------------------------------------
+    def _add(self, conn: Connection) -> None:
+        self.conns[conn.key] = conn
+        self._by_fd[conn.sock.fileno()] = conn
+        self.counters["conns_added"] += 1
+        self._after(conn)
+
+    def _remove(self, conn: Connection) -> None:
+        if self.conns.get(conn.key) is not conn:
+            return
+        del self.conns[conn.key]
+        fd = conn.sock.fileno()
+        self._by_fd.pop(fd, None)
+        if conn.interest:
+            with contextlib.suppress(OSError):
+                self.epoll.unregister(fd)
+            conn.interest = 0
+        conn.sock.close()
+        conn.state = State.DEAD
+        self.counters["conns_removed"] += 1
+
+    def _after(self, conn: Connection) -> None:
+        """Bring the epoll registration and the ready list in line with the connection."""
+        if self.conns.get(conn.key) is not conn:
+            return
+        if conn.state is State.DEAD and not conn.need_rst and not conn.shutdown_flags:
+            self._remove(conn)
+            return
+        wanted = conn.wanted_events()
+        fd = conn.sock.fileno()
+        if wanted != conn.interest:
+            if not conn.interest:
+                self.epoll.register(fd, wanted)
+            elif not wanted:
+                self.epoll.unregister(fd)  # even events=0 would report EPOLLHUP over and over
+            else:
+                self.epoll.modify(fd, wanted)
+            conn.interest = wanted
+        if not conn.in_ready and conn.has_pending_rx():
+            conn.in_ready = True
+            self.ready.append(conn)
+
+    def _enqueue_rst(self, key: tuple[int, int]) -> None:
+        if len(self.rst_queue) >= MAX_PENDING_RST:
+            self.counters["rst_dropped"] += 1
+            return
+        self.rst_queue.append(key)
+
+    # --- packets to the guest -------------------------------------------------------------------
+    def has_pending_rx(self) -> bool:
+        return bool(self.rst_queue or self.ready)
+
+    def rx_backlogged(self) -> bool:
+        return len(self.rst_queue) >= MAX_PENDING_RST // 2
+
+    def recv_pkt(self, chain: DescriptorChain) -> int | None:
+        if self.rst_queue:
+            local, peer = self.rst_queue.popleft()
+            chain.writer().write(header_bytes(HOST_CID, self.guest_cid, local, peer, Op.RST))
+            return HEADER_SIZE
+        while self.ready:
+            conn = self.ready.popleft()
+            conn.in_ready = False
+            if self.conns.get(conn.key) is not conn:
+                continue
+            length = conn.next_rx(chain)
+            self._after(conn)  # back on the list (at the end) if it has more
+            if length is not None:
+                return length
+        return None
+
+    # --- reset ------------------------------------------------------------------------------------
+    def reset(self) -> None:
+        for conn in list(self.conns.values()):
+            self._remove(conn)
+        for fd in list(self.pending):
+            self._drop_pending(fd)
+        self.ready.clear()
+        self.rst_queue.clear()
+
+    def close(self) -> None:
+        self.reset()
+        self.epoll.close()
+        if self.listener is not None:
+            self.listener.close()
+
+
+def guest_path(uds_path: str, port: int) -> str:
+    """Where a guest connection to host port `port` goes."""
+    return f"{uds_path}_{port}"
+
+
+def listening_socket(uds_path: str) -> socket.socket:
+    """The supervisor's side: bind and listen at `uds_path` (non-blocking, for the worker)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(uds_path)
+        sock.listen(128)
+        os.set_blocking(sock.fileno(), False)
+    except OSError:
+        sock.close()
+        raise
+    return sock

@@ -1,0 +1,410 @@
+"""One vsock stream between a guest port and a host AF_UNIX stream: state and credit.
+
+A connection is keyed by (local_port, peer_port): local is the host side's port (the
+port a guest connected to, or one we picked for a host-initiated connection), peer the
+guest's. It owns the host socket and knows nothing of virtqueues: the muxer hands it the
+guest's packets (`on_*`) and asks it for the next packet to the guest (`next_rx`).
+
+Credit (spec 5.10.6.3), both directions, counters wrapping at 2^32:
+
+* guest -> host: we advertise `buf_alloc` (TX_BUF_SIZE) and `fwd_cnt` (bytes written to
+  the host socket). Bytes the host socket does not take at once wait in `tx_buf`; a
+  guest that sends more than its credit (tx_buf would grow past buf_alloc) is reset, so
+  nothing the guest does makes this buffer grow without bound. A CREDIT_UPDATE goes out
+  when CREDIT_UPDATE_THRESHOLD forwarded bytes were not yet announced (every packet we
+  send announces fwd_cnt), or when the guest asks (CREDIT_REQUEST).
+* host -> guest: the guest advertises its buf_alloc and fwd_cnt in every packet; we read
+  from the host socket only as much as `peer_credit()` allows, straight into the guest's
+  rx buffer. Out of credit, we stop reading (the host writer blocks: its socket buffer is
+  the only buffer) and send one CREDIT_REQUEST.
+
+Closing (half-close both ways):
+
+* guest SHUTDOWN(SEND): once tx_buf is flushed, shutdown(SHUT_WR) the host socket (the
+  host reads EOF and can still write);
+* guest SHUTDOWN(RCV): stop reading the host socket;
+* guest SHUTDOWN(both) (its close()): flush, close the host socket, RST to the guest;
+* host EOF (its shutdown(SHUT_WR)): SHUTDOWN(SEND) to the guest;
+* host gone (EPOLLHUP, or a write fails): SHUTDOWN(both) to the guest, which answers RST
+  (or we reset it after SHUTDOWN_TIMEOUT_S);
+* both directions finished by half-closes: RST to the guest, host socket closed;
+* guest RST: host socket closed, connection forgotten.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import socket
+import time
+from collections.abc import Callable, Sequence
+from enum import Enum
+
+from devices.vsock.packet import (
+    HEADER_SIZE,
+    HOST_CID,
+    MAX_PKT_BUF_SIZE,
+    SHUTDOWN_BOTH,
+    SHUTDOWN_RCV,
+    SHUTDOWN_SEND,
+    Op,
+    header_bytes,
+)
+from shared.virtio.chain import DescriptorChain
+
+TX_BUF_SIZE = 256 * 1024  # our buf_alloc: what a guest may have in flight towards the host
+CREDIT_UPDATE_THRESHOLD = TX_BUF_SIZE // 4
+SHUTDOWN_TIMEOUT_S = 2.0  # SHUTDOWN(both) sent, the guest's RST awaited (Firecracker's value)
+REQUEST_TIMEOUT_S = 5.0  # REQUEST sent for a host-initiated connection, RESPONSE awaited
+_U32 = 0xFFFFFFFF
+_SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+_RESET_ERRORS = (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN)
+
+EPOLLIN, EPOLLOUT = 0x001, 0x004
+
+
+class State(Enum):
+    LOCAL_INIT = "local_init"  # host-initiated: REQUEST to the guest, RESPONSE awaited
+    ESTABLISHED = "established"
+    CLOSING = "closing"  # SHUTDOWN(both) to the guest, its RST awaited
+    DEAD = "dead"  # RST to be sent (or sent): the muxer forgets the connection
+
+
+class CreditViolation(Exception):
+    """The guest sent more than the credit we gave it."""
+
+
+def _drop_front(views: Sequence[memoryview], n: int) -> list[memoryview]:
+    out: list[memoryview] = []
+    for view in views:
+        if n >= len(view):
+            n -= len(view)
+            continue
+        out.append(view[n:])
+        n = 0
+    return out
+
+
+class Connection:
+    """A vsock stream. `counters` is the device's metrics dict (shared, incremented here)."""
+
+    def __init__(
+        self,
+        sock: socket.socket,
+        guest_cid: int,
+        local_port: int,
+        peer_port: int,
+        state: State,
+        counters: dict[str, int],
+        *,
+        peer_buf_alloc: int = 0,
+        peer_fwd_cnt: int = 0,
+        buf_alloc: int = TX_BUF_SIZE,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.sock = sock
+        self.guest_cid = guest_cid
+        self.local_port = local_port
+        self.peer_port = peer_port
+        self.state = state
+        self.counters = counters
+        self.clock = clock
+        self.buf_alloc = buf_alloc
+        # guest -> host
+        self.tx_buf = bytearray()
+        self.host_prefix = b""  # "OK <port>\n", written before any guest byte
+        self.tx_recv_cnt = 0  # guest payload bytes accepted
+        self.fwd_cnt = 0  # ... of which written to the host socket
+        self.last_fwd_cnt_sent = 0
+        # host -> guest
+        self.peer_buf_alloc = peer_buf_alloc
+        self.peer_fwd_cnt = peer_fwd_cnt
+        self.rx_cnt = 0  # payload bytes sent to the guest
+        self.host_readable = False
+        self.credit_stalled = False
+        # closing
+        self.guest_shut_send = False
+        self.guest_shut_recv = False
+        self.host_eof = False
+        self.host_hup = False
+        self.host_shut_wr = False
+        # packets owed to the guest (each at most once: bounded by construction)
+        self.need_request = state is State.LOCAL_INIT
+        self.need_response = False
+        self.need_credit_update = False
+        self.need_credit_request = False
+        self.shutdown_flags = 0  # SHUTDOWN owed with these flags
+        self.need_rst = False
+        self.deadline: float | None = clock() + REQUEST_TIMEOUT_S if state is State.LOCAL_INIT else None
+        self.in_ready = False  # on the muxer's round-robin list
+        self.interest = 0  # epoll events the muxer has registered for the host socket
+
+    @property
+    def key(self) -> tuple[int, int]:
+        return self.local_port, self.peer_port
+
+    # --- credit --------------------------------------------------------------------------
+    def peer_credit(self) -> int:
+        """Bytes the guest can take now."""
+        in_flight = (self.rx_cnt - self.peer_fwd_cnt) & _U32
+        return max(0, self.peer_buf_alloc - in_flight)
+
+    def update_peer_credit(self, buf_alloc: int, fwd_cnt: int) -> None:
+        self.peer_buf_alloc, self.peer_fwd_cnt = buf_alloc, fwd_cnt
+        if self.peer_credit() > 0:
+            self.credit_stalled = False
+
+    # --- what the host socket should be polled for ------------------------------------------
+    def wanted_events(self) -> int:
+        if self.state is State.DEAD:
+            return 0
+        events = 0
+        if self.state is State.ESTABLISHED and not (self.host_readable or self.host_eof or self.guest_shut_recv):
+            events |= EPOLLIN
+        if self.host_prefix or self.tx_buf:
+            events |= EPOLLOUT
+        return events
+
+    # --- packets from the guest -------------------------------------------------------------
+    def on_response(self) -> None:
+        if self.state is not State.LOCAL_INIT:
+            self.kill()
+            return
+        self.state = State.ESTABLISHED
+        self.deadline = None
+        self.host_prefix = f"OK {self.local_port}\n".encode()
+        self.flush()
+
+    def on_rw(self, payload: Sequence[memoryview]) -> None:
+        """Guest data for the host; CreditViolation if it overran its credit."""
+        if self.state is State.CLOSING:
+            return  # the host is gone; the guest was told (SHUTDOWN both)
+        if self.state is not State.ESTABLISHED or self.guest_shut_send:
+            self.kill()
+            return
+        n = sum(len(v) for v in payload)
+        if not n:
+            return
+        in_flight = (self.tx_recv_cnt + n - self.fwd_cnt) & _U32
+        if in_flight > self.buf_alloc:
+            raise CreditViolation(
+                f"port {self.peer_port}->{self.local_port}: {in_flight} bytes in flight, buf_alloc {self.buf_alloc}"
+            )
+        self.tx_recv_cnt = (self.tx_recv_cnt + n) & _U32
+        self.counters["tx_bytes_count"] += n
+        if not self.tx_buf and not self.host_prefix:
+            written = self._send(payload)
+            if written is None:
+                return
+            self._forwarded(written)
+            payload = _drop_front(payload, written)
+        for view in payload:
+            self.tx_buf += view
+        self._check_credit_update()
+
+    def on_shutdown(self, flags: int) -> None:
+        if flags & SHUTDOWN_SEND:
+            self.guest_shut_send = True
+        if flags & SHUTDOWN_RCV:
+            self.guest_shut_recv = True
+            self.host_readable = False
+        self._maybe_finish()
+
+    def on_credit_request(self) -> None:
+        self.need_credit_update = True
+
+    # --- the host socket ---------------------------------------------------------------------
+    def on_host_events(self, events: int, hup: bool) -> None:
+        if hup:
+            self.host_hup = True
+        if events & EPOLLIN or hup:
+            self.host_readable = True
+            if self.peer_credit() == 0 and self.state is State.ESTABLISHED and not self.credit_stalled:
+                self.credit_stalled = True
+                self.need_credit_request = True
+        if events & EPOLLOUT:
+            self.flush()
+
+    def _send(self, data: Sequence[memoryview] | bytes) -> int | None:
+        """Write to the host socket: bytes written (0 if it would block), None if the host is gone."""
+        try:
+            if isinstance(data, bytes | bytearray):
+                return self.sock.send(data, _SEND_FLAGS)
+            return self.sock.sendmsg(data, (), _SEND_FLAGS)
+        except BlockingIOError:
+            return 0
+        except OSError:
+            self.counters["tx_write_fails"] += 1
+            self._host_gone()
+            return None
+
+    def flush(self) -> None:
+        """Write buffered bytes to the host socket, as much as it takes."""
+        if self.host_prefix:
+            written = self._send(self.host_prefix)
+            if written is None:
+                return
+            self.host_prefix = self.host_prefix[written:]
+            if self.host_prefix:
+                return
+        while self.tx_buf:
+            written = self._send(bytes(self.tx_buf[: MAX_PKT_BUF_SIZE * 4]))
+            if written is None:
+                self.counters["tx_flush_fails"] += 1
+                return
+            if written == 0:
+                break
+            del self.tx_buf[:written]
+            self._forwarded(written)
+        self._check_credit_update()
+        self._maybe_finish()
+
+    def _forwarded(self, n: int) -> None:
+        self.fwd_cnt = (self.fwd_cnt + n) & _U32
+
+    def _check_credit_update(self) -> None:
+        if ((self.fwd_cnt - self.last_fwd_cnt_sent) & _U32) >= CREDIT_UPDATE_THRESHOLD:
+            self.need_credit_update = True
+
+    def _host_gone(self) -> None:
+        """The host closed its socket: tell the guest, wait for its RST."""
+        self.tx_buf.clear()
+        self.host_prefix = b""
+        self.host_readable = False
+        if self.state is State.ESTABLISHED:
+            self.state = State.CLOSING
+            self.shutdown_flags = SHUTDOWN_BOTH
+            self.deadline = self.clock() + SHUTDOWN_TIMEOUT_S
+        elif self.state is State.LOCAL_INIT:
+            self.kill()
+
+    def _maybe_finish(self) -> None:
+        if self.state is not State.ESTABLISHED or self.tx_buf or self.host_prefix:
+            return
+        if self.guest_shut_send and self.guest_shut_recv:
+            self.kill()  # the guest closed: host socket closed, RST to confirm
+            return
+        if self.guest_shut_send and not self.host_shut_wr:
+            self.host_shut_wr = True
+            with contextlib.suppress(OSError):  # the host may be gone already
+                self.sock.shutdown(socket.SHUT_WR)
+        if self.guest_shut_send and self.host_eof:
+            self.kill()  # both directions half-closed: done
+
+    def kill(self) -> None:
+        """Send RST to the guest and forget the connection (the muxer closes the socket)."""
+        if self.state is not State.DEAD:
+            self.state = State.DEAD
+            self.need_rst = True
+            self.deadline = None
+            self.tx_buf.clear()
+            self.host_prefix = b""
+            self.counters["conns_killed"] += 1
+
+    def on_timeout(self) -> None:
+        if self.deadline is not None and self.clock() >= self.deadline:
+            self.kill()
+
+    # --- packets to the guest -------------------------------------------------------------------
+    def has_pending_rx(self) -> bool:
+        if self.need_rst or self.need_request or self.need_response or self.shutdown_flags:
+            return True
+        if self.need_credit_update or self.need_credit_request:
+            return True
+        return self._can_read()
+
+    def _can_read(self) -> bool:
+        return (
+            self.state is State.ESTABLISHED
+            and self.host_readable
+            and not self.guest_shut_recv
+            and not self.host_eof
+            and self.peer_credit() > 0
+        )
+
+    def _header(self, op: Op, length: int = 0, flags: int = 0) -> bytes:
+        self.last_fwd_cnt_sent = self.fwd_cnt  # every packet announces fwd_cnt
+        self.need_credit_update = False
+        return header_bytes(
+            HOST_CID,
+            self.guest_cid,
+            self.local_port,
+            self.peer_port,
+            op,
+            length=length,
+            flags=flags,
+            buf_alloc=self.buf_alloc,
+            fwd_cnt=self.fwd_cnt,
+        )
+
+    def next_rx(self, chain: DescriptorChain) -> int | None:
+        """Write the next packet for the guest into `chain`; its length, or None if none is due.
+
+        `chain` has room for at least a header (the device checked)."""
+        writer = chain.writer()
+        if self.need_request:
+            self.need_request = False
+            writer.write(self._header(Op.REQUEST))
+            return HEADER_SIZE
+        if self.need_rst and not self.shutdown_flags:
+            self.need_rst = False
+            writer.write(self._header(Op.RST))
+            return HEADER_SIZE
+        if self.need_response:
+            self.need_response = False
+            writer.write(self._header(Op.RESPONSE))
+            return HEADER_SIZE
+        if self._can_read():
+            written = self._read_into(chain)
+            if written is not None:
+                return written
+        if self.shutdown_flags:
+            flags, self.shutdown_flags = self.shutdown_flags, 0
+            writer.write(self._header(Op.SHUTDOWN, flags=flags))
+            return HEADER_SIZE
+        if self.need_credit_request:
+            self.need_credit_request = False
+            writer.write(self._header(Op.CREDIT_REQUEST))
+            return HEADER_SIZE
+        if self.need_credit_update:
+            writer.write(self._header(Op.CREDIT_UPDATE))
+            return HEADER_SIZE
+        return None
+
+    def _read_into(self, chain: DescriptorChain) -> int | None:
+        """One RW packet read from the host socket into `chain`, or None (nothing to read / EOF)."""
+        writer = chain.writer()
+        header_views = writer.views(HEADER_SIZE)
+        room = min(writer.remaining, self.peer_credit(), MAX_PKT_BUF_SIZE)
+        if room <= 0:
+            return None
+        try:
+            n = self.sock.recvmsg_into(writer.views(room), 0, socket.MSG_DONTWAIT)[0]
+        except BlockingIOError:
+            self.host_readable = False
+            return None
+        except OSError:
+            self.counters["rx_read_fails"] += 1
+            self._host_gone()
+            return None
+        if n == 0:
+            self._host_eof()
+            return None
+        header = self._header(Op.RW, length=n)
+        pos = 0
+        for view in header_views:
+            view[:] = header[pos : pos + len(view)]
+            pos += len(view)
+        self.rx_cnt = (self.rx_cnt + n) & _U32
+        self.counters["rx_bytes_count"] += n
+        return HEADER_SIZE + n
+
+    def _host_eof(self) -> None:
+        self.host_eof = True
+        self.host_readable = False
+        if self.host_hup:
+            self._host_gone()
+            return
+        self.shutdown_flags |= SHUTDOWN_SEND
+        if self.guest_shut_send and not self.tx_buf:
+            self.kill()  # the SHUTDOWN goes first, then the RST

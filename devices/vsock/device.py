@@ -1,0 +1,228 @@
+"""The virtio-vsock device (spec 5.10): three queues, config space guest_cid, and a backend.
+
+Queues: 0 rx (the device writes packets into the guest's buffers), 1 tx (the guest's
+packets), 2 event (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET). The device knows its queues, guest
+memory, an `Interrupt` and a `VsockBackend`; the worker wires ioeventfds to
+`process_queue`, the backend's fd to `process_backend`, and a timer to `process_timer`.
+
+Guest errors never escape: a malformed chain or packet is completed with length 0 and
+counted, a packet with the wrong source CID (or for another CID than the host's) is
+dropped and counted; what the backend refuses (unknown op, unknown connection) becomes an
+RST. A corrupt ring asks for DEVICE_NEEDS_RESET.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Sequence
+
+from devices.vsock.backend import VsockBackend
+from devices.vsock.packet import EVENT, EVENT_TRANSPORT_RESET, HEADER_SIZE, HOST_CID, PacketError, parse_tx
+from shared.memory import GuestMemory
+from shared.virtio import constants as c
+from shared.virtio.chain import ChainError, DescriptorChain
+from shared.virtio.device import DeviceError, Interrupt, config_slice
+from shared.virtio.guestlog import GuestLog
+from shared.virtio.queue import Queue, QueueError
+
+_log = GuestLog(logging.getLogger(__name__))
+
+RX, TX, EVQ = 0, 1, 2
+QUEUE_SIZE = 256
+_CONFIG = struct.Struct("<Q")  # guest_cid
+
+METRIC_NAMES = (
+    "activate_fails",
+    "cfg_fails",
+    "rx_queue_event_fails",
+    "tx_queue_event_fails",
+    "ev_queue_event_fails",
+    "rx_queue_event_count",
+    "tx_queue_event_count",
+    "ev_queue_event_count",
+    "rx_packets_count",
+    "tx_packets_count",
+    "tx_malformed_packets",
+    "tx_bad_cid_packets",
+    "rx_bad_buffers",
+    "transport_reset_events",
+    "needs_reset_count",
+)
+
+
+class VsockDevice:
+    """virtio-vsock for the guest with CID `guest_cid`, over `backend`."""
+
+    device_type = c.VIRTIO_ID_VSOCK
+
+    def __init__(self, guest_cid: int, backend: VsockBackend, *, queue_size: int = QUEUE_SIZE) -> None:
+        if not 3 <= guest_cid <= 0xFFFFFFFF:
+            raise ValueError(f"guest_cid must be in [3, 2^32), got {guest_cid}")
+        self.guest_cid = guest_cid
+        self.backend = backend
+        self.queue_max_sizes: Sequence[int] = (queue_size, queue_size, queue_size)
+        self.metrics = dict.fromkeys(METRIC_NAMES, 0)
+        self._queues: Sequence[Queue] = ()
+        self._interrupt: Interrupt | None = None
+        self._pending_events = 0  # TRANSPORT_RESET events waiting for an event buffer
+
+    # --- identity and configuration ------------------------------------------------------
+    @property
+    def avail_features(self) -> int:
+        return sum(c.feature(b) for b in (c.VIRTIO_F_VERSION_1, c.VIRTIO_F_EVENT_IDX, c.VIRTIO_F_INDIRECT_DESC))
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        return config_slice(_CONFIG.pack(self.guest_cid), offset, size)
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        self.metrics["cfg_fails"] += 1
+        _log.warning("Guest wrote vsock config space at %#x (read-only)", offset)
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def activate(self, mem: GuestMemory, queues: Sequence[Queue], interrupt: Interrupt, features: int) -> None:
+        if len(queues) != 3:
+            self.metrics["activate_fails"] += 1
+            raise DeviceError(f"virtio-vsock has three queues, got {len(queues)}")
+        self._queues, self._interrupt = queues, interrupt
+        self.process_backend()  # anything that arrived meanwhile (nothing: connections need the guest)
+
+    def reset(self) -> None:
+        self._queues, self._interrupt = (), None
+        self.backend.reset()
+
+    @property
+    def active(self) -> bool:
+        return bool(self._queues)
+
+    # --- entry points ------------------------------------------------------------------------
+    def process_queue(self, index: int) -> None:
+        if not self.active or self._interrupt is None:
+            return
+        if index == RX:
+            self.metrics["rx_queue_event_count"] += 1
+        elif index == TX:
+            self.metrics["tx_queue_event_count"] += 1
+        elif index == EVQ:
+            self.metrics["ev_queue_event_count"] += 1
+        else:
+            return
+        self._run(lambda: self._process_event_queue() if index == EVQ else self._process_tx_rx())
+
+    def process_backend(self) -> None:
+        """The backend's fd is readable: let it work, then move packets both ways."""
+        self.backend.notify()
+        if self.active:
+            self._run(self._process_tx_rx)
+
+    def process_timer(self) -> None:
+        self.backend.on_timer()
+        if self.active:
+            self._run(self._process_tx_rx)
+
+    def transport_reset(self) -> None:
+        """Send VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (after a snapshot restore: every connection is gone)."""
+        self.backend.reset()
+        self._pending_events += 1
+        if self.active:
+            self._run(self._process_event_queue)
+
+    def _run(self, work: object) -> None:
+        interrupt = self._interrupt
+        assert interrupt is not None and callable(work)
+        try:
+            work()
+        except QueueError as e:
+            self.metrics["needs_reset_count"] += 1
+            interrupt.signal_needs_reset(str(e))
+            return
+        if any(q.needs_notification() for q in list(self._queues)):  # each queue's counter is reset
+            interrupt.signal_used_queue()
+
+    # --- tx then rx ------------------------------------------------------------------------------
+    def _process_tx_rx(self) -> None:
+        self._process_rx()  # first: rx buffers the guest just gave may unblock tx
+        self._process_tx()
+        self._process_rx()  # what the tx packets produced (RESPONSE, RST, credit, data)
+
+    def _pop(self, queue: Queue, counter: str) -> DescriptorChain | None:
+        while True:
+            try:
+                return queue.pop()
+            except ChainError as e:
+                _log.warning("%s", str(e))
+                self.metrics[counter] += 1
+                queue.add_used(e.head, 0)
+
+    def _process_tx(self) -> None:
+        """Hand the guest's packets to the backend; stop while the rx side is backlogged
+        (the guest's next rx buffers kick us and tx goes on)."""
+        queue = self._queues[TX]
+        while True:
+            if self.backend.rx_backlogged():
+                self._process_rx()
+                if self.backend.rx_backlogged():
+                    return
+            chain = self._pop(queue, "tx_malformed_packets")
+            if chain is None:
+                if queue.enable_notification():
+                    continue
+                return
+            self._serve_tx(chain)
+            queue.add_used(chain.head, 0)
+
+    def _serve_tx(self, chain: DescriptorChain) -> None:
+        try:
+            pkt = parse_tx(chain)
+        except PacketError as e:
+            _log.warning("vsock: malformed packet dropped: %s", str(e))
+            self.metrics["tx_malformed_packets"] += 1
+            return
+        h = pkt.header
+        if h.src_cid != self.guest_cid or h.dst_cid != HOST_CID:
+            _log.warning(
+                "vsock: packet from CID %d to CID %d dropped (guest is %d)", h.src_cid, h.dst_cid, self.guest_cid
+            )
+            self.metrics["tx_bad_cid_packets"] += 1
+            return
+        self.metrics["tx_packets_count"] += 1
+        self.backend.send_pkt(pkt)
+
+    def _process_rx(self) -> None:
+        queue = self._queues[RX]
+        while self.backend.has_pending_rx():
+            chain = self._pop(queue, "rx_bad_buffers")
+            if chain is None:
+                if queue.enable_notification():
+                    continue
+                return  # the guest's next rx buffers will kick us
+            if chain.writable_len < HEADER_SIZE:
+                self.metrics["rx_bad_buffers"] += 1
+                queue.add_used(chain.head, 0)
+                continue
+            length = self.backend.recv_pkt(chain)
+            if length is None:
+                queue.undo_pop()
+                return
+            queue.add_used(chain.head, length)
+            self.metrics["rx_packets_count"] += 1
+
+    # --- event queue -------------------------------------------------------------------------------
+    def _process_event_queue(self) -> None:
+        queue = self._queues[EVQ]
+        while self._pending_events:
+            chain = self._pop(queue, "ev_queue_event_fails")
+            if chain is None:
+                if queue.enable_notification():
+                    continue
+                return
+            try:
+                chain.writer().write(EVENT.pack(EVENT_TRANSPORT_RESET))
+            except ChainError as e:
+                _log.warning("%s", str(e))
+                self.metrics["ev_queue_event_fails"] += 1
+                queue.add_used(chain.head, 0)
+                continue
+            queue.add_used(chain.head, EVENT.size)
+            self._pending_events -= 1
+            self.metrics["transport_reset_events"] += 1

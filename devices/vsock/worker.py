@@ -1,0 +1,111 @@
+"""The virtio-vsock worker process: the guest's vsock device, in its own trust zone.
+
+Entry `run(args, fds)` runs in a child forked by the zygote, which closed every other fd.
+The worker keeps exactly these fds, in this order (`FDS`):
+
+    memfd         guest RAM (rx buffers are filled and tx payloads read in place)
+    irqfd         written to inject the device's GSI
+    rx_notify     ioeventfd of queue 0 (rx)
+    tx_notify     ioeventfd of queue 1 (tx)
+    ev_notify     ioeventfd of queue 2 (event)
+    listener      the AF_UNIX socket listening at uds_path, created by the supervisor
+    fd_channel    SEQPACKET socket to the supervisor
+
+It opens no host path; it connects to `<uds_path>_<port>` for guest-initiated connections
+(see policy.py). args: guest_cid, uds_path, mem_size, name, control_endpoint, mmio_endpoint.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from typing import Any
+
+from devices.vsock.backend import COUNTER_NAMES, UnixMuxer
+from devices.vsock.device import VsockDevice
+from devices.vsock.messages import VsockTransportReset
+from devices.vsock.policy import POLICY
+from shared import protocol as p
+from shared.confine import SeccompSettings
+from shared.devworker import Channels, irq_trigger, run_device
+from shared.eventloop import EventLoop
+from shared.memory import GuestMemory
+from shared.virtio.mmio import MmioTransport
+
+FDS = ("memfd", "irqfd", "rx_notify", "tx_notify", "ev_notify", "listener", "fd_channel")
+BACKEND = 100  # the muxer's epoll fd in the worker's loop
+
+log = logging.getLogger("embervm.vsock")
+
+__all__ = ["COUNTER_NAMES", "VsockHooks", "build", "run"]
+
+
+class VsockHooks:
+    """What the vsock worker adds to the generic loop: the muxer's fd and timer, metrics,
+    the transport-reset command."""
+
+    def __init__(self, device: VsockDevice, muxer: UnixMuxer, transport: MmioTransport) -> None:
+        self.device = device
+        self.muxer = muxer
+        self.transport = transport
+
+    def install(self, loop: EventLoop) -> None:
+        loop.register(self.muxer.fileno(), BACKEND, self)
+        loop.add_timer(self.muxer.next_timeout, self._on_timer)
+
+    def process(self, token: int, events: int) -> None:
+        self._guarded(self.device.process_backend)
+
+    def _on_timer(self) -> None:
+        self._guarded(self.device.process_timer)
+
+    def _guarded(self, work: Any) -> None:
+        try:
+            work()
+        except Exception:  # a bug of ours: keep the worker, count it
+            self.muxer.counters["muxer_event_fails"] += 1
+            log.exception("vsock backend error")
+
+    def metrics(self) -> dict[str, dict[str, int]]:
+        return {"vsock": {**self.device.metrics, **self.muxer.counters, "conns_open": len(self.muxer.conns)}}
+
+    def handle_control(self, msg: p.Message) -> p.Message | None:
+        if isinstance(msg, VsockTransportReset):
+            self.device.transport_reset()
+            return p.UpdateResult(msg.request_id, True, "")
+        log.warning("vsock worker ignored control message %r", msg.TYPE)
+        return None
+
+    def handle_fds(self, msg: p.Message, fds: list[int]) -> p.Message | None:
+        for fd in fds:
+            os.close(fd)
+        log.warning("vsock worker ignored fd-channel message %r with %d fds", msg.TYPE, len(fds))
+        return None
+
+
+def build(args: dict[str, Any], fds: list[int]) -> tuple[MmioTransport, VsockHooks]:
+    """The device behind its transport, from the spawn arguments and fds."""
+    memfd, irqfd, _rx, _tx, _ev, listener_fd, _channel = fds
+    mem = GuestMemory.map(memfd, int(args["mem_size"]))
+    listener = socket.socket(fileno=listener_fd)
+    muxer = UnixMuxer(int(args["guest_cid"]), str(args["uds_path"]), listener)
+    device = VsockDevice(int(args["guest_cid"]), muxer)
+    transport = MmioTransport(device, mem, trigger=irq_trigger(irqfd))
+    return transport, VsockHooks(device, muxer, transport)
+
+
+def run(args: dict[str, Any], fds: list[int]) -> int:
+    """Worker entry point (in the forked child)."""
+    if len(fds) != len(FDS):
+        raise ValueError(f"the vsock worker takes {len(FDS)} fds ({', '.join(FDS)}), got {len(fds)}")
+    _memfd, irqfd, rx, tx, ev, _listener, channel = fds
+    channels = Channels(
+        control_endpoint=str(args["control_endpoint"]),
+        mmio_endpoint=str(args["mmio_endpoint"]),
+        fd_channel=channel,
+        queue_fds=[rx, tx, ev],
+        irqfd=irqfd,
+        name=str(args.get("name", "vsock")),
+    )
+    return run_device(channels, lambda: build(args, fds), SeccompSettings.from_args(args), POLICY)
