@@ -301,7 +301,7 @@ class UnixMuxer:
                     conn.on_rw(pkt.payload)
                 except CreditViolation as e:
                     self.counters["credit_violations"] += 1
-                    _glog.warning("vsock: guest ignored its credit, connection reset: %s", e)
+                    _glog.warning("vsock: guest ignored its credit, connection reset: %s", str(e))
                     conn.kill()
             case Op.CREDIT_REQUEST:
                 conn.on_credit_request()

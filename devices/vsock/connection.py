@@ -397,12 +397,15 @@ class Connection:
             pos += len(view)
         self.rx_cnt = (self.rx_cnt + n) & _U32
         self.counters["rx_bytes_count"] += n
+        if self.peer_credit() == 0 and not self.credit_stalled:  # the host may have more: ask
+            self.credit_stalled = True
+            self.need_credit_request = True
         return HEADER_SIZE + n
 
     def _host_eof(self) -> None:
         self.host_eof = True
         self.host_readable = False
-        if self.host_hup:
+        if self.host_hup and not self.host_shut_wr:  # after our own SHUT_WR, HUP is just their SHUT_WR
             self._host_gone()
             return
         self.shutdown_flags |= SHUTDOWN_SEND

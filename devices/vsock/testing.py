@@ -131,6 +131,8 @@ class GuestVsock:
             result = predicate()
             if result:
                 return result
+            if got:
+                continue  # progress: look again before sleeping
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"condition not met within {timeout} s; received {self.received[-5:]!r}")
@@ -161,6 +163,7 @@ class VsockRig:
         self.device = VsockDevice(guest_cid, self.muxer)
         self.interrupt = FakeInterrupt()
         self.guest = GuestVsock(self.mem, guest_cid, self.kick, self.pump)
+        self.sockets: list[socket.socket] = []  # the host's, closed with the rig
         queues = [d.queue() for d in self.guest.drivers]
         if event_idx:
             for q in queues:
@@ -185,12 +188,19 @@ class VsockRig:
 
     def host_connect(self, port: int) -> socket.socket:
         """A host process connecting through uds_path with CONNECT (the OK line not read yet)."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock = self.own(socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
         sock.connect(self.uds_path)
         sock.sendall(f"CONNECT {port}\n".encode())
         return sock
 
+    def own(self, sock: socket.socket) -> socket.socket:
+        """Close `sock` with the rig."""
+        self.sockets.append(sock)
+        return sock
+
     def close(self) -> None:
+        for sock in self.sockets:
+            sock.close()
         self.muxer.close()
         self.mem.close()
 
@@ -202,11 +212,15 @@ class VsockRig:
 
 
 def read_line(sock: socket.socket, timeout: float = 5.0) -> bytes:
-    """One '\\n'-terminated line, read byte by byte (nothing after it is consumed); b"" on EOF."""
+    """One '\\n'-terminated line, read byte by byte (nothing after it is consumed); what was
+    read before EOF or a reset (b"" for a socket closed before any byte)."""
     sock.settimeout(timeout)
     line = b""
     while not line.endswith(b"\n"):
-        byte = sock.recv(1)
+        try:
+            byte = sock.recv(1)
+        except ConnectionResetError:  # closed by the worker with our bytes unread
+            return line
         if not byte:
             return line
         line += byte

@@ -1,0 +1,28 @@
+"""The vsock worker's seccomp policy, as data."""
+
+from __future__ import annotations
+
+from devices.vsock.policy import POLICY
+from shared.seccomp import AF_UNIX, COMMON, DEVICE_COMMON, compile_filter
+
+
+def test_adds_only_stream_io_and_half_close_to_the_common_policies() -> None:
+    extra = POLICY.syscalls() - COMMON.syscalls() - DEVICE_COMMON.syscalls()
+
+    assert extra == {"sendmsg", "recvmsg", "shutdown"}
+
+
+def test_no_bind_listen_open_exec_or_ioctl() -> None:
+    assert not POLICY.syscalls() & {"bind", "listen", "open", "openat", "execve", "ioctl", "fork", "vfork", "kill"}
+
+
+def test_new_sockets_are_af_unix_only_and_accept_is_cloexec() -> None:
+    (socket_rule,) = [r for r in POLICY.rules if r.syscall == "socket"]
+    assert [(c.index, c.value) for c in socket_rule.args] == [(0, AF_UNIX)]
+    (accept_rule,) = [r for r in POLICY.rules if r.syscall == "accept4"]
+    assert accept_rule.args
+
+
+def test_every_rule_names_its_caller_and_the_policy_compiles() -> None:
+    assert all(r.comment for r in POLICY.rules)
+    compile_filter(POLICY)
