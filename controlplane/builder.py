@@ -16,6 +16,7 @@ drive adds `root=` and `ro`/`rw`, as Firecracker does.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from controlplane.vm_spec import DriveSpec, VmSpec
+from devices.net.tap import TapError, open_tap
 from shared import layout
 from shared.boot.acpi import write_acpi_tables
 from shared.boot.cmdline import Cmdline
@@ -33,6 +35,7 @@ from shared.boot.mptable import write_mptable
 from shared.memory import GuestMemory, create_guest_memfd
 
 BLOCK_QUEUES = 1
+NET_QUEUES = 2  # rx, tx
 
 
 @dataclass
@@ -127,6 +130,41 @@ def plan_block_backends(spec: VmSpec) -> list[DevicePlan]:
                 "rate_limiter": drive.rate_limiter,
             }
             plans.append(DevicePlan("block", drive.drive_id, BLOCK_QUEUES, args, [open_backing_file(drive)], drive))
+    except BaseException:
+        close_plans(plans)
+        raise
+    return plans
+
+
+@planner("net")
+def plan_net_backends(spec: VmSpec) -> list[DevicePlan]:
+    """Each network interface in configuration order, with its TAP attached."""
+    mmds = spec.mmds_config or {}
+    listed = set(mmds.get("network_interfaces") or [])
+    document = json.dumps(spec.mmds_data).encode() if spec.mmds_data is not None else b""
+    plans: list[DevicePlan] = []
+    try:
+        for iface in spec.network_interfaces:
+            iface_id = str(iface["iface_id"])
+            try:
+                tap_fd = open_tap(str(iface["host_dev_name"]))
+            except (TapError, OSError) as e:
+                raise BootError(f"network interface {iface_id}: {e}") from None
+            args = {
+                "iface_id": iface_id,
+                "guest_mac": iface.get("guest_mac"),
+                "rx_rate_limiter": iface.get("rx_rate_limiter"),
+                "tx_rate_limiter": iface.get("tx_rate_limiter"),
+                "mmds": None,
+            }
+            if iface_id in listed:
+                args["mmds"] = {
+                    "version": mmds.get("version") or "V1",
+                    "ipv4_address": mmds.get("ipv4_address"),
+                    "imds_compat": bool(mmds.get("imds_compat")),
+                    "document": document,
+                }
+            plans.append(DevicePlan("net", iface_id, NET_QUEUES, args, [tap_fd], iface))
     except BaseException:
         close_plans(plans)
         raise

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import json
 import logging
 import os
 import queue
@@ -57,6 +58,7 @@ UPDATE_TIMEOUT_S = 5.0
 VCPU = "vcpu"
 
 ExitCallback = Callable[[int, str], None]
+Limits = dict[str, Any] | None  # the API's RateLimiter body
 
 
 class VmStartError(Exception):
@@ -161,6 +163,7 @@ class MicroVm:
         self._thread = threading.Thread(target=self._monitor, name="vm-monitor", daemon=True)
         self._seccomp_filters: dict[str, Filter] | None = None  # --seccomp-filter, by worker kind
         self._seccomp_faults = 0
+        self._mmds_workers: list[str] = []  # net workers serving MMDS (update_mmds)
 
     # --- start-up -------------------------------------------------------------------------
     def _start(self, kvm_fd: int, plan: GuestPlan, devices: list[DevicePlan]) -> None:
@@ -218,6 +221,8 @@ class MicroVm:
         finally:
             theirs.close()
         handle.device_id, handle.fd_channel = device.device_id, mine
+        if device.kind == "net" and device.args.get("mmds"):
+            self._mmds_workers.append(device.name)
         if device.kind == "block":
             handle.drive_id = device.device_id
         self._await_ready(handle)
@@ -331,9 +336,31 @@ class MicroVm:
     # --- run-time device updates (PATCH /drives) -------------------------------------------------
     def update_device(self, kind: str, device_id: str, changes: dict[str, Any]) -> None:
         """The API's hook (`controlplane.state`): forward a validated post-boot change."""
-        if kind != "drive":
+        if kind == "drive":
+            self.update_drive(device_id, changes.get("path_on_host"), changes.get("rate_limiter"))
+        elif kind == "network-interface":
+            self.update_net(device_id, changes.get("rx_rate_limiter"), changes.get("tx_rate_limiter"))
+        else:
             raise DeviceUpdateError(f"{kind} devices take no run-time updates yet")
-        self.update_drive(device_id, changes.get("path_on_host"), changes.get("rate_limiter"))
+
+    def update_net(self, iface_id: str, rx_rate_limiter: Limits = None, tx_rate_limiter: Limits = None) -> None:
+        """Give interface `iface_id`'s worker new rx/tx rate limiters (buckets not given are kept)."""
+        handle = self._workers.get(f"net_{iface_id}".encode())
+        if handle is None:
+            raise DeviceUpdateError(f"no network interface {iface_id!r} in this microVM")
+        if not handle.alive or self.state == "Exited":
+            raise DeviceUpdateError(f"the net worker of interface {iface_id} is not running")
+        request_id = next(self._request_ids)
+        self._command(p.UpdateNetRateLimiters(request_id, rx_rate_limiter, tx_rate_limiter), handle.identity)
+        self._await_update(handle, request_id)
+
+    def update_mmds(self, document: dict[str, Any] | None) -> None:
+        """Push a new MMDS snapshot to every net worker that serves MMDS (after PUT/PATCH /mmds)."""
+        data = json.dumps(document).encode() if document is not None else b""
+        for name in self._mmds_workers:
+            handle = self._workers.get(name.encode())
+            if handle is not None and handle.alive and self.state != "Exited":
+                self._command(p.MmdsData(data), handle.identity)
 
     def update_drive(
         self, drive_id: str, path_on_host: str | None = None, rate_limiter: dict[str, Any] | None = None
@@ -378,7 +405,9 @@ class MicroVm:
             result = self._update_results.pop(request_id, None)
         if result is None:
             why = "did not answer" if done is False else "died"
-            raise DeviceUpdateError(f"the block worker of drive {handle.drive_id} {why}")
+            if handle.kind == "block":
+                raise DeviceUpdateError(f"the block worker of drive {handle.drive_id} {why}")
+            raise DeviceUpdateError(f"the {handle.name} worker {why}")
         if not result.ok:
             raise DeviceUpdateError(result.error)
 

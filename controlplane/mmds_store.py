@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import json
 import threading
+from collections.abc import Callable
 from typing import Any
 
 DEFAULT_SIZE_LIMIT = 51200
@@ -30,6 +31,9 @@ class MmdsStore:
         self.size_limit = size_limit
         self._data: dict[str, Any] | None = None
         self._lock = threading.Lock()
+        # Called with the new document after every PUT/PATCH (the running microVM pushes it
+        # to its MMDS net workers: MicroVm.update_mmds).
+        self.on_change: Callable[[dict[str, Any]], None] | None = None
 
     @property
     def initialized(self) -> bool:
@@ -45,6 +49,7 @@ class MmdsStore:
         self._check_size(document)
         with self._lock:
             self._data = copy.deepcopy(document)
+        self._changed()
 
     def patch(self, value: Any) -> None:
         """Merge `value` into the store (RFC 7396: null removes a key)."""
@@ -55,6 +60,11 @@ class MmdsStore:
             merged = merge_patch(copy.deepcopy(self._data), patch)
             self._check_size(merged)
             self._data = merged
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self.get())
 
     def _check_size(self, document: dict[str, Any]) -> None:
         size = len(json.dumps(document, separators=(",", ":")).encode())

@@ -251,6 +251,8 @@ class Vmm:
                 spec = self.resources.to_spec(spec_type, drive_type, self.instance_id, self.options.as_spec_fields())
             except ConfigError as err:
                 raise ApiError(str(err)) from None
+            if hasattr(spec, "mmds_data") and self.mmds.initialized:
+                spec.mmds_data = self.mmds.get()  # the net workers start with it; changes are pushed
             for name in self.resources.unused_by(spec_type):
                 log.warning("Configured %s is validated and stored but not applied: no device for it yet", name)
             spec_fields = {f.name for f in dataclasses.fields(spec_type)}
@@ -264,6 +266,11 @@ class Vmm:
                 raise ApiError(f"Start microvm error: {err}") from None
             self.vm = vm
             self.metrics.source = vm.metrics
+            update_mmds = getattr(vm, "update_mmds", None)
+            if update_mmds is not None:
+                self.mmds.on_change = update_mmds
+                if self.mmds.initialized:
+                    update_mmds(self.mmds.get())  # a PUT /mmds may have come in since the spec
             log.info("Successfully started microvm")
 
     def _vm_exited(self, exit_code: int, reason: str) -> None:

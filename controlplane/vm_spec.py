@@ -33,6 +33,12 @@ class VmSpec:
     smt: bool = False
     cpu_config: dict[str, Any] | None = None
     drives: list[DriveSpec] = field(default_factory=list)
+    # PUT /network-interfaces bodies ({iface_id, host_dev_name, guest_mac, rx_rate_limiter,
+    # tx_rate_limiter, ...}), PUT /mmds/config's body, and the MMDS store at start (None
+    # before any PUT /mmds; later changes are pushed with MicroVm.update_mmds).
+    network_interfaces: list[dict[str, Any]] = field(default_factory=list)
+    mmds_config: dict[str, Any] | None = None
+    mmds_data: dict[str, Any] | None = None
     vm_id: str = "anonymous-instance"
     # (leaf, subleaf | None, register, mask) CPUID bits to clear, e.g. shared.boot.cpuid.PVM_UNSAFE_FEATURES.
     cpuid_clear: list[tuple[int, int | None, str, int]] = field(default_factory=list)

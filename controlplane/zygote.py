@@ -38,6 +38,7 @@ WorkerEntry = Callable[[dict[str, Any], list[int]], int]
 WORKER_ENTRIES = {
     "vcpu": "vcpu_worker.main:run",
     "block": "devices.block.worker:run",
+    "net": "devices.net.worker:run",
     "test": "controlplane.zygote:_test_entry",
 }
 MAX_FDS = 64

@@ -179,6 +179,24 @@ class UpdateRateLimiter(Message):
     ops: dict[str, int] | None
 
 
+@message
+class UpdateNetRateLimiters(Message):
+    """A net worker's new rx/tx limiters, each the API's {bandwidth, ops} (None keeps it)."""
+
+    TYPE = "update_net_rate_limiters"
+    request_id: int
+    rx: dict[str, Any] | None
+    tx: dict[str, Any] | None
+
+
+@message
+class MmdsData(Message):
+    """A net worker's new MMDS snapshot: the whole store as JSON (empty before any PUT /mmds)."""
+
+    TYPE = "mmds_data"
+    document: bytes
+
+
 # --- device worker -> supervisor ---------------------------------------------------------
 @message
 class UpdateResult(Message):

@@ -1,0 +1,22 @@
+"""The net worker's seccomp policy: COMMON (CPython, glibc, ZeroMQ) plus the TAP I/O.
+
+The worker mapped guest memory and got its TAP, eventfds and fd channel before its filter
+was loaded; afterwards it moves frames between the TAP it holds and guest memory (readv,
+writev), sets the TAP's offloads when the guest negotiates features (ioctl TUNSETOFFLOAD,
+nothing else), and answers MMDS itself: no AF_INET or AF_PACKET socket, no open, no exec,
+no fork. Sockets stay AF_UNIX (ZeroMQ's ipc:// channels), as for every device worker.
+"""
+
+from __future__ import annotations
+
+from devices.net.tap import TUNSETOFFLOAD
+from shared.seccomp import COMMON, DEVICE_COMMON, Filter, allow, arg_eq, policy
+
+NET = policy(
+    allow("readv", "RX: a frame from the TAP straight into guest buffers (os.readv)"),
+    allow("writev", "TX: a frame from guest buffers to the TAP (os.writev)"),
+    allow("ioctl", "TUNSETOFFLOAD when the guest negotiates offloads", arg_eq(1, TUNSETOFFLOAD, "TUNSETOFFLOAD")),
+    allow("recvmsg", "the fd channel (fdpass): the supervisor closing it stops the worker"),
+)
+
+POLICY: Filter = COMMON + DEVICE_COMMON + NET
