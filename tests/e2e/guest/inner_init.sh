@@ -105,6 +105,11 @@ check_blk() { # ext4 on virtio-blk: read a file the host put there, write one ba
     fi
 }
 
+check_dmesg() { # diagnostics: the kernel log, or the lines matching the argument (a regex)
+    dmesg | grep -E "${1:-.}" | sed 's/^/E2E-DMESG /'
+    pass dmesg "lines=$(dmesg | wc -l)"
+}
+
 checks=$(arg e2e.checks)
 for spec in $(echo "$checks" | tr ',' ' '); do
     name=${spec%%:*}
