@@ -70,9 +70,9 @@ class NetNs:
         with self.entered():
             return open_tap(name)
 
-    def socket(self, family: int, kind: int) -> socket.socket:
+    def socket(self, family: int, kind: int, proto: int = 0) -> socket.socket:
         with self.entered():
-            return socket.socket(family, kind)
+            return socket.socket(family, kind, proto)
 
     def delete(self) -> None:
         subprocess.run(["ip", "netns", "delete", self.name], check=False, capture_output=True)
