@@ -82,7 +82,7 @@ def test_bus_access_outside_every_window_reads_all_ones_and_is_counted() -> None
 
     assert bus.read(0xD0001000, 4) == b"\xff" * 4
     assert bus.read(0xD0000FFE, 4) == b"\xff" * 4  # straddles the window's end
-    assert bus.unhandled_reads == 2 and len(reports) == 1
+    assert bus.unhandled.reads == 2 and len(reports) == 1
 
 
 def test_overlapping_windows_are_refused() -> None:
