@@ -9,7 +9,8 @@ differ. Inputs, each an fd in the loop, dispatched by token:
     FD_CHANNEL   SEQPACKET socket (shared.fdpass)   messages carrying fds (a new disk)
     QUEUE + i    queue i's ioeventfd                the guest kicked queue i (data path)
 
-plus timers (`loop.add_timer`: rate limiters, the periodic metrics push). The data path
+plus timers (`loop.add_timer`: rate limiters, the periodic metrics push, the heartbeat the
+supervisor's hang watchdog listens for). The data path
 is ioeventfd -> `transport.notify_queue(i)` -> device -> irqfd: ZeroMQ is only for
 register accesses and control. The loop blocks in epoll; nothing polls.
 
@@ -18,6 +19,15 @@ socket is drained until EVENTS has no POLLIN, and a zero-delay timer re-drains w
 send may have swallowed an edge. Nothing a guest or a peer sends may end the loop: a
 malformed message is logged and dropped, a device bug sets DEVICE_NEEDS_RESET (the
 transport does that), and only Stop or the supervisor closing the fd channel stop it.
+
+Restarts (docs/faults.md): the supervisor hands every worker of a device the same fds,
+plus the device's state area (`shared.devstate`, `Channels.state_fd`). The worker writes
+its transport snapshot there whenever status, features or queue set-up change; a
+replacement worker (`Channels.restore`) loads it, takes the ring positions from the used
+rings in guest memory (`restore(resync=True)`: chains popped but not completed by the dead
+worker are served again), and kicks every queue. With `Channels.needs_reset` (the restart
+policy ran out) it sets DEVICE_NEEDS_RESET instead of serving. Injected faults
+(`shared.faultinject`) arrive as `InjectFault`.
 """
 
 from __future__ import annotations
@@ -38,14 +48,17 @@ import zmq
 from shared import exitcodes, fdpass
 from shared import protocol as p
 from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, install_filter
+from shared.devstate import StateArea, StateAreaError
 from shared.eventloop import EventLoop
+from shared.faultinject import Fault, FaultInjector
 from shared.ratelimit import BucketConfig, RateLimiter
 from shared.seccomp import COMMON, Filter
 from shared.virtio import constants as c
-from shared.virtio.mmio import MmioTransport
+from shared.virtio.mmio import MmioTransport, TransportError
 
 CONTROL, MMIO, FD_CHANNEL, QUEUE = 0, 1, 2, 16
 METRICS_INTERVAL_S = 5.0
+HEARTBEAT_INTERVAL_S = 0.25
 MAX_PENDING_LOGS = 200
 _MMIO_SIZES = (1, 2, 4, 8)
 
@@ -79,6 +92,24 @@ class Channels:
     irqfd: int
     name: str = "device"
     extra: dict[str, Any] = field(default_factory=dict)
+    state_fd: int = -1  # the device's state area (shared.devstate); -1: none
+    restore: bool = False  # a replacement worker: restore the state area's snapshot
+    needs_reset: bool = False  # ... and set DEVICE_NEEDS_RESET instead of serving
+
+
+def split_recovery(args: dict[str, Any], fds: list[int]) -> tuple[list[int], dict[str, Any]]:
+    """A device worker's fds without the trailing state-area fd the supervisor appends
+    (args["state_fd"]), and the `Channels` fields for restarting: state_fd, restore,
+    needs_reset. Call it first in a worker's `run(args, fds)`."""
+    recovery: dict[str, Any] = {
+        "restore": bool(args.get("restore", False)),
+        "needs_reset": bool(args.get("needs_reset", False)),
+    }
+    if args.get("state_fd"):
+        if not fds:
+            raise ValueError("the state-area fd is missing")
+        return fds[:-1], {**recovery, "state_fd": fds[-1]}
+    return fds, recovery
 
 
 def irq_trigger(irqfd: int) -> Callable[[], None]:
@@ -139,6 +170,14 @@ class DeviceWorker:
         self.fd_channel.setblocking(False)
         self.mmio_requests = 0
         self.bad_messages = 0
+        self.state = StateArea(channels.state_fd) if channels.state_fd >= 0 else None
+        self._persisted: tuple[Any, ...] | None = None
+        self.faults = FaultInjector(self._record_fatal, lambda kind, left: self.send(p.FaultFired(kind, left)))
+        # A device that checks faults per request has a `faults` attribute; others are checked per kick.
+        self._device_checks_faults = hasattr(transport.device, "faults")
+        if self._device_checks_faults:
+            transport.device.faults = self.faults  # type: ignore[attr-defined]
+        self._next_heartbeat = time.monotonic()
         self.test_hooks = False  # SeccompSettings.test_hooks: act on TestSyscall
         self._outcome: tuple[int, str] = (exitcodes.OK, "stopped by the supervisor")
         self._next_metrics = time.monotonic() + METRICS_INTERVAL_S
@@ -157,6 +196,7 @@ class DeviceWorker:
             self.loop.register(fd, QUEUE + index, self)
         self.loop.add_timer(self._backlog_delay, self._drain_backlog)
         self.loop.add_timer(lambda: self._next_metrics - time.monotonic(), self._push_metrics)
+        self.loop.add_timer(lambda: self._next_heartbeat - time.monotonic(), self._heartbeat)
 
     # --- sending -------------------------------------------------------------------------
 
@@ -174,6 +214,52 @@ class DeviceWorker:
         self._next_metrics = time.monotonic() + METRICS_INTERVAL_S
         self.send(p.Metrics(self.metrics()))
 
+    def _heartbeat(self) -> None:
+        self._next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
+        self.send(p.Heartbeat())
+
+    # --- durable state -------------------------------------------------------------------
+
+    def _record_fatal(self, code: int) -> None:
+        if self.state is not None:
+            self.state.set_fatal(code)
+
+    def _state_key(self) -> tuple[Any, ...]:
+        t = self.transport
+        queues = tuple(
+            (q.size, q.ready, q.desc_addr, q.avail_addr, q.used_addr, q.event_idx, q.indirect) for q in t.queues
+        )
+        sels = (t.queue_sel, t.device_features_sel, t.driver_features_sel)
+        return (t.status, t.driver_features, t.config_generation, t.activated, sels, queues)
+
+    def persist_state(self) -> None:
+        """Write the transport snapshot to the state area if the durable part changed."""
+        if self.state is None:
+            return
+        key = self._state_key()
+        if key == self._persisted:
+            return
+        try:
+            self.state.write({"transport": self.transport.snapshot()})
+        except StateAreaError as e:
+            log.error("%s", e)
+        self._persisted = key
+
+    def recover(self) -> None:
+        """A replacement worker: load the dead worker's state, then serve what it left."""
+        snapshot = self.state.read() if self.state is not None else None
+        if snapshot is not None:
+            try:
+                self.transport.restore(snapshot["transport"], resync=True)
+            except (TransportError, KeyError, TypeError, ValueError) as e:
+                log.error("cannot restore the device state: %s", e)
+                self.transport.signal_needs_reset(f"state restore failed: {e}")
+        if self.channels.needs_reset:
+            self.transport.signal_needs_reset("its device worker was restarted too often")
+        elif snapshot is not None:
+            self.transport.kick_all()  # kicks and interrupts may have been lost meanwhile
+        self.persist_state()
+
     def _flush_logs(self) -> None:
         while self._logs.pending:
             level, text = self._logs.pending.popleft()
@@ -183,6 +269,10 @@ class DeviceWorker:
 
     def serve(self) -> int:
         """Announce readiness, then dispatch until Stop; returns the exit code."""
+        if self.channels.restore:
+            self.recover()
+        else:
+            self.persist_state()
         self.send(p.Ready(os.getpid()))
         self.loop.run()
         self._flush_logs()
@@ -202,6 +292,7 @@ class DeviceWorker:
                 self._on_queue(token - QUEUE)
         except Exception:  # a bug in our own code: report it, keep serving
             log.error("device worker error (token %d):\n%s", token, traceback.format_exc())
+        self.persist_state()
         self._flush_logs()
 
     def _backlog_delay(self) -> float | None:
@@ -222,6 +313,9 @@ class DeviceWorker:
             os.eventfd_read(self.channels.queue_fds[index])
         except BlockingIOError:
             return
+        generic = not self._device_checks_faults and self.faults.fault is not None and self.transport.serving
+        if generic and self.faults.check() == "crash":
+            self.faults.crash()
         self.transport.notify_queue(index)
 
     # --- MMIO ----------------------------------------------------------------------------
@@ -264,6 +358,14 @@ class DeviceWorker:
             self.loop.stop()
         elif isinstance(msg, p.FlushMetrics):
             self._push_metrics()
+        elif isinstance(msg, p.InjectFault):
+            fault = None
+            if msg.kind:
+                fault = Fault(msg.kind, msg.after_requests, msg.probability, msg.count, msg.delay_ms)
+            try:
+                self.faults.arm(fault)
+            except ValueError as e:
+                log.warning("fault not armed: %s", e)
         elif isinstance(msg, p.TestSyscall) and self.test_hooks:
             log.warning("test syscall survived: %s", attempt_forbidden(msg.what))
         else:
@@ -290,6 +392,8 @@ class DeviceWorker:
 
     def close(self) -> None:
         logging.getLogger().handlers = self._inherited_handlers
+        if self.state is not None:
+            self.state.close()
         self.loop.close()
         self.mmio.close(linger=0)
         self.control.close()

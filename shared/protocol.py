@@ -80,6 +80,14 @@ class DeviceDown(Message):
 
 
 @message
+class DeviceUp(Message):
+    """Device `name` has a new worker (same MMIO endpoint): its window forwards again."""
+
+    TYPE = "device_up"
+    name: str
+
+
+@message
 class TestSyscall(Message):
     """Test-only, to any worker: attempt a forbidden syscall (`shared.confine.TEST_SYSCALLS`).
     Acted on only by a worker spawned with seccomp test hooks armed; ignored otherwise."""
@@ -180,6 +188,18 @@ class UpdateRateLimiter(Message):
 
 
 @message
+class InjectFault(Message):
+    """Arm (or, with kind "", disarm) this worker's fault (shared.faultinject)."""
+
+    TYPE = "inject_fault"
+    kind: str
+    after_requests: int
+    probability: float
+    count: int
+    delay_ms: int
+
+
+@message
 class UpdateNetRateLimiters(Message):
     """A net worker's new rx/tx limiters, each the API's {bandwidth, ops} (None keeps it)."""
 
@@ -198,6 +218,22 @@ class MmdsData(Message):
 
 
 # --- device worker -> supervisor ---------------------------------------------------------
+@message
+class Heartbeat(Message):
+    """A device worker's event loop is turning (the supervisor's hang watchdog)."""
+
+    TYPE = "heartbeat"
+
+
+@message
+class FaultFired(Message):
+    """An injected non-fatal fault hit a request; `remaining` hits to go (0 with count 0: unlimited)."""
+
+    TYPE = "fault_fired"
+    kind: str
+    remaining: int
+
+
 @message
 class UpdateResult(Message):
     """The outcome of a run-time update; `error` says why it was refused."""

@@ -27,6 +27,7 @@ from devices.block.request import (
     Status,
     parse_request,
 )
+from shared.faultinject import FaultInjector
 from shared.memory import GuestMemory
 from shared.ratelimit import RateLimiter
 from shared.virtio import constants as c
@@ -59,6 +60,7 @@ METRIC_NAMES = (
     "rate_limiter_throttled",
     "queue_event_count",
     "needs_reset_count",
+    "faults_injected",
 )
 
 
@@ -95,6 +97,7 @@ class BlockDevice:
         self._queue: Queue | None = None
         self._interrupt: Interrupt | None = None
         self._throttled = False
+        self.faults: FaultInjector | None = None  # set by the worker loop (shared.devworker)
 
     # --- identity and configuration ------------------------------------------------------
 
@@ -210,7 +213,14 @@ class BlockDevice:
         if not self._admit(request):
             queue.undo_pop()
             return False
-        status = self._execute(request)
+        fault = self.faults.check() if self.faults is not None else None
+        if fault is not None:
+            self.metrics["faults_injected"] += 1
+        if fault == "drop":
+            return True  # consumed, never completed
+        status = Status.IOERR if fault == "io_error" else self._execute(request)
+        if fault == "crash" and self.faults is not None:
+            self.faults.crash()  # executed but not completed: the next worker executes it again
         self._complete(queue, chain.head, request.status_addr, status, request.used_len)
         return True
 

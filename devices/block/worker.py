@@ -9,8 +9,12 @@ fd first. The worker keeps exactly these fds, in this order (`FDS`):
     backing_file  the disk, opened by the supervisor (O_RDWR, or O_RDONLY for read-only)
     fd_channel    SEQPACKET socket: a replacement backing file arrives here (PATCH /drives)
 
+    state         (when args["state_fd"]) the drive's state area, appended by the supervisor
+                  (shared.devstate): what a replacement worker restores (docs/faults.md)
+
 It opens no host path. args: drive_id, mem_size, read_only, cache_type, rate_limiter (the
-API's {bandwidth, ops} or None), name, control_endpoint, mmio_endpoint.
+API's {bandwidth, ops} or None), name, control_endpoint, mmio_endpoint, and for restarts
+state_fd, restore, needs_reset (shared.devworker.split_recovery).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from devices.block.device import BlockDevice, CacheType
 from devices.block.policy import POLICY
 from shared import protocol as p
 from shared.confine import SeccompSettings
-from shared.devworker import Channels, bucket_from_api, irq_trigger, rate_limiter_from_api, run_device
+from shared.devworker import Channels, bucket_from_api, irq_trigger, rate_limiter_from_api, run_device, split_recovery
 from shared.eventloop import EventLoop
 from shared.memory import GuestMemory
 from shared.ratelimit import RateLimiter, RateLimitError
@@ -125,6 +129,7 @@ def build(args: dict[str, Any], fds: list[int]) -> tuple[MmioTransport, BlockHoo
 
 def run(args: dict[str, Any], fds: list[int]) -> int:
     """Worker entry point (in the forked child)."""
+    fds, recovery = split_recovery(args, fds)
     if len(fds) != len(FDS):
         raise ValueError(f"the block worker takes {len(FDS)} fds ({', '.join(FDS)}), got {len(fds)}")
     _memfd, irqfd, queue, _backing, channel = fds
@@ -135,5 +140,6 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
         queue_fds=[queue],
         irqfd=irqfd,
         name=str(args.get("name", "block")),
+        **recovery,
     )
     return run_device(channels, lambda: build(args, fds), SeccompSettings.from_args(args), POLICY)
