@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,8 @@ from shared.memory import GuestMemory, create_guest_memfd
 
 BLOCK_QUEUES = 1
 NET_QUEUES = 2  # rx, tx
+VSOCK_QUEUES = 3  # rx, tx, event
+VSOCK_MAX_UDS_PATH = 107  # sun_path is 108 bytes with its NUL
 
 
 @dataclass
@@ -169,6 +172,35 @@ def plan_net_backends(spec: VmSpec) -> list[DevicePlan]:
         close_plans(plans)
         raise
     return plans
+
+
+@planner("vsock")
+def plan_vsock_backend(spec: VmSpec) -> list[DevicePlan]:
+    """The vsock device, if configured: the supervisor creates the socket listening at
+    `uds_path` (as Firecracker, it refuses a path that exists) and hands the worker its fd;
+    `remove_vsock_socket` unlinks it when the microVM ends."""
+    if not spec.vsock:
+        return []
+    guest_cid, uds_path = int(spec.vsock["guest_cid"]), str(spec.vsock["uds_path"])
+    if len(f"{uds_path}_4294967295".encode()) > VSOCK_MAX_UDS_PATH:
+        raise BootError(f"vsock: uds_path {uds_path} is too long (<uds_path>_<port> must fit a Unix socket address)")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.bind(uds_path)
+        sock.listen(128)
+        os.set_blocking(sock.fileno(), False)
+    except OSError as e:
+        sock.close()
+        raise BootError(f"vsock: cannot listen on {uds_path}: {e.strerror}") from None
+    args = {"guest_cid": guest_cid, "uds_path": uds_path}
+    return [DevicePlan("vsock", "vsock", VSOCK_QUEUES, args, [sock.detach()], spec.vsock, name="vsock")]
+
+
+def remove_vsock_socket(spec: VmSpec) -> None:
+    """Unlink the vsock listening socket (the microVM ended or did not start)."""
+    if spec.vsock:
+        with contextlib.suppress(OSError):
+            os.unlink(str(spec.vsock["uds_path"]))
 
 
 def plan_devices(spec: VmSpec, kinds: tuple[str, ...] | None = None) -> list[DevicePlan]:

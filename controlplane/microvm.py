@@ -39,10 +39,18 @@ from typing import Any, BinaryIO
 
 import zmq
 
-from controlplane.builder import DevicePlan, GuestPlan, build_guest, open_backing_file, plan_devices
+from controlplane.builder import (
+    DevicePlan,
+    GuestPlan,
+    build_guest,
+    open_backing_file,
+    plan_devices,
+    remove_vsock_socket,
+)
 from controlplane.vm_spec import DriveSpec, VmSpec
 from controlplane.worker_handle import WorkerHandle, merge_metrics
 from controlplane.zygote import Zygote, ZygoteError
+from devices.vsock.messages import VsockTransportReset
 from shared import exitcodes, fdpass
 from shared import protocol as p
 from shared.boot.errors import BootError
@@ -113,6 +121,8 @@ class Launcher:
             os.close(kvm_fd)
             for device in devices:
                 device.close()
+            if any(d.kind == "vsock" for d in devices):
+                remove_vsock_socket(spec)  # ours: plan_devices created it
             raise VmStartError(str(e)) from None
         vm = MicroVm(self, spec, console_out, on_exit, f"{self.run_dir}/vm{self._count}")
         try:
@@ -362,6 +372,16 @@ class MicroVm:
             if handle is not None and handle.alive and self.state != "Exited":
                 self._command(p.MmdsData(data), handle.identity)
 
+    def vsock_transport_reset(self) -> None:
+        """Make the vsock worker drop its connections and send the guest
+        VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (what a snapshot restore needs)."""
+        handle = self._workers.get(b"vsock")
+        if handle is None or not handle.alive or self.state == "Exited":
+            raise DeviceUpdateError("no running vsock device in this microVM")
+        request_id = next(self._request_ids)
+        self._command(VsockTransportReset(request_id), handle.identity)
+        self._await_update(handle, request_id)
+
     def update_drive(
         self, drive_id: str, path_on_host: str | None = None, rate_limiter: dict[str, Any] | None = None
     ) -> None:
@@ -582,6 +602,7 @@ class MicroVm:
         return status
 
     def _finish(self, code: int, reason: str) -> None:
+        remove_vsock_socket(self.spec)  # before anyone waiting on "Exited" looks
         with self._cond:
             self.exit_code, self.exit_reason = code, reason
             vcpu = self._workers[VCPU.encode()]
@@ -604,6 +625,7 @@ class MicroVm:
             handle.close()
         if self._console is not None:
             self._console.close()
+        remove_vsock_socket(self.spec)  # the listening socket at uds_path is the supervisor's
 
 
 def run_until_exit(spec: VmSpec, console_out: BinaryIO | None = None) -> tuple[int, str]:

@@ -39,6 +39,8 @@ class VmSpec:
     network_interfaces: list[dict[str, Any]] = field(default_factory=list)
     mmds_config: dict[str, Any] | None = None
     mmds_data: dict[str, Any] | None = None
+    # PUT /vsock's body ({guest_cid, uds_path}): the supervisor listens at uds_path (builder).
+    vsock: dict[str, Any] | None = None
     vm_id: str = "anonymous-instance"
     # (leaf, subleaf | None, register, mask) CPUID bits to clear, e.g. shared.boot.cpuid.PVM_UNSAFE_FEATURES.
     cpuid_clear: list[tuple[int, int | None, str, int]] = field(default_factory=list)

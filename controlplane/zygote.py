@@ -39,6 +39,7 @@ WORKER_ENTRIES = {
     "vcpu": "vcpu_worker.main:run",
     "block": "devices.block.worker:run",
     "net": "devices.net.worker:run",
+    "vsock": "devices.vsock.worker:run",
     "test": "controlplane.zygote:_test_entry",
 }
 MAX_FDS = 64
