@@ -11,7 +11,9 @@ A device worker that does not answer must not hang the guest: the access times o
 (reads see all-ones, as for a missing device), it is reported, and for the next
 `RETRY_AFTER_S` the window answers at once instead of waiting again. When the supervisor
 sees a device worker die (its pidfd) it says so (`DeviceDown`), and from then on the
-window answers at once without trying.
+window answers at once without trying. When it has started a replacement worker (bound to
+the same endpoint) it says `DeviceUp`: the window forwards again, each vCPU thread on a
+fresh socket, so a request queued for the dead worker is never delivered to the new one.
 
 The eventfds stay open here: KVM drops an irqfd when its eventfd file is released, and
 keeping our copy keeps the routing in place while a device worker is being replaced.
@@ -75,14 +77,22 @@ class RemoteMmioDevice:
         self._clients: list[MmioClient] = []
         self._lock = threading.Lock()
         self._down_until = 0.0
+        self._generation = 0  # bumped by mark_up: every thread then opens a new client
         self.timeouts = 0
         self.skipped = 0
 
     def _client(self) -> MmioClient:
         client: MmioClient | None = getattr(self._local, "client", None)
+        generation = self._generation
+        if client is not None and getattr(self._local, "generation", 0) != generation:
+            with self._lock:
+                if client in self._clients:
+                    self._clients.remove(client)
+            client.close()  # in its own thread: ZeroMQ sockets are not thread-safe
+            client = None
         if client is None:
             client = MmioClient(self._ctx, self.endpoint, self._timeout_s)
-            self._local.client = client
+            self._local.client, self._local.generation = client, generation
             with self._lock:
                 self._clients.append(client)
         return client
@@ -104,6 +114,12 @@ class RemoteMmioDevice:
         """The worker is gone (the supervisor saw it die): stop sending it requests."""
         with self._lock:
             self._down_until = math.inf
+
+    def mark_up(self) -> None:
+        """A replacement worker serves the endpoint: forward again, on new sockets."""
+        with self._lock:
+            self._generation += 1
+            self._down_until = 0.0
 
     def read(self, offset: int, size: int) -> int:
         if self._available():
@@ -131,6 +147,12 @@ def mark_device_down(devices: list[RemoteMmioDevice], name: str) -> None:
     for device in devices:
         if device.name == name:
             device.mark_down()
+
+
+def mark_device_up(devices: list[RemoteMmioDevice], name: str) -> None:
+    for device in devices:
+        if device.name == name:
+            device.mark_up()
 
 
 def attach_virtio_devices(
