@@ -85,7 +85,9 @@ class VsockDevice:
             self.metrics["activate_fails"] += 1
             raise DeviceError(f"virtio-vsock has three queues, got {len(queues)}")
         self._queues, self._interrupt = queues, interrupt
-        self.process_backend()  # anything that arrived meanwhile (nothing: connections need the guest)
+        if self._pending_events:  # a transport reset asked for before activation (a restored worker)
+            self._run(self._process_event_queue)
+        self.process_backend()  # host connections that arrived meanwhile
 
     def reset(self) -> None:
         self._queues, self._interrupt = (), None

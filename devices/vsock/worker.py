@@ -11,6 +11,10 @@ The worker keeps exactly these fds, in this order (`FDS`):
     listener      the AF_UNIX socket listening at uds_path, created by the supervisor
     fd_channel    SEQPACKET socket to the supervisor
 
+    state         (when args["state_fd"]) the device's state area (shared.devstate), appended
+                  by the supervisor; a replacement worker (args["restore"]) restores the
+                  transport and sends the guest VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
+
 It opens no host path; it connects to `<uds_path>_<port>` for guest-initiated connections
 (see policy.py). args: guest_cid, uds_path, mem_size, name, control_endpoint, mmio_endpoint.
 """
@@ -28,7 +32,7 @@ from devices.vsock.messages import VsockTransportReset
 from devices.vsock.policy import POLICY
 from shared import protocol as p
 from shared.confine import SeccompSettings
-from shared.devworker import Channels, irq_trigger, run_device
+from shared.devworker import Channels, irq_trigger, run_device, split_recovery
 from shared.eventloop import EventLoop
 from shared.memory import GuestMemory
 from shared.virtio.mmio import MmioTransport
@@ -91,12 +95,17 @@ def build(args: dict[str, Any], fds: list[int]) -> tuple[MmioTransport, VsockHoo
     listener = socket.socket(fileno=listener_fd)
     muxer = UnixMuxer(int(args["guest_cid"]), str(args["uds_path"]), listener)
     device = VsockDevice(int(args["guest_cid"]), muxer)
+    if args.get("restore"):
+        # a replacement worker: the host sockets died with the old one, so the guest's
+        # connections are gone; tell it once the restored device is active
+        device.transport_reset()
     transport = MmioTransport(device, mem, trigger=irq_trigger(irqfd))
     return transport, VsockHooks(device, muxer, transport)
 
 
 def run(args: dict[str, Any], fds: list[int]) -> int:
     """Worker entry point (in the forked child)."""
+    fds, recovery = split_recovery(args, fds)
     if len(fds) != len(FDS):
         raise ValueError(f"the vsock worker takes {len(FDS)} fds ({', '.join(FDS)}), got {len(fds)}")
     _memfd, irqfd, rx, tx, ev, _listener, channel = fds
@@ -107,5 +116,6 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
         queue_fds=[rx, tx, ev],
         irqfd=irqfd,
         name=str(args.get("name", "vsock")),
+        **recovery,
     )
     return run_device(channels, lambda: build(args, fds), SeccompSettings.from_args(args), POLICY)

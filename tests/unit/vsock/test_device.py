@@ -442,3 +442,24 @@ def test_tx_queue_index_out_of_range_is_ignored(rig: VsockRig) -> None:
     rig.device.process_queue(7)
     rig.device.process_queue(TX)
     assert rig.interrupt.needs_reset == []
+
+
+def test_transport_reset_asked_before_activation_is_sent_once_active(sock_dir: str) -> None:
+    from devices.vsock.device import VsockDevice
+    from devices.vsock.testing import FEATURES
+    from shared.virtio.testing import FakeInterrupt, MockDriver, make_guest_memory
+
+    mem = make_guest_memory()
+    try:
+        device = VsockDevice(3, backend_mod.UnixMuxer(3, f"{sock_dir}/v.sock", None))
+        device.transport_reset()  # a restored worker does this before the guest's driver is back
+        drivers = [MockDriver(mem, 16, base=0x10000 + i * 0x100000, data_size=0x10000) for i in range(3)]
+        drivers[2].add_chain([], [4])
+
+        device.activate(mem, [d.queue() for d in drivers], FakeInterrupt(), FEATURES)
+
+        assert drivers[2].used() == [(0, 4)]
+        assert drivers[2].written(0) == [EVENT_TRANSPORT_RESET.to_bytes(4, "little")]
+    finally:
+        device.backend.close()  # type: ignore[attr-defined]
+        mem.close()
