@@ -84,6 +84,7 @@ METRIC_NAMES = (
     "rx_count",
     "rx_fails",
     "rx_rate_limiter_throttled",
+    "rx_event_rate_limiter_count",
     "rx_dropped_frames",
     "rx_deferred_frames",
     "no_rx_avail_buffer",
@@ -94,6 +95,7 @@ METRIC_NAMES = (
     "tx_fails",
     "tx_malformed_frames",
     "tx_rate_limiter_throttled",
+    "tx_rate_limiter_event_count",
     "tap_read_fails",
     "tap_write_fails",
     "mmds_frames",
@@ -242,9 +244,11 @@ class NetDevice:
     def on_throttle_timer(self) -> None:
         if self._rx_throttled:
             self._rx_throttled = False
+            self.metrics["rx_event_rate_limiter_count"] += 1
             self._run(self._rx)
         if self._tx_throttled:
             self._tx_throttled = False
+            self.metrics["tx_rate_limiter_event_count"] += 1
             self._run(self._tx)
 
     # --- entry points ------------------------------------------------------------------------

@@ -99,6 +99,7 @@ class MmdsStack:
                 "rx_bad_eth",
                 "rx_accepted_unusual",
                 "tx_frames",
+                "tx_count",
                 "tx_bytes",
                 "tx_errors",
                 "connections_created",
@@ -265,6 +266,7 @@ class MmdsStack:
             request, used = parsed
             del conn.inbuf[:used]
             conn.unacked += self.service.handle(request)
+            self.metrics["tx_count"] += 1
             if not request.keep_alive:
                 conn.close_after = True
         if conn.peer_fin:
