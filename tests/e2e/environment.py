@@ -66,6 +66,8 @@ STDLIB_SKIP = (
     "lib2to3", "pydoc_data", "config-3.*", "__phello__", "distutils", "*.opt-1.pyc", "*.opt-2.pyc",
     "_tkinter*.so", "_test*.so", "_ctypes_test*.so", "xxlimited*.so", "_xxtestfuzz*.so",
 )  # fmt: skip
+# Host tools the outer VM's jobs use besides busybox (with the libraries `ldd` finds).
+OUTER_TOOLS = ["debugfs"]  # read back files a guest wrote to an ext4 image, without mounting it
 # Shared libraries that Python code may dlopen by name (ctypes), taken when the host has them.
 EXTRA_LIBS = ["libseccomp.so.2", "libcap.so.2"]
 ROOTFS_MIB = 32
@@ -466,6 +468,17 @@ def add_python(archive: Archive) -> str:
     return str(python)
 
 
+def add_tools(archive: Archive, names: list[str]) -> None:
+    paths = []
+    for name in names:
+        path = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin")
+        if path is None:
+            raise EnvironmentError_(f"{name} is not installed")
+        paths.append("/" + archive.add_host_path(path))
+    for lib in sorted(_ldd(paths)):
+        archive.add_host_path(lib)
+
+
 def add_working_tree(archive: Archive) -> None:
     """embervm's Python files from the working tree (tracked or not), with bytecode."""
     tag = sys.implementation.cache_tag
@@ -487,6 +500,7 @@ def outer_initramfs(kernel: KernelFiles, modules: ModuleIndex, inner: Path, root
     add_base_system(archive)
     modules.add_to(archive, "e2e/modules", OUTER_MODULES)
     python = add_python(archive)
+    add_tools(archive, OUTER_TOOLS)
     add_working_tree(archive)
     archive.file("e2e/guest/vmlinux", kernel.vmlinux)
     archive.file("e2e/guest/bzImage", kernel.bzimage)

@@ -2,11 +2,15 @@
 
     python -m tests.e2e.inside cases '<json list of cases>'
 
-For each case it writes a Firecracker config file, runs `embervm --config-file ...
---no-api` under a timeout and prints
+For each case it copies the files the case names into /tmp/e2e-<name>/ (e.g. a disk
+image the guest writes to), writes a Firecracker config file there, runs the case's
+`before` shell script, `embervm --config-file vm.json --no-api` under a timeout (cwd: that
+folder, so relative paths in the config point there) and its `after` script, and prints
 
     E2E-CASE-BEGIN <name>
+    E2E-BEFORE <line>                       (the before script's output, then status=<n>)
     <the inner guest's console, then embervm's log>
+    E2E-AFTER <line>                        (the after script's output, then status=<n>)
     E2E-CASE-END <name> status=<embervm's exit status> init_s=<launch → E2E-INIT> total_s=<launch → exit>
 
 `tests.e2e.nested` builds the cases on the host and parses this back.
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import shutil
 import subprocess
 import sys
 import time
@@ -44,21 +49,33 @@ def config_for(case: dict[str, Any], workdir: Path) -> Path:
     }
     if case.get("initrd", True):
         config["boot-source"]["initrd_path"] = str(GUEST / "initramfs")
-    for drive in case.get("drives", []):
-        config.setdefault("drives", []).append(drive)
+    config.update(case.get("config", {}))  # drives, network-interfaces, vsock, mmds-config...
     path = workdir / "vm.json"
     path.write_text(json.dumps(config, indent=1))
     return path
+
+
+def shell(tag: str, script: str, workdir: Path) -> None:
+    """Run a case's before/after script in the outer VM; its output, framed, goes to the console."""
+    if not script:
+        return
+    proc = subprocess.run(["sh", "-c", script], cwd=workdir, capture_output=True, text=True, timeout=60)
+    lines = [*(proc.stdout + proc.stderr).splitlines(), f"status={proc.returncode}"]
+    sys.stdout.write("".join(f"{tag} {line}\n" for line in lines))
+    sys.stdout.flush()
 
 
 def run_case(case: dict[str, Any]) -> int:
     name = case["name"]
     workdir = Path("/tmp") / f"e2e-{name}"
     workdir.mkdir(parents=True, exist_ok=True)
+    for dest, src in case.get("copy", {}).items():  # e.g. a disk image the guest may write to
+        shutil.copyfile(src, workdir / dest)
     command = [*embervm_command(), "--no-api", "--config-file", str(config_for(case, workdir)), *case.get("args", [])]
     out = sys.stdout.buffer
     out.write(f"E2E-CASE-BEGIN {name}\n".encode())
     out.flush()
+    shell("E2E-BEFORE", case.get("before", ""), workdir)
     start = time.monotonic()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir)
     assert proc.stdout is not None and proc.stderr is not None
@@ -90,6 +107,7 @@ def run_case(case: dict[str, Any]) -> int:
     total_s = time.monotonic() - start
     if log:
         out.write(b"\n--- embervm log ---\n" + log)
+    shell("E2E-AFTER", case.get("after", ""), workdir)
     end = f"status={status} timed_out={int(timed_out)} init_s={init_s:.3f} total_s={total_s:.3f}"
     out.write(f"\nE2E-CASE-END {name} {end}\n".encode())
     out.flush()

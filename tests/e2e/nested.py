@@ -35,6 +35,8 @@ CASE_END = re.compile(r"^E2E-CASE-END (\S+) (.*)$", re.M)
 CHECK = re.compile(r"^E2E-CHECK (\S+) (PASS|FAIL) ?(.*)$", re.M)
 INFO = re.compile(r"^E2E-INFO (\S+) (.*)$", re.M)
 DONE = re.compile(r"^E2E-DONE failures=(\d+)", re.M)
+BEFORE = re.compile(r"^E2E-BEFORE (.*)$", re.M)
+AFTER = re.compile(r"^E2E-AFTER (.*)$", re.M)
 
 
 @dataclass
@@ -46,6 +48,11 @@ class Case:
     checks: list[str] = field(default_factory=lambda: ["boot"])
     extra_args: str = ""
     timeout: float = 150
+    config: dict[str, object] = field(default_factory=dict)  # more Firecracker config sections
+    copy: dict[str, str] = field(default_factory=dict)  # file in the case's folder <- outer VM path
+    before: str = ""  # shell, in the outer VM, in the case's folder, before embervm starts
+    after: str = ""  # ... and after it exits (e.g. read back what the guest wrote)
+    args: list[str] = field(default_factory=list)  # more embervm arguments
 
     @property
     def boot_args(self) -> str:
@@ -59,6 +66,11 @@ class Case:
             "mem_mib": self.mem_mib,
             "boot_args": self.boot_args,
             "timeout": self.timeout,
+            "config": self.config,
+            "copy": self.copy,
+            "before": self.before,
+            "after": self.after,
+            "args": self.args,
         }
 
 
@@ -73,6 +85,8 @@ class CaseResult:
     checks: dict[str, tuple[bool, str]] = field(default_factory=dict)
     info: dict[str, str] = field(default_factory=dict)
     failures: int | None = None  # from E2E-DONE; None if /init never finished
+    before: list[str] = field(default_factory=list)  # the before script's output lines, then status=<n>
+    after: list[str] = field(default_factory=list)
 
     @property
     def reached_init(self) -> bool:
@@ -122,6 +136,8 @@ def parse_cases(console: str) -> dict[str, CaseResult]:
             result.checks[m.group(1)] = (m.group(2) == "PASS", m.group(3).strip())
         for m in INFO.finditer(body):
             result.info[m.group(1)] = m.group(2).strip()
+        result.before = BEFORE.findall(body)
+        result.after = AFTER.findall(body)
         done = DONE.findall(body)
         result.failures = int(done[-1]) if done else None
         results[name] = result

@@ -14,13 +14,25 @@ from tests.e2e.nested import Case, NestedRun, run_cases
 
 pytestmark = pytest.mark.e2e
 
-CASES = {
-    c.name: c
-    for c in (
-        Case("vmlinux-2vcpu", kernel="vmlinux", vcpus=2, checks=["boot", "cpus:0-1", "modules"]),
-        Case("bzimage-1vcpu", kernel="bzImage", vcpus=1, checks=["boot", "cpus:0"]),
-    )
-}
+BOOT_CASES = [  # both boot paths: ELF vmlinux and bzImage
+    Case("vmlinux-2vcpu", kernel="vmlinux", vcpus=2, checks=["boot", "cpus:0-1", "modules"]),
+    Case("bzimage-1vcpu", kernel="bzImage", vcpus=1, checks=["boot", "cpus:0"]),
+]
+ROOT_DRIVE = {"drive_id": "rootfs", "path_on_host": "rootfs.ext4", "is_root_device": True, "is_read_only": False}
+DEVICE_CASES = [
+    # The initramfs loads virtio_blk (a module in Debian's kernel), mounts /dev/vda and
+    # switch_roots to it; the ext4 image's /init then reads a file the host put there and
+    # writes one, which the outer VM reads back from the image file after embervm exits.
+    Case(
+        "blk-root",
+        checks=["boot", "blk"],
+        extra_args="e2e.root=vda",
+        copy={"rootfs.ext4": "/e2e/guest/rootfs.ext4"},
+        config={"drives": [ROOT_DRIVE]},
+        after="debugfs -R 'cat /e2e/written-by-guest' rootfs.ext4 2>/dev/null",
+    ),
+]
+CASES = {c.name: c for c in BOOT_CASES + DEVICE_CASES}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +57,7 @@ def test_outer_vm_has_kvm_and_reports_the_job_status_through_isa_debug_exit(nest
     assert outer.qemu_status == (min(outer.job_status, 127) << 1) | 1, nested.tail()
 
 
-@pytest.mark.parametrize("case", list(CASES))  # both boot paths: ELF vmlinux and bzImage
+@pytest.mark.parametrize("case", [c.name for c in BOOT_CASES])
 def test_inner_linux_reaches_init_and_powers_off_through_the_i8042(nested: NestedRun, env: Environment, case: str):
     result = nested[case]
 
@@ -76,3 +88,12 @@ def test_inner_kernel_loads_the_virtio_and_vsock_modules(nested: NestedRun):
     ok, detail = result.check("modules")
     assert ok, result.explain()
     assert detail.startswith("loaded="), detail
+
+
+def test_root_on_virtio_blk_reads_the_image_and_the_guests_write_reaches_the_host_file(nested: NestedRun):
+    result = nested["blk-root"]
+
+    assert "E2E-ROOT " in result.console and "root=/dev/vda" in result.console, result.explain()
+    assert result.check("blk") == (True, "read+write dir=/e2e"), result.explain()
+    assert (result.failures, result.status) == (0, 0), result.explain()
+    assert result.after == ["written by the guest", "status=0"], result.explain()

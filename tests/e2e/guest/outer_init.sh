@@ -17,7 +17,8 @@ ip link set lo up 2>/dev/null
 
 for m in $(cat /e2e/modules/order); do
     case $m in
-    kvm_amd | kvm_intel) insmod "/e2e/modules/$m.ko" 2>/dev/null ;; # the one for this CPU loads
+    kvm_amd) grep -qw svm /proc/cpuinfo && insmod "/e2e/modules/$m.ko" ;;
+    kvm_intel) grep -qw vmx /proc/cpuinfo && insmod "/e2e/modules/$m.ko" ;;
     *) insmod "/e2e/modules/$m.ko" || echo "E2E-OUTER insmod $m failed" ;;
     esac
 done
