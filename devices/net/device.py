@@ -64,6 +64,7 @@ VIRTIO_NET_F_MRG_RXBUF = 15
 VNET_HDR_SIZE = 12
 MAX_FRAME = 65550  # Firecracker's: 64 KiB of payload behind Ethernet + VLAN headers
 MAX_BUFFER = VNET_HDR_SIZE + MAX_FRAME
+TYPICAL_BUFFER = VNET_HDR_SIZE + 1514  # a full-size frame without VLAN tag or GSO
 MAX_PENDING = 64  # frames waiting (copied) for rx buffers or the rx rate limiter
 _NUM_BUFFERS = struct.Struct("<H")
 
@@ -335,6 +336,7 @@ class NetDevice:
             self.metrics["mmds_frames"] += 1
             self.mmds.receive(b"".join(bytes(v) for v in views)[VNET_HDR_SIZE:])
             self._queue_mmds_output()
+            self._rx()  # the answers are in the rx ring before this frame shows as sent
         else:
             try:
                 self.backend.writev(views)
@@ -405,7 +407,9 @@ class NetDevice:
 
     def _receive_from_tap(self, queue: Queue) -> bool:
         """Read one frame from the TAP into guest buffers; False when there is nothing to do."""
-        chains = self._pop_rx(queue, MAX_BUFFER)
+        # Mergeable buffers: enough for a full-size Ethernet frame up front (most frames); a
+        # bigger (GSO) frame spills into the scratch area and its tail is copied into more.
+        chains = self._pop_rx(queue, TYPICAL_BUFFER if self.mergeable else MAX_BUFFER)
         if not chains:
             self._starved()
             return False
@@ -426,6 +430,19 @@ class NetDevice:
             _give_back(queue, len(chains))
             self.metrics["rx_dropped_frames"] += 1
             return True
+        if n > room and self.mergeable:
+            more = self._pop_rx(queue, n - room)
+            more_room = sum(chain.writable_len for chain in more)
+            if room + more_room >= n:
+                tail = self._scratch[: n - room]
+                for chain in more:
+                    part = tail[: chain.writable_len]
+                    chain.writer().write(part)
+                    tail = tail[len(part) :]
+                chains += more
+                room += more_room
+            else:
+                _give_back(queue, len(more))
         if n > room or not self._admit_rx(n - VNET_HDR_SIZE):
             if n > room and not self.mergeable:
                 self.metrics["rx_dropped_frames"] += 1  # can never fit a non-mergeable buffer
