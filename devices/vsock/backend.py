@@ -248,7 +248,8 @@ class UnixMuxer:
             return
         del self.pending[fd]
         self.epoll.unregister(fd)
-        conn = Connection(pending.sock, self.guest_cid, self._new_local_port(), port, State.LOCAL_INIT, self.counters)
+        local = self._new_local_port()
+        conn = Connection(pending.sock, self.guest_cid, local, port, State.LOCAL_INIT, self.counters, clock=self.clock)
         self.counters["host_connects"] += 1
         self._add(conn)
 
@@ -342,6 +343,7 @@ class UnixMuxer:
             self.counters,
             peer_buf_alloc=h.buf_alloc,
             peer_fwd_cnt=h.fwd_cnt,
+            clock=self.clock,
         )
         conn.need_response = True
         self._add(conn)

@@ -148,3 +148,38 @@ def test_64_mib_host_to_guest_stream_through_the_worker(worker: VsockWorkerHarne
     finally:
         listener.close()
     assert received == total and got.hexdigest() == sent.hexdigest()
+
+
+def test_64_host_connections_at_once_each_keep_their_own_stream(worker: VsockWorkerHarness) -> None:
+    g = worker.guest
+    hosts = []
+    try:
+        for _ in range(64):
+            host = socket.socket(socket.AF_UNIX)
+            host.settimeout(5)
+            host.connect(worker.uds_path)
+            host.sendall(b"CONNECT 52\n")
+            hosts.append(host)
+        requests = g.wait_for(lambda: len([p for p in g.received if p.op == Op.REQUEST]) == 64 and g.received)
+        ports = [pkt.header.src_port for pkt in requests if pkt.op == Op.REQUEST]
+        assert len(set(ports)) == 64  # one host-side port each
+        g.received.clear()
+        for port in ports:
+            g.send(52, port, Op.RESPONSE, kick=False)
+        worker.kick(1)
+        by_port = {}
+        for host in hosts:
+            port = int(read_line(host)[3:])
+            by_port[port] = host
+            host.sendall(f"hello from {port}".encode())
+        payloads = g.wait_for(lambda: len([p for p in g.received if p.op == Op.RW]) >= 64 and g.received)
+        for pkt in payloads:
+            assert pkt.payload == f"hello from {pkt.header.src_port}".encode()
+            g.send(52, pkt.header.src_port, Op.RW, b"echo " + pkt.payload, kick=False)
+        worker.kick(1)
+        for port, host in by_port.items():
+            assert host.recv(100) == f"echo hello from {port}".encode()
+        assert worker.metrics()["conns_open"] == 64
+    finally:
+        for host in hosts:
+            host.close()

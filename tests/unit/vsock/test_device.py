@@ -463,3 +463,50 @@ def test_transport_reset_asked_before_activation_is_sent_once_active(sock_dir: s
     finally:
         device.backend.close()  # type: ignore[attr-defined]
         mem.close()
+
+
+def test_guest_that_never_answers_a_host_connect_gets_rst_and_the_host_is_closed(sock_dir: str) -> None:
+    from devices.vsock.connection import REQUEST_TIMEOUT_S
+
+    now = [100.0]
+    with VsockRig(f"{sock_dir}/v.sock", clock=lambda: now[0]) as rig:
+        host = rig.host_connect(GUEST_PORT)
+        req = rig.guest.take(Op.REQUEST)
+        assert rig.muxer.next_timeout() == pytest.approx(REQUEST_TIMEOUT_S)
+
+        now[0] += REQUEST_TIMEOUT_S
+        rig.device.process_timer()
+
+        rst = rig.guest.take(Op.RST)
+        assert rst.header.src_port == req.header.src_port
+        assert read_line(host) == b""
+        assert rig.muxer.conns == {}
+
+
+def test_closing_connection_is_reset_when_the_guest_does_not_answer_shutdown(sock_dir: str) -> None:
+    from devices.vsock.connection import SHUTDOWN_TIMEOUT_S
+
+    now = [100.0]
+    with VsockRig(f"{sock_dir}/v.sock", clock=lambda: now[0]) as rig:
+        host, _ = open_host_conn(rig)
+        host.close()
+        rig.guest.take(Op.SHUTDOWN)  # both flags; the guest should RST, but stays silent
+
+        now[0] += SHUTDOWN_TIMEOUT_S
+        rig.device.process_timer()
+
+        rig.guest.take(Op.RST)
+        assert rig.muxer.conns == {}
+
+
+def test_connection_limit_refuses_both_directions(sock_dir: str, host_listener: socket.socket) -> None:
+    with VsockRig(f"{sock_dir}/v.sock", max_connections=2) as rig:
+        open_guest_conn(rig, host_listener, guest_port=1000)
+        open_guest_conn(rig, host_listener, guest_port=1001)
+
+        rig.guest.send(1002, 53, Op.REQUEST)
+        assert rig.guest.take(Op.RST).header.dst_port == 1002
+        host = rig.host_connect(GUEST_PORT)
+        rig.guest.wait_for(lambda: rig.muxer.counters["host_connect_refused"] == 1)
+        assert read_line(host) == b""
+        assert len(rig.muxer.conns) == 2
