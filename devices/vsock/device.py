@@ -111,15 +111,16 @@ class VsockDevice:
             return
         self._run(lambda: self._process_event_queue() if index == EVQ else self._process_tx_rx())
 
-    def process_backend(self) -> None:
-        """The backend's fd is readable: let it work, then move packets both ways."""
+    def process_backend(self, serving: bool = True) -> None:
+        """The backend's fd is readable: let it work, then move packets both ways (not while
+        the transport is not `serving`: failed, or waiting for a reset)."""
         self.backend.notify()
-        if self.active:
+        if self.active and serving:
             self._run(self._process_tx_rx)
 
-    def process_timer(self) -> None:
+    def process_timer(self, serving: bool = True) -> None:
         self.backend.on_timer()
-        if self.active:
+        if self.active and serving:
             self._run(self._process_tx_rx)
 
     def transport_reset(self) -> None:

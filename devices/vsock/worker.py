@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from collections.abc import Callable
 from typing import Any
 
 from devices.vsock.backend import COUNTER_NAMES, UnixMuxer
@@ -53,23 +54,35 @@ class VsockHooks:
         self.device = device
         self.muxer = muxer
         self.transport = transport
+        self.broken = False  # an internal error stopped the backend
+        self.loop: EventLoop | None = None
 
     def install(self, loop: EventLoop) -> None:
+        self.loop = loop
         loop.register(self.muxer.fileno(), BACKEND, self)
-        loop.add_timer(self.muxer.next_timeout, self._on_timer)
+        loop.add_timer(lambda: None if self.broken else self.muxer.next_timeout(), self._on_timer)
 
     def process(self, token: int, events: int) -> None:
-        self._guarded(self.device.process_backend)
+        self._guarded(lambda: self.device.process_backend(self.transport.serving))
 
     def _on_timer(self) -> None:
-        self._guarded(self.device.process_timer)
+        self._guarded(lambda: self.device.process_timer(self.transport.serving))
 
-    def _guarded(self, work: Any) -> None:
+    def _guarded(self, work: Callable[[], None]) -> None:
+        if self.broken:
+            return
         try:
             work()
-        except Exception:  # a bug of ours: keep the worker, count it
+        except Exception as e:  # a bug of ours: the muxer's state is suspect and its fd may stay
+            # readable (a level-triggered loop would spin): drop every connection, stop polling
+            # the backend, and tell the guest the device needs a reset (until the worker restarts)
             self.muxer.counters["muxer_event_fails"] += 1
-            log.exception("vsock backend error")
+            log.exception("vsock backend error: the vsock device stops")
+            self.broken = True
+            if self.loop is not None:
+                self.loop.unregister(self.muxer.fileno())
+            self.muxer.reset()
+            self.transport.signal_needs_reset(f"internal error: {e!r}")
 
     def metrics(self) -> dict[str, dict[str, int]]:
         return {"vsock": {**self.device.metrics, **self.muxer.counters, "conns_open": len(self.muxer.conns)}}

@@ -510,3 +510,33 @@ def test_connection_limit_refuses_both_directions(sock_dir: str, host_listener: 
         rig.guest.wait_for(lambda: rig.muxer.counters["host_connect_refused"] == 1)
         assert read_line(host) == b""
         assert len(rig.muxer.conns) == 2
+
+
+def test_an_internal_error_stops_the_backend_and_asks_for_a_reset(rig: VsockRig, host_listener) -> None:
+    from devices.vsock.worker import VsockHooks
+    from shared.eventloop import EventLoop
+
+    conn = open_guest_conn(rig, host_listener)
+    transport = FakeTransport()
+    hooks = VsockHooks(rig.device, rig.muxer, transport)  # type: ignore[arg-type]
+    with EventLoop() as loop:
+        hooks.install(loop)
+        rig.muxer.notify = lambda: 1 / 0  # type: ignore[method-assign]
+
+        hooks.process(0, 0)
+
+        assert hooks.broken and transport.reasons == ["internal error: ZeroDivisionError('division by zero')"]
+        assert conn.recv(1) == b""  # connections dropped
+        assert loop.run_once(0) == 0  # the backend's fd is no longer polled
+        hooks.process(0, 0)  # ignored from now on
+        assert rig.muxer.counters["muxer_event_fails"] == 1
+
+
+class FakeTransport:
+    serving = True
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def signal_needs_reset(self, reason: str) -> None:
+        self.reasons.append(reason)
