@@ -14,13 +14,18 @@ memory (`controlplane.builder`), then forks, in order:
 `MicroVm`'s monitor thread is the only user of the control socket (a ZeroMQ ROUTER,
 one identity per worker): it forwards console output, applies worker messages and
 notices a worker's death at once through its pidfd. The vCPU worker's death ends the
-microVM; a device worker's death is reported (logs, `metrics()`, `workers()`) and the
-guest keeps running without that device.
+microVM. A device worker that dies, or hangs (no heartbeat for the policy's
+`hang_timeout_s`: the watchdog kills it), is replaced under the running guest with the
+same fds, which the supervisor keeps for that, and the device's state area
+(docs/faults.md); past the restart policy the device gets a worker that only sets
+DEVICE_NEEDS_RESET and is reported broken. Restarts and their causes are logged and
+counted (`metrics()`, `workers()`); faults can be injected (`inject_fault`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -47,14 +52,24 @@ from controlplane.builder import (
     plan_devices,
     remove_vsock_socket,
 )
+from controlplane.faults import (
+    NOT_ENABLED,
+    FaultEntry,
+    FaultSpec,
+    RestartPolicy,
+    RestartTracker,
+    fault_kinds,
+    restartable,
+)
 from controlplane.vm_spec import DriveSpec, VmSpec
-from controlplane.worker_handle import WorkerHandle, merge_metrics
+from controlplane.worker_handle import WorkerHandle, add_groups, merge_metrics
 from controlplane.zygote import Zygote, ZygoteError
 from devices.vsock.messages import VsockTransportReset
 from shared import exitcodes, fdpass
 from shared import protocol as p
 from shared.boot.errors import BootError
 from shared.confine import settings_for
+from shared.devstate import FATAL_CRASH, FATAL_HANG, create_state_memfd, take_fatal
 from shared.kvm import Kvm, KvmError, open_kvm
 from shared.seccomp import Filter, PolicyError, SeccompKillLog, load_filter_file
 
@@ -75,6 +90,28 @@ class VmStartError(Exception):
 
 class DeviceUpdateError(Exception):
     """A run-time device update was refused or its worker could not apply it."""
+
+
+class FaultError(Exception):
+    """A fault-injection request was refused; the message is fit for an API `fault_message`."""
+
+
+@dataclasses.dataclass
+class DeviceSlot:
+    """What the supervisor keeps of one device for its whole life, to restart its worker."""
+
+    plan: DevicePlan  # with the supervisor's own copies of the fds
+    state_fd: int  # the state area (shared.devstate); -1 for kinds that cannot restart
+    tracker: RestartTracker
+    restart_at: float | None = None
+    exhausted: bool = False  # the next worker only sets DEVICE_NEEDS_RESET
+
+    def close(self) -> None:
+        self.plan.close()
+        if self.state_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.state_fd)
+            self.state_fd = -1
 
 
 def describe_wait_status(status: int, pid: int = 0, kills: SeccompKillLog | None = None) -> tuple[int, str]:
@@ -174,18 +211,40 @@ class MicroVm:
         self._seccomp_filters: dict[str, Filter] | None = None  # --seccomp-filter, by worker kind
         self._seccomp_faults = 0
         self._mmds_workers: list[str] = []  # net workers serving MMDS (update_mmds)
+        self.policy = RestartPolicy.from_dict(getattr(spec, "restart_policy", None))
+        self.failed = False  # the vCPU worker died (not a guest exit)
+        self._memfd = -1  # the supervisor's copy of guest memory's fd, for replacement workers
+        self._slots: dict[str, DeviceSlot] = {}
+        self._faults: dict[str, FaultEntry] = {}  # by worker name
+        self._poller = zmq.Poller()
+        self._pidfds: dict[int, WorkerHandle] = {}
 
     # --- start-up -------------------------------------------------------------------------
     def _start(self, kvm_fd: int, plan: GuestPlan, devices: list[DevicePlan]) -> None:
         try:
+            self._memfd = os.dup(plan.memfd)
             for device in devices:
-                self._spawn_device_worker(device, plan.memfd)
+                self._keep(device)
+            for device in devices:
+                self._spawn_device_worker(self._slots[device.name].plan, self._memfd)
             self._spawn_vcpu_worker(kvm_fd, plan.memfd, plan.vcpu_args, devices)
         except VmStartError:
             self._abort_start()
             raise
         self.state = "Running"
         self._thread.start()
+
+    def _keep(self, device: DevicePlan) -> None:
+        """The supervisor's own copies of a device's fds (the vCPU worker keeps its own too),
+        and its state area: what a replacement worker is given."""
+        kept = dataclasses.replace(
+            device,
+            backend_fds=[os.dup(fd) for fd in device.backend_fds],
+            queue_fds=[os.dup(fd) for fd in device.queue_fds],
+            irqfd=os.dup(device.irqfd),
+        )
+        state_fd = create_state_memfd(device.name) if restartable(device.kind) else -1
+        self._slots[device.name] = DeviceSlot(kept, state_fd, RestartTracker(self.policy))
 
     def _mmio_endpoint(self, name: str) -> str:
         return f"ipc://{self._prefix}-{name}-mmio"
@@ -197,7 +256,13 @@ class MicroVm:
         except (ZygoteError, OSError, PolicyError) as e:
             raise VmStartError(f"cannot start the {what}: {e}") from None
         handle = WorkerHandle(name, kind, pid, os.pidfd_open(pid))
-        self._workers[handle.identity] = handle
+        with self._cond:
+            old = self._workers.get(handle.identity)
+            if old is not None:  # a replacement: the device's history carries over
+                handle.metrics_base = add_groups(old.metrics_base, old.metrics)
+                handle.restarts, handle.restart_causes = old.restarts, old.restart_causes
+                handle.last_restart_cause = old.last_restart_cause
+            self._workers[handle.identity] = handle
         return handle
 
     def _seccomp_settings(self, kind: str) -> dict[str, Any]:
@@ -213,9 +278,11 @@ class MicroVm:
         """Tests only: ask `worker` to attempt a forbidden syscall (armed by VmSpec.seccomp_test_hooks)."""
         self._command(p.TestSyscall(what), worker.encode())
 
-    def _spawn_device_worker(self, device: DevicePlan, memfd: int) -> None:
-        """Any virtio device's worker: fds [memfd, irqfd, queues..., backends..., fd channel],
-        args = the plan's own + mem_size and the endpoints."""
+    def _spawn_device_worker(
+        self, device: DevicePlan, memfd: int, restore: bool = False, needs_reset: bool = False
+    ) -> None:
+        """Any virtio device's worker: fds [memfd, irqfd, queues..., backends..., fd channel,
+        (state area)], args = the plan's own + mem_size and the endpoints (+ restart flags)."""
         mine, theirs = fdpass.channel_pair()
         args = {
             **device.args,
@@ -223,8 +290,13 @@ class MicroVm:
             "control_endpoint": self._endpoint,
             "mmio_endpoint": self._mmio_endpoint(device.name),
         }
+        fds = device.worker_fds(memfd, theirs.fileno())
+        slot = self._slots.get(device.name)
+        if slot is not None and slot.state_fd >= 0:
+            args.update(state_fd=True, restore=restore, needs_reset=needs_reset)
+            fds.append(slot.state_fd)
         try:
-            handle = self._spawn(device.kind, device.name, args, device.worker_fds(memfd, theirs.fileno()), device.what)
+            handle = self._spawn(device.kind, device.name, args, fds, device.what)
         except VmStartError:
             mine.close()
             raise
@@ -236,6 +308,7 @@ class MicroVm:
         if device.kind == "block":
             handle.drive_id = device.device_id
         self._await_ready(handle)
+        handle.last_heartbeat = time.monotonic()
 
     def _spawn_vcpu_worker(
         self, kvm_fd: int, memfd: int, vcpu_args: dict[str, object], devices: list[DevicePlan]
@@ -319,7 +392,9 @@ class MicroVm:
                     timeout=1.0,
                 )
         with self._cond:
-            return {**merge_metrics(list(self._workers.values())), "seccomp": {"num_faults": self._seccomp_faults}}
+            merged = merge_metrics(list(self._workers.values()))
+            merged["embervm_workers"]["vcpu_failed"] = int(self.failed)
+            return {**merged, "seccomp": {"num_faults": self._seccomp_faults}}
 
     def workers(self) -> list[dict[str, object]]:
         """Each worker process (the vCPU worker first) with its pid and whether it lives."""
@@ -342,6 +417,50 @@ class MicroVm:
         with self._cond:
             self._cond.wait_for(lambda: self.state == "Exited", timeout=timeout)
             return self.exit_code
+
+    # --- fault injection (PUT/DELETE/GET /faults, --enable-fault-injection) --------------------------
+    def _slot_for(self, device_id: str) -> DeviceSlot:
+        for slot in self._slots.values():
+            if device_id in (slot.plan.device_id, slot.plan.name):
+                return slot
+        raise FaultError(f"no device {device_id!r} in this microVM")
+
+    def inject_fault(self, device_id: str, spec: FaultSpec) -> None:
+        """Arm `spec` on the device's worker (it replaces the device's previous fault); the
+        supervisor re-arms what remains of it on every replacement worker."""
+        if not getattr(self.spec, "enable_fault_injection", False):
+            raise FaultError(NOT_ENABLED)
+        slot = self._slot_for(device_id)
+        kinds = fault_kinds(slot.plan.kind)
+        if spec.kind not in kinds:
+            kind = slot.plan.kind
+            raise FaultError(f"{kind} devices do not implement {spec.kind!r} faults (only {', '.join(kinds)})")
+        if self.state == "Exited":
+            raise FaultError("the microVM has stopped")
+        entry = FaultEntry(slot.plan.device_id, slot.plan.name, spec)
+        with self._cond:
+            self._faults[slot.plan.name] = entry
+        log.warning("fault injection: %s on the %s worker", spec.model_dump(), slot.plan.name)
+        self._command(self._fault_message(entry), slot.plan.name.encode())
+
+    def clear_fault(self, device_id: str) -> bool:
+        """Disarm the device's fault; False if it had none."""
+        slot = self._slot_for(device_id)
+        with self._cond:
+            entry = self._faults.pop(slot.plan.name, None)
+        if self.state != "Exited":
+            self._command(p.InjectFault("", 0, 1.0, 0, 0), slot.plan.name.encode())
+        return entry is not None
+
+    def faults(self) -> list[dict[str, Any]]:
+        with self._cond:
+            return [entry.describe() for entry in self._faults.values()]
+
+    @staticmethod
+    def _fault_message(entry: FaultEntry) -> p.InjectFault:
+        spec = entry.spec
+        count = 0 if spec.count == 0 else entry.remaining
+        return p.InjectFault(spec.kind, spec.after_requests, float(spec.probability), count, spec.delay_ms)
 
     # --- run-time device updates (PATCH /drives) -------------------------------------------------
     def update_device(self, kind: str, device_id: str, changes: dict[str, Any]) -> None:
@@ -451,27 +570,32 @@ class MicroVm:
             log.error("bad message from worker %r: %s", identity, e)
             return identity, None
 
+    def _watch(self, handle: WorkerHandle) -> None:
+        self._pidfds[handle.pidfd] = handle
+        self._poller.register(handle.pidfd, zmq.POLLIN)
+
     def _monitor(self) -> None:
-        poller = zmq.Poller()
+        poller = self._poller
         poller.register(self._ctl, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
         assert self._console is not None
         poller.register(self._console.fileno(), zmq.POLLIN)
-        pidfds = {w.pidfd: w for w in self._workers.values()}
-        for fd in pidfds:
-            poller.register(fd, zmq.POLLIN)
+        for handle in self._workers.values():
+            self._watch(handle)
         outcome: tuple[int, str] | None = None
         while outcome is None:
-            events = dict(poller.poll())
+            events = dict(poller.poll(self._next_timer_ms()))
             if self._console.fileno() in events:
                 self._pump_console()
             if self._wake_r in events:
                 self._send_commands()
             if self._ctl in events:
                 outcome = self._drain_messages()
-            for fd in [fd for fd in pidfds if fd in events]:
+            for fd in [fd for fd in self._pidfds if fd in events]:
                 poller.unregister(fd)
-                outcome = self._worker_died(pidfds.pop(fd)) or outcome
+                outcome = self._worker_died(self._pidfds.pop(fd)) or outcome
+            if outcome is None:
+                self._run_timers()
         self._stop_device_workers()
         vcpu = self._workers[VCPU.encode()]
         if vcpu.alive:
@@ -484,6 +608,102 @@ class MicroVm:
         while self._ctl.poll(0):
             outcome = self._apply(*self._recv()) or outcome
         return outcome
+
+    # --- restarts ----------------------------------------------------------------------------
+    def _next_timer_ms(self) -> int | None:
+        """Until the next restart is due or a worker's heartbeat is late (None: no timer)."""
+        now = time.monotonic()
+        due = [slot.restart_at for slot in self._slots.values() if slot.restart_at is not None]
+        for handle in self._workers.values():
+            if handle.name in self._slots and handle.alive and not handle.hung:
+                due.append(handle.last_heartbeat + self.policy.hang_timeout_s)
+        if not due:
+            return None
+        return max(0, int((min(due) - now) * 1000) + 1)
+
+    def _run_timers(self) -> None:
+        now = time.monotonic()
+        for handle in list(self._workers.values()):
+            late = now - handle.last_heartbeat
+            if handle.name in self._slots and handle.alive and not handle.hung and late > self.policy.hang_timeout_s:
+                log.error("the %s worker (pid %d) is hung (%.1f s without a heartbeat)", handle.name, handle.pid, late)
+                handle.hung = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(handle.pid, signal.SIGKILL)
+        for slot in self._slots.values():
+            if slot.restart_at is not None and slot.restart_at <= now:
+                slot.restart_at = None
+                self._restart(slot)
+
+    def _restart(self, slot: DeviceSlot) -> None:
+        """Start a replacement worker for `slot` (in the monitor thread)."""
+        name = slot.plan.name
+        old = self._workers[name.encode()]
+        try:
+            self._spawn_device_worker(slot.plan, self._memfd, restore=True, needs_reset=slot.exhausted)
+            failure = None
+        except VmStartError as e:
+            failure = str(e)
+        new = self._workers[name.encode()]
+        with self._cond:
+            if new is not old:
+                new.broken = slot.exhausted
+                if old.pidfd in self._pidfds:
+                    self._poller.unregister(old.pidfd)
+                    del self._pidfds[old.pidfd]
+                old.close()
+            self._cond.notify_all()
+        if failure is not None:
+            log.error("cannot restart the %s worker: %s", name, failure)
+            self._schedule_restart(slot, new, "exit", f"its replacement failed to start: {failure}")
+            return
+        self._watch(new)
+        self._send(VCPU.encode(), p.DeviceUp(name))  # the window forwards to the new worker
+        entry = self._faults.get(name)
+        if entry is not None and entry.active and not slot.exhausted:
+            self._send(new.identity, self._fault_message(entry))
+        if slot.exhausted:
+            log.error("the %s device needs a reset: its worker (pid %d) only reports DEVICE_NEEDS_RESET", name, new.pid)
+        else:
+            log.warning("restarted the %s worker: pid %d (restart %d)", name, new.pid, new.restarts)
+
+    def _schedule_restart(self, slot: DeviceSlot, handle: WorkerHandle, cause_kind: str, cause: str) -> None:
+        if handle.broken:
+            log.error("the %s worker that reported DEVICE_NEEDS_RESET died too: the device is gone", handle.name)
+            return
+        delay = slot.tracker.on_death()
+        if delay is None:
+            slot.exhausted = True
+            delay = 0.0
+            log.error(
+                "the %s worker died %d times within %g s: restart policy exhausted, the device goes to NEEDS_RESET",
+                handle.name,
+                self.policy.max_restarts + 1,
+                self.policy.window_s,
+            )
+        with self._cond:
+            handle.restarts += 1
+            handle.restart_causes[cause_kind] = handle.restart_causes.get(cause_kind, 0) + 1
+            handle.last_restart_cause = cause
+        slot.restart_at = time.monotonic() + delay
+
+    def _death_cause(self, handle: WorkerHandle, slot: DeviceSlot | None, how: str) -> tuple[str, str]:
+        """(metric cause, human cause) of a device worker's death."""
+        fatal = take_fatal(slot.state_fd) if slot is not None and slot.state_fd >= 0 else 0
+        entry = self._faults.get(handle.name)
+        if fatal and entry is not None:
+            with self._cond:
+                entry.fired += 1
+                if not entry.active:
+                    del self._faults[handle.name]
+        if handle.hung:
+            injected = " (injected hang)" if fatal == FATAL_HANG else ""
+            return "hang", f"hung: no heartbeat for {self.policy.hang_timeout_s:g} s{injected}"
+        if fatal == FATAL_CRASH:
+            return "fault", f"injected crash ({how})"
+        if how.startswith("killed by seccomp"):
+            return "seccomp", how
+        return ("signal" if how.startswith("killed by signal") else "exit"), how
 
     def _worker_died(self, handle: WorkerHandle) -> tuple[int, str] | None:
         if handle.name != VCPU:
@@ -499,7 +719,16 @@ class MicroVm:
             if outcome is None:
                 code = describe_wait_status(status)[0] if status is not None else exitcodes.GENERIC_ERROR
                 outcome = (code, f"vCPU worker {how}")
+                self.failed = True
                 log.error("the vCPU worker (pid %d) %s", handle.pid, how)
+            return outcome
+        slot = self._slots.get(handle.name)
+        if slot is not None and slot.state_fd >= 0 and outcome is None:
+            cause_kind, cause = self._death_cause(handle, slot, how)
+            with self._cond:
+                handle.exit_reason = f"{handle.kind} worker {cause}"
+            log.error("the %s worker (pid %d) %s: restarting it under the guest", handle.name, handle.pid, cause)
+            self._schedule_restart(slot, handle, cause_kind, cause)
             return outcome
         log.error(
             "the %s worker (pid %d) %s: %s %s is gone, the guest keeps running without it",
@@ -551,7 +780,16 @@ class MicroVm:
                 self._cond.notify_all()
 
     def _apply_locked(self, handle: WorkerHandle, msg: p.Message) -> tuple[int, str] | None:
-        if isinstance(msg, p.Metrics):
+        handle.last_heartbeat = time.monotonic()  # any message shows its loop turns
+        if isinstance(msg, p.Heartbeat):
+            return None
+        if isinstance(msg, p.FaultFired):
+            entry = self._faults.get(handle.name)
+            if entry is not None:
+                entry.fired += 1
+                if not entry.active:
+                    del self._faults[handle.name]
+        elif isinstance(msg, p.Metrics):
             handle.metrics = msg.groups
             handle.metrics_seq += 1
         elif isinstance(msg, p.Log):
@@ -625,6 +863,12 @@ class MicroVm:
             handle.close()
         if self._console is not None:
             self._console.close()
+        for slot in self._slots.values():
+            slot.close()
+        if self._memfd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self._memfd)
+            self._memfd = -1
         remove_vsock_socket(self.spec)  # the listening socket at uds_path is the supervisor's
 
 

@@ -49,6 +49,10 @@ class VmSpec:
     no_seccomp: bool = False
     seccomp_filter: str | None = None
     seccomp_test_hooks: bool = False
+    # Fault containment (docs/faults.md): --enable-fault-injection arms PUT /faults; the
+    # restart policy of every device worker (controlplane.faults.RestartPolicy fields).
+    enable_fault_injection: bool = False
+    restart_policy: dict[str, float] | None = None
 
     @property
     def mem_size(self) -> int:

@@ -30,6 +30,14 @@ class WorkerHandle:
     exit_reason: str | None = None
     metrics: Groups = field(default_factory=dict)
     metrics_seq: int = 0
+    # Restarts (docs/faults.md): carried from a dead worker to its replacement.
+    metrics_base: Groups = field(default_factory=dict)  # the dead workers' last counters
+    restarts: int = 0
+    restart_causes: dict[str, int] = field(default_factory=dict)  # signal, exit, seccomp, hang, fault
+    last_restart_cause: str | None = None
+    broken: bool = False  # the restart policy ran out: the device is in DEVICE_NEEDS_RESET
+    last_heartbeat: float = 0.0
+    hung: bool = False  # killed by the supervisor's watchdog
 
     @property
     def identity(self) -> bytes:
@@ -44,6 +52,10 @@ class WorkerHandle:
             "alive": self.alive,
             "exit_reason": self.exit_reason,
         }
+        if self.kind != "vcpu":
+            info["restarts"] = self.restarts
+            info["last_restart_cause"] = self.last_restart_cause
+            info["broken"] = self.broken
         if self.drive_id is not None:
             info["drive_id"] = self.drive_id
         elif self.kind == "net" and self.device_id is not None:
@@ -73,21 +85,48 @@ def merge_metrics(workers: list[WorkerHandle]) -> Groups:
     """
     merged: Groups = {}
     for worker in workers:
-        for group, values in worker.metrics.items():
+        for group, values in add_groups(worker.metrics_base, worker.metrics).items():
             merged.setdefault(group, {}).update(values)
     for kind in AGGREGATED_KINDS:
         devices = [w for w in workers if w.kind == kind]
         for worker in devices:
-            merged.setdefault(f"{kind}_{worker.device_id or worker.drive_id}", {})["worker_alive"] = int(worker.alive)
+            group = merged.setdefault(f"{kind}_{worker.device_id or worker.drive_id}", {})
+            group["worker_alive"] = int(worker.alive)
+            group["worker_restarts"] = worker.restarts
+            group["worker_broken"] = int(worker.broken)
         if devices:
             total: dict[str, int] = {}
             for worker in devices:
                 for key, value in merged[f"{kind}_{worker.device_id or worker.drive_id}"].items():
-                    if key != "worker_alive" and isinstance(value, int):
+                    if key not in ("worker_alive", "worker_broken") and isinstance(value, int):
                         total[key] = total.get(key, 0) + value
             merged[kind] = total
+    causes: dict[str, int] = {}
+    for worker in workers:
+        for cause, n in worker.restart_causes.items():
+            causes[f"restarts_{cause}"] = causes.get(f"restarts_{cause}", 0) + n
     merged["embervm_workers"] = {
         "alive": sum(w.alive for w in workers),
         "dead": sum(not w.alive for w in workers),
+        "restarts": sum(w.restarts for w in workers),
+        "broken": sum(w.broken for w in workers),
+        **{f"restarts_{c}": causes.get(f"restarts_{c}", 0) for c in RESTART_CAUSES},
     }
     return merged
+
+
+RESTART_CAUSES = ("signal", "exit", "seccomp", "hang", "fault")
+
+
+def add_groups(base: Groups, current: Groups) -> Groups:
+    """Counters of a device's earlier workers plus its current one's (metrics stay cumulative
+    across restarts)."""
+    if not base:
+        return current
+    out: Groups = {group: dict(values) for group, values in base.items()}
+    for group, values in current.items():
+        target = out.setdefault(group, {})
+        for key, value in values.items():
+            old = target.get(key)
+            target[key] = old + value if isinstance(old, int) and isinstance(value, int) else value
+    return out

@@ -36,6 +36,8 @@ from shared.ratelimit import RateLimiter, RateLimitError
 from shared.virtio.mmio import MmioTransport
 
 FDS = ("memfd", "irqfd", "queue_notify", "backing_file", "fd_channel")
+RESTARTABLE = True  # takes a state area and restores from it (docs/faults.md)
+FAULT_KINDS = ("crash", "hang", "delay", "io_error", "drop")  # BlockDevice checks each request
 
 log = logging.getLogger("embervm.block")
 

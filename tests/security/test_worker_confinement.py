@@ -61,6 +61,14 @@ def wait_dead(vm: MicroVm, name: str, timeout: float = 10.0) -> dict[str, object
     return info
 
 
+def wait_restarted(vm: MicroVm, name: str, old_pid: object, timeout: float = 10.0) -> dict[str, object]:
+    """`name`'s replacement worker, once it runs (the supervisor restarts dead device workers)."""
+    deadline = time.monotonic() + timeout
+    while not ((info := worker(vm, name))["pid"] != old_pid and info["alive"]) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return info
+
+
 @pytest.fixture
 def kill_log(launcher: Launcher) -> None:
     if launcher.seccomp_kills.unavailable:
@@ -142,10 +150,12 @@ def test_forbidden_syscall_in_a_block_worker_kills_only_that_worker(
 
         vm.test_syscall("block_data", what)
 
-        dead = wait_dead(vm, "block_data")
-        assert (dead["alive"], dead["exit_reason"]) == (
-            False,
-            f"block worker killed by seccomp (syscall {number}, {name})",
+        old_pid = worker(vm, "block_data")["pid"]
+        new = wait_restarted(vm, "block_data", old_pid)
+        assert (new["alive"], new["restarts"], new["last_restart_cause"]) == (
+            True,
+            1,
+            f"killed by seccomp (syscall {number}, {name})",
         )
         vm.send_console_input(b"still here\n")
         console.wait_for("echo: still here")
@@ -153,6 +163,7 @@ def test_forbidden_syscall_in_a_block_worker_kills_only_that_worker(
         metrics = vm.metrics()
         assert metrics["seccomp"] == {"num_faults": 1}
         assert metrics["block_rootfs"]["worker_alive"] == 1
+        assert metrics["embervm_workers"]["restarts_seccomp"] == 1
     finally:
         vm.stop()
 

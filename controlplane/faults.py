@@ -1,0 +1,130 @@
+"""Fault containment on the supervisor side: the restart policy and the fault-injection table.
+
+A device worker that dies (or hangs: no heartbeat for `hang_timeout_s`) is replaced by
+`MicroVm` with the same fds and state area (docs/faults.md). `RestartTracker` decides when:
+at most `max_restarts` restarts in `window_s` seconds, each after a backoff that starts at
+`backoff_initial_s` and doubles up to `backoff_max_s` for deaths in quick succession. Past
+the limit the device gets one last worker that only sets DEVICE_NEEDS_RESET, and the
+device is reported broken.
+
+`FaultSpec` is the body of `PUT /faults/{device_id}` (embervm extension, needs
+`--enable-fault-injection`); `FaultEntry` is what `GET /faults` lists.
+"""
+
+from __future__ import annotations
+
+import collections
+import importlib
+import time
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import Field
+
+from controlplane.models._base import FcModel
+from shared.faultinject import GENERIC_KINDS, KINDS
+
+NOT_ENABLED = "Fault injection is not enabled: start embervm with --enable-fault-injection to use /faults."
+
+
+@dataclass(frozen=True)
+class RestartPolicy:
+    max_restarts: int = 5
+    window_s: float = 60.0
+    backoff_initial_s: float = 0.05
+    backoff_max_s: float = 2.0
+    hang_timeout_s: float = 5.0
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any] | None) -> RestartPolicy:
+        if not raw:
+            return cls()
+        unknown = set(raw) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise ValueError(f"unknown restart policy fields: {', '.join(sorted(unknown))}")
+        return cls(**{k: type(getattr(cls(), k))(v) for k, v in raw.items()})
+
+
+@dataclass
+class RestartTracker:
+    """One device's restart history under a policy."""
+
+    policy: RestartPolicy
+    times: collections.deque[float] = field(default_factory=collections.deque)
+    streak: int = 0  # deaths with the previous one less than the window ago
+    total: int = 0
+
+    def on_death(self, now: float | None = None) -> float | None:
+        """Seconds to wait before restarting, or None when the policy is exhausted."""
+        now = time.monotonic() if now is None else now
+        while self.times and now - self.times[0] > self.policy.window_s:
+            self.times.popleft()
+        if len(self.times) >= self.policy.max_restarts:
+            return None
+        self.streak = self.streak + 1 if self.times else 0
+        self.times.append(now)
+        self.total += 1
+        if self.streak == 0:
+            return 0.0
+        return min(self.policy.backoff_max_s, self.policy.backoff_initial_s * (2 ** (self.streak - 1)))
+
+
+class FaultSpec(FcModel):
+    """PUT /faults/{device_id}."""
+
+    kind: Literal["crash", "hang", "delay", "io_error", "drop"]
+    after_requests: int = Field(default=0, ge=0)
+    probability: float = Field(default=1.0, ge=0.0, le=1.0)
+    count: int = Field(default=1, ge=0)  # 0: every time, until DELETE
+    delay_ms: int = Field(default=0, ge=0, le=600_000)
+
+
+@dataclass
+class FaultEntry:
+    device_id: str
+    worker: str
+    spec: FaultSpec
+    fired: int = 0
+
+    @property
+    def remaining(self) -> int:
+        """Hits still to come (0 with count 0 means: unlimited)."""
+        return 0 if self.spec.count == 0 else max(0, self.spec.count - self.fired)
+
+    @property
+    def active(self) -> bool:
+        return self.spec.count == 0 or self.remaining > 0
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "device_id": self.device_id,
+            "worker": self.worker,
+            **self.spec.model_dump(),
+            "fired": self.fired,
+            "active": self.active,
+        }
+
+
+def worker_module_attr(kind: str, name: str, default: Any) -> Any:
+    """An attribute of a device kind's worker module (RESTARTABLE, FAULT_KINDS)."""
+    from controlplane.zygote import WORKER_ENTRIES
+
+    entry = WORKER_ENTRIES.get(kind)
+    if entry is None:
+        return default
+    try:
+        module = importlib.import_module(entry.partition(":")[0])
+    except ImportError:
+        return default
+    return getattr(module, name, default)
+
+
+def restartable(kind: str) -> bool:
+    """Whether `kind`'s worker takes a state area and restores from it (shared.devworker.split_recovery)."""
+    return bool(worker_module_attr(kind, "RESTARTABLE", False))
+
+
+def fault_kinds(kind: str) -> tuple[str, ...]:
+    """The fault kinds a device kind implements: the generic ones unless it says more."""
+    kinds = tuple(worker_module_attr(kind, "FAULT_KINDS", GENERIC_KINDS))
+    return tuple(k for k in kinds if k in KINDS)
