@@ -7,6 +7,8 @@ console. A failing test prints that inner guest's console and embervm's log.
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tests.e2e.environment import Environment, EnvironmentError_, prepare
@@ -32,6 +34,24 @@ DEVICE_CASES = [
         after="debugfs -R 'cat /e2e/written-by-guest' rootfs.ext4 2>/dev/null",
     ),
 ]
+METADATA = {"latest": {"meta-data": {"e2e": "hello-from-mmds"}}}
+DEVICE_CASES.append(
+    # virtio-net on a TAP in the outer VM: the guest pings the TAP's address, then fetches
+    # MMDS V2 (PUT a token, GET with it; a GET without one must fail) with busybox nc/wget.
+    Case(
+        "net-mmds",
+        checks=["boot", "net:172.16.0.2/30@172.16.0.1", "mmds:/latest/meta-data/e2e"],
+        config={
+            "network-interfaces": [{"iface_id": "net0", "guest_mac": "06:00:ac:10:00:02", "host_dev_name": "tap0"}],
+            "mmds-config": {"version": "V2", "network_interfaces": ["net0"]},
+        },
+        before=(
+            '"$E2E_PYTHON" "$E2E_REPO/tests/e2e/guest/mktap.py" tap0 172.16.0.1/30'
+            f" && echo '{json.dumps(METADATA)}' > metadata.json"
+        ),
+        args=["--metadata", "metadata.json"],
+    )
+)
 CASES = {c.name: c for c in BOOT_CASES + DEVICE_CASES}
 
 
@@ -97,3 +117,13 @@ def test_root_on_virtio_blk_reads_the_image_and_the_guests_write_reaches_the_hos
     assert result.check("blk") == (True, "read+write dir=/e2e"), result.explain()
     assert (result.failures, result.status) == (0, 0), result.explain()
     assert result.after == ["written by the guest", "status=0"], result.explain()
+
+
+def test_virtio_net_reaches_a_tap_in_the_outer_vm_and_serves_mmds_v2(nested: NestedRun):
+    result = nested["net-mmds"]
+
+    assert result.before == ["status=0"], result.explain()
+    ok, detail = result.check("net")
+    assert ok and detail.startswith("3 packets received"), result.explain()
+    assert result.check("mmds") == (True, "hello-from-mmds"), result.explain()
+    assert (result.failures, result.status) == (0, 0), result.explain()

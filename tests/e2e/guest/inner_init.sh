@@ -105,6 +105,41 @@ check_blk() { # ext4 on virtio-blk: read a file the host put there, write one ba
     fi
 }
 
+check_net() { # net:<address/prefix>@<peer>: configure eth0, ping the peer (a TAP in the outer VM)
+    address=${1%@*}
+    peer=${1#*@}
+    if ! wait_for /sys/class/net/eth0 5; then
+        fail net "no eth0"
+        return
+    fi
+    ip link set lo up
+    ip addr add "$address" dev eth0 && ip link set eth0 up
+    if ping -c 3 -W 5 "$peer" >/tmp/ping.out 2>&1; then
+        pass net "$(grep -o '[0-9]* packets received' /tmp/ping.out) from $peer"
+    else
+        fail net "ping $peer: $(tail -n 2 /tmp/ping.out | tr '\n' ' ')"
+    fi
+}
+
+check_mmds() { # mmds:<path>: MMDS V2 over eth0 (after net): a token from PUT /latest/api/token, then GET
+    path=${1:-/latest/meta-data/}
+    mmds=169.254.169.254
+    ip route add "$mmds" dev eth0 2>/dev/null
+    if wget -q -O /dev/null "http://$mmds$path" 2>/dev/null; then
+        fail mmds "GET without a token was answered"
+        return
+    fi
+    request="PUT /latest/api/token HTTP/1.1\r\nHost: $mmds\r\nX-metadata-token-ttl-seconds: 60\r\n\r\n"
+    token=$( (printf "$request"; sleep 2) | nc -w 5 "$mmds" 80 | tail -n 1 | tr -d '\r')
+    value=$(wget -q -O - --header "X-metadata-token: $token" "http://$mmds$path" 2>&1)
+    got=$?
+    if [ -n "$token" ] && [ "$got" -eq 0 ] && [ -n "$value" ]; then
+        pass mmds "$value"
+    else
+        fail mmds "token='$token' value='$value'"
+    fi
+}
+
 check_dmesg() { # diagnostics: the kernel log, or the lines matching the argument (a regex)
     dmesg | grep -E "${1:-.}" | sed 's/^/E2E-DMESG /'
     pass dmesg "lines=$(dmesg | wc -l)"
