@@ -1,0 +1,174 @@
+"""NetDevice against a fake TAP: features and offloads, rate limits, waiting frames, MMDS output."""
+
+from __future__ import annotations
+
+import json
+from collections import deque
+
+import pytest
+
+from devices.net import tap
+from devices.net.device import (
+    MAX_PENDING,
+    RX,
+    TX,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_UFO,
+    VIRTIO_NET_F_MAC,
+    NetDevice,
+)
+from devices.net.mmds import MmdsService
+from devices.net.stack import MmdsStack
+from devices.net.testing import GuestPeer
+from shared.ratelimit import BucketConfig, RateLimiter
+from shared.virtio import constants as c
+from shared.virtio.testing import FakeInterrupt, MockDriver, make_guest_memory
+
+HDR = bytes(12)
+
+
+class FakeTap:
+    def __init__(self) -> None:
+        self.inbound: deque[bytes] = deque()
+        self.sent: list[bytes] = []
+        self.offload: int | None = None
+
+    def readv(self, buffers: list[memoryview]) -> int:
+        if not self.inbound:
+            raise BlockingIOError
+        frame = memoryview(self.inbound.popleft())
+        pos = 0
+        for b in buffers:
+            take = min(len(b), len(frame) - pos)
+            b[:take] = frame[pos : pos + take]
+            pos += take
+        return len(frame)
+
+    def writev(self, buffers: list[memoryview]) -> int:
+        self.sent.append(b"".join(bytes(b) for b in buffers))
+        return len(self.sent[-1])
+
+    def set_offload(self, flags: int) -> None:
+        self.offload = flags
+
+
+class Clock:
+    now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Rig:
+    def __init__(self, features: int = c.feature(c.VIRTIO_F_VERSION_1), **kwargs: object) -> None:
+        self.mem = make_guest_memory()
+        self.tap = FakeTap()
+        self.irq = FakeInterrupt()
+        self.device = NetDevice(self.tap, iface_id="eth0", mac=bytes.fromhex("060000000001"), **kwargs)  # type: ignore[arg-type]
+        self.rx = MockDriver(self.mem, 64, base=0x10000, data_size=4 << 20)
+        self.tx = MockDriver(self.mem, 64, base=0x800000, data_size=4 << 20)
+        self.device.activate(self.mem, [self.rx.queue(), self.tx.queue()], self.irq, features)
+
+    def buffers(self, count: int, size: int = 2048) -> None:
+        for _ in range(count):
+            self.rx.add_chain([], [size])
+        self.device.process_queue(RX)
+
+    def received(self) -> list[bytes]:
+        return [b"".join(self.rx.written(head))[12:n] for head, n in self.rx.used()]
+
+    def send(self, *frames: bytes) -> list[tuple[int, int]]:
+        for f in frames:
+            self.tx.add_chain([HDR + f])
+        self.device.process_queue(TX)
+        return self.tx.used()
+
+
+def test_guest_offloads_become_tap_offload_flags_and_mac_is_in_config() -> None:
+    features = sum(
+        c.feature(b)
+        for b in (c.VIRTIO_F_VERSION_1, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_UFO)
+    )
+    rig = Rig(features)
+    assert rig.tap.offload == tap.TUN_F_CSUM | tap.TUN_F_TSO4 | tap.TUN_F_UFO
+    assert rig.device.read_config(0, 6) == bytes.fromhex("060000000001")
+    assert rig.device.avail_features & c.feature(VIRTIO_NET_F_MAC)
+    no_mac = NetDevice(FakeTap(), iface_id="x")
+    assert not no_mac.avail_features & c.feature(VIRTIO_NET_F_MAC) and no_mac.read_config(0, 6) == bytes(6)
+
+
+def test_frames_stay_in_the_tap_until_the_guest_posts_buffers() -> None:
+    rig = Rig()
+    rig.tap.inbound.extend([HDR + b"a" * 60, HDR + b"b" * 60])
+    rig.device.process_tap()
+    assert len(rig.tap.inbound) == 2 and not rig.device.wants_tap_input()  # nothing read, TAP unwatched
+    rig.buffers(4)
+    assert rig.received() == [b"a" * 60, b"b" * 60] and rig.device.wants_tap_input()
+
+
+def test_rx_rate_limiter_holds_a_frame_then_delivers_it() -> None:
+    clock = Clock()
+    limiter = RateLimiter(BucketConfig(1000, 0, 100), clock=clock)
+    rig = Rig(rx_rate_limiter=limiter)
+    rig.buffers(4)
+    rig.tap.inbound.extend([HDR + b"1" * 600, HDR + b"2" * 600])
+    rig.device.process_tap()
+    assert rig.received() == [b"1" * 600]
+    m = rig.device.metrics
+    assert (m["rx_rate_limiter_throttled"], m["rx_deferred_frames"]) == (1, 1)
+    assert not rig.device.wants_tap_input() and (rig.device.throttle_delay() or 0) > 0
+    clock.now += 1.0
+    rig.device.on_throttle_timer()
+    assert rig.received() == [b"2" * 600] and m["rx_event_rate_limiter_count"] == 1
+
+
+def test_tx_rate_limiter_gives_the_chain_back_until_tokens_come() -> None:
+    clock = Clock()
+    rig = Rig(tx_rate_limiter=RateLimiter(BucketConfig(1000, 0, 100), clock=clock))
+    assert len(rig.send(b"x" * 600, b"y" * 600)) == 1
+    assert [f[12:13] for f in rig.tap.sent] == [b"x"]
+    clock.now += 1.0
+    rig.device.on_throttle_timer()
+    assert len(rig.tx.used()) == 1 and [f[12:13] for f in rig.tap.sent] == [b"x", b"y"]
+
+
+def mmds_rig() -> Rig:
+    service = MmdsService("V1")
+    service.set_data(json.dumps({"a": "b"}).encode())
+    return Rig(mmds=MmdsStack(service))
+
+
+def test_mmds_answers_wait_for_rx_buffers_bounded_and_never_reach_the_tap() -> None:
+    rig = mmds_rig()
+    peer = GuestPeer(lambda frame: (rig.send(frame), [])[1])
+    for _ in range(MAX_PENDING + 10):
+        peer.arp()
+    assert not rig.tap.sent
+    assert len(rig.device.pending) == MAX_PENDING and rig.device.metrics["rx_dropped_frames"] == 10
+    rig.buffers(MAX_PENDING)
+    assert len(rig.received()) == MAX_PENDING and not rig.device.pending
+
+
+def test_other_frames_go_to_the_tap_even_with_mmds() -> None:
+    rig = mmds_rig()
+    frame = bytes(12) + b"\x08\x00" + bytes(50)  # IPv4 to 0.0.0.0
+    rig.send(frame)
+    assert rig.tap.sent == [HDR + frame] and rig.device.metrics["mmds_frames"] == 0
+
+
+def test_reset_forgets_waiting_frames_and_connections() -> None:
+    rig = mmds_rig()
+    GuestPeer(lambda frame: (rig.send(frame), [])[1]).send(0x02)  # a SYN, answered into `pending`
+    assert rig.device.pending and rig.device.mmds is not None and rig.device.mmds.conns
+    rig.device.reset()
+    assert not rig.device.pending and not rig.device.mmds.conns and not rig.device.active
+
+
+@pytest.mark.parametrize("size", [0, 5, 11])
+def test_rx_buffers_too_small_for_the_header_are_returned_empty(size: int) -> None:
+    rig = Rig()
+    rig.rx.add_chain([], [size]) if size else rig.rx.add_chain([b"r"])
+    rig.tap.inbound.append(HDR + b"z" * 20)
+    rig.device.process_queue(RX)
+    assert rig.rx.used()[0][1] == 0 and rig.device.metrics["rx_fails"] == 1
