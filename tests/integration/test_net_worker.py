@@ -15,7 +15,7 @@ import pytest
 
 from devices.net import packets as pk
 from devices.net.tap import TapError
-from devices.net.testing import GuestPeer, NetWorkerHarness, http_body
+from devices.net.testing import GuestPeer, NetWorkerHarness, http_body, parse_reply
 from shared import protocol as p
 from shared.virtio import constants as c
 from tests.support import netns
@@ -304,3 +304,62 @@ def test_a_gso_frame_spreads_over_mergeable_buffers_with_offloads_on_the_tap(lau
         body = data[12:]
         assert len(body) == len(frame) and body[:50] + body[52:] == frame[:50] + frame[52:]  # (the kernel
         # may turn the TCP checksum into a partial one for the guest to finish: VIRTIO_NET_HDR_F_NEEDS_CSUM)
+
+
+# --- TCP edge cases, frames written straight into the worker's tx queue ----------------------
+
+
+def peer(worker: NetWorkerHarness, port: int = 40000) -> GuestPeer:
+    return GuestPeer(worker.mmds_transport, port=port, mac=GUEST_MAC, ip=socket.inet_aton(GUEST_IP))
+
+
+def test_mmds_out_of_order_segment_is_re_acked_then_the_request_completes(mmds_worker: NetWorkerHarness) -> None:
+    g = peer(mmds_worker)
+    g.connect()
+    token = http_body(g.request("PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 9\r\n\r\n"))[2]
+    g.received.clear()
+    first = f"GET /latest/meta-data/ami-id HTTP/1.1\r\nX-metadata-token: {token.decode()}\r\n".encode()
+    (dup,) = g.send(pk.TCP_ACK, b"\r\n", seq=g.seq + len(first))
+    assert dup.ack == g.seq and not dup.payload
+    g.send(pk.TCP_ACK, first)
+    assert http_body(g.request("\r\n"))[::2] == (200, b"ami-1")
+
+
+def test_mmds_rst_and_half_close(mmds_worker: NetWorkerHarness) -> None:
+    g = peer(mmds_worker)
+    g.connect()
+    g.send(pk.TCP_RST)
+    (rst,) = g.send(pk.TCP_ACK, b"GET / HTTP/1.1\r\n\r\n")  # the connection is gone
+    assert rst.flags & pk.TCP_RST
+    h = peer(mmds_worker, 40001)
+    h.connect()
+    raw = h.request("PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 9\r\n\r\n", fin=True)
+    assert http_body(raw)[0] == 200 and h.fin_seen  # answered after our FIN, then closed
+    assert mmds_worker.metrics()["mmds"]["connections_destroyed"] == 2
+
+
+def test_mmds_zero_window_is_probed_then_resumed(mmds_worker: NetWorkerHarness) -> None:
+    g = peer(mmds_worker)
+    g.connect()
+    g.window = 0
+    replies = g.send(
+        pk.TCP_ACK | pk.TCP_PSH, b"PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: 9\r\n\r\n"
+    )
+    assert not any(r.payload for r in replies)
+    ((_, probe_frame),) = mmds_worker.received(1, timeout=3)  # the retransmission timer's probe
+    mmds_worker.add_rx_buffers(1)
+    probe = parse_reply(probe_frame)
+    assert probe is not None and len(probe.payload) == 1
+    g.absorb([probe])
+    g.window = 65535
+    assert http_body(g.request(""))[0] == 200
+
+
+def test_mmds_too_large_request_resets_the_connection(mmds_worker: NetWorkerHarness) -> None:
+    g = peer(mmds_worker)
+    g.connect()
+    g.send(pk.TCP_ACK, b"GET / HTTP/1.1\r\nX-Pad: ")
+    while not g.rst_seen and g.seq < 1001 + 20000:
+        g.send(pk.TCP_ACK, b"a" * 1400)
+    assert g.rst_seen and mmds_worker.alive()
+    assert mmds_worker.metrics()["mmds"]["connections_reset"] == 1
