@@ -102,9 +102,9 @@ def test_supervisor_sums_drives_into_block_and_reports_worker_status() -> None:
 
     merged = merge_metrics(workers)
 
-    assert merged["block"] == {"read_count": 7, "read_bytes": 1536}
+    assert merged["block"] == {"read_count": 7, "read_bytes": 1536, "worker_restarts": 0}
     assert (merged["block_a"]["worker_alive"], merged["block_b"]["worker_alive"]) == (1, 0)
-    assert merged["embervm_workers"] == {"alive": 2, "dead": 1}
+    assert (merged["embervm_workers"]["alive"], merged["embervm_workers"]["dead"]) == (2, 1)
     assert merged["vcpu"] == {"exit_mmio_read": 3}
 
 
