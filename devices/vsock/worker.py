@@ -40,6 +40,9 @@ from shared.virtio.mmio import MmioTransport
 
 FDS = ("memfd", "irqfd", "rx_notify", "tx_notify", "ev_notify", "listener", "fd_channel")
 BACKEND = 100  # the muxer's epoll fd in the worker's loop
+# A replacement worker restores the transport from the state area (docs/faults.md); its host
+# connections died with the old worker, so it tells the guest with TRANSPORT_RESET.
+RESTARTABLE = True
 
 log = logging.getLogger("embervm.vsock")
 

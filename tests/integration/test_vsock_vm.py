@@ -163,3 +163,19 @@ def test_vsock_window_comes_after_the_drives(launcher, guest_images, sock_dir, t
         for p in plans:
             p.close()
         os.unlink(f"{sock_dir}/v.sock")
+
+
+def test_killed_vsock_worker_is_replaced_and_the_guest_gets_transport_reset(launcher, guest_images, sock_dir) -> None:
+    uds = f"{sock_dir}/v.sock"
+    vm, console = start(launcher, guest_images, uds, "vsock.echo_conns=0 vsock.host_port=0 vsock.wait_event=1")
+    try:
+        console.wait_for("vsock: waiting for an event", timeout=30)
+        (old,) = [w for w in vm.workers() if w["kind"] == "vsock"]
+        os.kill(int(old["pid"]), 9)  # type: ignore[call-overload]
+
+        console.wait_for("vsock: event 0", timeout=30)  # from the replacement, once it restored the device
+        assert vm.wait(timeout=30) == exitcodes.OK
+        (new,) = [w for w in vm.workers() if w["kind"] == "vsock"]
+        assert new["pid"] != old["pid"]
+    finally:
+        vm.stop()
