@@ -325,11 +325,38 @@ def cached_archive(kind: str, archive: Archive, kernel: KernelFiles, extra_key: 
 
 
 # --- inner guest ----------------------------------------------------------------------------------
-def inner_initramfs(kernel: KernelFiles, modules: ModuleIndex) -> Path:
-    archive = Archive()
+VSOCK_HELPER_CFLAGS = [
+    "-static", "-nostdlib", "-ffreestanding", "-fno-stack-protector", "-fno-pie", "-no-pie", "-O2",
+    "-fcf-protection=none", "-fno-tree-loop-distribute-patterns", "-Wall", "-Wextra", "-Werror",
+]  # fmt: skip
+
+
+def vsock_helper() -> Path:
+    """guest/vsock_e2e.c built freestanding (busybox has no AF_VSOCK), cached by its source."""
+    source = GUEST_DIR / "vsock_e2e.c"
+    key = hashlib.sha256(source.read_bytes() + " ".join(VSOCK_HELPER_CFLAGS).encode()).hexdigest()[:16]
+    dest = cache_root() / f"vsock-e2e-{key}"
+    if not dest.is_file():
+        gcc = shutil.which("gcc")
+        if gcc is None:
+            raise EnvironmentError_("gcc is not installed (scripts/setup installs it)")
+        tmp = dest.with_name(f".{dest.name}.{os.getpid()}")
+        _run([gcc, *VSOCK_HELPER_CFLAGS, "-o", str(tmp), str(source)])
+        tmp.rename(dest)
+        _prune("vsock-e2e-*", dest)
+    return dest
+
+
+def add_inner_system(archive: Archive, modules: ModuleIndex) -> None:
     add_base_system(archive)
     modules.add_to(archive, "lib/e2e-modules", INNER_MODULES)
+    archive.file("bin/vsock-e2e", vsock_helper(), 0o755)
     archive.file("init", (GUEST_DIR / "inner_init.sh").read_bytes(), 0o755)
+
+
+def inner_initramfs(kernel: KernelFiles, modules: ModuleIndex) -> Path:
+    archive = Archive()
+    add_inner_system(archive, modules)
     return cached_archive("inner", archive, kernel)
 
 
@@ -337,9 +364,7 @@ def rootfs_image(kernel: KernelFiles, modules: ModuleIndex) -> Path:
     """An ext4 image holding the same system as the inner initramfs plus files the block
     checks read back (e2e/hello)."""
     archive = Archive()
-    add_base_system(archive)
-    modules.add_to(archive, "lib/e2e-modules", INNER_MODULES)
-    archive.file("init", (GUEST_DIR / "inner_init.sh").read_bytes(), 0o755)
+    add_inner_system(archive, modules)
     archive.file("sbin/init", (GUEST_DIR / "inner_init.sh").read_bytes(), 0o755)
     archive.file("e2e/hello", b"hello from the ext4 root image\n")
     archive.file("e2e/rootfs", b"")

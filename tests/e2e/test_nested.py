@@ -52,6 +52,23 @@ DEVICE_CASES.append(
         args=["--metadata", "metadata.json"],
     )
 )
+VSOCK_UDS = "/tmp/e2e-vsock/v.sock"
+VSOCK_HOST = '"$E2E_PYTHON" "$E2E_REPO/tests/e2e/guest/vsock_host.py"'
+DEVICE_CASES.append(
+    # vsock, Firecracker's hybrid model: the guest connects to CID 2 port 5000, which the
+    # VMM forwards to <uds_path>_5000; then the host connects through uds_path with
+    # "CONNECT 6000" to the guest's listener. The host side runs in the outer VM.
+    Case(
+        "vsock",
+        checks=["boot", "vsock_connect:5000", "vsock_listen:6000"],
+        config={"vsock": {"guest_cid": 3, "uds_path": VSOCK_UDS}},
+        before=(
+            f"{VSOCK_HOST} serve {VSOCK_UDS}_5000 >serve.log 2>&1 &"
+            f" {VSOCK_HOST} connect {VSOCK_UDS} 6000 hello >connect.log 2>&1 &"
+        ),
+        after="sleep 1; cat serve.log connect.log",
+    )
+)
 CASES = {c.name: c for c in BOOT_CASES + DEVICE_CASES}
 
 
@@ -126,4 +143,13 @@ def test_virtio_net_reaches_a_tap_in_the_outer_vm_and_serves_mmds_v2(nested: Nes
     ok, detail = result.check("net")
     assert ok and detail.startswith("3 packets received"), result.explain()
     assert result.check("mmds") == (True, "hello-from-mmds"), result.explain()
+    assert (result.failures, result.status) == (0, 0), result.explain()
+
+
+def test_vsock_guest_and_host_initiated_connections_carry_data_both_ways(nested: NestedRun):
+    result = nested["vsock"]
+
+    assert result.check("vsock_connect") == (True, "pong:ping"), result.explain()
+    assert result.check("vsock_listen") == (True, "got:hello"), result.explain()
+    assert result.after == ["served ping", "reply echo:hello", "status=0"], result.explain()
     assert (result.failures, result.status) == (0, 0), result.explain()

@@ -140,6 +140,19 @@ check_mmds() { # mmds:<path>: MMDS V2 over eth0 (after net): a token from PUT /l
     fi
 }
 
+check_vsock_connect() { # vsock_connect:<port>: connect to the host (CID 2), send "ping", expect "pong:ping"
+    reply=$(timeout 30 vsock-e2e connect 2 "$1" ping 2>&1)
+    if [ "$reply" = "pong:ping" ]; then pass vsock_connect "$reply"; else fail vsock_connect "reply='$reply'"; fi
+}
+
+check_vsock_listen() { # vsock_listen:<port>: serve one connection from the host, echoing a line
+    got=$(timeout 60 vsock-e2e echo "$1" 2>&1)
+    case $got in
+    got:*) pass vsock_listen "$got" ;;
+    *) fail vsock_listen "'$got'" ;;
+    esac
+}
+
 check_dmesg() { # diagnostics: the kernel log, or the lines matching the argument (a regex)
     dmesg | grep -E "${1:-.}" | sed 's/^/E2E-DMESG /'
     pass dmesg "lines=$(dmesg | wc -l)"

@@ -1,0 +1,77 @@
+"""The host side of the vsock checks (runs in the outer VM), Firecracker's hybrid vsock model.
+
+    python vsock_host.py serve UDS_PATH_PORT              # guest-initiated: the VMM connects here
+    python vsock_host.py connect UDS_PATH PORT MESSAGE    # host-initiated: "CONNECT PORT\\n", "OK ..."
+
+`serve` accepts one connection on the Unix socket `<uds_path>_<port>` the VMM connects to
+when the guest connects to CID 2, reads a line and answers "pong:<line>". `connect` keeps
+trying (the guest's listener may not be up yet) until the VMM answers "OK", then sends the
+message and prints the guest's reply. Each prints what happened, one line, and exits 0 on
+success.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+
+DEADLINE_S = 90
+
+
+def read_line(sock: socket.socket) -> str:
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = sock.recv(1)
+        if not chunk:
+            break
+        data += chunk
+    return data.decode(errors="replace").rstrip("\n")
+
+
+def serve(path: str) -> int:
+    if os.path.exists(path):
+        os.unlink(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        listener.settimeout(DEADLINE_S)
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(30)
+            line = read_line(conn)
+            conn.sendall(f"pong:{line}\n".encode())
+    print(f"served {line}")
+    return 0
+
+
+def connect(path: str, port: int, message: str) -> int:
+    deadline = time.monotonic() + DEADLINE_S
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(10)
+                sock.connect(path)
+                sock.sendall(f"CONNECT {port}\n".encode())
+                answer = read_line(sock)
+                if not answer.startswith("OK "):
+                    last = f"answer {answer!r}"
+                else:
+                    sock.sendall(f"{message}\n".encode())
+                    print(f"reply {read_line(sock)}")
+                    return 0
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.3)
+    print(f"gave up: {last}")
+    return 1
+
+
+if __name__ == "__main__":
+    if sys.argv[1:2] == ["serve"] and len(sys.argv) == 3:
+        sys.exit(serve(sys.argv[2]))
+    if sys.argv[1:2] == ["connect"] and len(sys.argv) == 5:
+        sys.exit(connect(sys.argv[2], int(sys.argv[3]), sys.argv[4]))
+    sys.exit(__doc__)
