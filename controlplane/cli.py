@@ -135,6 +135,10 @@ def run(
     stop_signal: int | None = None
 
     def vm_exited(code: int, reason: str) -> None:
+        if server is not None and vmm.vm_failed:
+            # The vCPU worker died: keep the API up to report it (GET /, metrics) until asked to stop.
+            log.error("The microVM failed (%s); the API stays up until embervm is stopped.", reason)
+            return
         done.set()
         if server is not None:
             server.stop()
@@ -188,7 +192,9 @@ def run(
         flusher.stop()
         _stop_vm(vmm)
         metrics.flush()
-    if stop_signal is not None:
+    if vmm.vm_failed and vmm.exit_code is not None:
+        code = vmm.exit_code if vmm.exit_code == exitcodes.BAD_SYSCALL else exitcodes.WORKER_DIED
+    elif stop_signal is not None:
         code = 128 + stop_signal  # stopped from the host, as a shell reports a signal
     else:
         code = vmm.exit_code if vmm.exit_code is not None else exitcodes.OK

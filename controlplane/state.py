@@ -150,6 +150,8 @@ class Vmm:
         """Firecracker's InstanceInfo.state: Not started, Running or Paused."""
         if self.vm is None:
             return "Not started"
+        if self.vm_failed:
+            return "Paused"  # Firecracker's enum has no "failed": the vCPUs no longer run
         return "Paused" if self.vm.state == "Paused" else "Running"
 
     def _pre_boot(self) -> None:
@@ -172,15 +174,26 @@ class Vmm:
                 raise ApiError(str(err)) from None
 
     # -- reads --------------------------------------------------------------------------------
+    @property
+    def vm_failed(self) -> bool:
+        """The vCPU worker died (not a guest exit): the API stays up to say so (docs/faults.md)."""
+        return self.vm is not None and bool(getattr(self.vm, "failed", False))
+
     def instance_info(self) -> dict[str, Any]:
         with self.lock:
             workers = self.vm.workers() if self.vm is not None else []
+            info: dict[str, Any] = {"version": EMBERVM_VERSION, "workers": workers}
+            if self.vm is not None:
+                info["vm_state"] = "Failed" if self.vm_failed else self.vm.state
+                if self.exit_code is not None:
+                    info["exit_code"] = self.exit_code
+                    info["exit_reason"] = getattr(self.vm, "exit_reason", None)
             return {
                 "id": self.instance_id,
                 "state": self.state(),
                 "vmm_version": FIRECRACKER_API_VERSION,
                 "app_name": APP_NAME,
-                "embervm": {"version": EMBERVM_VERSION, "workers": workers},
+                "embervm": info,
             }
 
     def machine_config(self) -> dict[str, Any]:
@@ -326,6 +339,37 @@ class Vmm:
             self.device_updater(vm, kind, device_id, changes)
         except Exception as err:  # the worker's refusal becomes the client's 400
             raise ApiError(f"Device update error: {kind} {device_id}: {err}") from None
+
+    # -- fault injection (embervm extension; --enable-fault-injection) ----------------------
+    def check_fault_injection(self) -> None:
+        if not self.options.enable_fault_injection:
+            from controlplane.faults import NOT_ENABLED
+
+            raise ApiError(NOT_ENABLED)
+
+    def list_faults(self) -> list[dict[str, Any]]:
+        self.check_fault_injection()
+        with self.lock:
+            faults = getattr(self.vm, "faults", None)
+            return list(faults()) if faults is not None else []
+
+    def put_fault(self, device_id: str, spec: Any) -> None:
+        self.check_fault_injection()
+        with self.lock:
+            vm = self._post_boot()
+            try:
+                vm.inject_fault(device_id, spec)  # type: ignore[attr-defined]
+            except Exception as err:
+                raise ApiError(f"Fault injection error: {err}") from None
+
+    def delete_fault(self, device_id: str) -> None:
+        self.check_fault_injection()
+        with self.lock:
+            vm = self._post_boot()
+            try:
+                vm.clear_fault(device_id)  # type: ignore[attr-defined]
+            except Exception as err:
+                raise ApiError(f"Fault injection error: {err}") from None
 
     def stop(self) -> None:
         """Stop the VM, if any (process exit)."""

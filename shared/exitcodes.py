@@ -13,3 +13,4 @@ SIGXCPU = 154
 SIGPIPE = 155
 SIGHUP = 156
 SIGILL = 157
+WORKER_DIED = 158  # embervm: the vCPU worker died (API mode: on the stop that follows; docs/faults.md)

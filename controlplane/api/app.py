@@ -13,6 +13,7 @@ from controlplane.api import (
     cpu_config,
     drives,
     entropy,
+    faults,
     instance,
     logger,
     machine_config,
@@ -39,6 +40,7 @@ _ROUTERS = (
     logger,
     metrics,
     mmds,
+    faults,
     unsupported,
 )
 
