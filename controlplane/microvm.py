@@ -69,7 +69,7 @@ from shared import exitcodes, fdpass
 from shared import protocol as p
 from shared.boot.errors import BootError
 from shared.confine import settings_for
-from shared.devstate import FATAL_CRASH, FATAL_HANG, create_state_memfd, take_fatal
+from shared.devstate import FATAL_CRASH, FATAL_HANG, create_state_memfd, read_area, read_state, take_fatal
 from shared.kvm import Kvm, KvmError, open_kvm
 from shared.seccomp import Filter, PolicyError, SeccompKillLog, load_filter_file
 
@@ -687,6 +687,21 @@ class MicroVm:
             handle.last_restart_cause = cause
         slot.restart_at = time.monotonic() + delay
 
+    def _last_counters(self, handle: WorkerHandle, slot: DeviceSlot) -> None:
+        """A killed worker could not send its last counters: take the newer of the ones it
+        pushed and the ones it kept in its state area (counters only grow)."""
+        state = read_state(read_area(slot.state_fd)) or {}
+        kept = state.get("metrics")
+        if not isinstance(kept, dict):
+            return
+        with self._cond:
+            for group, values in kept.items():
+                if isinstance(values, dict):
+                    target = handle.metrics.setdefault(str(group), {})
+                    for key, value in values.items():
+                        if isinstance(value, int) and value > target.get(key, 0):
+                            target[key] = value
+
     def _death_cause(self, handle: WorkerHandle, slot: DeviceSlot | None, how: str) -> tuple[str, str]:
         """(metric cause, human cause) of a device worker's death."""
         fatal = take_fatal(slot.state_fd) if slot is not None and slot.state_fd >= 0 else 0
@@ -724,6 +739,7 @@ class MicroVm:
             return outcome
         slot = self._slots.get(handle.name)
         if slot is not None and slot.state_fd >= 0 and outcome is None:
+            self._last_counters(handle, slot)
             cause_kind, cause = self._death_cause(handle, slot, how)
             with self._cond:
                 handle.exit_reason = f"{handle.kind} worker {cause}"

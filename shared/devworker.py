@@ -59,6 +59,7 @@ from shared.virtio.mmio import MmioTransport, TransportError
 CONTROL, MMIO, FD_CHANNEL, QUEUE = 0, 1, 2, 16
 METRICS_INTERVAL_S = 5.0
 HEARTBEAT_INTERVAL_S = 0.25
+COUNTERS_SAVE_INTERVAL_S = 0.01  # how stale a killed worker's counters in its state area may be
 MAX_PENDING_LOGS = 200
 _MMIO_SIZES = (1, 2, 4, 8)
 
@@ -178,6 +179,7 @@ class DeviceWorker:
         if self._device_checks_faults:
             transport.device.faults = self.faults  # type: ignore[attr-defined]
         self._next_heartbeat = time.monotonic()
+        self._next_counters_save = 0.0
         self.test_hooks = False  # SeccompSettings.test_hooks: act on TestSyscall
         self._outcome: tuple[int, str] = (exitcodes.OK, "stopped by the supervisor")
         self._next_metrics = time.monotonic() + METRICS_INTERVAL_S
@@ -217,6 +219,7 @@ class DeviceWorker:
     def _heartbeat(self) -> None:
         self._next_heartbeat = time.monotonic() + HEARTBEAT_INTERVAL_S
         self.send(p.Heartbeat())
+        self.persist_state(force=True)  # with the counters: a killed worker's are read from here
 
     # --- durable state -------------------------------------------------------------------
 
@@ -232,15 +235,16 @@ class DeviceWorker:
         sels = (t.queue_sel, t.device_features_sel, t.driver_features_sel)
         return (t.status, t.driver_features, t.config_generation, t.activated, sels, queues)
 
-    def persist_state(self) -> None:
-        """Write the transport snapshot to the state area if the durable part changed."""
+    def persist_state(self, force: bool = False) -> None:
+        """Write the transport snapshot (and the counters) to the state area if the durable
+        part changed, or with `force`."""
         if self.state is None:
             return
         key = self._state_key()
-        if key == self._persisted:
+        if key == self._persisted and not force:
             return
         try:
-            self.state.write({"transport": self.transport.snapshot()})
+            self.state.write({"transport": self.transport.snapshot(), "metrics": self.metrics()})
         except StateAreaError as e:
             log.error("%s", e)
         self._persisted = key
@@ -292,7 +296,11 @@ class DeviceWorker:
                 self._on_queue(token - QUEUE)
         except Exception:  # a bug in our own code: report it, keep serving
             log.error("device worker error (token %d):\n%s", token, traceback.format_exc())
-        self.persist_state()
+        now = time.monotonic()
+        save_counters = token >= QUEUE and now >= self._next_counters_save
+        if save_counters:
+            self._next_counters_save = now + COUNTERS_SAVE_INTERVAL_S
+        self.persist_state(force=save_counters)
         self._flush_logs()
 
     def _backlog_delay(self) -> float | None:
