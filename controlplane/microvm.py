@@ -670,6 +670,7 @@ class MicroVm:
     def _schedule_restart(self, slot: DeviceSlot, handle: WorkerHandle, cause_kind: str, cause: str) -> None:
         if handle.broken:
             log.error("the %s worker that reported DEVICE_NEEDS_RESET died too: the device is gone", handle.name)
+            self._send(VCPU.encode(), p.DeviceDown(handle.name))
             return
         delay = slot.tracker.on_death()
         if delay is None:
@@ -721,7 +722,10 @@ class MicroVm:
         return ("signal" if how.startswith("killed by signal") else "exit"), how
 
     def _worker_died(self, handle: WorkerHandle) -> tuple[int, str] | None:
-        if handle.name != VCPU:
+        slot = self._slots.get(handle.name)
+        if slot is not None and slot.state_fd >= 0 and not handle.broken:
+            self._send(VCPU.encode(), p.DeviceRestarting(handle.name))  # its window waits for the new worker
+        elif handle.name != VCPU:
             self._send(VCPU.encode(), p.DeviceDown(handle.name))  # its window answers at once from now on
         self._pump_console()
         outcome = self._drain_messages()  # messages sent just before the exit
@@ -737,7 +741,6 @@ class MicroVm:
                 self.failed = True
                 log.error("the vCPU worker (pid %d) %s", handle.pid, how)
             return outcome
-        slot = self._slots.get(handle.name)
         if slot is not None and slot.state_fd >= 0 and outcome is None:
             self._last_counters(handle, slot)
             cause_kind, cause = self._death_cause(handle, slot, how)

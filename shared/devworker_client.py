@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from collections.abc import Callable
 
 import zmq
 
@@ -23,6 +24,13 @@ class MmioTimeout(Exception):
     """The device worker did not answer in time (it is dead, stuck or overloaded)."""
 
 
+class MmioAborted(MmioTimeout):
+    """The caller's `abort` said stop waiting (the worker died; a replacement is coming)."""
+
+
+ABORT_CHECK_MS = 20
+
+
 class MmioClient:
     """A DEALER socket to one device worker's MMIO endpoint; not thread-safe."""
 
@@ -34,21 +42,28 @@ class MmioClient:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.connect(endpoint)
 
-    def read(self, offset: int, size: int) -> int:
+    def read(self, offset: int, size: int, abort: Callable[[], bool] | None = None) -> int:
         seq = next(self._seq)
-        return self._call(seq, p.MmioRead(seq, offset, size))
+        return self._call(seq, p.MmioRead(seq, offset, size), abort)
 
-    def write(self, offset: int, size: int, value: int) -> None:
+    def write(self, offset: int, size: int, value: int, abort: Callable[[], bool] | None = None) -> None:
         seq = next(self._seq)
-        self._call(seq, p.MmioWrite(seq, offset, size, value))
+        self._call(seq, p.MmioWrite(seq, offset, size, value), abort)
 
-    def _call(self, seq: int, msg: p.Message) -> int:
+    def _call(self, seq: int, msg: p.Message, abort: Callable[[], bool] | None = None) -> int:
         try:
             self._sock.send(p.encode(msg), zmq.NOBLOCK)
         except zmq.Again:
             raise MmioTimeout(f"device worker at {self.endpoint} is not taking requests") from None
         deadline = time.monotonic() + self.timeout_ms / 1000
-        while self._sock.poll(max(0, int((deadline - time.monotonic()) * 1000)), zmq.POLLIN):
+        while True:
+            left = max(0, int((deadline - time.monotonic()) * 1000))
+            if abort is not None and abort():
+                raise MmioAborted(f"request to {self.endpoint} abandoned")
+            if not self._sock.poll(min(left, ABORT_CHECK_MS) if abort is not None else left, zmq.POLLIN):
+                if left == 0:
+                    break
+                continue
             try:
                 answer = p.decode(self._sock.recv())
             except p.ProtocolError:

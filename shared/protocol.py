@@ -80,6 +80,14 @@ class DeviceDown(Message):
 
 
 @message
+class DeviceRestarting(Message):
+    """The worker of device `name` died and is being replaced: hold its window's accesses."""
+
+    TYPE = "device_restarting"
+    name: str
+
+
+@message
 class DeviceUp(Message):
     """Device `name` has a new worker (same MMIO endpoint): its window forwards again."""
 

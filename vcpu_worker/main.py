@@ -32,7 +32,13 @@ from vcpu_worker.mmio_bus import MmioBus
 from vcpu_worker.policy import POLICY
 from vcpu_worker.serial import Serial8250
 from vcpu_worker.vcpu import VcpuThread, install_kick_handler
-from vcpu_worker.virtio import RemoteMmioDevice, attach_virtio_devices, mark_device_down, mark_device_up
+from vcpu_worker.virtio import (
+    RemoteMmioDevice,
+    attach_virtio_devices,
+    mark_device_down,
+    mark_device_restarting,
+    mark_device_up,
+)
 
 METRICS_INTERVAL_S = 5.0
 
@@ -133,6 +139,8 @@ class VcpuWorker:
             return exitcodes.OK, "stopped by the supervisor", ""
         elif isinstance(msg, p.DeviceDown):
             mark_device_down(self.virtio, msg.name)
+        elif isinstance(msg, p.DeviceRestarting):
+            mark_device_restarting(self.virtio, msg.name)
         elif isinstance(msg, p.DeviceUp):
             mark_device_up(self.virtio, msg.name)
         elif isinstance(msg, p.TestSyscall) and self.seccomp.test_hooks:

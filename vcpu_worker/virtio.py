@@ -11,9 +11,13 @@ A device worker that does not answer must not hang the guest: the access times o
 (reads see all-ones, as for a missing device), it is reported, and for the next
 `RETRY_AFTER_S` the window answers at once instead of waiting again. When the supervisor
 sees a device worker die (its pidfd) it says so (`DeviceDown`), and from then on the
-window answers at once without trying. When it has started a replacement worker (bound to
-the same endpoint) it says `DeviceUp`: the window forwards again, each vCPU thread on a
-fresh socket, so a request queued for the dead worker is never delivered to the new one.
+window answers at once without trying. When it is going to replace the worker it says
+`DeviceRestarting` instead: accesses to the window wait (up to `RESTART_WAIT_S`) rather
+than read all-ones, and an access the dead worker never answered is abandoned and sent
+again; `DeviceUp` (the replacement is bound to the same endpoint) releases them, each
+vCPU thread on a fresh socket, so a request queued for the dead worker is never delivered
+to the new one. Register writes are idempotent, so sending one again is safe even when
+the dead worker had applied it. To the guest a restart looks like a slow register access.
 
 The eventfds stay open here: KVM drops an irqfd when its eventfd file is released, and
 keeping our copy keeps the routing in place while a device worker is being replaced.
@@ -30,13 +34,14 @@ from typing import Any
 
 import zmq
 
-from shared.devworker_client import DEFAULT_TIMEOUT_S, MmioClient, MmioTimeout
+from shared.devworker_client import DEFAULT_TIMEOUT_S, MmioAborted, MmioClient, MmioTimeout
 from shared.kvm import Vm
 from shared.layout import VIRTIO_MMIO_SIZE
 from shared.virtio import constants as c
 from vcpu_worker.mmio_bus import MmioBus
 
 RETRY_AFTER_S = 1.0
+RESTART_WAIT_S = 10.0  # how long an access waits for a replacement worker
 
 
 @dataclass(frozen=True)
@@ -76,8 +81,10 @@ class RemoteMmioDevice:
         self._local = threading.local()
         self._clients: list[MmioClient] = []
         self._lock = threading.Lock()
+        self._up = threading.Condition(self._lock)
+        self._restarting = False
         self._down_until = 0.0
-        self._generation = 0  # bumped by mark_up: every thread then opens a new client
+        self._generation = 0  # bumped on each worker change: every thread then opens a new client
         self.timeouts = 0
         self.skipped = 0
 
@@ -111,30 +118,58 @@ class RemoteMmioDevice:
         self._report(f"virtio device {self.name}: {error}; its window reads all-ones for {RETRY_AFTER_S:g} s")
 
     def mark_down(self) -> None:
-        """The worker is gone (the supervisor saw it die): stop sending it requests."""
+        """The worker is gone for good (the supervisor saw it die): stop sending it requests."""
         with self._lock:
+            self._generation += 1
+            self._restarting = False
             self._down_until = math.inf
+            self._up.notify_all()
+
+    def mark_restarting(self) -> None:
+        """The worker died and a replacement is coming: hold accesses until `mark_up`."""
+        with self._lock:
+            self._generation += 1  # abandons requests the dead worker will never answer
+            self._restarting = True
 
     def mark_up(self) -> None:
         """A replacement worker serves the endpoint: forward again, on new sockets."""
         with self._lock:
             self._generation += 1
+            self._restarting = False
             self._down_until = 0.0
+            self._up.notify_all()
+
+    def _forward(self, call: Callable[[MmioClient, Callable[[], bool]], int]) -> int | None:
+        """Send one access; None when the window must answer without its worker."""
+        deadline = time.monotonic() + RESTART_WAIT_S
+        while True:
+            with self._lock:
+                while self._restarting and (left := deadline - time.monotonic()) > 0:
+                    self._up.wait(left)
+                generation = self._generation
+                if self._restarting:
+                    self.skipped += 1
+                    return None
+            if not self._available():
+                return None
+            try:
+                return call(self._client(), lambda g=generation: self._generation != g)  # type: ignore[misc]
+            except MmioAborted:
+                continue  # the worker died under this access: wait for its replacement, send again
+            except MmioTimeout as e:
+                self._failed(e)
+                return None
 
     def read(self, offset: int, size: int) -> int:
-        if self._available():
-            try:
-                return self._client().read(offset, size)
-            except MmioTimeout as e:
-                self._failed(e)
-        return (1 << (8 * size)) - 1
+        value = self._forward(lambda client, abort: client.read(offset, size, abort))
+        return (1 << (8 * size)) - 1 if value is None else value
 
     def write(self, offset: int, size: int, value: int) -> None:
-        if self._available():
-            try:
-                self._client().write(offset, size, value)
-            except MmioTimeout as e:
-                self._failed(e)
+        def write(client: MmioClient, abort: Callable[[], bool]) -> int:
+            client.write(offset, size, value, abort)
+            return 0
+
+        self._forward(write)
 
     def close(self) -> None:
         with self._lock:
@@ -147,6 +182,12 @@ def mark_device_down(devices: list[RemoteMmioDevice], name: str) -> None:
     for device in devices:
         if device.name == name:
             device.mark_down()
+
+
+def mark_device_restarting(devices: list[RemoteMmioDevice], name: str) -> None:
+    for device in devices:
+        if device.name == name:
+            device.mark_restarting()
 
 
 def mark_device_up(devices: list[RemoteMmioDevice], name: str) -> None:
