@@ -10,6 +10,7 @@ folder, so relative paths in the config point there) and its `after` script, and
     E2E-CASE-BEGIN <name>
     E2E-BEFORE <line>                       (the before script's output, then status=<n>)
     <the inner guest's console, then embervm's log>
+    E2E-SECCOMP <process> mode=<n> filters=<k>   (each embervm process seen while it ran)
     E2E-AFTER <line>                        (the after script's output, then status=<n>)
     E2E-CASE-END <name> status=<embervm's exit status> init_s=<launch → E2E-INIT> total_s=<launch → exit>
 
@@ -65,6 +66,20 @@ def shell(tag: str, script: str, workdir: Path) -> None:
     sys.stdout.flush()
 
 
+def sample_seccomp(seen: dict[str, tuple[int, str]]) -> None:
+    """Record the seccomp mode of every embervm process (by name, the highest mode seen)."""
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            fields = dict(line.split(":", 1) for line in status.read_text().splitlines() if ":" in line)
+        except OSError:
+            continue
+        name = fields.get("Name", "").strip()
+        if name.startswith("embervm"):
+            mode = int(fields.get("Seccomp", "0").strip() or 0)
+            if name not in seen or mode > seen[name][0]:
+                seen[name] = (mode, fields.get("Seccomp_filters", "?").strip())
+
+
 def run_case(case: dict[str, Any]) -> int:
     name = case["name"]
     workdir = Path("/tmp") / f"e2e-{name}"
@@ -85,8 +100,10 @@ def run_case(case: dict[str, Any]) -> int:
     seen, log, init_s = b"", b"", -1.0
     deadline = start + case.get("timeout", 120)
     open_streams = 2
+    confinement: dict[str, tuple[int, str]] = {}
     while open_streams and time.monotonic() < deadline:
-        for key, _ in sel.select(timeout=max(0.0, deadline - time.monotonic())):
+        sample_seccomp(confinement)
+        for key, _ in sel.select(timeout=min(0.5, max(0.0, deadline - time.monotonic()))):
             data = os.read(key.fd, 65536)
             if not data:
                 sel.unregister(key.fileobj)
@@ -107,6 +124,8 @@ def run_case(case: dict[str, Any]) -> int:
     total_s = time.monotonic() - start
     if log:
         out.write(b"\n--- embervm log ---\n" + log)
+    for process, (mode, filters) in sorted(confinement.items()):
+        out.write(f"E2E-SECCOMP {process} mode={mode} filters={filters}\n".encode())
     shell("E2E-AFTER", case.get("after", ""), workdir)
     end = f"status={status} timed_out={int(timed_out)} init_s={init_s:.3f} total_s={total_s:.3f}"
     out.write(f"\nE2E-CASE-END {name} {end}\n".encode())

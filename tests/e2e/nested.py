@@ -37,6 +37,7 @@ INFO = re.compile(r"^E2E-INFO (\S+) (.*)$", re.M)
 DONE = re.compile(r"^E2E-DONE failures=(\d+)", re.M)
 BEFORE = re.compile(r"^E2E-BEFORE (.*)$", re.M)
 AFTER = re.compile(r"^E2E-AFTER (.*)$", re.M)
+SECCOMP = re.compile(r"^E2E-SECCOMP (\S+) mode=(\d+) filters=(\S+)$", re.M)
 
 
 @dataclass
@@ -87,6 +88,7 @@ class CaseResult:
     failures: int | None = None  # from E2E-DONE; None if /init never finished
     before: list[str] = field(default_factory=list)  # the before script's output lines, then status=<n>
     after: list[str] = field(default_factory=list)
+    seccomp: dict[str, int] = field(default_factory=dict)  # embervm process name -> seccomp mode (2: filter)
 
     @property
     def reached_init(self) -> bool:
@@ -138,6 +140,7 @@ def parse_cases(console: str) -> dict[str, CaseResult]:
             result.info[m.group(1)] = m.group(2).strip()
         result.before = BEFORE.findall(body)
         result.after = AFTER.findall(body)
+        result.seccomp = {m.group(1): int(m.group(2)) for m in SECCOMP.finditer(body)}
         done = DONE.findall(body)
         result.failures = int(done[-1]) if done else None
         results[name] = result

@@ -139,6 +139,10 @@ E2E-CHECK cpus FAIL online=0 expected=0-1
 E2E-DONE failures=1
 --- embervm log ---
 guest requested reset via the i8042
+E2E-SECCOMP embervm-vcpu mode=2 filters=1
+E2E-SECCOMP embervm-zygote mode=0 filters=0
+E2E-AFTER written by the guest
+E2E-AFTER status=0
 E2E-CASE-END a status=0 timed_out=0 init_s=9.500 total_s=12.000
 E2E-CASE-BEGIN b
 [ 1.0] Kernel panic
@@ -156,6 +160,8 @@ def test_case_consoles_are_parsed_into_results():
     assert a.checks == {"boot": (True, "kernel=6.1.0-test"), "cpus": (False, "online=0 expected=0-1")}
     assert a.info == {"kernel": "6.1.0-test", "cmdline": "console=ttyS0 e2e.checks=boot,cpus:0-1"}
     assert a.reached_init and "guest requested reset" in a.console
+    assert a.seccomp == {"embervm-vcpu": 2, "embervm-zygote": 0}
+    assert (a.before, a.after) == ([], ["written by the guest", "status=0"])
     assert (b.status, b.timed_out, b.init_s, b.reached_init, b.failures) == (1, True, None, False, None)
     assert (c.status, c.reached_init) == (None, True)  # the outer VM died mid-case
 

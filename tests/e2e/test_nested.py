@@ -153,3 +153,13 @@ def test_vsock_guest_and_host_initiated_connections_carry_data_both_ways(nested:
     assert result.check("vsock_listen") == (True, "got:hello"), result.explain()
     assert result.after == ["served ping", "reply echo:hello", "status=0"], result.explain()
     assert (result.failures, result.status) == (0, 0), result.explain()
+
+
+@pytest.mark.parametrize("case", ["blk-root", "net-mmds", "vsock"])
+def test_vcpu_and_device_workers_run_under_seccomp_filters_by_default(nested: NestedRun, case: str):
+    result = nested[case]
+    filtered = {name for name, mode in result.seccomp.items() if mode == 2}  # SECCOMP_MODE_FILTER
+
+    assert "embervm-vcpu" in filtered, (result.seccomp, result.explain())
+    assert filtered - {"embervm-vcpu"}, f"no device worker seen under a filter: {result.seccomp}"
+    assert "seccomp is OFF" not in result.console, result.explain()
