@@ -515,17 +515,36 @@ class MicroVm:
             try:
                 assert handle.fd_channel is not None
                 fdpass.send_message(handle.fd_channel, p.ReplaceBackingFile(request_id), [fd])
+                self._await_update(handle, request_id)
             except OSError as e:
-                raise DeviceUpdateError(f"cannot reach the block worker of drive {drive_id}: {e}") from None
-            finally:
                 os.close(fd)
-            self._await_update(handle, request_id)
+                raise DeviceUpdateError(f"cannot reach the block worker of drive {drive_id}: {e}") from None
+            except DeviceUpdateError:
+                os.close(fd)
+                raise
+            self._keep_backend(handle.name, fd)  # what a replacement worker gets from now on
             drive.path_on_host = path_on_host
         if rate_limiter is not None:
             request_id = next(self._request_ids)
             limits = {k: rate_limiter.get(k) for k in ("bandwidth", "ops")}
             self._command(p.UpdateRateLimiter(request_id, limits["bandwidth"], limits["ops"]), handle.identity)
             self._await_update(handle, request_id)
+            slot = self._slots.get(handle.name)
+            if slot is not None:  # a replacement worker starts with the limiter as updated
+                kept = dict(slot.plan.args.get("rate_limiter") or {})
+                kept.update({k: v for k, v in limits.items() if v is not None})
+                slot.plan.args["rate_limiter"] = kept
+
+    def _keep_backend(self, name: str, fd: int) -> None:
+        """A device's new backend fd (PATCH): the supervisor's copy for replacement workers."""
+        slot = self._slots.get(name)
+        if slot is None:
+            os.close(fd)
+            return
+        for old in slot.plan.backend_fds:
+            with contextlib.suppress(OSError):
+                os.close(old)
+        slot.plan.backend_fds = [fd]
 
     def _drive_worker(self, drive_id: str) -> tuple[WorkerHandle, DriveSpec]:
         handle = self._workers.get(f"block_{drive_id}".encode())

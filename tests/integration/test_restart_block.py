@@ -204,3 +204,19 @@ def test_exhausted_restart_policy_sets_needs_reset_and_the_guest_and_other_drive
     assert worker(vm, "block_data")["restarts"] == 0
     metrics = vm.metrics()
     assert metrics["block_rootfs"]["worker_broken"] == 1 and metrics["embervm_workers"]["broken"] == 1
+
+
+def test_a_replacement_worker_gets_the_patched_disk_and_rate_limiter(launcher, guest_images, tmp_path):
+    first, second = make_disk(tmp_path / "first.img", 64), make_disk(tmp_path / "second.img", 64)
+    vm, console = start(launcher, guest_images, "test=loop ticks_every=20000", [DriveSpec("rootfs", str(first))])
+    console.wait_for("tick 1\n")
+    vm.update_drive("rootfs", path_on_host=str(second), rate_limiter={"ops": {"size": 100, "refill_time": 1000}})
+    victim = worker(vm, "block_rootfs")["pid"]
+
+    os.kill(int(victim), signal.SIGKILL)  # type: ignore[call-overload]
+    new = wait_replaced(vm, "block_rootfs", victim)
+
+    targets = {os.readlink(f"/proc/{new['pid']}/fd/{fd}") for fd in os.listdir(f"/proc/{new['pid']}/fd")}
+    assert str(second) in targets and str(first) not in targets
+    assert vm._slots["block_rootfs"].plan.args["rate_limiter"] == {"ops": {"size": 100, "refill_time": 1000}}
+    vm.stop()
