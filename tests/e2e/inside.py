@@ -5,10 +5,13 @@
 For each case it copies the files the case names into /tmp/e2e-<name>/ (e.g. a disk
 image the guest writes to), writes a Firecracker config file there, runs the case's
 `before` shell script, `embervm --config-file vm.json --no-api` under a timeout (cwd: that
-folder, so relative paths in the config point there) and its `after` script, and prints
+folder, so relative paths in the config point there) -- or, for an `api` case,
+`embervm --api-sock` configured section by section through the API and started with
+InstanceStart -- and its `after` script, and prints
 
     E2E-CASE-BEGIN <name>
     E2E-BEFORE <line>                       (the before script's output, then status=<n>)
+    E2E-API PUT <path> <status>             (api cases: each request)
     <the inner guest's console, then embervm's log>
     E2E-SECCOMP <process> mode=<n> filters=<k>   (each embervm process seen while it ran)
     E2E-AFTER <line>                        (the after script's output, then status=<n>)
@@ -80,13 +83,58 @@ def sample_seccomp(seen: dict[str, tuple[int, str]]) -> None:
                 seen[name] = (mode, fields.get("Seccomp_filters", "?").strip())
 
 
+def api_requests(config: dict[str, Any], metadata: Any) -> list[tuple[str, Any]]:
+    """The API calls that configure what `config` (a config file's sections) describes."""
+    calls: list[tuple[str, Any]] = [("/machine-config", config["machine-config"])]
+    calls.append(("/boot-source", config["boot-source"]))
+    calls += [(f"/drives/{d['drive_id']}", d) for d in config.get("drives", [])]
+    calls += [(f"/network-interfaces/{n['iface_id']}", n) for n in config.get("network-interfaces", [])]
+    if "vsock" in config:
+        calls.append(("/vsock", config["vsock"]))
+    if "mmds-config" in config:
+        calls.append(("/mmds/config", config["mmds-config"]))
+    if metadata is not None:
+        calls.append(("/mmds", metadata))
+    return [*calls, ("/actions", {"action_type": "InstanceStart"})]
+
+
+def drive_api(sock: Path, proc: subprocess.Popen[bytes], calls: list[tuple[str, Any]]) -> bool:
+    """Wait for the API socket, then PUT each call; prints "E2E-API PUT <path> <status>"."""
+    from tests.support.api_client import ApiClient
+
+    deadline = time.monotonic() + 60
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            print("E2E-API socket never appeared", flush=True)
+            return False
+        time.sleep(0.05)
+    with ApiClient(str(sock), timeout=60) as api:
+        for path, body in calls:
+            r = api.put(path, json=body)
+            print(f"E2E-API PUT {path} {r.status_code}" + (f" {r.text}" if r.status_code != 204 else ""), flush=True)
+            if r.status_code != 204:
+                return False
+    return True
+
+
 def run_case(case: dict[str, Any]) -> int:
     name = case["name"]
     workdir = Path("/tmp") / f"e2e-{name}"
     workdir.mkdir(parents=True, exist_ok=True)
     for dest, src in case.get("copy", {}).items():  # e.g. a disk image the guest may write to
         shutil.copyfile(src, workdir / dest)
-    command = [*embervm_command(), "--no-api", "--config-file", str(config_for(case, workdir)), *case.get("args", [])]
+    config_path = config_for(case, workdir)
+    metadata = case.get("metadata")
+    sock = workdir / "api.sock"
+    if case.get("api"):
+        sock.unlink(missing_ok=True)
+        command = [*embervm_command(), "--api-sock", str(sock), "--id", name]
+    else:
+        command = [*embervm_command(), "--no-api", "--config-file", str(config_path)]
+        if metadata is not None:
+            (workdir / "metadata.json").write_text(json.dumps(metadata))
+            command += ["--metadata", "metadata.json"]
+    command += case.get("args", [])
     out = sys.stdout.buffer
     out.write(f"E2E-CASE-BEGIN {name}\n".encode())
     out.flush()
@@ -94,6 +142,8 @@ def run_case(case: dict[str, Any]) -> int:
     start = time.monotonic()
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=workdir)
     assert proc.stdout is not None and proc.stderr is not None
+    if case.get("api") and not drive_api(sock, proc, api_requests(json.loads(config_path.read_text()), metadata)):
+        proc.kill()
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     sel.register(proc.stderr, selectors.EVENT_READ)

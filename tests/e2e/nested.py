@@ -37,6 +37,7 @@ INFO = re.compile(r"^E2E-INFO (\S+) (.*)$", re.M)
 DONE = re.compile(r"^E2E-DONE failures=(\d+)", re.M)
 BEFORE = re.compile(r"^E2E-BEFORE (.*)$", re.M)
 AFTER = re.compile(r"^E2E-AFTER (.*)$", re.M)
+API = re.compile(r"^E2E-API PUT (\S+) (\d+)", re.M)
 SECCOMP = re.compile(r"^E2E-SECCOMP (\S+) mode=(\d+) filters=(\S+)$", re.M)
 
 
@@ -54,6 +55,8 @@ class Case:
     before: str = ""  # shell, in the outer VM, in the case's folder, before embervm starts
     after: str = ""  # ... and after it exits (e.g. read back what the guest wrote)
     args: list[str] = field(default_factory=list)  # more embervm arguments
+    metadata: object = None  # MMDS contents: --metadata, or PUT /mmds
+    api: bool = False  # configure and start through the API instead of --config-file --no-api
 
     @property
     def boot_args(self) -> str:
@@ -72,6 +75,8 @@ class Case:
             "before": self.before,
             "after": self.after,
             "args": self.args,
+            "metadata": self.metadata,
+            "api": self.api,
         }
 
 
@@ -89,6 +94,7 @@ class CaseResult:
     before: list[str] = field(default_factory=list)  # the before script's output lines, then status=<n>
     after: list[str] = field(default_factory=list)
     seccomp: dict[str, int] = field(default_factory=dict)  # embervm process name -> seccomp mode (2: filter)
+    api: list[tuple[str, int]] = field(default_factory=list)  # (path, status) of each API request
 
     @property
     def reached_init(self) -> bool:
@@ -140,6 +146,7 @@ def parse_cases(console: str) -> dict[str, CaseResult]:
             result.info[m.group(1)] = m.group(2).strip()
         result.before = BEFORE.findall(body)
         result.after = AFTER.findall(body)
+        result.api = [(m.group(1), int(m.group(2))) for m in API.finditer(body)]
         result.seccomp = {m.group(1): int(m.group(2)) for m in SECCOMP.finditer(body)}
         done = DONE.findall(body)
         result.failures = int(done[-1]) if done else None

@@ -7,8 +7,6 @@ console. A failing test prints that inner guest's console and embervm's log.
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from tests.e2e.environment import Environment, EnvironmentError_, prepare
@@ -45,11 +43,8 @@ DEVICE_CASES.append(
             "network-interfaces": [{"iface_id": "net0", "guest_mac": "06:00:ac:10:00:02", "host_dev_name": "tap0"}],
             "mmds-config": {"version": "V2", "network_interfaces": ["net0"]},
         },
-        before=(
-            '"$E2E_PYTHON" "$E2E_REPO/tests/e2e/guest/mktap.py" tap0 172.16.0.1/30'
-            f" && echo '{json.dumps(METADATA)}' > metadata.json"
-        ),
-        args=["--metadata", "metadata.json"],
+        before='"$E2E_PYTHON" "$E2E_REPO/tests/e2e/guest/mktap.py" tap0 172.16.0.1/30',
+        metadata=METADATA,
     )
 )
 VSOCK_UDS = "/tmp/e2e-vsock/v.sock"
@@ -69,7 +64,41 @@ DEVICE_CASES.append(
         after="sleep 1; cat serve.log connect.log",
     )
 )
-CASES = {c.name: c for c in BOOT_CASES + DEVICE_CASES}
+API_UDS = "/tmp/e2e-api-all/v.sock"
+API_CASE = Case(
+    # Everything at once, configured through the API (PUT per section, then InstanceStart):
+    # bzImage on 2 vCPUs, root on virtio-blk, virtio-net with MMDS V2, vsock both ways.
+    "api-all",
+    kernel="bzImage",
+    vcpus=2,
+    checks=[
+        "boot",
+        "cpus:0-1",
+        "blk",
+        "net:172.16.1.2/30@172.16.1.1",
+        "mmds:/latest/meta-data/e2e",
+        "vsock_connect:5000",
+        "vsock_listen:6000",
+    ],
+    extra_args="e2e.root=vda",
+    copy={"rootfs.ext4": "/e2e/guest/rootfs.ext4"},
+    config={
+        "drives": [ROOT_DRIVE],
+        "network-interfaces": [{"iface_id": "net0", "guest_mac": "06:00:ac:10:01:02", "host_dev_name": "tap1"}],
+        "mmds-config": {"version": "V2", "network_interfaces": ["net0"]},
+        "vsock": {"guest_cid": 3, "uds_path": API_UDS},
+    },
+    metadata=METADATA,
+    before=(
+        '"$E2E_PYTHON" "$E2E_REPO/tests/e2e/guest/mktap.py" tap1 172.16.1.1/30;'
+        f" {VSOCK_HOST} serve {API_UDS}_5000 >serve.log 2>&1 &"
+        f" {VSOCK_HOST} connect {API_UDS} 6000 hello >connect.log 2>&1 &"
+    ),
+    after="sleep 1; debugfs -R 'cat /e2e/written-by-guest' rootfs.ext4 2>/dev/null; cat serve.log connect.log",
+    api=True,
+    timeout=180,
+)
+CASES = {c.name: c for c in [*BOOT_CASES, *DEVICE_CASES, API_CASE]}
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +184,7 @@ def test_vsock_guest_and_host_initiated_connections_carry_data_both_ways(nested:
     assert (result.failures, result.status) == (0, 0), result.explain()
 
 
-@pytest.mark.parametrize("case", ["blk-root", "net-mmds", "vsock"])
+@pytest.mark.parametrize("case", ["blk-root", "net-mmds", "vsock", "api-all"])
 def test_vcpu_and_device_workers_run_under_seccomp_filters_by_default(nested: NestedRun, case: str):
     result = nested[case]
     filtered = {name for name, mode in result.seccomp.items() if mode == 2}  # SECCOMP_MODE_FILTER
@@ -163,3 +192,24 @@ def test_vcpu_and_device_workers_run_under_seccomp_filters_by_default(nested: Ne
     assert "embervm-vcpu" in filtered, (result.seccomp, result.explain())
     assert filtered - {"embervm-vcpu"}, f"no device worker seen under a filter: {result.seccomp}"
     assert "seccomp is OFF" not in result.console, result.explain()
+
+
+def test_the_api_configures_and_starts_a_guest_using_every_device(nested: NestedRun):
+    result = nested["api-all"]
+
+    assert result.api and all(status == 204 for _, status in result.api), result.explain()
+    assert [path for path, _ in result.api] == [
+        "/machine-config", "/boot-source", "/drives/rootfs", "/network-interfaces/net0", "/vsock", "/mmds/config",
+        "/mmds", "/actions",
+    ]  # fmt: skip
+    for check, detail in [
+        ("cpus", "online=0-1"),
+        ("blk", "read+write dir=/e2e"),
+        ("mmds", "hello-from-mmds"),
+        ("vsock_connect", "pong:ping"),
+        ("vsock_listen", "got:hello"),
+    ]:
+        assert result.check(check) == (True, detail), result.explain()
+    assert result.check("net")[0], result.explain()
+    assert result.after == ["written by the guest", "served ping", "reply echo:hello", "status=0"], result.explain()
+    assert (result.failures, result.status) == (0, 0), result.explain()
