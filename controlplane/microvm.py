@@ -754,6 +754,8 @@ class MicroVm:
             handle.exit_reason = handle.exit_reason or f"{handle.kind} worker {how}"
             self._cond.notify_all()
         if handle.name == VCPU:
+            if outcome is None and status is not None and os.WIFEXITED(status):
+                outcome = self._await_exited(handle)  # it said why before exiting; ZeroMQ may lag the pidfd
             if outcome is None:
                 code = describe_wait_status(status)[0] if status is not None else exitcodes.GENERIC_ERROR
                 outcome = (code, f"vCPU worker {how}")
@@ -776,6 +778,15 @@ class MicroVm:
             "drive" if handle.kind == "block" else "device",
             handle.device_id,
         )
+        return None
+
+    def _await_exited(self, handle: WorkerHandle, timeout: float = 1.0) -> tuple[int, str] | None:
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0 and self._ctl.poll(int(left * 1000) + 1):
+            identity, msg = self._recv()
+            outcome = self._apply(identity, msg)
+            if outcome is not None:
+                return outcome
         return None
 
     def _pump_console(self) -> None:
