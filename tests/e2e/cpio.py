@@ -19,7 +19,7 @@ import os
 import stat
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
+from typing import IO
 
 TRAILER = "TRAILER!!!"
 COPY_CHUNK = 1 << 20
@@ -193,7 +193,7 @@ class Archive:
             h.update(f"{name}\0{e.mode:o}\0{e.mtime}\0{e.rdev}\0".encode() + what + b"\n")
         return h.hexdigest()
 
-    def write(self, out: BinaryIO) -> int:
+    def write(self, out: IO[bytes]) -> int:
         """Write the newc archive (parents first) to `out`; returns the bytes written."""
         written = 0
         for ino, name in enumerate(sorted(self.entries), start=1):
@@ -211,7 +211,7 @@ def _pad(n: int) -> int:
 
 
 def _write_header(
-    out: BinaryIO, ino: int, name: str, mode: int, size: int, mtime: int, nlink: int, rdev: tuple[int, int]
+    out: IO[bytes], ino: int, name: str, mode: int, size: int, mtime: int, nlink: int, rdev: tuple[int, int]
 ) -> int:
     encoded = name.encode() + b"\0"
     fields = (ino, mode, 0, 0, nlink, mtime, size, 0, 0, rdev[0], rdev[1], len(encoded), 0)
@@ -221,7 +221,7 @@ def _write_header(
     return len(header)
 
 
-def _write_entry(out: BinaryIO, ino: int, name: str, e: Entry) -> int:
+def _write_entry(out: IO[bytes], ino: int, name: str, e: Entry) -> int:
     nlink = 2 if stat.S_ISDIR(e.mode) else 1
     if e.source is None:
         n = _write_header(out, ino, name, e.mode, len(e.data), e.mtime, nlink, e.rdev)
