@@ -220,3 +220,31 @@ def test_a_replacement_worker_gets_the_patched_disk_and_rate_limiter(launcher, g
     assert str(second) in targets and str(first) not in targets
     assert vm._slots["block_rootfs"].plan.args["rate_limiter"] == {"ops": {"size": 100, "refill_time": 1000}}
     vm.stop()
+
+
+def test_delay_faults_slow_requests_down_without_failing_them(launcher, guest_images, tmp_path):
+    disk = make_disk(tmp_path / "rootfs.img")
+    vm, console = start(launcher, guest_images, "test=blk blk.loops=12", [DriveSpec("rootfs", str(disk))])
+    console.wait_for(loop_line(1), timeout=30)
+
+    vm.inject_fault("rootfs", FaultSpec(kind="delay", delay_ms=100, count=5))
+    begin = time.monotonic()
+
+    assert vm.wait(timeout=60) == exitcodes.OK
+    assert time.monotonic() - begin >= 0.5  # five requests, 100 ms each
+    assert "FAIL" not in console.text and "blk0: write ok" in console.text, console.text
+    assert vm.metrics()["block_rootfs"]["faults_injected"] == 5
+    assert vm.faults() == [] and worker(vm, "block_rootfs")["restarts"] == 0
+
+
+def test_dropped_request_is_never_completed_and_the_guest_times_out(launcher, guest_images, tmp_path):
+    disk = make_disk(tmp_path / "rootfs.img")
+    args = "test=blk blk.loops=1000 blk.timeout_ms=500"
+    vm, console = start(launcher, guest_images, args, [DriveSpec("rootfs", str(disk))])
+    console.wait_for(loop_line(1), timeout=30)
+
+    vm.inject_fault("rootfs", FaultSpec(kind="drop"))
+
+    assert vm.wait(timeout=60) == exitcodes.OK
+    assert "timeout waiting for the request to complete" in console.text, console.text
+    assert worker(vm, "block_rootfs")["restarts"] == 0
