@@ -8,6 +8,7 @@ through the bounds-checked accessors below: a guest address outside RAM raises
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import mmap
 import os
@@ -63,6 +64,11 @@ class GuestMemory:
         if actual != mem_size:
             raise ValueError(f"memfd holds {actual} bytes, expected {mem_size}")
         mapping = mmap.mmap(memfd, mem_size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        # Transparent huge pages for the guest's RAM where the host allows them for shmem
+        # (shmem_enabled=advise): measured one level down, 4 KiB pages made a Linux boot
+        # ~1.7x slower than QEMU's THP-backed memory.
+        with contextlib.suppress(OSError):
+            mapping.madvise(mmap.MADV_HUGEPAGE)
         return cls(mapping, ram_regions(mem_size))
 
     @property
