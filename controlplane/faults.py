@@ -36,13 +36,23 @@ class RestartPolicy:
     hang_timeout_s: float = 5.0
 
     @classmethod
-    def from_dict(cls, raw: dict[str, Any] | None) -> RestartPolicy:
+    def from_dict(cls, raw: dict[str, Any] | None, device_id: str | None = None) -> RestartPolicy:
+        """The policy from `VmSpec.restart_policy`: its fields apply to every device, and an
+        entry keyed by a device id (a dict of fields) overrides them for that device."""
         if not raw:
             return cls()
-        unknown = set(raw) - set(cls.__dataclass_fields__)
+        fields = set(cls.__dataclass_fields__)
+        overrides = {k: v for k, v in raw.items() if k not in fields}
+        if any(not isinstance(v, dict) for v in overrides.values()):
+            bad = sorted(k for k, v in overrides.items() if not isinstance(v, dict))
+            raise ValueError(f"unknown restart policy fields: {', '.join(bad)}")
+        merged = {k: v for k, v in raw.items() if k in fields}
+        if device_id is not None:
+            merged.update(overrides.get(device_id, {}))
+        unknown = set(merged) - fields
         if unknown:
             raise ValueError(f"unknown restart policy fields: {', '.join(sorted(unknown))}")
-        return cls(**{k: type(getattr(cls(), k))(v) for k, v in raw.items()})
+        return cls(**{k: type(getattr(cls(), k))(v) for k, v in merged.items()})
 
 
 @dataclass

@@ -244,7 +244,8 @@ class MicroVm:
             irqfd=os.dup(device.irqfd),
         )
         state_fd = create_state_memfd(device.name) if restartable(device.kind) else -1
-        self._slots[device.name] = DeviceSlot(kept, state_fd, RestartTracker(self.policy))
+        policy = RestartPolicy.from_dict(getattr(self.spec, "restart_policy", None), device.device_id)
+        self._slots[device.name] = DeviceSlot(kept, state_fd, RestartTracker(policy))
 
     def _mmio_endpoint(self, name: str) -> str:
         return f"ipc://{self._prefix}-{name}-mmio"
@@ -635,7 +636,7 @@ class MicroVm:
         due = [slot.restart_at for slot in self._slots.values() if slot.restart_at is not None]
         for handle in self._workers.values():
             if handle.name in self._slots and handle.alive and not handle.hung:
-                due.append(handle.last_heartbeat + self.policy.hang_timeout_s)
+                due.append(handle.last_heartbeat + self._slots[handle.name].tracker.policy.hang_timeout_s)
         if not due:
             return None
         return max(0, int((min(due) - now) * 1000) + 1)
@@ -644,7 +645,8 @@ class MicroVm:
         now = time.monotonic()
         for handle in list(self._workers.values()):
             late = now - handle.last_heartbeat
-            if handle.name in self._slots and handle.alive and not handle.hung and late > self.policy.hang_timeout_s:
+            slot = self._slots.get(handle.name)
+            if slot is not None and handle.alive and not handle.hung and late > slot.tracker.policy.hang_timeout_s:
                 log.error("the %s worker (pid %d) is hung (%.1f s without a heartbeat)", handle.name, handle.pid, late)
                 handle.hung = True
                 with contextlib.suppress(ProcessLookupError):
@@ -698,8 +700,8 @@ class MicroVm:
             log.error(
                 "the %s worker died %d times within %g s: restart policy exhausted, the device goes to NEEDS_RESET",
                 handle.name,
-                self.policy.max_restarts + 1,
-                self.policy.window_s,
+                slot.tracker.policy.max_restarts + 1,
+                slot.tracker.policy.window_s,
             )
         with self._cond:
             handle.restarts += 1
@@ -733,7 +735,8 @@ class MicroVm:
                     del self._faults[handle.name]
         if handle.hung:
             injected = " (injected hang)" if fatal == FATAL_HANG else ""
-            return "hang", f"hung: no heartbeat for {self.policy.hang_timeout_s:g} s{injected}"
+            timeout = slot.tracker.policy.hang_timeout_s if slot is not None else self.policy.hang_timeout_s
+            return "hang", f"hung: no heartbeat for {timeout:g} s{injected}"
         if fatal == FATAL_CRASH:
             return "fault", f"injected crash ({how})"
         if how.startswith("killed by seccomp"):

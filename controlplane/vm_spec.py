@@ -52,7 +52,7 @@ class VmSpec:
     # Fault containment (docs/faults.md): --enable-fault-injection arms PUT /faults; the
     # restart policy of every device worker (controlplane.faults.RestartPolicy fields).
     enable_fault_injection: bool = False
-    restart_policy: dict[str, float] | None = None
+    restart_policy: dict[str, Any] | None = None  # RestartPolicy fields, and per device id: {id: {fields}}
 
     @property
     def mem_size(self) -> int:

@@ -178,7 +178,7 @@ def test_exhausted_restart_policy_sets_needs_reset_and_the_guest_and_other_drive
         DriveSpec("rootfs", str(rootfs), is_root_device=True),
         DriveSpec("data", str(data), is_read_only=True),
     ]
-    policy = {"max_restarts": 2, "window_s": 60, "backoff_initial_s": 0.01}
+    policy = {"backoff_initial_s": 0.01, "rootfs": {"max_restarts": 2, "window_s": 60}}  # for rootfs only
     vm, console = start(
         launcher, guest_images, "test=blk blk.loops=100000 blk.timeout_ms=1500", drives, restart_policy=policy
     )

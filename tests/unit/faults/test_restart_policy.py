@@ -71,3 +71,12 @@ def test_block_restarts_and_implements_every_fault_kind():
     assert restartable("block")
     assert set(fault_kinds("block")) == {"crash", "hang", "delay", "io_error", "drop"}
     assert not restartable("vcpu")
+
+
+def test_a_device_entry_overrides_the_policy_for_that_device_only():
+    raw = {"max_restarts": 3, "rootfs": {"max_restarts": 0, "hang_timeout_s": 1}}
+
+    assert RestartPolicy.from_dict(raw, "rootfs") == RestartPolicy(max_restarts=0, hang_timeout_s=1.0)
+    assert RestartPolicy.from_dict(raw, "data") == RestartPolicy(max_restarts=3)
+    with pytest.raises(ValueError, match="bogus"):
+        RestartPolicy.from_dict({"rootfs": {"bogus": 1}}, "rootfs")
