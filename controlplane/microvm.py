@@ -483,11 +483,21 @@ class MicroVm:
         request_id = next(self._request_ids)
         self._command(p.UpdateNetRateLimiters(request_id, rx_rate_limiter, tx_rate_limiter), handle.identity)
         self._await_update(handle, request_id)
+        slot = self._slots.get(handle.name)
+        if slot is not None:  # a replacement worker starts with the limiters as updated
+            for key, given in (("rx_rate_limiter", rx_rate_limiter), ("tx_rate_limiter", tx_rate_limiter)):
+                if given:
+                    kept = dict(slot.plan.args.get(key) or {})
+                    kept.update({k: v for k, v in given.items() if k in ("bandwidth", "ops") and v is not None})
+                    slot.plan.args[key] = kept
 
     def update_mmds(self, document: dict[str, Any] | None) -> None:
         """Push a new MMDS snapshot to every net worker that serves MMDS (after PUT/PATCH /mmds)."""
         data = json.dumps(document).encode() if document is not None else b""
         for name in self._mmds_workers:
+            slot = self._slots.get(name)
+            if slot is not None and slot.plan.args.get("mmds"):  # what a replacement worker starts with
+                slot.plan.args["mmds"] = {**slot.plan.args["mmds"], "document": data}
             handle = self._workers.get(name.encode())
             if handle is not None and handle.alive and self.state != "Exited":
                 self._command(p.MmdsData(data), handle.identity)

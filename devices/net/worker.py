@@ -9,6 +9,7 @@ fd first. The worker keeps exactly these fds, in this order (`FDS`):
     tx_notify     ioeventfd of queue 1 (the guest queued frames to send)
     tap           the TAP, opened by the supervisor (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
     fd_channel    SEQPACKET socket to the supervisor (no fds are passed on it yet)
+    state         (when args["state_fd"]) the device's state area (shared.devstate)
 
 It opens no host path and no socket beyond ZeroMQ's AF_UNIX ones: MMDS is answered here,
 from a snapshot of the store the supervisor pushes (`MmdsData`, see devices/net/mmds.py).
@@ -30,13 +31,26 @@ from devices.net.policy import POLICY
 from devices.net.stack import DEFAULT_IPV4, MmdsStack
 from shared import protocol as p
 from shared.confine import SeccompSettings
-from shared.devworker import Channels, bucket_from_api, irq_trigger, rate_limiter_from_api, run_device
+from shared.devworker import (
+    Channels,
+    bucket_from_api,
+    irq_trigger,
+    rate_limiter_from_api,
+    run_device,
+    split_recovery,
+)
 from shared.eventloop import EventLoop
 from shared.memory import GuestMemory
 from shared.ratelimit import RateLimiter, RateLimitError
 from shared.virtio.mmio import MmioTransport
 
 FDS = ("memfd", "irqfd", "rx_notify", "tx_notify", "tap", "fd_channel")
+# Takes a state area and restores from it (docs/faults.md): both queues complete chains in
+# order, so a replacement resyncs from the used rings; the TAP stays attached through the
+# supervisor's copy of its fd, so frames wait in it meanwhile. What a replacement loses:
+# frames this worker held copied (`pending`) and MMDS TCP connections (the guest's next
+# segment gets a RST); MMDS data and rate limiters come back as last updated.
+RESTARTABLE = True
 TAP_TOKEN = 8
 
 log = logging.getLogger("embervm.net")
@@ -158,6 +172,7 @@ def build(args: dict[str, Any], fds: list[int]) -> tuple[MmioTransport, NetHooks
 
 def run(args: dict[str, Any], fds: list[int]) -> int:
     """Worker entry point (in the forked child)."""
+    fds, recovery = split_recovery(args, fds)
     if len(fds) != len(FDS):
         raise ValueError(f"the net worker takes {len(FDS)} fds ({', '.join(FDS)}), got {len(fds)}")
     _memfd, irqfd, rx, tx, _tap, channel = fds
@@ -168,5 +183,6 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
         queue_fds=[rx, tx],
         irqfd=irqfd,
         name=str(args.get("name", "net")),
+        **recovery,
     )
     return run_device(channels, lambda: build(args, fds), SeccompSettings.from_args(args), POLICY)

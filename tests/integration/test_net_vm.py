@@ -148,6 +148,9 @@ def test_mmds_update_pushed_at_run_time_and_patch_rate_limiters(
             vm.update_device("network-interface", "eth9", {"rx_rate_limiter": {}})
         net = vm.metrics()["net_eth0"]
         assert (net["update_count"], net["update_fails"], net["mmds_updates"]) == (1, 1, 1)
+        kept = vm._slots["net_eth0"].plan.args  # what a replacement worker would start with
+        assert json.loads(kept["mmds"]["document"]) == {"latest": {"k": "v"}}
+        assert kept["rx_rate_limiter"] == {"bandwidth": {"size": 1000, "refill_time": 100}}
     finally:
         vm.stop()
 
