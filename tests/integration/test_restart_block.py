@@ -27,7 +27,7 @@ from tests.support.waiting import wait_until
 
 MEM_MIB = 64
 SECTOR = 512
-LOOPS = 60
+LOOPS = 120  # long enough that the guest is still writing when the test kills for the last time
 SECTORS = 16 + 8 * LOOPS  # one 8-sector slot per loop
 
 
@@ -89,7 +89,7 @@ def test_guest_writes_and_verifies_through_repeated_sigkills(launcher, guest_ima
     drives = [DriveSpec("rootfs", str(disk), is_root_device=True, cache_type=cache)]
     vm, console = start(launcher, guest_images, f"test=blk blk.loops={LOOPS} {options}", drives)
 
-    for k in (5, 20, 35):
+    for k in (5, 30, 55):
         console.wait_for(loop_line(k), timeout=30)
         victim = worker(vm, "block_rootfs")["pid"]
         os.kill(int(victim), signal.SIGKILL)  # type: ignore[call-overload]
@@ -104,8 +104,8 @@ def test_guest_writes_and_verifies_through_repeated_sigkills(launcher, guest_ima
     metrics = vm.metrics()
     assert metrics["embervm_workers"]["restarts_signal"] == 3
     assert metrics["block_rootfs"]["worker_restarts"] == 3
-    # counters carry over: more writes than the last worker alone can have done (after loop 35)
-    assert metrics["block_rootfs"]["write_count"] > LOOPS - 35 + 1
+    # counters carry over: more writes than the last worker alone can have done (after loop 55)
+    assert metrics["block_rootfs"]["write_count"] > LOOPS - 55 + 1
 
 
 def test_crashes_injected_through_the_fault_api_mid_request_are_invisible_to_the_guest(
