@@ -13,6 +13,9 @@ Layout (little endian):
     0    u32 magic "EMST", u32 version, u32 active slot (0/1), u32 reserved
     16   u32 fatal fault: a FATAL_* code written by a worker just before an injected
          crash or hang, read and cleared by the supervisor (the restart's cause)
+    64   u32 per queue (up to MAX_QUEUES): 0x10000 | the queue's next_avail after its last
+         pop, written on every pop; with the used index in guest memory it tells a
+         replacement which chains were in flight (`in_flight`)
     4096 slot 0: u32 length, u32 crc32, u64 generation, msgpack payload
     4096 + SLOT_BYTES: slot 1, same
 
@@ -40,6 +43,10 @@ SLOT_HEADER = struct.Struct("<IIQ")
 SLOTS_OFFSET = 4096
 SLOT_BYTES = 30 * 1024
 AREA_BYTES = SLOTS_OFFSET + 2 * SLOT_BYTES
+
+POPPED = struct.Struct("<I")
+POPPED_OFFSET = 64
+MAX_QUEUES = 64
 
 FATAL_NONE, FATAL_CRASH, FATAL_HANG = 0, 1, 2
 FATAL_NAMES = {FATAL_CRASH: "crash", FATAL_HANG: "hang"}
@@ -93,6 +100,26 @@ class StateArea:
 
     def set_fatal(self, code: int) -> None:
         FATAL.pack_into(self._map, FATAL_OFFSET, code)
+
+    def set_popped(self, queue: int, next_avail: int) -> None:
+        if queue < MAX_QUEUES:
+            POPPED.pack_into(self._map, POPPED_OFFSET + 4 * queue, 0x10000 | (next_avail & 0xFFFF))
+
+    def popped(self, queue: int) -> int | None:
+        """The dead worker's next_avail of `queue` after its last pop, if it popped any."""
+        if queue >= MAX_QUEUES:
+            return None
+        value = int(POPPED.unpack_from(self._map, POPPED_OFFSET + 4 * queue)[0])
+        return value & 0xFFFF if value & 0x10000 else None
+
+    def in_flight(self, queue: int, next_used: int, size: int) -> int:
+        """How many chains of `queue`, from used index `next_used` on, the dead worker had
+        popped and not completed (for a device that completes in ring order)."""
+        popped = self.popped(queue)
+        if popped is None:
+            return 0
+        count = (popped - next_used) & 0xFFFF
+        return count if count <= size else 0
 
     def close(self) -> None:
         with contextlib.suppress(BufferError):

@@ -178,6 +178,9 @@ class DeviceWorker:
         self._device_checks_faults = hasattr(transport.device, "faults")
         if self._device_checks_faults:
             transport.device.faults = self.faults  # type: ignore[attr-defined]
+        if self.state is not None:
+            for index, queue in enumerate(transport.queues):
+                queue.pop_hook = lambda value, i=index: self.state.set_popped(i, value)  # type: ignore[union-attr]
         self._next_heartbeat = time.monotonic()
         self._next_counters_save = 0.0
         self.test_hooks = False  # SeccompSettings.test_hooks: act on TestSyscall
@@ -261,8 +264,23 @@ class DeviceWorker:
         if self.channels.needs_reset:
             self.transport.signal_needs_reset("its device worker was restarted too often")
         elif snapshot is not None:
+            self._recover_in_flight()
             self.transport.kick_all()  # kicks and interrupts may have been lost meanwhile
         self.persist_state()
+
+    def _recover_in_flight(self) -> None:
+        """Hand the chains the dead worker had popped but not completed to the device's
+        `recover_in_flight(queue_index, count)`, if it has one: it pops them (they come first)
+        and completes those it cannot execute again with its error status. Without the hook
+        they are simply served again (right for block and net tx: idempotent)."""
+        recover = getattr(self.transport.device, "recover_in_flight", None)
+        if recover is None or self.state is None or not self.transport.serving:
+            return
+        for index, queue in enumerate(self.transport.queues):
+            count = self.state.in_flight(index, queue.next_used, queue.size)
+            if count:
+                log.warning("queue %d: %d request(s) were in flight when the last worker died", index, count)
+                recover(index, count)
 
     def _flush_logs(self) -> None:
         while self._logs.pending:

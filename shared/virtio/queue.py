@@ -26,6 +26,7 @@ the next one. A port to a weakly ordered CPU must revisit this.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from typing import Any
 
 from shared.memory import GuestMemory, GuestMemoryError
@@ -62,6 +63,9 @@ class Queue:
             raise ValueError(f"queue max size {max_size} is not a power of two <= {MAX_QUEUE_SIZE}")
         self.mem = mem
         self.max_size = max_size
+        # Called with the new `next_avail` after each pop (a restartable worker records it in
+        # its state area, so its replacement knows which chains were in flight).
+        self.pop_hook: Callable[[int], None] | None = None
         self.reset()
 
     def reset(self) -> None:
@@ -149,11 +153,15 @@ class Queue:
         if head >= self.size:
             raise QueueError(f"Guest put head index {head} in the available ring (queue size {self.size})")
         self.next_avail = (self.next_avail + 1) & _U16
+        if self.pop_hook is not None:
+            self.pop_hook(self.next_avail)
         return walk_chain(self.mem, self.desc_addr, self.size, head, indirect_ok=self.indirect)
 
     def undo_pop(self) -> None:
         """Give back the last popped chain (e.g. the rate limiter said not yet)."""
         self.next_avail = (self.next_avail - 1) & _U16
+        if self.pop_hook is not None:
+            self.pop_hook(self.next_avail)
 
     # --- producing the used ring -------------------------------------------------------
 
