@@ -93,15 +93,23 @@ def worker_stream(harness: VsockWorkerHarness, total: int, rx_buf: int, port: in
     listener.close()
     g.send(1000 + port, port, Op.REQUEST, buf_alloc=4 * MiB)
     g.take(Op.RESPONSE, port=1000 + port)
-    received = fwd = 0
+    # data that came in with the RESPONSE was collected by take(): count it too
+    received = sum(len(pkt.payload) for pkt in g.received if pkt.op == Op.RW)
+    g.received.clear()
+    fwd = 0
+    idle_since = time.monotonic()
     while received < total:
         harness.wait_interrupt(1.0)
         packets = g.collect()
+        g.received.clear()  # counted here, not kept
         for pkt in packets:
             if pkt.op == Op.RW:
                 received += len(pkt.payload)
         if packets:
             g.post_rx(len(packets))
+            idle_since = time.monotonic()
+        elif time.monotonic() - idle_since > 5:
+            raise RuntimeError(f"stalled at {received} of {total} bytes: {harness.metrics()}")
         if received - fwd >= MiB:
             fwd = received
             g.send(1000 + port, port, Op.CREDIT_UPDATE, buf_alloc=4 * MiB, fwd_cnt=fwd & 0xFFFFFFFF)
