@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import os
 import select
+import shutil
 import socket
 import struct
 import subprocess
@@ -252,7 +253,7 @@ def main() -> None:
     finally:
         ns.delete()
         zygote.shutdown()
-        os.rmdir(run_dir) if os.path.isdir(run_dir) and not os.listdir(run_dir) else None
+        shutil.rmtree(run_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":
