@@ -408,8 +408,8 @@ class UnixMuxer:
             local, peer = self.rst_queue.popleft()
             chain.writer().write(header_bytes(HOST_CID, self.guest_cid, local, peer, Op.RST))
             return HEADER_SIZE
-        while self.ready:
-            conn = self.ready.popleft()
+        for _ in range(len(self.ready)):  # each connection at most once: one that cannot use
+            conn = self.ready.popleft()  # this buffer (too small for data) goes back to the end
             conn.in_ready = False
             if self.conns.get(conn.key) is not conn:
                 continue

@@ -354,6 +354,11 @@ class Connection:
             self.need_response = False
             writer.write(self._header(Op.RESPONSE))
             return HEADER_SIZE
+        if self._can_read() and chain.writable_len <= HEADER_SIZE:
+            # no room for data in this buffer: use it for a credit update, so that the
+            # buffers queued behind it (which may be larger) are reached
+            writer.write(self._header(Op.CREDIT_UPDATE))
+            return HEADER_SIZE
         if self._can_read():
             written = self._read_into(chain)
             if written is not None:

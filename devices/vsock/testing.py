@@ -155,7 +155,9 @@ class GuestVsock:
 class VsockRig:
     """A VsockDevice + UnixMuxer in this process, a listener at `uds_path`, a mock guest."""
 
-    def __init__(self, uds_path: str, guest_cid: int = 3, *, event_idx: bool = False, **muxer_kw: Any) -> None:
+    def __init__(
+        self, uds_path: str, guest_cid: int = 3, *, event_idx: bool = False, rx_posted: int = 64, **muxer_kw: Any
+    ) -> None:
         self.uds_path = uds_path
         self.mem = make_guest_memory(MEM_SIZE)
         self.listener = listening_socket(uds_path)
@@ -169,7 +171,7 @@ class VsockRig:
             for q in queues:
                 q.event_idx = True
         self.device.activate(self.mem, queues, self.interrupt, FEATURES)
-        self.guest.post_rx(64)
+        self.guest.post_rx(rx_posted)
 
     def kick(self, index: int) -> None:
         self.device.process_queue(index)

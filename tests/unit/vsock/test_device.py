@@ -540,3 +540,22 @@ class FakeTransport:
 
     def signal_needs_reset(self, reason: str) -> None:
         self.reasons.append(reason)
+
+
+def test_rx_buffers_with_no_room_for_data_stall_only_that_data(sock_dir: str, host_listener) -> None:
+    with VsockRig(f"{sock_dir}/v.sock", rx_posted=2) as rig:
+        g = rig.guest
+        conn = open_guest_conn(rig, host_listener)
+        g.rx_buf = 44  # from now on the guest posts buffers with room for a header only
+        g.send(1000, 53, Op.CREDIT_REQUEST)
+        g.send(1000, 53, Op.CREDIT_REQUEST)
+        g.wait_for(lambda: sum(p.op == Op.CREDIT_UPDATE for p in g.received) == 2)  # the big ones used up
+        conn.sendall(b"waiting")
+
+        rig.pump(0.05)  # returns: the data fits nowhere, nothing spins; the small buffers
+        # carry credit updates instead, so the guest's next, larger buffer gets the data
+        got = g.collect()
+        assert got and all(p.op == Op.CREDIT_UPDATE for p in got)
+        g.rx_buf = 4096 + 44
+        g.post_rx(1)
+        assert guest_data(rig, 1000, 7) == b"waiting"
