@@ -314,11 +314,15 @@ class DeviceWorker:
                 self._on_queue(token - QUEUE)
         except Exception:  # a bug in our own code: report it, keep serving
             log.error("device worker error (token %d):\n%s", token, traceback.format_exc())
-        now = time.monotonic()
-        save_counters = token >= QUEUE and now >= self._next_counters_save
-        if save_counters:
-            self._next_counters_save = now + COUNTERS_SAVE_INTERVAL_S
-        self.persist_state(force=save_counters)
+        if token < QUEUE:
+            self.persist_state()  # a register write, an update: the durable part may have changed
+        else:  # queue work changes no set-up, at most the status (NEEDS_RESET); counters every 10 ms
+            now = time.monotonic()
+            save_counters = now >= self._next_counters_save
+            if save_counters:
+                self._next_counters_save = now + COUNTERS_SAVE_INTERVAL_S
+            if save_counters or self._persisted is None or self._persisted[0] != self.transport.status:
+                self.persist_state(force=save_counters)
         self._flush_logs()
 
     def _backlog_delay(self) -> float | None:
