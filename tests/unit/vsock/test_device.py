@@ -559,3 +559,20 @@ def test_rx_buffers_with_no_room_for_data_stall_only_that_data(sock_dir: str, ho
         g.rx_buf = 4096 + 44
         g.post_rx(1)
         assert guest_data(rig, 1000, 7) == b"waiting"
+
+
+def test_busy_connections_take_turns_for_rx_buffers(sock_dir: str, host_listener) -> None:
+    with VsockRig(f"{sock_dir}/v.sock", rx_posted=4) as rig:
+        a = open_guest_conn(rig, host_listener, guest_port=1000)
+        b = open_guest_conn(rig, host_listener, guest_port=1001)
+        rig.guest.collect()
+        a.sendall(b"a" * 100_000)  # both have far more than a few buffers' worth
+        b.sendall(b"b" * 100_000)
+        rig.pump(0.05)
+        rig.pump(0.05)
+
+        rig.guest.rx.used()
+        rig.guest.post_rx(8)  # eight buffers for two busy connections
+        order = [p.header.dst_port for p in rig.guest.collect() if p.op == Op.RW]
+
+        assert order.count(1000) >= 3 and order.count(1001) >= 3, order
