@@ -203,6 +203,9 @@ class Connection:
         self._check_credit_update()
 
     def on_shutdown(self, flags: int) -> None:
+        if self.state is State.CLOSING and flags & SHUTDOWN_BOTH == SHUTDOWN_BOTH:
+            self.kill()  # the host is gone and the guest closed too: confirm with RST
+            return
         if flags & SHUTDOWN_SEND:
             self.guest_shut_send = True
         if flags & SHUTDOWN_RCV:

@@ -576,3 +576,14 @@ def test_busy_connections_take_turns_for_rx_buffers(sock_dir: str, host_listener
         order = [p.header.dst_port for p in rig.guest.collect() if p.op == Op.RW]
 
         assert order.count(1000) >= 3 and order.count(1001) >= 3, order
+
+
+def test_guest_closing_after_the_host_went_away_gets_rst_at_once(rig: VsockRig) -> None:
+    host, host_port = open_host_conn(rig)
+    host.close()
+    assert rig.guest.take(Op.SHUTDOWN).header.flags == SHUTDOWN_BOTH
+
+    rig.guest.send(GUEST_PORT, host_port, Op.SHUTDOWN, flags=SHUTDOWN_BOTH)  # its close(), not an RST
+
+    rig.guest.take(Op.RST)  # no 2 s wait
+    assert rig.muxer.conns == {}
