@@ -1,6 +1,8 @@
 /* virtio-vsock driver (see virtio_vsock.h) and test=vsock. */
 #include "virtio_vsock.h"
 
+#define VIRTIO_VSOCK_EVENT_TRANSPORT_RESET 0
+
 #include "alloc.h"
 #include "io.h"
 #include "irq.h"
@@ -267,8 +269,14 @@ bool vsock_poll(struct vsock_dev *v)
 	if (reposted)
 		virtq_kick(rx);
 	while ((buf = virtq_get_used(evq, &len))) {
+		u32 event = *(volatile u32 *)buf;
 		v->events++;
-		printf("vsock: event %u\n", *(volatile u32 *)buf);
+		printf("vsock: event %u\n", event);
+		if (event == VIRTIO_VSOCK_EVENT_TRANSPORT_RESET) {
+			/* As Linux: the device forgot every connection, so do we. */
+			for (u32 i = 0; i < VSOCK_MAX_CONNS; i++)
+				v->conns[i].state = VC_FREE;
+		}
 		post_event(v, buf);
 		virtq_kick(evq);
 	}

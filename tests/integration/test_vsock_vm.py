@@ -4,6 +4,7 @@ Unix sockets on the host side (guest/README.md, test=vsock)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -179,3 +180,38 @@ def test_killed_vsock_worker_is_replaced_and_the_guest_gets_transport_reset(laun
         assert new["pid"] != old["pid"]
     finally:
         vm.stop()
+
+
+def test_host_connection_open_at_a_worker_crash_is_closed_and_a_new_one_works(launcher, guest_images, sock_dir):
+    uds = f"{sock_dir}/v.sock"
+    vm, console = start(launcher, guest_images, uds, "vsock.echo_conns=2 vsock.host_port=0")
+    try:
+        with host_connect(uds, 52) as first:
+            assert read_line(first).startswith(b"OK ")
+            first.sendall(b"before the crash")
+            assert recv_exact(first, 16) == b"before the crash"
+            (old,) = [w for w in vm.workers() if w["kind"] == "vsock"]
+
+            os.kill(int(old["pid"]), 9)  # type: ignore[call-overload]
+
+            with contextlib.suppress(ConnectionResetError):  # a reset is as good as EOF: the host learns at once
+                assert first.recv(64) == b""  # closed cleanly, no hang
+        console.wait_for("vsock: event 0", timeout=30)  # the guest dropped its side too
+        with host_connect(uds, 52) as second:
+            assert read_line(second).startswith(b"OK ")
+            second.sendall(b"after the restart")
+            assert recv_exact(second, 17) == b"after the restart"
+            second.shutdown(socket.SHUT_WR)
+            assert vm.wait(timeout=30) == exitcodes.OK  # the echo server saw both connections end
+    finally:
+        vm.stop()
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        chunk = sock.recv(n - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data
