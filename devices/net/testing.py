@@ -8,24 +8,15 @@ queue + rx queue through `NetWorkerHarness`).
 
 from __future__ import annotations
 
-import contextlib
-import os
-import select
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import zmq
-
-from devices.block.testing import Spawner
 from devices.net import packets as pk
 from devices.net.stack import DEFAULT_IPV4, HTTP_PORT
-from shared import fdpass
-from shared import protocol as p
-from shared.devworker_client import MmioClient
+from shared.devworker_harness import Spawner, WorkerHarness
 from shared.layout import MiB
-from shared.memory import GuestMemory, create_guest_memfd
 from shared.virtio import constants as c
 from shared.virtio.testing import MockDriver, mmio_setup
 
@@ -136,7 +127,7 @@ VNET_HDR = bytes(12)
 RX, TX = 0, 1
 
 
-class NetWorkerHarness:
+class NetWorkerHarness(WorkerHarness):
     """One net worker on `tap_fd`, with the guest (rx/tx MockDrivers) and supervisor played here.
 
     The harness takes ownership of `tap_fd`'s copy it passes (it closes it after the spawn).
@@ -157,40 +148,26 @@ class NetWorkerHarness:
         queue_size: int = 256,
         seccomp: dict[str, Any] | None = None,
     ) -> None:
-        self.zygote = zygote
-        self.name = f"net_{iface_id}"
-        self.ctx = zmq.Context()
-        self.control = self.ctx.socket(zmq.ROUTER)
-        self.control.setsockopt(zmq.LINGER, 0)
-        self.control.bind(f"ipc://{run_dir}/{self.name}-ctl")
-        self.mmio_endpoint = f"ipc://{run_dir}/{self.name}-mmio"
-        self.logs: list[str] = []
-        self.memfd = create_guest_memfd(mem_size)
-        self.mem = GuestMemory.map(self.memfd, mem_size)
-        self.irqfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.queue_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(2)]
-        self.fd_channel, theirs = fdpass.channel_pair()
-        args = {
+        name = f"net_{iface_id}"
+        args: dict[str, Any] = {
             "iface_id": iface_id,
             "guest_mac": guest_mac,
             "rx_rate_limiter": rx_rate_limiter,
             "tx_rate_limiter": tx_rate_limiter,
             "mmds": mmds,
-            "mem_size": mem_size,
-            "name": self.name,
-            "control_endpoint": f"ipc://{run_dir}/{self.name}-ctl",
-            "mmio_endpoint": self.mmio_endpoint,
         }
         if seccomp is not None:
             args["seccomp"] = seccomp
-        try:
-            fds = [self.memfd, self.irqfd, *self.queue_fds, tap_fd, theirs.fileno()]
-            self.pid = zygote.spawn("net", self.name, args, fds)
-        finally:
-            os.close(tap_fd)
-            theirs.close()
-        self.ready = self.expect(p.Ready)
-        self.mmio = MmioClient(self.ctx, self.mmio_endpoint, timeout_s=5.0)
+        super().__init__(
+            zygote,
+            "net",
+            name,
+            f"ipc://{run_dir}/{name}",
+            num_queues=2,
+            mem_size=mem_size,
+            args=args,
+            backend_fds=[tap_fd],
+        )
         self.rx = MockDriver(self.mem, size=queue_size, base=0x10000, data_size=24 * MiB)
         self.tx = MockDriver(self.mem, size=queue_size, base=0x10000 + 28 * MiB, data_size=24 * MiB)
 
@@ -198,9 +175,6 @@ class NetWorkerHarness:
 
     def setup(self, features: int = c.feature(c.VIRTIO_F_VERSION_1)) -> int:
         return mmio_setup(self.mmio, [self.rx, self.tx], features)  # type: ignore[arg-type]
-
-    def kick(self, queue: int) -> None:
-        os.eventfd_write(self.queue_fds[queue], 1)
 
     def add_rx_buffers(self, count: int, size: int = 2048) -> list[int]:
         heads = [self.rx.add_chain([], [size]) for _ in range(count)]
@@ -218,13 +192,6 @@ class NetWorkerHarness:
         self.tx.add_chain(readable)
         self.kick(TX)
         return self.wait_used(self.tx, 1)
-
-    def wait_interrupt(self, timeout: float = 5.0) -> bool:
-        if not select.select([self.irqfd], [], [], timeout)[0]:
-            return False
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self.irqfd)
-        return True
 
     def wait_used(self, driver: MockDriver, count: int, timeout: float = 5.0) -> list[tuple[int, int]]:
         deadline = time.monotonic() + timeout
@@ -258,62 +225,5 @@ class NetWorkerHarness:
 
     # --- the supervisor's side ---------------------------------------------------------------
 
-    def send_control(self, msg: p.Message) -> None:
-        self.control.send_multipart([self.name.encode(), p.encode(msg)])
-
-    def expect(self, kind: type[p.Message], timeout: float = 5.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            if not self.control.poll(int(remaining * 1000) + 1):
-                break
-            _, payload = self.control.recv_multipart()
-            msg = p.decode(payload)
-            if isinstance(msg, p.Log):
-                self.logs.append(msg.text)
-            if isinstance(msg, kind):
-                return msg
-            if isinstance(msg, p.Exited) and kind is not p.Exited:
-                raise RuntimeError(f"the net worker exited: {msg.reason}\n{msg.detail}")
-        raise TimeoutError(f"no {kind.__name__} from the net worker within {timeout} s")
-
     def metrics(self) -> dict[str, dict[str, int]]:
-        self.send_control(p.FlushMetrics())
-        groups: dict[str, dict[str, int]] = self.expect(p.Metrics).groups
-        return groups
-
-    def alive(self) -> bool:
-        try:
-            os.kill(self.pid, 0)
-        except ProcessLookupError:
-            return False
-        try:
-            with open(f"/proc/{self.pid}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-        except OSError:
-            return False
-
-    def stop(self, timeout: float = 5.0) -> int | None:
-        self.send_control(p.Stop())
-        status = self.zygote.wait_exit(self.pid, timeout)
-        if status is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, 9)
-            self.zygote.wait_exit(self.pid, timeout)
-        return status
-
-    def close(self) -> None:
-        if self.alive():
-            self.stop()
-        self.mmio.close()
-        self.control.close(linger=0)
-        self.ctx.term()
-        self.fd_channel.close()
-        self.mem.close()
-        for fd in (self.memfd, self.irqfd, *self.queue_fds):
-            os.close(fd)
-
-    def __enter__(self) -> NetWorkerHarness:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
+        return self.metric_groups()

@@ -22,17 +22,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import zmq
-
-from devices.block.testing import Spawner, _proc_state
 from devices.vsock.backend import UnixMuxer, listening_socket
 from devices.vsock.device import EVQ, RX, TX, VsockDevice
 from devices.vsock.packet import HEADER_SIZE, HOST_CID, Header, Op, header_bytes
-from shared import fdpass
-from shared import protocol as p
-from shared.devworker_client import MmioClient
+from shared.devworker_harness import Spawner, WorkerHarness
 from shared.layout import MiB
-from shared.memory import GuestMemory, create_guest_memfd
+from shared.memory import GuestMemory
 from shared.virtio import constants as c
 from shared.virtio.testing import FakeInterrupt, MockDriver, make_guest_memory, mmio_setup
 
@@ -229,7 +224,7 @@ def read_line(sock: socket.socket, timeout: float = 5.0) -> bytes:
     return line
 
 
-class VsockWorkerHarness:
+class VsockWorkerHarness(WorkerHarness):
     """One vsock worker process; the guest (GuestVsock over the memfd) and supervisor played here."""
 
     def __init__(
@@ -243,112 +238,37 @@ class VsockWorkerHarness:
         seccomp: dict[str, Any] | None = None,
         rx_buf: int = RX_BUF,
     ) -> None:
-        self.zygote = zygote
-        self.name = "vsock"
         self.uds_path = uds_path
-        self.ctx = zmq.Context()
-        self.control = self.ctx.socket(zmq.ROUTER)
-        self.control.setsockopt(zmq.LINGER, 0)
-        endpoint = f"ipc://{run_dir}/{self.name}-{os.getpid()}-{id(self)}"
-        self.control.bind(f"{endpoint}-ctl")
-        self.logs: list[str] = []
-        self.memfd = create_guest_memfd(mem_size)
-        self.mem = GuestMemory.map(self.memfd, mem_size)
-        self.irqfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.queue_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(3)]
-        self.fd_channel, theirs = fdpass.channel_pair()
-        listener = listening_socket(uds_path)
-        args = {
-            "guest_cid": guest_cid,
-            "uds_path": uds_path,
-            "mem_size": mem_size,
-            "name": self.name,
-            "control_endpoint": f"{endpoint}-ctl",
-            "mmio_endpoint": f"{endpoint}-mmio",
-        }
+        args: dict[str, Any] = {"guest_cid": guest_cid, "uds_path": uds_path}
         if seccomp is not None:
             args["seccomp"] = seccomp
-        try:
-            fds = [self.memfd, self.irqfd, *self.queue_fds, listener.fileno(), theirs.fileno()]
-            self.pid = zygote.spawn("vsock", self.name, args, fds)
-        finally:
-            listener.close()
-            theirs.close()
-        self.ready = self.expect(p.Ready)
-        self.mmio = MmioClient(self.ctx, f"{endpoint}-mmio", timeout_s=5.0)
+        listener = listening_socket(uds_path)
+        super().__init__(
+            zygote,
+            "vsock",
+            "vsock",
+            f"ipc://{run_dir}/vsock-{os.getpid()}-{id(self)}",
+            num_queues=3,
+            mem_size=mem_size,
+            args=args,
+            backend_fds=[listener.detach()],
+        )
         self.guest = GuestVsock(self.mem, guest_cid, self.kick, self.wait_interrupt, rx_buf=rx_buf)
 
     def setup(self, features: int = FEATURES) -> int:
         status = mmio_setup(self.mmio, self.guest.drivers, features)  # type: ignore[arg-type]
         return status
 
-    def kick(self, index: int) -> None:
-        os.eventfd_write(self.queue_fds[index], 1)
-
-    def wait_interrupt(self, timeout: float = 5.0) -> bool:
-        if not select.select([self.irqfd], [], [], timeout)[0]:
-            return False
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self.irqfd)
-        return True
-
     # --- the supervisor's side ---------------------------------------------------------------
-    def send(self, msg: p.Message) -> None:
-        self.control.send_multipart([self.name.encode(), p.encode(msg)])
-
-    def expect(self, kind: type[p.Message], timeout: float = 5.0) -> Any:
-        deadline = time.monotonic() + timeout
-        while (remaining := deadline - time.monotonic()) > 0:
-            if not self.control.poll(int(remaining * 1000) + 1):
-                break
-            _, payload = self.control.recv_multipart()
-            try:
-                msg = p.decode(payload)
-            except p.ProtocolError:
-                continue
-            if isinstance(msg, p.Log):
-                self.logs.append(msg.text)
-            if isinstance(msg, kind):
-                return msg
-            if isinstance(msg, p.Exited) and kind is not p.Exited:
-                raise RuntimeError(f"the vsock worker exited: {msg.reason}\n{msg.detail}")
-        raise TimeoutError(f"no {kind.__name__} from the vsock worker within {timeout} s")
+    send = WorkerHarness.send_control
 
     def metrics(self) -> dict[str, int]:
-        self.send(p.FlushMetrics())
-        groups: dict[str, dict[str, int]] = self.expect(p.Metrics).groups
-        return groups["vsock"]
-
-    def alive(self) -> bool:
-        return os.path.exists(f"/proc/{self.pid}") and "Z" not in _proc_state(self.pid)
-
-    def stop(self, timeout: float = 5.0) -> int | None:
-        self.send(p.Stop())
-        status = self.zygote.wait_exit(self.pid, timeout)
-        if status is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, 9)
-            self.zygote.wait_exit(self.pid, timeout)
-        return status
+        return self.metric_groups()["vsock"]
 
     def close(self) -> None:
-        if self.alive():
-            self.stop()
-        self.mmio.close()
-        self.control.close(linger=0)
-        self.ctx.term()
-        self.fd_channel.close()
-        self.mem.close()
-        for fd in (self.memfd, self.irqfd, *self.queue_fds):
-            os.close(fd)
+        super().close()
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.uds_path)
-
-    def __enter__(self) -> VsockWorkerHarness:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
 
 __all__ = ["FEATURES", "GuestVsock", "Op", "RxPacket", "VsockRig", "VsockWorkerHarness", "read_line"]

@@ -1,0 +1,158 @@
+"""The supervisor's side of one real device-worker process, for tests and benchmarks.
+
+`WorkerHarness` does what `controlplane.microvm` does for a device, minus the vCPU: it
+creates guest memory, the irqfd, one eventfd per queue and the fd channel, spawns the
+worker through a zygote with the fds in the production order (memfd, irqfd, queue
+eventfds, backend fds, fd channel), holds the ZeroMQ control socket and an MMIO client.
+Device harnesses (`devices/<kind>/testing.py`) add the guest's side on top: MockDriver
+chains in the shared memfd, queue kicks, the irqfd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import time
+from typing import Any, Protocol
+
+import zmq
+
+from shared import fdpass
+from shared import protocol as p
+from shared.devworker_client import MmioClient
+from shared.memory import GuestMemory, create_guest_memfd
+
+
+class Spawner(Protocol):
+    """The zygote's interface, as far as a harness needs it."""
+
+    def spawn(self, kind: str, name: str, args: dict[str, Any], fds: list[int]) -> int: ...
+    def wait_exit(self, pid: int, timeout: float) -> int | None: ...
+
+
+def proc_state(pid: int) -> str:
+    """The one-letter state of `pid` from /proc ("Z" when it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return "Z"
+
+
+class WorkerHarness:
+    """One device worker of `kind`; the backend fds are closed here once passed."""
+
+    def __init__(
+        self,
+        zygote: Spawner,
+        kind: str,
+        name: str,
+        endpoint: str,
+        *,
+        num_queues: int,
+        mem_size: int,
+        args: dict[str, Any],
+        backend_fds: list[int],
+    ) -> None:
+        self.zygote = zygote
+        self.kind = kind
+        self.name = name
+        self.logs: list[str] = []
+        self.ctx = zmq.Context()
+        self.control = self.ctx.socket(zmq.ROUTER)
+        self.control.setsockopt(zmq.LINGER, 0)
+        self.control.bind(f"{endpoint}-ctl")
+        self.mmio_endpoint = f"{endpoint}-mmio"
+        self.memfd = create_guest_memfd(mem_size)
+        self.mem = GuestMemory.map(self.memfd, mem_size)
+        self.irqfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self.queue_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(num_queues)]
+        self.fd_channel, theirs = fdpass.channel_pair()
+        full_args = {
+            **args,
+            "mem_size": mem_size,
+            "name": name,
+            "control_endpoint": f"{endpoint}-ctl",
+            "mmio_endpoint": self.mmio_endpoint,
+        }
+        try:
+            fds = [self.memfd, self.irqfd, *self.queue_fds, *backend_fds, theirs.fileno()]
+            self.pid = zygote.spawn(kind, name, full_args, fds)
+        finally:
+            for fd in backend_fds:
+                os.close(fd)
+            theirs.close()
+        self.ready = self.expect(p.Ready)
+        self.mmio = MmioClient(self.ctx, self.mmio_endpoint, timeout_s=5.0)
+
+    # --- the guest's side: notifications ---------------------------------------------------
+    def kick(self, index: int = 0) -> None:
+        """What KVM does when the guest writes QueueNotify for queue `index`."""
+        os.eventfd_write(self.queue_fds[index], 1)
+
+    def wait_interrupt(self, timeout: float = 5.0) -> bool:
+        """True once the worker wrote the irqfd (the counter is consumed)."""
+        if not select.select([self.irqfd], [], [], timeout)[0]:
+            return False
+        with contextlib.suppress(BlockingIOError):
+            os.eventfd_read(self.irqfd)
+        return True
+
+    # --- the supervisor's side -----------------------------------------------------------------
+    def send_control(self, msg: p.Message) -> None:
+        self.control.send_multipart([self.name.encode(), p.encode(msg)])
+
+    def expect(self, kind: type[p.Message], timeout: float = 5.0) -> Any:
+        """The next message of type `kind` from the worker (logs are kept in `logs`)."""
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            if not self.control.poll(int(remaining * 1000) + 1):
+                break
+            _, payload = self.control.recv_multipart()
+            try:
+                msg = p.decode(payload)
+            except p.ProtocolError:
+                continue
+            if isinstance(msg, p.Log):
+                self.logs.append(msg.text)
+            if isinstance(msg, kind):
+                return msg
+            if isinstance(msg, p.Exited) and kind is not p.Exited:
+                raise RuntimeError(f"the {self.kind} worker exited: {msg.reason}\n{msg.detail}")
+        raise TimeoutError(f"no {kind.__name__} from the {self.kind} worker within {timeout} s")
+
+    def metric_groups(self) -> dict[str, dict[str, int]]:
+        self.send_control(p.FlushMetrics())
+        groups: dict[str, dict[str, int]] = self.expect(p.Metrics).groups
+        return groups
+
+    def alive(self) -> bool:
+        return os.path.exists(f"/proc/{self.pid}") and "Z" not in proc_state(self.pid)
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """Ask the worker to stop; its raw wait status (None if it had to be killed)."""
+        self.send_control(p.Stop())
+        status = self.zygote.wait_exit(self.pid, timeout)
+        if status is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, 9)
+            self.zygote.wait_exit(self.pid, timeout)
+        return status
+
+    def close(self) -> None:
+        if self.alive():
+            self.stop()
+        self.mmio.close()
+        self.control.close(linger=0)
+        self.ctx.term()
+        self.fd_channel.close()
+        self.mem.close()
+        for fd in (self.memfd, self.irqfd, *self.queue_fds):
+            os.close(fd)
+
+    def __enter__(self) -> WorkerHarness:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
