@@ -4,39 +4,17 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, BinaryIO
+
+from controlplane.vm_spec import DriveSpec, VmSpec
 
 
 class FakeStartError(Exception):
     """Stands in for controlplane.microvm.VmStartError."""
 
 
-@dataclass
-class FakeDrive:
-    drive_id: str
-    path_on_host: str
-    is_root_device: bool = False
-    is_read_only: bool = False
-    partuuid: str | None = None
-    cache_type: str = "Unsafe"
-    rate_limiter: dict[str, Any] | None = None
-
-
-@dataclass
-class FakeSpec:
-    kernel_image_path: str
-    boot_args: str | None = None
-    initrd_path: str | None = None
-    vcpu_count: int = 1
-    mem_size_mib: int = 128
-    smt: bool = False
-    cpu_config: dict[str, Any] | None = None
-    drives: list[FakeDrive] = field(default_factory=list)
-    vm_id: str = "anonymous-instance"
-
-
-SPEC_TYPES = (FakeSpec, FakeDrive, FakeStartError)
+# The real spec types: the fake launcher records what the API would have booted.
+SPEC_TYPES = (VmSpec, DriveSpec, FakeStartError)
 
 
 class FakeMicroVm:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from controlplane.state import NOT_SUPPORTED_POST_BOOT, NOT_SUPPORTED_PRE_BOOT
+from controlplane.vm_spec import DriveSpec
 from tests.support.api_client import assert_no_content, fault
-from tests.unit.controlplane.fakes import FakeDrive
 
 
 def configure(api, files) -> None:
@@ -52,7 +52,7 @@ def test_instance_start_hands_the_launcher_a_vmspec(api, files):
         2,
         64,
     )
-    assert spec.drives == [FakeDrive("rootfs", files["rootfs"], True, True, "abcd-01", "Unsafe", None)]
+    assert spec.drives == [DriveSpec("rootfs", files["rootfs"], True, True, "abcd-01", "Unsafe", None)]
     assert spec.vm_id == "anonymous-instance"
     info = api.client.get("/").json()
     assert info["state"] == "Running"
