@@ -84,9 +84,8 @@ def merge_metrics(workers: list[WorkerHandle]) -> Groups:
     its last counters and shows `worker_alive: 0`.
     """
     merged: Groups = {}
-    for worker in workers:
-        for group, values in add_groups(worker.metrics_base, worker.metrics).items():
-            merged.setdefault(group, {}).update(values)
+    for worker in workers:  # a group several workers report (e.g. `mmds`) is their sum
+        _accumulate(merged, add_groups(worker.metrics_base, worker.metrics))
     for kind in AGGREGATED_KINDS:
         devices = [w for w in workers if w.kind == kind]
         for worker in devices:
@@ -124,9 +123,14 @@ def add_groups(base: Groups, current: Groups) -> Groups:
     if not base:
         return current
     out: Groups = {group: dict(values) for group, values in base.items()}
-    for group, values in current.items():
-        target = out.setdefault(group, {})
+    _accumulate(out, current)
+    return out
+
+
+def _accumulate(into: Groups, groups: Groups) -> None:
+    """Add `groups`' integer counters into `into` (other values replace)."""
+    for group, values in groups.items():
+        target = into.setdefault(group, {})
         for key, value in values.items():
             old = target.get(key)
             target[key] = old + value if isinstance(old, int) and isinstance(value, int) else value
-    return out

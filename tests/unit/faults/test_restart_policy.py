@@ -80,3 +80,16 @@ def test_a_device_entry_overrides_the_policy_for_that_device_only():
     assert RestartPolicy.from_dict(raw, "data") == RestartPolicy(max_restarts=3)
     with pytest.raises(ValueError, match="bogus"):
         RestartPolicy.from_dict({"rootfs": {"bogus": 1}}, "rootfs")
+
+
+def test_a_group_several_workers_report_is_their_sum_and_their_own_dicts_stay_untouched():
+    eth0 = WorkerHandle("net_eth0", "net", 3, -1, device_id="eth0")
+    eth1 = WorkerHandle("net_eth1", "net", 4, -1, device_id="eth1")
+    eth0.metrics = {"mmds": {"rx_accepted": 2}, "net_eth0": {"rx_packets_count": 1}}
+    eth1.metrics = {"mmds": {"rx_accepted": 3}, "net_eth1": {"rx_packets_count": 5}}
+
+    merged = merge_metrics([eth0, eth1])
+
+    assert merged["mmds"]["rx_accepted"] == 5
+    assert merged["net"]["rx_packets_count"] == 6
+    assert eth0.metrics == {"mmds": {"rx_accepted": 2}, "net_eth0": {"rx_packets_count": 1}}
