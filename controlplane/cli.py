@@ -255,6 +255,8 @@ def apply_config_file(vmm: Vmm, path: str) -> None:
             vmm.put_entropy(config.entropy)
         if config.mmds_config is not None:
             vmm.put_mmds_config(config.mmds_config)
+        if config.restart_policy is not None:
+            vmm.put_restart_policy(config.restart_policy)
         vmm.start()
     except OSError as err:
         raise StartupError(f"Cannot read the configuration: {err}", exitcodes.BAD_CONFIGURATION) from None

@@ -16,6 +16,7 @@ from threading import RLock
 from typing import Any, BinaryIO, Protocol
 
 from controlplane import logger as fclog
+from controlplane.faults import RestartPolicyBody
 from controlplane.logger import LOGGER, FcLogger, SinkError
 from controlplane.metrics import METRICS, Metrics, MetricsError
 from controlplane.mmds_store import MmdsStore
@@ -228,6 +229,18 @@ class Vmm:
 
     def put_entropy(self, body: Entropy) -> None:
         self._configure(lambda: setattr(self.resources, "entropy", body))
+
+    def put_restart_policy(self, body: RestartPolicyBody) -> None:
+        """embervm extension: how device workers are restarted (docs/faults.md)."""
+
+        def apply() -> None:
+            try:
+                body.to_spec()
+            except ValueError as err:
+                raise ConfigError(f"Restart policy error: {err}") from None
+            self.resources.restart_policy = body
+
+        self._configure(apply)
 
     def put_mmds_config(self, body: MmdsConfig) -> None:
         self._configure(lambda: self.resources.set_mmds_config(body))

@@ -20,6 +20,7 @@ from controlplane.api import (
     metrics,
     mmds,
     network,
+    restart_policy,
     unsupported,
     vsock,
 )
@@ -41,6 +42,7 @@ _ROUTERS = (
     metrics,
     mmds,
     faults,
+    restart_policy,
     unsupported,
 )
 

@@ -6,6 +6,7 @@ from typing import Any
 
 from pydantic import Field
 
+from controlplane.faults import RestartPolicyBody
 from controlplane.models._base import FcModel
 from controlplane.models.boot import BootSource, CpuConfig, MachineConfig
 from controlplane.models.devices import Drive, Entropy, NetworkInterface, Vsock
@@ -26,3 +27,5 @@ class VmmConfigFile(FcModel):
     metrics: MetricsConfig | None = None
     mmds_config: MmdsConfig | None = Field(default=None, alias="mmds-config")
     balloon: dict[str, Any] | None = None
+    # embervm extension: device-worker restart policy (docs/faults.md)
+    restart_policy: RestartPolicyBody | None = Field(default=None, alias="restart-policy")

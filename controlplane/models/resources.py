@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from controlplane.faults import RestartPolicyBody
 from controlplane.models.boot import MAX_VCPUS, BootSource, CpuConfig, MachineConfig, MachineConfigUpdate
 from controlplane.models.devices import (
     Drive,
@@ -61,6 +62,7 @@ class Resources:
     net: dict[str, NetworkInterface] = field(default_factory=dict)
     vsock: Vsock | None = None
     entropy: Entropy | None = None
+    restart_policy: RestartPolicyBody | None = None  # embervm extension: PUT /restart-policy
     logger: LoggerConfig | None = None
     metrics: MetricsConfig | None = None
     mmds_config: MmdsConfig | None = None
@@ -171,7 +173,7 @@ class Resources:
         if self.machine.cpu_template not in (None, "None"):
             machine["cpu_template"] = self.machine.cpu_template
         vsock = None if self.vsock is None else self.vsock.model_dump(exclude={"vsock_id"})
-        return {
+        config = {
             "balloon": None,
             "drives": [dump(d) for d in self.drives.values()],
             "boot-source": dump(self.boot_source),
@@ -186,6 +188,9 @@ class Resources:
             "vsock": vsock,
             "entropy": dump(self.entropy),
         }
+        if self.restart_policy is not None:  # embervm's extension, only when configured
+            config["restart-policy"] = self.restart_policy.model_dump(exclude_none=True)
+        return config
 
     def unused_by(self, spec_type: type) -> list[str]:
         """Configured resources that `spec_type` has no field for (not applied at boot)."""
@@ -202,6 +207,7 @@ class Resources:
             "mmds_config": None if self.mmds_config is None else self.mmds_config.model_dump(),
             "track_dirty_pages": self.machine.track_dirty_pages,
             "huge_pages": self.machine.huge_pages,
+            "restart_policy": None if self.restart_policy is None else self.restart_policy.to_spec(),
         }
 
     def to_spec(self, spec_type: type, drive_type: type, vm_id: str, options: dict[str, Any]) -> Any:

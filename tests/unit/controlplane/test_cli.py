@@ -254,3 +254,12 @@ def _connectable(path: str) -> bool:
     finally:
         probe.close()
     return True
+
+
+def test_restart_policy_section_in_the_config_file_reaches_the_spec(tmp_path: Path, files):
+    section = {"restart-policy": {"max_restarts": 1, "devices": {"rootfs": {"hang_timeout_s": 9}}}}
+    cli = CliRun(["--no-api", "--config-file", config_file(tmp_path, files, **section)])
+    wait_for(lambda: cli.launcher.vms)
+    assert cli.launcher.vms[0].spec.restart_policy == {"max_restarts": 1, "rootfs": {"hang_timeout_s": 9.0}}
+    cli.launcher.vms[0].finish(0, "guest reset")
+    assert cli.exit_code() == 0
