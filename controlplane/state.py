@@ -16,7 +16,6 @@ from threading import RLock
 from typing import Any, BinaryIO, Protocol
 
 from controlplane import logger as fclog
-from controlplane.faults import RestartPolicyBody
 from controlplane.logger import LOGGER, FcLogger, SinkError
 from controlplane.metrics import METRICS, Metrics, MetricsError
 from controlplane.mmds_store import MmdsStore
@@ -36,6 +35,7 @@ from controlplane.models import (
     Vsock,
 )
 from controlplane.models.resources import ConfigError, Resources
+from controlplane.models.restart_policy import RestartPolicyBody
 
 NOT_SUPPORTED_PRE_BOOT = "The requested operation is not supported before starting the microVM."
 NOT_SUPPORTED_POST_BOOT = "The requested operation is not supported after starting the microVM."

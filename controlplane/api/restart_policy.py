@@ -5,7 +5,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Depends, Request, Response
 
 from controlplane.api.common import no_content, parse, raw_body, vmm
-from controlplane.faults import RestartPolicyBody
+from controlplane.models.restart_policy import RestartPolicyBody
 
 router = APIRouter()
 

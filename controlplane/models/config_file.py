@@ -6,10 +6,10 @@ from typing import Any
 
 from pydantic import Field
 
-from controlplane.faults import RestartPolicyBody
 from controlplane.models._base import FcModel
 from controlplane.models.boot import BootSource, CpuConfig, MachineConfig
 from controlplane.models.devices import Drive, Entropy, NetworkInterface, Vsock
+from controlplane.models.restart_policy import RestartPolicyBody
 from controlplane.models.system import LoggerConfig, MetricsConfig, MmdsConfig
 
 

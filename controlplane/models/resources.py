@@ -12,7 +12,6 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from controlplane.faults import RestartPolicyBody
 from controlplane.models.boot import MAX_VCPUS, BootSource, CpuConfig, MachineConfig, MachineConfigUpdate
 from controlplane.models.devices import (
     Drive,
@@ -22,6 +21,7 @@ from controlplane.models.devices import (
     PartialNetworkInterface,
     Vsock,
 )
+from controlplane.models.restart_policy import RestartPolicyBody
 from controlplane.models.system import LoggerConfig, MetricsConfig, MmdsConfig
 
 
