@@ -35,7 +35,6 @@ import select
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -932,14 +931,3 @@ class MicroVm:
                 os.close(self._memfd)
             self._memfd = -1
         remove_vsock_socket(self.spec)  # the listening socket at uds_path is the supervisor's
-
-
-def run_until_exit(spec: VmSpec, console_out: BinaryIO | None = None) -> tuple[int, str]:
-    """Boot `spec` and block until the guest ends; for `--no-api` and tests."""
-    launcher = Launcher.start()
-    try:
-        vm = launcher.start_vm(spec, console_out or sys.stdout.buffer, lambda code, reason: None)
-        vm.wait()
-        return vm.exit_code if vm.exit_code is not None else exitcodes.GENERIC_ERROR, vm.exit_reason or ""
-    finally:
-        launcher.shutdown()

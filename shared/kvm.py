@@ -244,15 +244,6 @@ class Vcpu:
     def set_lapic(self, state: bytearray) -> None:
         _ioctl(self.fd, abi.KVM_SET_LAPIC, state)
 
-    def get_mp_state(self) -> int:
-        state = abi.kvm_mp_state()
-        _ioctl(self.fd, abi.KVM_GET_MP_STATE, state)
-        return int(state.mp_state)
-
-    def host_address(self) -> int:
-        """Address of the kvm_run page (for tests and diagnostics)."""
-        return ctypes.addressof(self.run)
-
 
 def host_address_of(mapping: mmap.mmap) -> int:
     """The host virtual address of an mmap, for KVM memory slots."""

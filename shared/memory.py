@@ -12,7 +12,6 @@ import contextlib
 import fcntl
 import mmap
 import os
-import struct
 from collections.abc import Sequence
 
 from shared.layout import MemoryRegion, ram_regions
@@ -146,10 +145,3 @@ class GuestMemory:
 
     def write_u64(self, addr: int, value: int) -> None:
         self.write(addr, value.to_bytes(8, "little"))
-
-    def read_struct(self, addr: int, fmt: struct.Struct) -> tuple[object, ...]:
-        """Unpack a little-endian `struct.Struct` from guest memory (a copy, not a view)."""
-        return fmt.unpack(self.read(addr, fmt.size))
-
-    def write_struct(self, addr: int, fmt: struct.Struct, *values: object) -> None:
-        self.write(addr, fmt.pack(*values))
