@@ -75,6 +75,11 @@ def build_parser() -> argparse.ArgumentParser:
     seccomp = p.add_mutually_exclusive_group()
     seccomp.add_argument("--no-seccomp", action="store_true", help="Run the workers without seccomp filters.")
     seccomp.add_argument("--seccomp-filter", help="Custom seccomp filter file for the workers.")
+    p.add_argument(
+        "--no-namespaces",
+        action="store_true",
+        help="Run the workers in the host's namespaces and filesystem, as embervm's uid (UNSAFE: docs/security.md).",
+    )
     p.add_argument("--enable-fault-injection", action="store_true", help="Allow fault injection (tests).")
     p.add_argument(
         "--version", action="version", version=f"Firecracker v{FIRECRACKER_API_VERSION}\nembervm v{EMBERVM_VERSION}"
@@ -206,6 +211,7 @@ def _options(args: argparse.Namespace) -> RuntimeOptions:
     return RuntimeOptions(
         boot_timer=args.boot_timer,
         no_seccomp=args.no_seccomp,
+        no_namespaces=args.no_namespaces,
         seccomp_filter=args.seccomp_filter,
         enable_fault_injection=args.enable_fault_injection,
     )

@@ -61,7 +61,7 @@ from controlplane.faults import (
     restartable,
 )
 from controlplane.vm_spec import DriveSpec, VmSpec
-from controlplane.worker_handle import WorkerHandle, add_groups, merge_metrics
+from controlplane.worker_handle import WorkerHandle, WorkerStderr, add_groups, merge_metrics
 from controlplane.zygote import Zygote, ZygoteError
 from devices.vsock.messages import VsockTransportReset
 from shared import exitcodes, fdpass
@@ -69,6 +69,7 @@ from shared import protocol as p
 from shared.boot.errors import BootError
 from shared.confine import settings_for
 from shared.devstate import FATAL_CRASH, FATAL_HANG, create_state_memfd, read_area, read_state, take_fatal
+from shared.devworker_client import channel_pair as mmio_channel_pair
 from shared.kvm import Kvm, KvmError, open_kvm
 from shared.seccomp import Filter, PolicyError, SeccompKillLog, load_filter_file
 
@@ -217,19 +218,24 @@ class MicroVm:
         self._faults: dict[str, FaultEntry] = {}  # by worker name
         self._poller = zmq.Poller()
         self._pidfds: dict[int, WorkerHandle] = {}
+        self._stderrs: dict[int, WorkerStderr] = {}
 
     # --- start-up -------------------------------------------------------------------------
     def _start(self, kvm_fd: int, plan: GuestPlan, devices: list[DevicePlan]) -> None:
+        mmio: dict[str, socket.socket] = {}  # device name -> the vCPU worker's end of its MMIO channel
         try:
             self._memfd = os.dup(plan.memfd)
             for device in devices:
                 self._keep(device)
             for device in devices:
-                self._spawn_device_worker(self._slots[device.name].plan, self._memfd)
-            self._spawn_vcpu_worker(kvm_fd, plan.memfd, plan.vcpu_args, devices)
+                mmio[device.name] = self._spawn_device_worker(self._slots[device.name].plan, self._memfd)
+            self._spawn_vcpu_worker(kvm_fd, plan.memfd, plan.vcpu_args, devices, mmio)
         except VmStartError:
             self._abort_start()
             raise
+        finally:
+            for channel in mmio.values():
+                channel.close()  # the vCPU worker holds its own copies
         self.state = "Running"
         self._thread.start()
 
@@ -246,16 +252,21 @@ class MicroVm:
         policy = RestartPolicy.from_dict(getattr(self.spec, "restart_policy", None), device.device_id)
         self._slots[device.name] = DeviceSlot(kept, state_fd, RestartTracker(policy))
 
-    def _mmio_endpoint(self, name: str) -> str:
-        return f"ipc://{self._prefix}-{name}-mmio"
-
     def _spawn(self, kind: str, name: str, args: dict[str, Any], fds: list[int], what: str) -> WorkerHandle:
+        namespaces = not self.spec.no_namespaces
+        if not namespaces:
+            log.warning("namespaces are OFF (--no-namespaces): the %s worker sees the host's files and sockets", kind)
+        stderr_r, stderr_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         try:
             seccomp = self._seccomp_settings(kind)
-            pid = self.launcher.zygote.spawn(kind, name, {**args, "name": name, "seccomp": seccomp}, fds)
+            full_args = {**args, "name": name, "seccomp": seccomp}
+            pid = self.launcher.zygote.spawn(kind, name, full_args, fds, namespaces=namespaces, stderr_fd=stderr_w)
         except (ZygoteError, OSError, PolicyError) as e:
+            os.close(stderr_r)
             raise VmStartError(f"cannot start the {what}: {e}") from None
-        handle = WorkerHandle(name, kind, pid, os.pidfd_open(pid))
+        finally:
+            os.close(stderr_w)
+        handle = WorkerHandle(name, kind, pid, os.pidfd_open(pid), stderr=WorkerStderr(name, stderr_r))
         with self._cond:
             old = self._workers.get(handle.identity)
             if old is not None:  # a replacement: the device's history carries over
@@ -280,17 +291,14 @@ class MicroVm:
 
     def _spawn_device_worker(
         self, device: DevicePlan, memfd: int, restore: bool = False, needs_reset: bool = False
-    ) -> None:
+    ) -> socket.socket:
         """Any virtio device's worker: fds [memfd, irqfd, queues..., backends..., fd channel,
-        (state area)], args = the plan's own + mem_size and the endpoints (+ restart flags)."""
+        MMIO channel, (state area)], args = the plan's own + mem_size and the control endpoint
+        (+ restart flags). Returns the vCPU worker's end of the new MMIO channel."""
         mine, theirs = fdpass.channel_pair()
-        args = {
-            **device.args,
-            "mem_size": self.spec.mem_size,
-            "control_endpoint": self._endpoint,
-            "mmio_endpoint": self._mmio_endpoint(device.name),
-        }
-        fds = device.worker_fds(memfd, theirs.fileno())
+        mmio_vcpu, mmio_device = mmio_channel_pair()
+        args = {**device.args, "mem_size": self.spec.mem_size, "control_endpoint": self._endpoint}
+        fds = [*device.worker_fds(memfd, theirs.fileno()), mmio_device.fileno()]
         slot = self._slots.get(device.name)
         if slot is not None and slot.state_fd >= 0:
             args.update(state_fd=True, restore=restore, needs_reset=needs_reset)
@@ -299,27 +307,41 @@ class MicroVm:
             handle = self._spawn(device.kind, device.name, args, fds, device.what)
         except VmStartError:
             mine.close()
+            mmio_vcpu.close()
             raise
         finally:
             theirs.close()
+            mmio_device.close()  # only the worker holds it: its death closes the channel
         handle.device_id, handle.fd_channel = device.device_id, mine
         if device.kind == "net" and device.args.get("mmds"):
             self._mmds_workers.append(device.name)
         if device.kind == "block":
             handle.drive_id = device.device_id
-        self._await_ready(handle)
+        try:
+            self._await_ready(handle)
+        except VmStartError:
+            mmio_vcpu.close()
+            raise
         handle.last_heartbeat = time.monotonic()
+        return mmio_vcpu
 
     def _spawn_vcpu_worker(
-        self, kvm_fd: int, memfd: int, vcpu_args: dict[str, object], devices: list[DevicePlan]
+        self,
+        kvm_fd: int,
+        memfd: int,
+        vcpu_args: dict[str, object],
+        devices: list[DevicePlan],
+        mmio: dict[str, socket.socket],
     ) -> None:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._console = mine
-        fds = [kvm_fd, memfd, theirs.fileno()]
+        channel_mine, channel_theirs = fdpass.channel_pair()
+        fds = [kvm_fd, memfd, theirs.fileno(), channel_theirs.fileno()]
         virtio = []
         for device in devices:
             entry = {"name": device.name, "base": device.base, "gsi": device.gsi}
-            entry["mmio_endpoint"] = self._mmio_endpoint(device.name)
+            entry["mmio_fd"] = len(fds)
+            fds.append(mmio[device.name].fileno())
             entry["queue_fds"] = list(range(len(fds), len(fds) + len(device.queue_fds)))
             fds += device.queue_fds
             entry["irqfd"] = len(fds)
@@ -328,8 +350,13 @@ class MicroVm:
         args = {**vcpu_args, "control_endpoint": self._endpoint, "virtio_devices": virtio}
         try:
             handle = self._spawn("vcpu", VCPU, args, fds, "vCPU worker")
+        except VmStartError:
+            channel_mine.close()
+            raise
         finally:
             theirs.close()
+            channel_theirs.close()
+        handle.fd_channel = channel_mine
         self._await_ready(handle)
 
     def _await_ready(self, handle: WorkerHandle) -> None:
@@ -602,6 +629,16 @@ class MicroVm:
     def _watch(self, handle: WorkerHandle) -> None:
         self._pidfds[handle.pidfd] = handle
         self._poller.register(handle.pidfd, zmq.POLLIN)
+        if handle.stderr is not None:
+            self._stderrs[handle.stderr.fd] = handle.stderr
+            self._poller.register(handle.stderr.fd, zmq.POLLIN)
+
+    def _read_stderr(self, fd: int) -> None:
+        """A worker wrote to its stderr: log it, labelled and bounded (WorkerStderr)."""
+        stderr = self._stderrs[fd]
+        if not stderr.read_and_log(log):
+            self._poller.unregister(fd)
+            del self._stderrs[fd]
 
     def _monitor(self) -> None:
         poller = self._poller
@@ -620,6 +657,8 @@ class MicroVm:
                 self._send_commands()
             if self._ctl in events:
                 outcome = self._drain_messages()
+            for fd in [fd for fd in self._stderrs if fd in events]:
+                self._read_stderr(fd)
             for fd in [fd for fd in self._pidfds if fd in events]:
                 poller.unregister(fd)
                 outcome = self._worker_died(self._pidfds.pop(fd)) or outcome
@@ -669,8 +708,9 @@ class MicroVm:
         """Start a replacement worker for `slot` (in the monitor thread)."""
         name = slot.plan.name
         old = self._workers[name.encode()]
+        mmio_vcpu: socket.socket | None = None
         try:
-            self._spawn_device_worker(slot.plan, self._memfd, restore=True, needs_reset=slot.exhausted)
+            mmio_vcpu = self._spawn_device_worker(slot.plan, self._memfd, restore=True, needs_reset=slot.exhausted)
             failure = None
         except VmStartError as e:
             failure = str(e)
@@ -681,6 +721,11 @@ class MicroVm:
                 if old.pidfd in self._pidfds:
                     self._poller.unregister(old.pidfd)
                     del self._pidfds[old.pidfd]
+                if old.stderr is not None and old.stderr.fd in self._stderrs:
+                    self._read_stderr(old.stderr.fd)  # its last words, then forget the pipe
+                    if old.stderr.fd in self._stderrs:
+                        self._poller.unregister(old.stderr.fd)
+                        del self._stderrs[old.stderr.fd]
                 old.close()
             self._cond.notify_all()
         if failure is not None:
@@ -688,7 +733,7 @@ class MicroVm:
             self._schedule_restart(slot, new, "exit", f"its replacement failed to start: {failure}")
             return
         self._watch(new)
-        self._send(VCPU.encode(), p.DeviceUp(name))  # the window forwards to the new worker
+        self._device_up(name, mmio_vcpu)  # the window forwards to the new worker
         entry = self._faults.get(name)
         if entry is not None and entry.active and not slot.exhausted:
             self._send(new.identity, self._fault_message(entry))
@@ -696,6 +741,19 @@ class MicroVm:
             log.error("the %s device needs a reset: its worker (pid %d) only reports DEVICE_NEEDS_RESET", name, new.pid)
         else:
             log.warning("restarted the %s worker: pid %d (restart %d)", name, new.pid, new.restarts)
+
+    def _device_up(self, name: str, mmio_vcpu: socket.socket | None) -> None:
+        """Hand the vCPU worker its end of the replacement's MMIO channel, with DeviceUp."""
+        vcpu = self._workers.get(VCPU.encode())
+        try:
+            if mmio_vcpu is None or vcpu is None or vcpu.fd_channel is None:
+                return
+            fdpass.send_message(vcpu.fd_channel, p.DeviceUp(name), [mmio_vcpu.fileno()])
+        except OSError as e:
+            log.error("cannot hand the vCPU worker the %s worker's MMIO channel: %s", name, e)
+        finally:
+            if mmio_vcpu is not None:
+                mmio_vcpu.close()
 
     def _schedule_restart(self, slot: DeviceSlot, handle: WorkerHandle, cause_kind: str, cause: str) -> None:
         if handle.broken:

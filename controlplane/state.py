@@ -81,6 +81,7 @@ class RuntimeOptions:
 
     boot_timer: bool = False
     no_seccomp: bool = False
+    no_namespaces: bool = False
     seccomp_filter: str | None = None
     enable_fault_injection: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
@@ -89,6 +90,7 @@ class RuntimeOptions:
         return {
             "boot_timer": self.boot_timer,
             "no_seccomp": self.no_seccomp,
+            "no_namespaces": self.no_namespaces,
             "seccomp_filter": self.seccomp_filter,
             "enable_fault_injection": self.enable_fault_injection,
             **self.extra,

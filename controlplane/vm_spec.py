@@ -49,6 +49,8 @@ class VmSpec:
     no_seccomp: bool = False
     seccomp_filter: str | None = None
     seccomp_test_hooks: bool = False
+    # --no-namespaces: workers stay in the host's namespaces and filesystem (shared.isolation).
+    no_namespaces: bool = False
     # Fault containment (docs/faults.md): --enable-fault-injection arms PUT /faults; the
     # restart policy of every device worker (controlplane.faults.RestartPolicy fields).
     enable_fault_injection: bool = False

@@ -6,8 +6,16 @@ only safe from a process with no threads and no ZeroMQ context, which the superv
 is not (uvicorn, ZeroMQ I/O threads), so the supervisor forks this zygote first thing
 and asks it for workers over a SOCK_SEQPACKET socketpair, passing fds with SCM_RIGHTS.
 
+Each worker is forked into namespaces of its own (`shared.isolation`: mount, network, IPC,
+PID, and user when not root) unless the request says `"namespaces": false` (--no-namespaces),
+with stdin and stdout on /dev/null and stderr on /dev/null or, with `"stderr": true`, on a
+pipe whose write end is the request's last fd (the supervisor reads and labels it). The
+child adds `args["isolation"]` = {"namespaces": bool, "host_pid": int} for the worker's own
+later steps (connect, then `shared.isolation.isolate_after_connect`).
+
 Wire format, msgpack maps:
-    supervisor -> zygote  {"op": "spawn", "kind": str, "name": str, "args": map} + fds
+    supervisor -> zygote  {"op": "spawn", "kind": str, "name": str, "args": map,
+                           "namespaces": bool, "stderr": bool} + fds
                           {"op": "quit"}
     zygote -> supervisor  {"op": "spawned", "pid": int} | {"op": "error", "text": str}
                           {"op": "exited", "pid": int, "status": int}   (a raw wait status)
@@ -30,6 +38,8 @@ from typing import Any
 
 import msgpack
 
+from shared import isolation
+from shared.confine import warm_linecache
 from shared.process import close_fds_except, die_with_parent, set_process_name
 
 WorkerEntry = Callable[[dict[str, Any], list[int]], int]
@@ -51,8 +61,12 @@ class ZygoteError(Exception):
 
 
 def _test_entry(args: dict[str, Any], fds: list[int]) -> int:
-    """A worker kind for tests of the zygote itself: writes `args["text"]` to fds[0]."""
-    os.write(fds[0], str(args.get("text", "")).encode() + b" " + str(os.getpid()).encode())
+    """A worker kind for tests of the zygote itself: writes `args["text"]`, its pid on the
+    host and its pid in its own PID namespace to fds[0]."""
+    host_pid = args.get("isolation", {}).get("host_pid") or os.getpid()
+    os.write(fds[0], f"{args.get('text', '')} {host_pid} {os.getpid()}".encode())
+    if len(fds) > 1:  # hold until the test closes its end, so it can look at this process
+        os.read(fds[1], 1)
     return int(args.get("code", 0))
 
 
@@ -91,11 +105,24 @@ class Zygote:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def spawn(self, kind: str, name: str, args: dict[str, Any], fds: list[int]) -> int:
-        """Fork a worker of `kind` holding `fds` (in this order); returns its pid."""
-        request = msgpack.packb({"op": "spawn", "kind": kind, "name": name, "args": args})
+    def spawn(
+        self,
+        kind: str,
+        name: str,
+        args: dict[str, Any],
+        fds: list[int],
+        *,
+        namespaces: bool = True,
+        stderr_fd: int | None = None,
+    ) -> int:
+        """Fork a worker of `kind` holding `fds` (in this order), in namespaces of its own
+        unless `namespaces` is False, its stderr on `stderr_fd` (else /dev/null); its pid."""
+        request = msgpack.packb(
+            {"op": "spawn", "kind": kind, "name": name, "args": args, "namespaces": namespaces,
+             "stderr": stderr_fd is not None}
+        )  # fmt: skip
         with self._lock:
-            socket.send_fds(self._sock, [request], fds)
+            socket.send_fds(self._sock, [request], [*fds, *([] if stderr_fd is None else [stderr_fd])])
             while True:
                 reply = self._recv_locked(block=True)
                 if reply.get("op") == "spawned":
@@ -156,6 +183,11 @@ def _zygote_main(sock: socket.socket) -> int:  # pragma: no cover - runs in the 
     die_with_parent(signal.SIGKILL)
     for kind in WORKER_ENTRIES:
         _resolve(kind)  # preload: children share these imported pages
+    # What workers would otherwise read from files lazily, which they cannot once they have
+    # left the host's filesystem: source lines for tracebacks, the local time zone.
+    warm_linecache()
+    time.localtime()
+    devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
@@ -180,7 +212,7 @@ def _zygote_main(sock: socket.socket) -> int:  # pragma: no cover - runs in the 
             request = msgpack.unpackb(data, raw=False)
             if request.get("op") == "quit":
                 return 0
-            _spawn(sock, request, fds, keep={wake_r, wake_w})
+            _spawn(sock, request, fds, keep={wake_r, wake_w}, devnull=devnull)
 
 
 def _report_exits(sock: socket.socket) -> None:  # pragma: no cover - runs in the child
@@ -194,14 +226,26 @@ def _report_exits(sock: socket.socket) -> None:  # pragma: no cover - runs in th
         sock.send(msgpack.packb({"op": "exited", "pid": pid, "status": status}))
 
 
-def _spawn(sock: socket.socket, request: dict[str, Any], fds: list[int], keep: set[int]) -> None:  # pragma: no cover
+def _spawn(
+    sock: socket.socket, request: dict[str, Any], fds: list[int], keep: set[int], devnull: int
+) -> None:  # pragma: no cover
     kind, name = request.get("kind"), str(request.get("name", "worker"))
+    stderr_fd = fds.pop() if request.get("stderr") and fds else devnull
+    namespaces = bool(request.get("namespaces", True))
     if kind not in WORKER_ENTRIES:
         sock.send(msgpack.packb({"op": "error", "text": f"unknown worker kind {kind!r}"}))
-        for fd in fds:
-            os.close(fd)
+        _close_all(fds, *([stderr_fd] if stderr_fd != devnull else []))
         return
-    pid = os.fork()
+    try:
+        pid = isolation.clone_isolated(isolation.clone_flags()) if namespaces else os.fork()
+    except isolation.IsolationError as e:
+        sock.send(
+            msgpack.packb(
+                {"op": "error", "text": f"{e} (needs mount, network, IPC and PID namespaces: see docs/security.md)"}
+            )
+        )
+        _close_all(fds, *([stderr_fd] if stderr_fd != devnull else []))
+        return
     if pid == 0:
         code = 1
         try:
@@ -213,12 +257,26 @@ def _spawn(sock: socket.socket, request: dict[str, Any], fds: list[int], keep: s
             for fd in keep:
                 os.close(fd)
             set_process_name(f"embervm-{name}"[:15])
+            # Nothing of embervm's own stdio: stdin and stdout are /dev/null, stderr the
+            # supervisor's pipe for this worker (labelled there) or /dev/null.
+            os.dup2(devnull, 0)
+            os.dup2(devnull, 1)
+            os.dup2(stderr_fd, 2)
             close_fds_except([0, 1, 2, *fds])
-            code = _resolve(str(kind))(request.get("args", {}), fds)
+            args = dict(request.get("args", {}))
+            args["isolation"] = {"namespaces": namespaces, "host_pid": isolation.host_pid() if namespaces else 0}
+            if namespaces:
+                isolation.keep_only_setup_caps()
+            code = _resolve(str(kind))(args, fds)
         except BaseException:
             traceback.print_exc(file=sys.stderr)
         finally:
             os._exit(code)
-    for fd in fds:
-        os.close(fd)
+    _close_all(fds, *([stderr_fd] if stderr_fd != devnull else []))
     sock.send(msgpack.packb({"op": "spawned", "pid": pid}))
+
+
+def _close_all(fds: list[int], *more: int) -> None:  # pragma: no cover - runs in the zygote
+    for fd in [*fds, *more]:
+        with contextlib.suppress(OSError):
+            os.close(fd)

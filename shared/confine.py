@@ -88,32 +88,53 @@ def settings_for(
 
 
 # --- step 1: privileges -------------------------------------------------------------------------
-def _status() -> dict[str, str]:
-    with open("/proc/self/status") as f:
-        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
-
-
 def _last_cap() -> int:
     with open("/proc/sys/kernel/cap_last_cap") as f:
         return int(f.read())
 
 
-def drop_privileges() -> None:
-    """Empty every capability set and set no_new_privs; call before any thread starts."""
-    if len(os.listdir("/proc/self/task")) != 1:
+LAST_CAP = _last_cap()  # read at import (in the zygote): a worker may have no /proc later
+
+
+PR_CAP_AMBIENT_IS_SET = 1
+
+
+def _held_privileges() -> list[str]:
+    """What this thread still holds (asked of the kernel, not /proc: a worker that left the
+    host's filesystem has no /proc)."""
+    held = [
+        f"{kind}:{name}"
+        for kind, caps in (("eff", prctl.cap_effective), ("prm", prctl.cap_permitted), ("inh", prctl.cap_inheritable))
+        for name in prctl.ALL_CAP_NAMES
+        if getattr(caps, name)
+    ]
+    ambient = [cap for cap in prctl.ALL_CAPS if _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_IS_SET, cap, 0, 0) == 1]
+    held += [f"amb:{cap}" for cap in ambient]
+    if prctl.get_no_new_privs() != 1:
+        held.append("no_new_privs unset")
+    return held
+
+
+def drop_privileges(threads_started: bool = False) -> None:
+    """Empty every capability set and set no_new_privs.
+
+    Capabilities are per thread, so call it before any thread starts, unless the threads
+    already started lost theirs another way (`threads_started`: a change of uid, which glibc
+    applies to every thread, clears each one's permitted and effective sets; see
+    shared.isolation)."""
+    if not threads_started and len(os.listdir("/proc/self/task")) != 1:
         raise ConfineError("drop_privileges() must run before the worker starts any thread")
     if prctl.cap_effective.setpcap:  # dropping from the bounding set needs CAP_SETPCAP
-        for cap in range(_last_cap() + 1):
+        for cap in range(LAST_CAP + 1):
             if prctl.capbset_read(cap):
                 prctl.capbset_drop(cap)
     _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
     every_set = [prctl.CAP_EFFECTIVE, prctl.CAP_PERMITTED, prctl.CAP_INHERITABLE]
     prctl.set_caps((prctl.ALL_CAPS, every_set, False))  # one capset(): effective must stay within permitted
     prctl.set_no_new_privs(1)
-    status = _status()
-    left = {k: v for k, v in status.items() if k in ("CapInh", "CapPrm", "CapEff", "CapAmb") and int(v, 16)}
-    if left or status.get("NoNewPrivs", "").strip() != "1":
-        raise ConfineError(f"privileges still held after dropping them: {left or 'no_new_privs unset'}")
+    left = _held_privileges()
+    if left:
+        raise ConfineError(f"privileges still held after dropping them: {', '.join(left)}")
 
 
 # --- step 3: the seccomp filter ------------------------------------------------------------------

@@ -5,7 +5,7 @@ differ. Inputs, each an fd in the loop, dispatched by token:
 
     token        fd                                 what arrives
     CONTROL      ZeroMQ DEALER to the supervisor    Stop, FlushMetrics, device updates
-    MMIO         ZeroMQ ROUTER (bound)              MmioRead/MmioWrite from vCPU threads
+    MMIO         SEQPACKET socket to the vCPU worker MmioRead/MmioWrite from vCPU threads
     FD_CHANNEL   SEQPACKET socket (shared.fdpass)   messages carrying fds (a new disk)
     QUEUE + i    queue i's ioeventfd                the guest kicked queue i (data path)
 
@@ -13,6 +13,11 @@ plus timers (`loop.add_timer`: rate limiters, the periodic metrics push, the hea
 supervisor's hang watchdog listens for). The data path
 is ioeventfd -> `transport.notify_queue(i)` -> device -> irqfd: ZeroMQ is only for
 register accesses and control. The loop blocks in epoll; nothing polls.
+
+The MMIO channel is one end of a socketpair the supervisor made (the vCPU worker holds the
+other): the worker never connects to anything once it has left the host's filesystem
+(`shared.isolation`). Only the ZeroMQ control socket is connected by path, and that happens
+before the worker enters its empty root; it never reconnects.
 
 ZeroMQ's own fd (`zmq.FD`) is edge-triggered and only says "look at zmq.EVENTS": each
 socket is drained until EVENTS has no POLLIN, and a zero-delay timer re-drains whenever a
@@ -36,7 +41,9 @@ import collections
 import contextlib
 import logging
 import os
+import signal
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -45,12 +52,13 @@ from typing import Any, Protocol
 
 import zmq
 
-from shared import exitcodes, fdpass
+from shared import exitcodes, fdpass, isolation
 from shared import protocol as p
 from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, install_filter
 from shared.devstate import StateArea, StateAreaError
 from shared.eventloop import EventLoop
 from shared.faultinject import Fault, FaultInjector
+from shared.process import die_with_parent
 from shared.ratelimit import BucketConfig, RateLimiter
 from shared.seccomp import COMMON, Filter
 from shared.virtio import constants as c
@@ -62,6 +70,9 @@ HEARTBEAT_INTERVAL_S = 0.25
 COUNTERS_SAVE_INTERVAL_S = 0.01  # how stale a killed worker's counters in its state area may be
 MAX_PENDING_LOGS = 200
 _MMIO_SIZES = (1, 2, 4, 8)
+MMIO_BATCH = 64  # register accesses answered per loop turn before other fds get theirs
+MMIO_MAX_BYTES = 256  # an MmioRead/MmioWrite is ~40 bytes; longer packets are cut and fail to decode
+CONNECT_TIMEOUT_S = 10.0
 
 log = logging.getLogger("embervm.devworker")
 
@@ -87,7 +98,7 @@ class Channels:
     """The worker's ends of its channels, as handed over at spawn."""
 
     control_endpoint: str
-    mmio_endpoint: str
+    mmio_fd: int
     fd_channel: int
     queue_fds: list[int]
     irqfd: int
@@ -96,21 +107,26 @@ class Channels:
     state_fd: int = -1  # the device's state area (shared.devstate); -1: none
     restore: bool = False  # a replacement worker: restore the state area's snapshot
     needs_reset: bool = False  # ... and set DEVICE_NEEDS_RESET instead of serving
+    isolation: dict[str, Any] = field(default_factory=dict)  # from the zygote: namespaces, host_pid
 
 
 def split_recovery(args: dict[str, Any], fds: list[int]) -> tuple[list[int], dict[str, Any]]:
-    """A device worker's fds without the trailing state-area fd the supervisor appends
-    (args["state_fd"]), and the `Channels` fields for restarting: state_fd, restore,
-    needs_reset. Call it first in a worker's `run(args, fds)`."""
-    recovery: dict[str, Any] = {
+    """A device worker's own fds without the trailing ones every device worker gets from
+    the supervisor: its MMIO channel end and, with args["state_fd"], its state area; and the
+    `Channels` fields those and the zygote's args give: mmio_fd, state_fd, restore,
+    needs_reset, isolation. Call it first in a worker's `run(args, fds)`."""
+    common: dict[str, Any] = {
         "restore": bool(args.get("restore", False)),
         "needs_reset": bool(args.get("needs_reset", False)),
+        "isolation": dict(args.get("isolation") or {}),
     }
     if args.get("state_fd"):
         if not fds:
             raise ValueError("the state-area fd is missing")
-        return fds[:-1], {**recovery, "state_fd": fds[-1]}
-    return fds, recovery
+        fds, common["state_fd"] = fds[:-1], fds[-1]
+    if not fds:
+        raise ValueError("the MMIO channel fd is missing")
+    return fds[:-1], {**common, "mmio_fd": fds[-1]}
 
 
 def irq_trigger(irqfd: int) -> Callable[[], None]:
@@ -155,18 +171,14 @@ class _ForwardingHandler(logging.Handler):
 class DeviceWorker:
     """Runs one device's transport and hooks until the supervisor says Stop."""
 
-    def __init__(self, transport: MmioTransport, hooks: DeviceHooks, channels: Channels, ctx: zmq.Context) -> None:
+    def __init__(self, transport: MmioTransport, hooks: DeviceHooks, channels: Channels, control: zmq.Socket) -> None:
         self.transport = transport
         self.hooks = hooks
         self.channels = channels
         self.loop = EventLoop()
-        self.control = ctx.socket(zmq.DEALER)
-        self.control.setsockopt(zmq.LINGER, 1000)
-        self.control.setsockopt(zmq.IDENTITY, channels.name.encode())
-        self.control.connect(channels.control_endpoint)
-        self.mmio = ctx.socket(zmq.ROUTER)
-        self.mmio.setsockopt(zmq.LINGER, 0)
-        self.mmio.bind(channels.mmio_endpoint)
+        self.control = control
+        self.mmio = socket.socket(fileno=channels.mmio_fd)
+        self.mmio.setblocking(False)
         self.fd_channel = socket.socket(fileno=channels.fd_channel)
         self.fd_channel.setblocking(False)
         self.mmio_requests = 0
@@ -195,7 +207,7 @@ class DeviceWorker:
 
     def _register(self) -> None:
         self.loop.register(self.control.getsockopt(zmq.FD), CONTROL, self)
-        self.loop.register(self.mmio.getsockopt(zmq.FD), MMIO, self)
+        self.loop.register(self.mmio.fileno(), MMIO, self)
         self.loop.register(self.fd_channel.fileno(), FD_CHANNEL, self)
         for index, fd in enumerate(self.channels.queue_fds):
             self.loop.register(fd, QUEUE + index, self)
@@ -307,7 +319,7 @@ class DeviceWorker:
             if token == CONTROL:
                 self._drain(self.control, self._on_control)
             elif token == MMIO:
-                self._drain(self.mmio, self._on_mmio)
+                self._on_mmio_channel()
             elif token == FD_CHANNEL:
                 self._on_fd_channel()
             else:
@@ -326,12 +338,11 @@ class DeviceWorker:
         self._flush_logs()
 
     def _backlog_delay(self) -> float | None:
-        pending = self._logs.pending or any(s.getsockopt(zmq.EVENTS) & zmq.POLLIN for s in (self.control, self.mmio))
+        pending = self._logs.pending or int(self.control.getsockopt(zmq.EVENTS)) & zmq.POLLIN
         return 0.0 if pending else None
 
     def _drain_backlog(self) -> None:
         self.process(CONTROL, 0)
-        self.process(MMIO, 0)
 
     @staticmethod
     def _drain(sock: zmq.Socket, handle: Callable[[list[bytes]], None]) -> None:
@@ -350,11 +361,22 @@ class DeviceWorker:
 
     # --- MMIO ----------------------------------------------------------------------------
 
-    def _on_mmio(self, frames: list[bytes]) -> None:
-        if len(frames) != 2:
-            self.bad_messages += 1
-            return
-        identity, payload = frames
+    def _on_mmio_channel(self) -> None:
+        """Answer the register accesses waiting on the MMIO channel (level-triggered: a
+        bounded batch per turn keeps the other fds served)."""
+        for _ in range(MMIO_BATCH):
+            try:
+                payload = self.mmio.recv(MMIO_MAX_BYTES)
+            except BlockingIOError:
+                return
+            except OSError:
+                payload = b""
+            if not payload:  # the vCPU worker is gone: the guest is ending
+                self.loop.unregister(self.mmio.fileno())
+                return
+            self._on_mmio(payload)
+
+    def _on_mmio(self, payload: bytes) -> None:
         try:
             msg = p.decode(payload)
         except p.ProtocolError as e:
@@ -364,7 +386,8 @@ class DeviceWorker:
         if isinstance(msg, p.MmioRead | p.MmioWrite):
             self.mmio_requests += 1
             value = self.mmio_access(msg)
-            self.mmio.send_multipart([identity, p.encode(p.MmioDone(msg.seq, value))], zmq.NOBLOCK)
+            with contextlib.suppress(OSError):  # a vCPU that stopped waiting: it times out
+                self.mmio.send(p.encode(p.MmioDone(msg.seq, value)))
 
     def mmio_access(self, msg: p.MmioRead | p.MmioWrite) -> int:
         """Apply one register access; out-of-window or odd-sized ones read all-ones."""
@@ -425,7 +448,7 @@ class DeviceWorker:
         if self.state is not None:
             self.state.close()
         self.loop.close()
-        self.mmio.close(linger=0)
+        self.mmio.close()
         self.control.close()
         self.fd_channel.close()
 
@@ -451,26 +474,72 @@ def wait_for_zmq_threads(ctx: zmq.Context, timeout_s: float = 2.0) -> bool:
     return False
 
 
+def connect_control(ctx: zmq.Context, endpoint: str, identity: str) -> zmq.Socket:
+    """The worker's DEALER to the supervisor, connected before this returns.
+
+    ZeroMQ connects from its I/O thread, later; a worker about to leave the host's
+    filesystem (`shared.isolation`) must wait until the connection exists, and must never
+    try again (a reconnect would need socket() and the path, neither of which it keeps).
+    """
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 1000)
+    sock.setsockopt(zmq.IDENTITY, identity.encode())
+    sock.setsockopt(zmq.RECONNECT_IVL, -1)
+    monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+    try:
+        sock.connect(endpoint)
+        if not monitor.poll(int(CONNECT_TIMEOUT_S * 1000)):
+            raise ConnectionError(f"no connection to the supervisor at {endpoint} within {CONNECT_TIMEOUT_S:g} s")
+        monitor.recv_multipart()
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
+    return sock
+
+
+def enter_confinement(ctx: zmq.Context, isolation_args: dict[str, Any]) -> None:
+    """Leave the host (empty root, own uid) once connected, then drop every privilege.
+
+    With namespaces, the zygote left this process only the capabilities the move needs;
+    without (--no-namespaces), `drop_privileges` ran before any thread started."""
+    if isolation_args.get("namespaces"):
+        wait_for_zmq_threads(ctx)  # reads /proc: the last look at the host's filesystem
+        isolation.isolate_after_connect(int(isolation_args.get("host_pid", 0)), True)
+        die_with_parent(signal.SIGKILL)  # a change of uid cleared it
+        drop_privileges(threads_started=True)
+
+
 def run_device(
     channels: Channels,
     build: Callable[[], tuple[MmioTransport, DeviceHooks]],
     seccomp: SeccompSettings | None = None,
     policy: Filter = COMMON,
 ) -> int:
-    """Worker skeleton: drop privileges, build the device, load the seccomp `policy`, serve
-    it, always tell the supervisor how it ended (shared.confine explains the order)."""
+    """Worker skeleton: connect, leave the host and drop privileges, build the device, load
+    the seccomp `policy`, serve it, always tell the supervisor how it ended (shared.confine
+    and shared.isolation explain the order)."""
     seccomp = seccomp or SeccompSettings()
-    drop_privileges()  # before ZeroMQ starts its threads: capabilities are per thread
+    namespaced = bool(channels.isolation.get("namespaces"))
+    if not namespaced:
+        drop_privileges()  # before ZeroMQ starts its threads: capabilities are per thread
     ctx = zmq.Context()
     try:
         try:
+            control = connect_control(ctx, channels.control_endpoint, channels.name)
+        except (ConnectionError, zmq.ZMQError) as e:
+            print(f"{channels.name} worker cannot reach the supervisor: {e}", file=sys.stderr)
+            return exitcodes.BAD_CONFIGURATION
+        try:
+            enter_confinement(ctx, channels.isolation)
             transport, hooks = build()
-            worker = DeviceWorker(transport, hooks, channels, ctx)
+            worker = DeviceWorker(transport, hooks, channels, control)
             worker.test_hooks = seccomp.test_hooks
-            wait_for_zmq_threads(ctx)
+            if not namespaced:
+                wait_for_zmq_threads(ctx)  # libzmq's threads start with sched_getparam: not under the filter
             install_filter(seccomp, policy)  # set-up is over: from here on, only the policy's syscalls
         except Exception as e:
-            _report_start_failure(ctx, channels, e)
+            _report_start_failure(control, channels, e)
+            control.close()
             return exitcodes.BAD_CONFIGURATION
         try:
             return worker.serve()
@@ -480,11 +549,6 @@ def run_device(
         ctx.term()
 
 
-def _report_start_failure(ctx: zmq.Context, channels: Channels, error: Exception) -> None:
-    sock = ctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 1000)
-    sock.setsockopt(zmq.IDENTITY, channels.name.encode())
-    sock.connect(channels.control_endpoint)
+def _report_start_failure(control: zmq.Socket, channels: Channels, error: Exception) -> None:
     reason = f"{channels.name} worker cannot start: {error}"
-    sock.send(p.encode(p.Exited(exitcodes.BAD_CONFIGURATION, reason, traceback.format_exc())))
-    sock.close()
+    control.send(p.encode(p.Exited(exitcodes.BAD_CONFIGURATION, reason, traceback.format_exc())))

@@ -3,7 +3,8 @@
 `WorkerHarness` does what `controlplane.microvm` does for a device, minus the vCPU: it
 creates guest memory, the irqfd, one eventfd per queue and the fd channel, spawns the
 worker through a zygote with the fds in the production order (memfd, irqfd, queue
-eventfds, backend fds, fd channel), holds the ZeroMQ control socket and an MMIO client.
+eventfds, backend fds, fd channel, MMIO channel), holds the ZeroMQ control socket and an
+MMIO client.
 Device harnesses (`devices/<kind>/testing.py`) add the guest's side on top: MockDriver
 chains in the shared memfd, queue kicks, the irqfd.
 """
@@ -21,6 +22,7 @@ import zmq
 from shared import fdpass
 from shared import protocol as p
 from shared.devworker_client import MmioClient
+from shared.devworker_client import channel_pair as mmio_channel_pair
 from shared.memory import GuestMemory, create_guest_memfd
 
 
@@ -63,7 +65,6 @@ class WorkerHarness:
         self.control = self.ctx.socket(zmq.ROUTER)
         self.control.setsockopt(zmq.LINGER, 0)
         self.control.bind(f"{endpoint}-ctl")
-        self.mmio_endpoint = f"{endpoint}-mmio"
         self.memfd = create_guest_memfd(mem_size)
         self.mem = GuestMemory.map(self.memfd, mem_size)
         self.irqfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
@@ -74,17 +75,18 @@ class WorkerHarness:
             "mem_size": mem_size,
             "name": name,
             "control_endpoint": f"{endpoint}-ctl",
-            "mmio_endpoint": self.mmio_endpoint,
         }
+        mmio_mine, mmio_theirs = mmio_channel_pair()
+        self.mmio = MmioClient(mmio_mine, timeout_s=5.0, name=name)
         try:
-            fds = [self.memfd, self.irqfd, *self.queue_fds, *backend_fds, theirs.fileno()]
+            fds = [self.memfd, self.irqfd, *self.queue_fds, *backend_fds, theirs.fileno(), mmio_theirs.fileno()]
             self.pid = zygote.spawn(kind, name, full_args, fds)
         finally:
             for fd in backend_fds:
                 os.close(fd)
             theirs.close()
+            mmio_theirs.close()
         self.ready = self.expect(p.Ready)
-        self.mmio = MmioClient(self.ctx, self.mmio_endpoint, timeout_s=5.0)
 
     # --- the guest's side: notifications ---------------------------------------------------
     def kick(self, index: int = 0) -> None:

@@ -3,10 +3,14 @@
 Entry `run(args, fds)` is called in a child forked by the zygote, holding exactly:
     fds[0]  /dev/kvm            fds[1]  guest memory memfd
     fds[2]  console socket (serial output to the supervisor, input from it)
-    fds[3:] virtio eventfds (queue notifies, irqfds), indexed by args["virtio_devices"]
-Its main thread serves the ZeroMQ control channel and the console input; one thread
-per vCPU runs KVM_RUN. The first vCPU exit that ends the guest (i8042 reset, triple
-fault, an exit we cannot handle) stops every vCPU and is reported as `Exited`.
+    fds[3]  fd channel (SEQPACKET): a replacement device worker's MMIO channel, with DeviceUp
+    fds[4:] per virtio device: its MMIO channel end, queue eventfds and irqfd, indexed by
+            args["virtio_devices"]
+Its main thread serves the ZeroMQ control channel, the fd channel and the console input;
+one thread per vCPU runs KVM_RUN. It connects to the supervisor, then leaves the host's
+filesystem and drops every privilege (shared.isolation) before it builds the VM. The first
+vCPU exit that ends the guest (i8042 reset, triple fault, an exit we cannot handle) stops
+every vCPU and is reported as `Exited`.
 """
 
 from __future__ import annotations
@@ -14,6 +18,8 @@ from __future__ import annotations
 import contextlib
 import os
 import queue
+import socket
+import sys
 import threading
 import time
 import traceback
@@ -21,10 +27,10 @@ from typing import Any
 
 import zmq
 
-from shared import exitcodes, layout
+from shared import exitcodes, fdpass, layout
 from shared import protocol as p
 from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, install_filter
-from shared.devworker import wait_for_zmq_threads
+from shared.devworker import connect_control, enter_confinement, wait_for_zmq_threads
 from vcpu_worker.bus import Bus
 from vcpu_worker.i8042 import I8042
 from vcpu_worker.machine import Machine, build_machine
@@ -44,10 +50,11 @@ METRICS_INTERVAL_S = 5.0
 
 
 class VcpuWorker:
-    def __init__(self, machine: Machine, console_fd: int, ctl: zmq.Socket) -> None:
+    def __init__(self, machine: Machine, console_fd: int, ctl: zmq.Socket, fd_channel: int = -1) -> None:
         self.machine = machine
         self.console_fd = console_fd
         self.ctl = ctl
+        self.fd_channel = socket.socket(fileno=fd_channel) if fd_channel >= 0 else None
         # Events from vCPU threads for the main thread (ZeroMQ sockets are not thread-safe).
         self._exits: queue.SimpleQueue[tuple[int, str, str]] = queue.SimpleQueue()
         self._warnings: queue.SimpleQueue[str] = queue.SimpleQueue()
@@ -141,8 +148,6 @@ class VcpuWorker:
             mark_device_down(self.virtio, msg.name)
         elif isinstance(msg, p.DeviceRestarting):
             mark_device_restarting(self.virtio, msg.name)
-        elif isinstance(msg, p.DeviceUp):
-            mark_device_up(self.virtio, msg.name)
         elif isinstance(msg, p.TestSyscall) and self.seccomp.test_hooks:
             self.send(p.Log("warning", f"test syscall survived: {attempt_forbidden(msg.what)}"))
         return None
@@ -155,6 +160,8 @@ class VcpuWorker:
         poller = zmq.Poller()
         poller.register(self.ctl, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
+        if self.fd_channel is not None:
+            poller.register(self.fd_channel, zmq.POLLIN)
         console_registered = False
         console_open = True
         next_metrics = time.monotonic() + METRICS_INTERVAL_S
@@ -170,6 +177,8 @@ class VcpuWorker:
                     outcome = self._handle_control(p.decode(self.ctl.recv()))
                 except p.ProtocolError as e:
                     self.send(p.Log("error", f"vCPU worker ignored a bad control message: {e}"))
+            if self.fd_channel is not None and self.fd_channel.fileno() in events:
+                self._on_fd_channel(poller)
             if self._wake_r in events:
                 while True:
                     try:
@@ -199,6 +208,27 @@ class VcpuWorker:
         self.send(p.Exited(*outcome))
         return outcome[0]
 
+    def _on_fd_channel(self, poller: zmq.Poller) -> None:
+        """A replacement device worker's MMIO channel (`DeviceUp` + its fd)."""
+        assert self.fd_channel is not None
+        try:
+            received = fdpass.recv_message(self.fd_channel)
+        except (fdpass.FdChannelError, OSError) as e:
+            self.send(p.Log("error", f"vCPU worker dropped a bad fd-channel message: {e}"))
+            return
+        if received is None:
+            poller.unregister(self.fd_channel)
+            self.fd_channel = None
+            return
+        msg, fds = received
+        if isinstance(msg, p.DeviceUp) and len(fds) == 1:
+            if not mark_device_up(self.virtio, msg.name, socket.socket(fileno=fds[0])):
+                self.send(p.Log("error", f"DeviceUp for unknown device {msg.name!r}"))
+            return
+        for fd in fds:
+            os.close(fd)
+        self.send(p.Log("error", f"vCPU worker dropped fd-channel message {msg.TYPE!r} with {len(fds)} fds"))
+
     def _stop_vcpus(self) -> None:
         for t in self.vcpus:
             t.stop()
@@ -208,23 +238,29 @@ class VcpuWorker:
 
 def run(args: dict[str, Any], fds: list[int]) -> int:
     """Worker entry point (in the forked child)."""
-    kvm_fd, memfd, console_fd = fds[:3]
+    kvm_fd, memfd, console_fd, fd_channel = fds[:4]
     seccomp = SeccompSettings.from_args(args)
-    drop_privileges()  # before ZeroMQ starts its threads: capabilities are per thread
+    isolation_args = dict(args.get("isolation") or {})
+    if not isolation_args.get("namespaces"):
+        drop_privileges()  # before ZeroMQ starts its threads: capabilities are per thread
     install_kick_handler()
     ctx = zmq.Context()
-    ctl = ctx.socket(zmq.DEALER)
-    ctl.setsockopt(zmq.LINGER, 2000)
-    ctl.setsockopt(zmq.IDENTITY, str(args.get("name", "vcpu")).encode())  # the supervisor routes by name
-    ctl.connect(str(args["control_endpoint"]))
+    try:
+        ctl = connect_control(ctx, str(args["control_endpoint"]), str(args.get("name", "vcpu")))
+    except (ConnectionError, zmq.ZMQError) as e:
+        print(f"vCPU worker cannot reach the supervisor: {e}", file=sys.stderr)
+        ctx.term()
+        return exitcodes.BAD_CONFIGURATION
     try:
         try:
+            enter_confinement(ctx, isolation_args)
             machine = build_machine(kvm_fd, memfd, args)
-            worker = VcpuWorker(machine, console_fd, ctl)
+            worker = VcpuWorker(machine, console_fd, ctl, fd_channel)
             devices = list(args.get("virtio_devices", []))
-            worker.virtio = attach_virtio_devices(machine.vm, worker.mmio, devices, fds, ctx, worker._log_warning)
+            worker.virtio = attach_virtio_devices(machine.vm, worker.mmio, devices, fds, worker._log_warning)
             worker.seccomp = seccomp
-            wait_for_zmq_threads(ctx)  # libzmq's threads start with sched_getparam: not under the filter
+            if not isolation_args.get("namespaces"):
+                wait_for_zmq_threads(ctx)  # libzmq's threads start with sched_getparam: not under the filter
             install_filter(seccomp, POLICY)  # set-up is over: from here on, only the policy's syscalls
         except Exception as e:
             ctl.send(

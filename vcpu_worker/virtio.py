@@ -1,23 +1,25 @@
 """virtio-mmio devices as the vCPU worker sees them: a window forwarded to a device worker.
 
-For each device the supervisor passes (window base, GSI, MMIO endpoint) and eventfds it
+For each device the supervisor passes (window base, GSI), its end of the device's MMIO
+channel (a SEQPACKET socketpair: the vCPU worker never connects to anything) and eventfds it
 created: one per queue and the irqfd. This process created the VM, so it is the one that
 can register them with KVM: a guest write of queue index i to QueueNotify signals queue
 i's eventfd inside KVM (no exit), and a write to the irqfd injects the GSI. Every other
 access to the window exits to a vCPU thread and is forwarded, synchronously, to the
-device worker (`RemoteMmioDevice`).
+device worker (`RemoteMmioDevice`; one request at a time per device, as the single-threaded
+worker serves them anyway).
 
 A device worker that does not answer must not hang the guest: the access times out
 (reads see all-ones, as for a missing device), it is reported, and for the next
-`RETRY_AFTER_S` the window answers at once instead of waiting again. When the supervisor
-sees a device worker die (its pidfd) it says so (`DeviceDown`), and from then on the
-window answers at once without trying. When it is going to replace the worker it says
-`DeviceRestarting` instead: accesses to the window wait (up to `RESTART_WAIT_S`) rather
-than read all-ones, and an access the dead worker never answered is abandoned and sent
-again; `DeviceUp` (the replacement is bound to the same endpoint) releases them, each
-vCPU thread on a fresh socket, so a request queued for the dead worker is never delivered
-to the new one. Register writes are idempotent, so sending one again is safe even when
-the dead worker had applied it. To the guest a restart looks like a slow register access.
+`RETRY_AFTER_S` the window answers at once instead of waiting again. A worker that dies
+closes its end of the channel, which an access in flight sees at once; the supervisor
+then says `DeviceDown` (the window answers at once from then on) or `DeviceRestarting`
+(accesses wait, up to `RESTART_WAIT_S`, for the replacement). The replacement comes with a
+new channel, whose end arrives with `DeviceUp` over this worker's fd channel, so a request
+meant for the dead worker is never delivered to the new one; an access the dead worker
+never answered is sent again. Register writes are idempotent, so sending one again is
+safe even when the dead worker had applied it. To the guest a restart looks like a slow
+register access.
 
 The eventfds stay open here: KVM drops an irqfd when its eventfd file is released, and
 keeping our copy keeps the routing in place while a device worker is being replaced.
@@ -26,15 +28,14 @@ keeping our copy keeps the routing in place while a device worker is being repla
 from __future__ import annotations
 
 import math
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import zmq
-
-from shared.devworker_client import DEFAULT_TIMEOUT_S, MmioAborted, MmioClient, MmioTimeout
+from shared.devworker_client import DEFAULT_TIMEOUT_S, MmioAborted, MmioClient, MmioClosed, MmioTimeout
 from shared.kvm import Vm
 from shared.layout import VIRTIO_MMIO_SIZE
 from shared.virtio import constants as c
@@ -51,7 +52,7 @@ class VirtioDeviceArgs:
     name: str
     base: int
     gsi: int
-    mmio_endpoint: str
+    mmio_fd: int
     queue_fds: list[int]
     irqfd: int
 
@@ -61,48 +62,30 @@ class VirtioDeviceArgs:
             str(raw["name"]),
             int(raw["base"]),
             int(raw["gsi"]),
-            str(raw["mmio_endpoint"]),
+            int(raw["mmio_fd"]),
             [int(i) for i in raw["queue_fds"]],
             int(raw["irqfd"]),
         )
 
 
 class RemoteMmioDevice:
-    """A virtio-mmio window served by a device worker; one MMIO client per vCPU thread."""
+    """A virtio-mmio window served by a device worker over its MMIO channel."""
 
     def __init__(
-        self, name: str, endpoint: str, ctx: zmq.Context, report: Callable[[str], None], timeout_s: float
+        self, name: str, client: MmioClient, report: Callable[[str], None], timeout_s: float = DEFAULT_TIMEOUT_S
     ) -> None:
         self.name = name
-        self.endpoint = endpoint
-        self._ctx = ctx
         self._report = report
         self._timeout_s = timeout_s
-        self._local = threading.local()
-        self._clients: list[MmioClient] = []
+        self._client = client
+        self._io = threading.Lock()  # one request at a time on the channel
         self._lock = threading.Lock()
         self._up = threading.Condition(self._lock)
         self._restarting = False
         self._down_until = 0.0
-        self._generation = 0  # bumped on each worker change: every thread then opens a new client
+        self._generation = 0  # bumped on each worker change: requests in flight are abandoned
         self.timeouts = 0
         self.skipped = 0
-
-    def _client(self) -> MmioClient:
-        client: MmioClient | None = getattr(self._local, "client", None)
-        generation = self._generation
-        if client is not None and getattr(self._local, "generation", 0) != generation:
-            with self._lock:
-                if client in self._clients:
-                    self._clients.remove(client)
-            client.close()  # in its own thread: ZeroMQ sockets are not thread-safe
-            client = None
-        if client is None:
-            client = MmioClient(self._ctx, self.endpoint, self._timeout_s)
-            self._local.client, self._local.generation = client, generation
-            with self._lock:
-                self._clients.append(client)
-        return client
 
     def _available(self) -> bool:
         if time.monotonic() >= self._down_until:
@@ -131,13 +114,23 @@ class RemoteMmioDevice:
             self._generation += 1  # abandons requests the dead worker will never answer
             self._restarting = True
 
-    def mark_up(self) -> None:
-        """A replacement worker serves the endpoint: forward again, on new sockets."""
+    def _closed(self, generation: int) -> None:
+        """An access found the worker's end closed before the supervisor said why: wait for
+        its word (`mark_up` or `mark_down`) as for a restart."""
         with self._lock:
+            if self._generation == generation:
+                self._restarting = True
+
+    def mark_up(self, client: MmioClient) -> None:
+        """A replacement worker serves the device over the new channel `client`."""
+        with self._lock:
+            old, self._client = self._client, client
             self._generation += 1
             self._restarting = False
             self._down_until = 0.0
             self._up.notify_all()
+        with self._io:  # a request still on the old channel has been abandoned by now
+            old.close()
 
     def _forward(self, call: Callable[[MmioClient, Callable[[], bool]], int]) -> int | None:
         """Send one access; None when the window must answer without its worker."""
@@ -146,14 +139,22 @@ class RemoteMmioDevice:
             with self._lock:
                 while self._restarting and (left := deadline - time.monotonic()) > 0:
                     self._up.wait(left)
-                generation = self._generation
-                if self._restarting:
+                if self._restarting:  # no word from the supervisor: treat the device as gone
+                    self._restarting = False
+                    self._down_until = math.inf
                     self.skipped += 1
                     return None
+                generation, client = self._generation, self._client
             if not self._available():
                 return None
             try:
-                return call(self._client(), lambda g=generation: self._generation != g)  # type: ignore[misc]
+                with self._io:
+                    if generation != self._generation:
+                        continue
+                    return call(client, lambda g=generation: self._generation != g)  # type: ignore[misc]
+            except MmioClosed:
+                self._closed(generation)
+                continue  # the worker died under this access: wait for the supervisor's word
             except MmioAborted:
                 continue  # the worker died under this access: wait for its replacement, send again
             except MmioTimeout as e:
@@ -172,28 +173,32 @@ class RemoteMmioDevice:
         self._forward(write)
 
     def close(self) -> None:
-        with self._lock:
-            for client in self._clients:
-                client.close()
-            self._clients.clear()
+        with self._io:
+            self._client.close()
+
+
+def _named(devices: list[RemoteMmioDevice], name: str) -> list[RemoteMmioDevice]:
+    return [device for device in devices if device.name == name]
 
 
 def mark_device_down(devices: list[RemoteMmioDevice], name: str) -> None:
-    for device in devices:
-        if device.name == name:
-            device.mark_down()
+    for device in _named(devices, name):
+        device.mark_down()
 
 
 def mark_device_restarting(devices: list[RemoteMmioDevice], name: str) -> None:
-    for device in devices:
-        if device.name == name:
-            device.mark_restarting()
+    for device in _named(devices, name):
+        device.mark_restarting()
 
 
-def mark_device_up(devices: list[RemoteMmioDevice], name: str) -> None:
-    for device in devices:
-        if device.name == name:
-            device.mark_up()
+def mark_device_up(devices: list[RemoteMmioDevice], name: str, channel: socket.socket) -> bool:
+    """The replacement of device `name` answers on `channel`; False (channel closed) if no
+    such device."""
+    for device in _named(devices, name):
+        device.mark_up(MmioClient(channel, device._timeout_s, name))
+        return True
+    channel.close()
+    return False
 
 
 def attach_virtio_devices(
@@ -201,7 +206,6 @@ def attach_virtio_devices(
     bus: MmioBus,
     devices: list[dict[str, Any]],
     fds: list[int],
-    ctx: zmq.Context,
     report: Callable[[str], None],
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> list[RemoteMmioDevice]:
@@ -212,7 +216,8 @@ def attach_virtio_devices(
         for index, fd_index in enumerate(dev.queue_fds):
             vm.register_ioeventfd(fds[fd_index], dev.base + c.MMIO_QUEUE_NOTIFY, 4, datamatch=index)
         vm.register_irqfd(fds[dev.irqfd], dev.gsi)
-        remote = RemoteMmioDevice(dev.name, dev.mmio_endpoint, ctx, report, timeout_s)
+        client = MmioClient(socket.socket(fileno=fds[dev.mmio_fd]), timeout_s, dev.name)
+        remote = RemoteMmioDevice(dev.name, client, report, timeout_s)
         bus.add(dev.base, VIRTIO_MMIO_SIZE, remote)
         attached.append(remote)
     return attached

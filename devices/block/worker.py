@@ -137,7 +137,6 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
     _memfd, irqfd, queue, _backing, channel = fds
     channels = Channels(
         control_endpoint=str(args["control_endpoint"]),
-        mmio_endpoint=str(args["mmio_endpoint"]),
         fd_channel=channel,
         queue_fds=[queue],
         irqfd=irqfd,

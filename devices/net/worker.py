@@ -178,7 +178,6 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
     _memfd, irqfd, rx, tx, _tap, channel = fds
     channels = Channels(
         control_endpoint=str(args["control_endpoint"]),
-        mmio_endpoint=str(args["mmio_endpoint"]),
         fd_channel=channel,
         queue_fds=[rx, tx],
         irqfd=irqfd,

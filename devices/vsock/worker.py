@@ -127,7 +127,6 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
     _memfd, irqfd, rx, tx, ev, _listener, channel = fds
     channels = Channels(
         control_endpoint=str(args["control_endpoint"]),
-        mmio_endpoint=str(args["mmio_endpoint"]),
         fd_channel=channel,
         queue_fds=[rx, tx, ev],
         irqfd=irqfd,

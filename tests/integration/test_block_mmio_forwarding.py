@@ -1,18 +1,18 @@
 """The vCPU side of MMIO forwarding: whole accesses dispatched by window, a synchronous
-ZeroMQ round trip to the device worker, and a worker that does not answer."""
+round trip over the device's MMIO channel (a socketpair), a worker that does not answer,
+and one that dies and is replaced."""
 
 from __future__ import annotations
 
+import select
+import socket
 import threading
 import time
-from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
-import zmq
 
 from shared import protocol as p
-from shared.devworker_client import MmioClient, MmioTimeout
+from shared.devworker_client import MmioClient, MmioTimeout, channel_pair
 from vcpu_worker.mmio_bus import MmioBus
 from vcpu_worker.virtio import RemoteMmioDevice
 
@@ -30,12 +30,11 @@ class Recorder:
 
 
 class FakeDeviceWorker:
-    """A ROUTER answering MmioRead with offset+size after `delay` seconds."""
+    """The device worker's end of an MMIO channel, answering MmioRead with offset+size
+    after `delay` seconds."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, delay: float = 0.0) -> None:
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(endpoint)
+    def __init__(self, sock: socket.socket, delay: float = 0.0) -> None:
+        self.sock = sock
         self.delay = delay
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -43,13 +42,15 @@ class FakeDeviceWorker:
 
     def _serve(self) -> None:
         while not self.stop.is_set():
-            if not self.sock.poll(20):
+            if not select.select([self.sock], [], [], 0.02)[0]:
                 continue
-            identity, payload = self.sock.recv_multipart()
+            payload = self.sock.recv(256)
+            if not payload:
+                return
             msg = p.decode(payload)
             time.sleep(self.delay)
             assert isinstance(msg, p.MmioRead | p.MmioWrite)
-            self.sock.send_multipart([identity, p.encode(p.MmioDone(msg.seq, msg.offset + msg.size))])
+            self.sock.send(p.encode(p.MmioDone(msg.seq, msg.offset + msg.size)))
 
     def close(self) -> None:
         self.stop.set()
@@ -57,11 +58,9 @@ class FakeDeviceWorker:
         self.sock.close()
 
 
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context]:
-    context = zmq.Context()
-    yield context
-    context.destroy(linger=0)
+def served(delay: float = 0.0, timeout_s: float = 2.0) -> tuple[MmioClient, FakeDeviceWorker]:
+    ours, theirs = channel_pair()
+    return MmioClient(ours, timeout_s, "block_x"), FakeDeviceWorker(theirs, delay)
 
 
 def test_bus_hands_a_device_one_whole_access() -> None:
@@ -93,10 +92,9 @@ def test_overlapping_windows_are_refused() -> None:
         bus.add(0xD0000800, 0x1000, Recorder())
 
 
-def test_remote_device_round_trip(ctx: zmq.Context, tmp_path: Path) -> None:
-    endpoint = f"ipc://{tmp_path}/mmio"
-    worker = FakeDeviceWorker(ctx, endpoint)
-    remote = RemoteMmioDevice("block_x", endpoint, ctx, lambda text: None, timeout_s=2.0)
+def test_remote_device_round_trip() -> None:
+    client, worker = served()
+    remote = RemoteMmioDevice("block_x", client, lambda text: None, timeout_s=2.0)
     try:
         assert remote.read(0x70, 4) == 0x74
         remote.write(0x50, 4, 0)
@@ -105,26 +103,26 @@ def test_remote_device_round_trip(ctx: zmq.Context, tmp_path: Path) -> None:
         worker.close()
 
 
-def test_each_vcpu_thread_gets_its_own_socket(ctx: zmq.Context, tmp_path: Path) -> None:
-    endpoint = f"ipc://{tmp_path}/mmio"
-    worker = FakeDeviceWorker(ctx, endpoint)
-    remote = RemoteMmioDevice("block_x", endpoint, ctx, lambda text: None, timeout_s=2.0)
+def test_vcpu_threads_take_turns_on_the_channel() -> None:
+    client, worker = served(delay=0.01)
+    remote = RemoteMmioDevice("block_x", client, lambda text: None, timeout_s=2.0)
     results: list[int] = []
-    threads = [threading.Thread(target=lambda: results.append(remote.read(0x10, 4))) for _ in range(3)]
+    threads = [threading.Thread(target=lambda i=i: results.append(remote.read(0x10 * i, 4))) for i in range(1, 4)]
     try:
         for t in threads:
             t.start()
         for t in threads:
             t.join()
-        assert results == [0x14] * 3 and len(remote._clients) == 3
+        assert sorted(results) == [0x14, 0x24, 0x34]  # each thread got its own answer
     finally:
         remote.close()
         worker.close()
 
 
-def test_silent_worker_reads_all_ones_once_after_the_timeout_then_at_once(ctx: zmq.Context, tmp_path: Path) -> None:
+def test_silent_worker_reads_all_ones_once_after_the_timeout_then_at_once() -> None:
     reports: list[str] = []
-    remote = RemoteMmioDevice("block_x", f"ipc://{tmp_path}/nobody", ctx, reports.append, timeout_s=0.5)
+    ours, silent = channel_pair()  # nobody reads `silent`
+    remote = RemoteMmioDevice("block_x", MmioClient(ours, 0.5, "block_x"), reports.append, timeout_s=0.5)
     try:
         first = time.monotonic()
         assert remote.read(0x70, 4) == 0xFFFFFFFF
@@ -138,11 +136,13 @@ def test_silent_worker_reads_all_ones_once_after_the_timeout_then_at_once(ctx: z
         assert "block_x" in reports[0]
     finally:
         remote.close()
+        silent.close()
 
 
-def test_device_marked_down_answers_at_once_without_trying(ctx: zmq.Context, tmp_path: Path) -> None:
+def test_device_marked_down_answers_at_once_without_trying() -> None:
     reports: list[str] = []
-    remote = RemoteMmioDevice("block_x", f"ipc://{tmp_path}/nobody", ctx, reports.append, timeout_s=5.0)
+    ours, silent = channel_pair()
+    remote = RemoteMmioDevice("block_x", MmioClient(ours, 5.0, "block_x"), reports.append, timeout_s=5.0)
     try:
         remote.mark_down()
         start = time.monotonic()
@@ -152,16 +152,53 @@ def test_device_marked_down_answers_at_once_without_trying(ctx: zmq.Context, tmp
         assert time.monotonic() - start < 1.0 and (remote.timeouts, remote.skipped, reports) == (0, 1, [])
     finally:
         remote.close()
+        silent.close()
 
 
-def test_late_answer_is_not_taken_for_the_next_request(ctx: zmq.Context, tmp_path: Path) -> None:
-    endpoint = f"ipc://{tmp_path}/mmio"
-    worker = FakeDeviceWorker(ctx, endpoint, delay=0.3)
-    client = MmioClient(ctx, endpoint, timeout_s=0.1)
+def test_a_dead_worker_holds_the_access_until_its_replacement_answers_on_a_new_channel() -> None:
+    ours, dead = channel_pair()
+    remote = RemoteMmioDevice("block_x", MmioClient(ours, 5.0, "block_x"), lambda text: None, timeout_s=5.0)
+    results: list[int] = []
+    access = threading.Thread(target=lambda: results.append(remote.read(0x70, 4)))
+    client, worker = served()
+    try:
+        dead.close()  # the worker died: its end of the channel closed
+        access.start()
+        time.sleep(0.1)
+        assert access.is_alive() and not results  # waiting for the supervisor's word, not all-ones
+
+        remote.mark_up(client)
+        access.join(5.0)
+
+        assert results == [0x74] and remote.timeouts == 0
+    finally:
+        remote.close()
+        worker.close()
+
+
+def test_a_dead_worker_that_is_not_replaced_reads_all_ones_once_marked_down() -> None:
+    ours, dead = channel_pair()
+    remote = RemoteMmioDevice("block_x", MmioClient(ours, 5.0, "block_x"), lambda text: None, timeout_s=5.0)
+    results: list[int] = []
+    access = threading.Thread(target=lambda: results.append(remote.read(0x70, 4)))
+    try:
+        dead.close()
+        access.start()
+        time.sleep(0.1)
+        remote.mark_down()
+        access.join(5.0)
+
+        assert results == [0xFFFFFFFF]
+    finally:
+        remote.close()
+
+
+def test_late_answer_is_not_taken_for_the_next_request() -> None:
+    client, worker = served(delay=0.3, timeout_s=0.1)
     try:
         with pytest.raises(MmioTimeout):
             client.read(0x100, 4)  # answered (0x104) after we gave up
-        client.timeout_ms = 2000
+        client.timeout_s = 2.0
         assert client.read(0x200, 8) == 0x208
     finally:
         client.close()
