@@ -3,14 +3,16 @@
 `main()` parses the arguments (no threads yet), forks the worker zygote with
 `Launcher.start()` before anything else can start a thread, then `run()` does the rest:
 logger, metrics, MMDS, the optional --config-file boot, and either the API server
-(until the guest ends or a signal) or a wait for the guest (--no-api). The process exits
-with the guest's exit code (0 on guest reset), as Firecracker does.
+(until the guest ends or a signal) or a wait for the guest (--no-api). Once the guest
+runs, stdin is its serial input (`controlplane.console_input`). The process exits with the
+guest's exit code (0 on guest reset), as Firecracker does.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import sys
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 from controlplane import logger as fclog
+from controlplane.console_input import ConsoleInput, ForwardingLauncher
 from controlplane.logger import LEVELS, LOGGER, FcLogger, SinkError
 from controlplane.metrics import FLUSH_INTERVAL_S, METRICS, Metrics, MetricsError
 from controlplane.mmds_store import MmdsError, MmdsStore
@@ -99,12 +102,22 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     args = parse_args(argv)
     from controlplane.microvm import Launcher  # the zygote forks first, before any thread exists
 
+    console_in = _open_stdin()  # before any fd is opened: a closed fd 0 would be reused
     launcher = Launcher.start()
     try:
-        code = run(args, launcher)
+        code = run(args, launcher, console_in=console_in)
     finally:
         launcher.shutdown()
     sys.exit(code)
+
+
+def _open_stdin() -> int | None:
+    """fd 0 if this process was started with a stdin, else None."""
+    try:
+        os.fstat(0)
+    except OSError:
+        return None
+    return 0
 
 
 class StartupError(Exception):
@@ -122,17 +135,22 @@ def run(
     spec_types: tuple[type, type, type[Exception]] | None = None,
     metrics: Metrics | None = None,
     logger: FcLogger | None = None,
+    console_in: int | None = None,
 ) -> int:
     """Everything after the zygote fork; returns the process exit code.
 
     Tests pass a fake launcher, spec types and their own metrics/logger; `main` passes
-    the real launcher and the process-wide ones.
+    the real launcher and the process-wide ones, and stdin as `console_in`: the guest's
+    serial input once it runs.
     """
     metrics = metrics or METRICS
     logger = logger or LOGGER
     done = threading.Event()
     server: ApiServer | None = None
     stop_signal: int | None = None
+    console = ConsoleInput(console_in) if console_in is not None else None
+    if console is not None:
+        launcher = ForwardingLauncher(launcher, console)
 
     def vm_exited(code: int, reason: str) -> None:
         if server is not None and vmm.vm_failed:
@@ -191,6 +209,8 @@ def run(
             server.close()
         flusher.stop()
         _stop_vm(vmm)
+        if console is not None:
+            console.close()  # after the VM: a forwarder still writing to it is released
         metrics.flush()
     if vmm.vm_failed and vmm.exit_code is not None:
         code = vmm.exit_code if vmm.exit_code == exitcodes.BAD_SYSCALL else exitcodes.WORKER_DIED
