@@ -11,6 +11,7 @@ guest's exit code (0 on guest reset), as Firecracker does.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import re
@@ -102,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     args = parse_args(argv)
     from controlplane.microvm import Launcher  # the zygote forks first, before any thread exists
 
-    console_in = _open_stdin()  # before any fd is opened: a closed fd 0 would be reused
+    console_in = _take_stdin()  # before the zygote forks: its workers keep fds 0-2
     launcher = Launcher.start()
     try:
         code = run(args, launcher, console_in=console_in)
@@ -111,13 +112,21 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     sys.exit(code)
 
 
-def _open_stdin() -> int | None:
-    """fd 0 if this process was started with a stdin, else None."""
+def _take_stdin() -> int | None:
+    """embervm's stdin, moved to a close-on-exec fd of its own; fd 0 becomes /dev/null.
+
+    The worker processes keep fds 0-2: this way none of them holds the host's terminal
+    (whose TIOCSTI would type into the user's shell) or input pipe. None if there is no stdin.
+    """
     try:
-        os.fstat(0)
+        fd: int | None = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3)
     except OSError:
-        return None
-    return 0
+        fd = None
+    null = os.open(os.devnull, os.O_RDONLY)  # fd 0 itself if stdin was closed
+    if null != 0:
+        os.dup2(null, 0)
+        os.close(null)
+    return fd
 
 
 class StartupError(Exception):

@@ -118,8 +118,14 @@ def test_a_terminal_is_restored_when_embervm_is_stopped_by_a_signal_in_api_mode(
             assert_no_content(client.put("/boot-source", json=boot))
             assert termios.tcgetattr(slave) == before, "the terminal is left alone until the guest runs"
             assert_no_content(client.put("/actions", json={"action_type": "InstanceStart"}))
-        proc.console.wait_for("tick 1", timeout=30)
-        wait_for(lambda: is_raw(slave), proc)
+            proc.console.wait_for("tick 1", timeout=30)
+            wait_for(lambda: is_raw(slave), proc)
+            workers = [int(worker["pid"]) for worker in client.get("/").json()["embervm"]["workers"]]
+        tty = os.ttyname(slave)
+        for pid in workers:
+            held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}
+            assert tty not in held, "no worker holds the host's terminal"
+            assert os.readlink(f"/proc/{pid}/fd/0") == "/dev/null"
 
         proc.proc.send_signal(signal.SIGTERM)
         assert proc.wait() == 128 + signal.SIGTERM
