@@ -214,12 +214,14 @@ def run(
         print(f"embervm: {err.strerror}", file=sys.stderr)
         return exitcodes.GENERIC_ERROR
     finally:
-        if server is not None:
-            server.close()
-        flusher.stop()
-        _stop_vm(vmm)
-        if console is not None:
-            console.close()  # after the VM: a forwarder still writing to it is released
+        try:
+            if server is not None:
+                server.close()
+            flusher.stop()
+            _stop_vm(vmm)
+        finally:
+            if console is not None:
+                console.close()  # after the VM: a forwarder still writing to it is released
         metrics.flush()
     if vmm.vm_failed and vmm.exit_code is not None:
         code = vmm.exit_code if vmm.exit_code == exitcodes.BAD_SYSCALL else exitcodes.WORKER_DIED

@@ -40,8 +40,10 @@ class Target:
         self.received = bytearray()
         self.chunks: list[int] = []
         self.block = block
+        self.entered = threading.Event()
 
     def send_console_input(self, data: bytes) -> None:
+        self.entered.set()
         if self.block is not None:
             self.block.wait()
         self.received += data
@@ -113,7 +115,6 @@ def test_nothing_is_read_before_a_microvm_runs_and_close_stops_an_idle_reader(pi
     r, w = pipe
     console, target = ConsoleInput(r), Target()
     os.write(w, b"typed early")
-    time.sleep(0.05)
     assert os.read(r, 100) == b"typed early", "still in the pipe: nobody reads before boot"
 
     console.forward_to(target)
@@ -133,9 +134,10 @@ def test_a_slow_target_holds_the_reader_back(pipe):
     try:
         console.forward_to(target)
         os.write(w, b"a" * 10)
-        time.sleep(0.1)
+        assert target.entered.wait(10)
         os.write(w, b"b" * 10)
-        time.sleep(0.1)
+        time.sleep(0.1)  # time enough for a reader that does not wait to take them
+        os.set_blocking(r, False)
         assert os.read(r, 100) == b"b" * 10, "the reader took one chunk and waits for the target"
     finally:
         release.set()
