@@ -64,13 +64,15 @@ def test_a_pipe_on_stdin_is_the_guests_serial_input(guest_images: GuestImages, t
         proc.console.wait_for("echo ready", timeout=30)
         os.write(w, b"hello through a pipe\n")
         proc.console.wait_for("echo: hello through a pipe\n", timeout=30)
-        os.write(w, b"second line\r\nquit\n")
+        flood = [f"flood {i:03d} " + "z" * 30 for i in range(100)]  # far more than the UART's FIFO
+        os.write(w, "".join(line + "\r\n" for line in flood).encode() + b"quit\n")
         os.close(w)
 
         assert proc.wait() == exitcodes.OK
     finally:
         proc.close()
-    assert proc.console.text.endswith("echo: hello through a pipe\necho: second line\n")
+    echoed = [line.removeprefix("echo: ") for line in proc.console.text.splitlines() if line.startswith("echo: ")]
+    assert echoed == ["hello through a pipe", *flood]
 
 
 def test_stdin_at_end_of_file_does_not_end_the_guest(guest_images: GuestImages, tmp_path: Path):
