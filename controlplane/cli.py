@@ -122,7 +122,10 @@ def _take_stdin() -> int | None:
         fd: int | None = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3)
     except OSError:
         fd = None
-    null = os.open(os.devnull, os.O_RDONLY)  # fd 0 itself if stdin was closed
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)  # fd 0 itself if stdin was closed
+    except OSError:  # a chroot without /dev/null (the jailer makes one): fd 0 stays as it was
+        return fd
     if null != 0:
         os.dup2(null, 0)
         os.close(null)

@@ -270,3 +270,33 @@ def test_close_puts_back_the_signal_handlers_it_replaced(pty_pair):
     assert signal.getsignal(signal.SIGTERM) == console._restore_and_die
     console.close()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+TAKE_STDIN = """
+import fcntl, os, sys
+from controlplane.cli import _take_stdin
+fd = _take_stdin()
+if fd is None:
+    print("none", os.readlink("/proc/self/fd/0"))
+else:
+    cloexec = bool(fcntl.fcntl(fd, fcntl.F_GETFD) & fcntl.FD_CLOEXEC)
+    print(os.readlink("/proc/self/fd/0"), cloexec, os.read(fd, 100).decode())
+"""
+
+
+def test_the_cli_moves_stdin_off_fd_0_which_the_workers_keep():
+    proc = subprocess.run(
+        [sys.executable, "-c", TAKE_STDIN], cwd=REPO, input="from the pipe", capture_output=True, text=True, check=True
+    )
+    assert proc.stdout.split(maxsplit=2) == ["/dev/null", "True", "from the pipe\n"]
+
+
+def test_without_a_stdin_fd_0_is_dev_null_all_the_same():
+    proc = subprocess.run(
+        [sys.executable, "-c", f"import os; os.close(0)\n{TAKE_STDIN}"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert proc.stdout.split() == ["none", "/dev/null"]
