@@ -55,10 +55,6 @@ class RawTerminal:
         self._saved: list[Any] | None = None
         self._lock = threading.RLock()  # re-entered by a signal handler that interrupts enter_raw
 
-    @property
-    def is_raw(self) -> bool:
-        return self._saved is not None
-
     def enter_raw(self) -> None:
         """Firecracker's raw mode: ICANON, ECHO and ISIG off; a read returns each byte."""
         with self._lock:
