@@ -55,7 +55,7 @@ class VcpuWorker:
         self._console_lock = threading.Lock()
         self.console_dropped = 0
         vm = machine.vm
-        self.serial = Serial8250(self._console_write, lambda: vm.pulse_irq(layout.SERIAL_IRQ))
+        self.serial = Serial8250(self._console_write, lambda: vm.pulse_irq(layout.SERIAL_IRQ), self._wake)
         self.i8042 = I8042(
             lambda: self._request_exit(exitcodes.OK, "guest requested reset via the i8042", ""),
             lambda: vm.pulse_irq(layout.I8042_IRQ),
@@ -160,10 +160,15 @@ class VcpuWorker:
         next_metrics = time.monotonic() + METRICS_INTERVAL_S
         outcome: tuple[int, str, str] | None = None
         while outcome is None:
+            # Console input is read only while the receive FIFO has room: the rest waits in the
+            # socket, and so, in the end, in the supervisor (the serial device wakes us when the
+            # guest has made room again).
             want_console = console_open and self.serial.rx_room() > 0
-            if want_console != console_registered:
-                (poller.register if want_console else poller.unregister)(self.console_fd, zmq.POLLIN)
-                console_registered = want_console
+            if want_console and not console_registered:
+                poller.register(self.console_fd, zmq.POLLIN)
+            elif console_registered and not want_console:
+                poller.unregister(self.console_fd)
+            console_registered = want_console
             events = dict(poller.poll(timeout=200 if not want_console else 1000))
             if self.ctl in events:
                 try:
