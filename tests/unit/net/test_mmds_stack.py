@@ -8,7 +8,7 @@ import pytest
 
 from devices.net import packets as pk
 from devices.net.mmds import MAX_REQUEST_BYTES, HttpError, MmdsService, TokenAuthority, parse_request
-from devices.net.stack import MMDS_MAC, MmdsStack
+from devices.net.stack import MMDS_MAC, SEND_BUFFER_BYTES, MmdsStack
 from devices.net.testing import GuestPeer, http_body, parse_reply
 
 DATA = {"latest": {"meta-data": {"ami-id": "ami-1", "reservation-id": "r-2", "n": 3}}}
@@ -285,3 +285,51 @@ def test_connection_limit_resets_extra_syns(stack: MmdsStack) -> None:
 def test_malformed_frames_are_counted_not_raised(stack: MmdsStack, frame: bytes) -> None:
     stack.receive(frame)
     assert not stack.take_output()
+
+
+def test_zero_window_pipelining_cannot_grow_the_send_buffer(clock: Clock) -> None:
+    """The 554 KB attack: a guest that pipelines GETs of a big document and never opens its
+    window. Requests wait once the send buffer is full; our window closes; nothing grows."""
+    svc = MmdsService("V1", False, TokenAuthority(b"k" * 32, clock))
+    svc.set_data(json.dumps({"big": "x" * 50_000}).encode())
+    stack = MmdsStack(svc, clock=clock)
+    g = peer(stack)
+    g.connect()
+    g.window = 0
+    request = b"GET /big HTTP/1.1\r\n\r\n"
+    batch = request * (1400 // len(request))
+    sent = 0
+    for _ in range(400):  # 560 KB offered
+        replies = g.send(pk.TCP_ACK | pk.TCP_PSH, batch)
+        sent += len(batch)
+        if replies and replies[-1].window == 0:
+            g.seq = replies[-1].ack  # what a real guest does at a zero window: wait, then probe
+    (conn,) = stack.conns.values()
+    answer = len(svc.handle(parse_request(request)[0]))  # type: ignore[index]
+    assert sent > 500_000
+    assert len(conn.unacked) < SEND_BUFFER_BYTES + answer
+    assert len(conn.inbuf) <= MAX_REQUEST_BYTES
+    assert stack.metrics["send_buffer_full"] > 0
+    # the guest opens its window: the waiting requests are answered, in order
+    g.window = 65535
+    g.received.clear()
+    for _ in range(20):
+        g.send(pk.TCP_ACK)
+    assert bytes(g.received).startswith(b"HTTP/1.1 200")
+    assert len(conn.unacked) < SEND_BUFFER_BYTES + answer
+
+
+def test_guest_fin_waits_for_the_requests_held_back(clock: Clock) -> None:
+    svc = MmdsService("V1", False, TokenAuthority(b"k" * 32, clock))
+    svc.set_data(json.dumps({"big": "x" * 50_000}).encode())
+    stack = MmdsStack(svc, clock=clock)
+    g = peer(stack)
+    g.connect()
+    g.window = 0
+    g.send(pk.TCP_ACK | pk.TCP_PSH | pk.TCP_FIN, b"GET /big HTTP/1.1\r\n\r\n" * 3)
+    g.window = 65535
+    for _ in range(200):
+        if g.fin_seen:
+            break
+        g.send(pk.TCP_ACK)
+    assert g.fin_seen and bytes(g.received).count(b"HTTP/1.1 200") == 3
