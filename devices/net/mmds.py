@@ -38,8 +38,8 @@ MAX_REQUEST_BYTES = 8192  # a request (head + body) larger than this resets the 
 MIN_TTL, MAX_TTL = 1, 21600
 U32_DIGITS = 10  # a number in a request is read as Firecracker's u32: at most 10 digits
 TOKEN_PATH = "/latest/api/token"
-_TTL_HEADERS = ("x-metadata-token-ttl-seconds", "x-aws-ec2-metadata-token-ttl-seconds")
-_TTL_HEADER_NAMES = dict(zip(_TTL_HEADERS, ("X-metadata-token-ttl-seconds", "X-aws-ec2-metadata-token-ttl-seconds"), strict=True))
+_TTL_HEADER_NAMES = {h.lower(): h for h in ("X-metadata-token-ttl-seconds", "X-aws-ec2-metadata-token-ttl-seconds")}
+_TTL_HEADERS = tuple(_TTL_HEADER_NAMES)
 _TOKEN_HEADERS = ("x-metadata-token", "x-aws-ec2-metadata-token")
 NO_TOKEN = "No MMDS token provided. Use `X-metadata-token` header to specify the session token."
 NO_TTL = (
