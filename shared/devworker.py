@@ -45,7 +45,7 @@ from typing import Any, Protocol
 
 import zmq
 
-from shared import exitcodes, fdpass
+from shared import exitcodes, fdpass, ratelimited_log
 from shared import protocol as p
 from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, install_filter
 from shared.devstate import StateArea, StateAreaError
@@ -213,6 +213,7 @@ class DeviceWorker:
     def metrics(self) -> dict[str, dict[str, int]]:
         """The device's groups, each with the worker's own counters added."""
         own = {"mmio_requests": self.mmio_requests, "bad_messages": self.bad_messages}
+        own["log_lines_suppressed"] = ratelimited_log.suppressed_total()
         return {group: {**values, **own} for group, values in self.hooks.metrics().items()}
 
     def _push_metrics(self) -> None:

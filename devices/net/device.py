@@ -40,13 +40,13 @@ from devices.net import tap
 from devices.net.stack import MmdsStack
 from shared.memory import GuestMemory
 from shared.ratelimit import RateLimiter
+from shared.ratelimited_log import RateLimitedLog
 from shared.virtio import constants as c
 from shared.virtio.chain import ChainError, DescriptorChain
 from shared.virtio.device import DeviceError, Interrupt, config_slice
-from shared.virtio.guestlog import GuestLog
 from shared.virtio.queue import Queue, QueueError
 
-_log = GuestLog(logging.getLogger(__name__))
+_log = RateLimitedLog(logging.getLogger(__name__))
 
 RX, TX = 0, 1
 # Feature bits (spec 5.1.3).
@@ -347,7 +347,7 @@ class NetDevice:
                 self.metrics["tap_write_fails"] += 1
                 self.metrics["tx_fails"] += 1
                 if e.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.EIO, errno.EINVAL):
-                    logging.getLogger(__name__).error("%s: write to the TAP failed: %s", self.iface_id, e)
+                    _log.error("%s: write to the TAP failed: %s", self.iface_id, e)
         queue.add_used(chain.head, 0)
         return True
 

@@ -39,11 +39,11 @@ from typing import Protocol
 
 from devices.vsock.connection import EPOLLIN, Connection, CreditViolation, State
 from devices.vsock.packet import HEADER_SIZE, HOST_CID, TYPE_STREAM, Op, TxPacket, header_bytes
+from shared.ratelimited_log import RateLimitedLog
 from shared.virtio.chain import DescriptorChain
-from shared.virtio.guestlog import GuestLog
 
 log = logging.getLogger(__name__)
-_glog = GuestLog(log)
+_glog = RateLimitedLog(log)
 
 MAX_CONNECTIONS = 1023  # Firecracker's defs::MAX_CONNECTIONS
 MAX_PENDING_RST = 256  # RSTs for packets of no connection, waiting for rx buffers
@@ -168,7 +168,7 @@ class UnixMuxer:
             events = self.epoll.poll(0, 256)
         except OSError as e:
             self.counters["muxer_event_fails"] += 1
-            log.error("vsock muxer: epoll failed: %s", e)
+            _glog.error("vsock muxer: epoll failed: %s", e)
             return
         for fd, mask in events:
             if self.listener is not None and fd == self.listener.fileno():
@@ -210,7 +210,7 @@ class UnixMuxer:
                 return
             except OSError as e:
                 self.counters["muxer_event_fails"] += 1
-                log.warning("vsock: accept on %s failed: %s", self.uds_path, e)
+                _glog.warning("vsock: accept on %s failed: %s", self.uds_path, e)
                 return
             if len(self.conns) + len(self.pending) >= self.max_connections:
                 self.counters["host_connect_refused"] += 1
