@@ -51,6 +51,7 @@ from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, 
 from shared.devstate import StateArea, StateAreaError
 from shared.eventloop import EventLoop
 from shared.faultinject import Fault, FaultInjector
+from shared.memlimit import limit_memory
 from shared.ratelimit import BucketConfig, RateLimiter
 from shared.seccomp import COMMON, Filter
 from shared.virtio import constants as c
@@ -469,6 +470,7 @@ def run_device(
             worker = DeviceWorker(transport, hooks, channels, ctx)
             worker.test_hooks = seccomp.test_hooks
             wait_for_zmq_threads(ctx)
+            limit_memory(transport.mem.size)  # the ceiling: a runaway worker dies, the host lives
             install_filter(seccomp, policy)  # set-up is over: from here on, only the policy's syscalls
         except Exception as e:
             _report_start_failure(ctx, channels, e)
