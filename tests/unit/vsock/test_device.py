@@ -589,7 +589,7 @@ def test_guest_closing_after_the_host_went_away_gets_rst_at_once(rig: VsockRig) 
     assert rig.muxer.conns == {}
 
 
-def test_tx_buffers_of_all_connections_share_one_budget(sock_dir: str, host_listener) -> None:
+def test_tx_buffers_of_all_connections_share_one_budget(sock_dir: str, host_listener: socket.socket) -> None:
     """Each connection stays within its credit, but host readers that never read on many
     connections must not add up to 1023 x 256 KiB: past the budget the connection is reset."""
     budget = 3 * TX_BUF_SIZE
