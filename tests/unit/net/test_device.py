@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import deque
 
 import pytest
@@ -22,6 +23,7 @@ from devices.net.device import (
 from devices.net.mmds import MmdsService
 from devices.net.stack import MmdsStack
 from devices.net.testing import GuestPeer
+from shared import ratelimited_log
 from shared.ratelimit import BucketConfig, RateLimiter
 from shared.virtio import constants as c
 from shared.virtio.testing import FakeInterrupt, MockDriver, make_guest_memory
@@ -221,3 +223,19 @@ def test_held_rx_chains_given_back_are_popped_again_not_lost() -> None:
     used = rig.rx.used()
     assert [h for h, _ in used] == first + more
     assert b"".join(b"".join(rig.rx.written(h))[:n] for h, n in used)[12:] == frame
+
+
+def test_a_flood_of_malformed_frames_logs_a_bounded_number_of_lines(caplog: pytest.LogCaptureFixture) -> None:
+    """Guest-triggered warnings go through the per-call-site rate limit (shared.ratelimited_log)."""
+    rig = Rig()
+    before = ratelimited_log.suppressed_total()
+    caplog.set_level(logging.WARNING, logger="devices.net.device")
+    for _ in range(4):
+        for _ in range(50):
+            rig.tx.add_chain([b"short"])  # shorter than the virtio-net header
+        rig.device.process_queue(TX)
+        rig.tx.used()
+    lines = [r for r in caplog.records if r.name == "devices.net.device"]
+    assert rig.device.metrics["tx_malformed_frames"] == 200
+    assert len(lines) <= 65  # a burst of 50 + a bucket of 10 (and what refills meanwhile), not 200
+    assert ratelimited_log.suppressed_total() - before >= 135
