@@ -25,6 +25,7 @@ from shared import exitcodes, layout
 from shared import protocol as p
 from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, install_filter
 from shared.devworker import wait_for_zmq_threads
+from shared.memlimit import limit_memory, vcpu_headroom
 from vcpu_worker.bus import Bus
 from vcpu_worker.i8042 import I8042
 from vcpu_worker.machine import Machine, build_machine
@@ -230,6 +231,7 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
             worker.virtio = attach_virtio_devices(machine.vm, worker.mmio, devices, fds, ctx, worker._log_warning)
             worker.seccomp = seccomp
             wait_for_zmq_threads(ctx)  # libzmq's threads start with sched_getparam: not under the filter
+            limit_memory(machine.mem.size, vcpu_headroom(len(machine.vcpus)))  # a runaway worker dies, not the host
             install_filter(seccomp, POLICY)  # set-up is over: from here on, only the policy's syscalls
         except Exception as e:
             ctl.send(
