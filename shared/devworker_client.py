@@ -50,8 +50,9 @@ class MmioClient:
         self.name = name
         self.timeout_s = timeout_s
         self._seq = itertools.count(1)
-        self._sock = sock
-        self._sock.setblocking(False)
+        self._sock = sock  # used with MSG_DONTWAIT: setblocking() would be an ioctl (FIONBIO)
+        self._poll = select.poll()
+        self._poll.register(self._sock, select.POLLIN)
 
     def fileno(self) -> int:
         return self._sock.fileno()
@@ -66,7 +67,7 @@ class MmioClient:
 
     def _call(self, seq: int, msg: p.Message, abort: Callable[[], bool] | None = None) -> int:
         try:
-            self._sock.send(p.encode(msg))
+            self._sock.send(p.encode(msg), socket.MSG_DONTWAIT)
         except BlockingIOError:
             raise MmioTimeout(f"the {self.name} worker is not taking requests") from None
         except OSError:
@@ -76,10 +77,10 @@ class MmioClient:
             if abort is not None and abort():
                 raise MmioAborted(f"request to the {self.name} worker abandoned")
             wait = min(left, ABORT_CHECK_S) if abort is not None else left
-            if not select.select([self._sock], [], [], wait)[0]:
+            if not self._poll.poll(wait * 1000):
                 continue
             try:
-                data = self._sock.recv(MAX_ANSWER_BYTES)
+                data = self._sock.recv(MAX_ANSWER_BYTES, socket.MSG_DONTWAIT)
             except BlockingIOError:
                 continue
             except OSError:

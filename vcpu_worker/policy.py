@@ -4,7 +4,7 @@ threads do once the VM is built.
 Everything that creates or configures the VM (KVM_CREATE_VM, memory slots, irqchip, PIT,
 CPUID, registers, and the virtio ioeventfds and irqfds) happens before the filter is
 loaded, so only the ioctls a running guest needs are allowed, each pinned by number.
-No open, no exec, no fork, and only AF_UNIX sockets (ZeroMQ's ipc:// channels).
+No open, no exec, no fork; the MMIO channels to device workers are socketpairs it was given.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ VCPU = policy(
     allow(
         "ioctl", "register dump of a failed guest (describe_registers)", arg_eq(1, abi.KVM_GET_SREGS, "KVM_GET_SREGS")
     ),
-    allow("eventfd2", "a vCPU thread's first access to a virtio window creates its ZeroMQ socket (mailbox)"),
+    allow("recvmsg", "the fd channel: a replacement device worker's MMIO channel arrives with DeviceUp (fdpass)"),
 )
 
 POLICY: Filter = COMMON + VCPU
