@@ -207,7 +207,7 @@ class DeviceWorker:
         hooks.install(self.loop)
 
     def _register(self) -> None:
-        self.loop.register(self.control.getsockopt(zmq.FD), CONTROL, self)
+        self.loop.register(int(self.control.getsockopt(zmq.FD)), CONTROL, self)
         self.loop.register(self.mmio.fileno(), MMIO, self)
         self.loop.register(self.fd_channel.fileno(), FD_CHANNEL, self)
         for index, fd in enumerate(self.channels.queue_fds):
