@@ -30,6 +30,8 @@ from typing import Any
 
 import msgpack
 
+from controlplane.policy import ZYGOTE
+from shared.confine import load_process_filter
 from shared.process import close_fds_except, die_with_parent, set_process_name
 
 WorkerEntry = Callable[[dict[str, Any], list[int]], int]
@@ -71,8 +73,9 @@ class Zygote:
         self._exits: dict[int, int] = {}
 
     @classmethod
-    def start(cls) -> Zygote:
-        """Fork the zygote. Call before this process starts any thread or ZeroMQ context."""
+    def start(cls, seccomp: bool = True) -> Zygote:
+        """Fork the zygote. Call before this process starts any thread or ZeroMQ context.
+        `seccomp` False (--no-seccomp) leaves it without its filter (controlplane/policy.py)."""
         if threading.active_count() > 1:
             raise ZygoteError("the zygote must be forked before any thread starts")
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -81,7 +84,7 @@ class Zygote:
             parent_sock.close()
             code = 1
             try:
-                code = _zygote_main(child_sock)
+                code = _zygote_main(child_sock, seccomp)
             finally:
                 os._exit(code)
         child_sock.close()
@@ -150,7 +153,7 @@ class Zygote:
             os.waitpid(self.pid, 0)
 
 
-def _zygote_main(sock: socket.socket) -> int:  # pragma: no cover - runs in the child
+def _zygote_main(sock: socket.socket, seccomp: bool = True) -> int:  # pragma: no cover - runs in the child
     """The zygote's loop: fork workers on request, report their exits."""
     set_process_name("embervm-zygote")
     die_with_parent(signal.SIGKILL)
@@ -160,6 +163,8 @@ def _zygote_main(sock: socket.socket) -> int:  # pragma: no cover - runs in the 
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    if seccomp:
+        load_process_filter(ZYGOTE)  # a deny-list; every worker inherits it under its own
     while True:
         ready, _, _ = select.select([sock, wake_r], [], [])
         if wake_r in ready:

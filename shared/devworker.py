@@ -163,7 +163,7 @@ class DeviceWorker:
         self.control = ctx.socket(zmq.DEALER)
         self.control.setsockopt(zmq.LINGER, 1000)
         self.control.setsockopt(zmq.IDENTITY, channels.name.encode())
-        self.control.connect(channels.control_endpoint)
+        connect_before_filter(self.control, channels.control_endpoint)
         self.mmio = ctx.socket(zmq.ROUTER)
         self.mmio.setsockopt(zmq.LINGER, 0)
         self.mmio.bind(channels.mmio_endpoint)
@@ -449,6 +449,32 @@ def wait_for_zmq_threads(ctx: zmq.Context, timeout_s: float = 2.0) -> bool:
             return True
         time.sleep(0.001)
     return False
+
+
+class NotConnectedError(Exception):
+    """A ZeroMQ connection a worker needs was not made during its set-up."""
+
+
+def connect_before_filter(sock: zmq.Socket, endpoint: str, timeout_s: float = 5.0) -> None:
+    """Connect `sock` to `endpoint` now, and never again: no reconnection after the filter.
+
+    libzmq connects from its I/O thread, asynchronously: `connect` returns before the
+    socket(2) and connect(2) calls are made, and by default a lost connection is re-made
+    (new socket(2) and connect(2)) every 100 ms. A worker's policy allows neither, so wait
+    for the connection here, during set-up, and turn reconnection off (ZMQ_RECONNECT_IVL
+    -1): the peer (the supervisor) outlives the worker, and a worker that loses it has
+    nothing left to do. Raises NotConnectedError when the connection is not made in time.
+    """
+    sock.setsockopt(zmq.RECONNECT_IVL, -1)
+    monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+    try:
+        sock.connect(endpoint)
+        if not monitor.poll(int(timeout_s * 1000), zmq.POLLIN):
+            raise NotConnectedError(f"no connection to {endpoint} within {timeout_s:g} s")
+        monitor.recv_multipart()  # the EVENT_CONNECTED record: the only event asked for
+    finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
 
 
 def run_device(

@@ -40,6 +40,9 @@ class MmioClient:
         self._seq = itertools.count(1)
         self._sock = ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 0)
+        # No reconnection: a replaced device worker gets a new client (vcpu_worker/virtio.py),
+        # so the old socket need never make a new connection (socket(2)) under the filter.
+        self._sock.setsockopt(zmq.RECONNECT_IVL, -1)
         self._sock.connect(endpoint)
 
     def read(self, offset: int, size: int, abort: Callable[[], bool] | None = None) -> int:
