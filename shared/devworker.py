@@ -163,7 +163,7 @@ class DeviceWorker:
         self.control = ctx.socket(zmq.DEALER)
         self.control.setsockopt(zmq.LINGER, 1000)
         self.control.setsockopt(zmq.IDENTITY, channels.name.encode())
-        connect_before_filter(self.control, channels.control_endpoint)
+        self._control_monitor: zmq.Socket | None = connect_once(self.control, channels.control_endpoint)
         self.mmio = ctx.socket(zmq.ROUTER)
         self.mmio.setsockopt(zmq.LINGER, 0)
         self.mmio.bind(channels.mmio_endpoint)
@@ -192,6 +192,12 @@ class DeviceWorker:
         root.setLevel(logging.INFO)
         self._register()
         hooks.install(self.loop)
+
+    def wait_connected(self) -> None:
+        """Return once the control connection is made: no socket(2) is needed after set-up."""
+        monitor, self._control_monitor = self._control_monitor, None
+        if monitor is not None:
+            wait_connected(self.control, monitor)
 
     def _register(self) -> None:
         self.loop.register(self.control.getsockopt(zmq.FD), CONTROL, self)
@@ -425,6 +431,9 @@ class DeviceWorker:
         if self.state is not None:
             self.state.close()
         self.loop.close()
+        if self._control_monitor is not None:
+            self.control.disable_monitor()
+            self._control_monitor.close(linger=0)
         self.mmio.close(linger=0)
         self.control.close()
         self.fd_channel.close()
@@ -455,22 +464,29 @@ class NotConnectedError(Exception):
     """A ZeroMQ connection a worker needs was not made during its set-up."""
 
 
-def connect_before_filter(sock: zmq.Socket, endpoint: str, timeout_s: float = 5.0) -> None:
-    """Connect `sock` to `endpoint` now, and never again: no reconnection after the filter.
+def connect_once(sock: zmq.Socket, endpoint: str) -> zmq.Socket:
+    """Start connecting `sock` to `endpoint`, never to reconnect; returns the monitor socket
+    that `wait_connected` waits on.
 
     libzmq connects from its I/O thread, asynchronously: `connect` returns before the
     socket(2) and connect(2) calls are made, and by default a lost connection is re-made
-    (new socket(2) and connect(2)) every 100 ms. A worker's policy allows neither, so wait
-    for the connection here, during set-up, and turn reconnection off (ZMQ_RECONNECT_IVL
-    -1): the peer (the supervisor) outlives the worker, and a worker that loses it has
-    nothing left to do. Raises NotConnectedError when the connection is not made in time.
+    (new socket(2) and connect(2)) every 100 ms. A worker's policy allows neither, so a
+    worker waits for its connections during set-up and turns reconnection off
+    (ZMQ_RECONNECT_IVL -1): its peer, the supervisor, outlives it, and a worker that loses
+    the supervisor has nothing left to do.
     """
     sock.setsockopt(zmq.RECONNECT_IVL, -1)
-    monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)
+    monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED)  # before connect: the event is not missed
+    sock.connect(endpoint)
+    return monitor
+
+
+def wait_connected(sock: zmq.Socket, monitor: zmq.Socket, timeout_s: float = 5.0) -> None:
+    """Wait until the connection `connect_once` started is made (before the filter is
+    loaded); NotConnectedError if it is not made in time. Closes `monitor`."""
     try:
-        sock.connect(endpoint)
         if not monitor.poll(int(timeout_s * 1000), zmq.POLLIN):
-            raise NotConnectedError(f"no connection to {endpoint} within {timeout_s:g} s")
+            raise NotConnectedError(f"no ZeroMQ connection made within {timeout_s:g} s")
         monitor.recv_multipart()  # the EVENT_CONNECTED record: the only event asked for
     finally:
         sock.disable_monitor()
@@ -488,14 +504,18 @@ def run_device(
     seccomp = seccomp or SeccompSettings()
     drop_privileges()  # before ZeroMQ starts its threads: capabilities are per thread
     ctx = zmq.Context()
+    worker: DeviceWorker | None = None
     try:
         try:
             transport, hooks = build()
             worker = DeviceWorker(transport, hooks, channels, ctx)
             worker.test_hooks = seccomp.test_hooks
+            worker.wait_connected()
             wait_for_zmq_threads(ctx)
             install_filter(seccomp, policy)  # set-up is over: from here on, only the policy's syscalls
         except Exception as e:
+            if worker is not None:
+                worker.close()  # its sockets: ctx.term() waits for every socket to close
             _report_start_failure(ctx, channels, e)
             return exitcodes.BAD_CONFIGURATION
         try:

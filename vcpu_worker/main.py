@@ -24,7 +24,7 @@ import zmq
 from shared import exitcodes, layout
 from shared import protocol as p
 from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, install_filter
-from shared.devworker import connect_before_filter, wait_for_zmq_threads
+from shared.devworker import connect_once, wait_connected, wait_for_zmq_threads
 from vcpu_worker.bus import Bus
 from vcpu_worker.i8042 import I8042
 from vcpu_worker.machine import Machine, build_machine
@@ -218,7 +218,7 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
     ctl.setsockopt(zmq.IDENTITY, str(args.get("name", "vcpu")).encode())  # the supervisor routes by name
     try:
         try:
-            connect_before_filter(ctl, str(args["control_endpoint"]))  # no socket() after the filter
+            wait_connected(ctl, connect_once(ctl, str(args["control_endpoint"])))  # no socket() after the filter
             machine = build_machine(kvm_fd, memfd, args)
             worker = VcpuWorker(machine, console_fd, ctl)
             devices = list(args.get("virtio_devices", []))

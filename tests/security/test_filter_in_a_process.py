@@ -54,12 +54,12 @@ def test_zeromq_connected_before_the_filter_talks_under_it_without_new_sockets(t
         """,
         setup=f"""
         import zmq
-        from shared.devworker import connect_before_filter, wait_for_zmq_threads
+        from shared.devworker import connect_once, wait_connected, wait_for_zmq_threads
         ctx = zmq.Context()
         router = ctx.socket(zmq.ROUTER)
         router.bind("ipc://{tmp_path}/ep")
         dealer = ctx.socket(zmq.DEALER)
-        connect_before_filter(dealer, "ipc://{tmp_path}/ep")
+        wait_connected(dealer, connect_once(dealer, "ipc://{tmp_path}/ep"))
         wait_for_zmq_threads(ctx)
         """,
     )
