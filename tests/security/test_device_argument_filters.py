@@ -99,7 +99,7 @@ def test_every_forbidden_attempt_kills_the_vsock_worker(
         seccomp_test_hooks=True,
         restart_policy=RESTARTS,
     )
-    vm = launcher.start_vm(spec, console, lambda code, reason: None)
+    vm = launcher.start_vm(spec, console, lambda code, reason: None)  # type: ignore[arg-type]
     try:
         console.wait_for("echo ready")
 

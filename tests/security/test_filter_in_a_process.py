@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -46,7 +47,7 @@ def test_traceback_is_formatted_with_source_lines_and_without_opening_files() ->
     assert (result.returncode, result.stdout) == (0, "confined\nTrue True\n")
 
 
-def test_zeromq_connected_before_the_filter_talks_under_it_without_new_sockets(tmp_path) -> None:
+def test_zeromq_connected_before_the_filter_talks_under_it_without_new_sockets(tmp_path: Path) -> None:
     result = run_confined(
         """
         dealer.send(b"ping")
@@ -126,7 +127,7 @@ def test_kill_log_names_the_syscall_of_a_killed_process() -> None:
         kills.close()
 
 
-def test_kill_log_without_a_kernel_log_says_why(tmp_path) -> None:
+def test_kill_log_without_a_kernel_log_says_why(tmp_path: Path) -> None:
     kills = SeccompKillLog.open(str(tmp_path / "no-kmsg"))
 
     assert kills.describe(os.getpid()).startswith("syscall unknown: cannot read the kernel log")

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 from pathlib import Path
 
 import prctl
@@ -15,10 +16,10 @@ import pytest
 
 from controlplane.policy import SUPERVISOR, SUPERVISOR_CAPABILITIES, ZYGOTE
 from guest.build import GuestImages
-from shared.seccomp import compile_filter
-from tests.integration.test_api_boot import configure, embervm_api  # noqa: F401  (embervm_api: fixture)
+from shared.seccomp import Filter, compile_filter
+from tests.integration.test_api_boot import Embervm, configure, embervm_api  # noqa: F401  (embervm_api: fixture)
 from tests.security.conftest import REPO, SIGSYS_RC, proc_status, threads_of
-from tests.support.api_client import assert_no_content
+from tests.support.api_client import ApiClient, assert_no_content
 
 
 def children(pid: int) -> list[int]:
@@ -34,9 +35,9 @@ def cap_mask(caps: object) -> int:
 
 
 def test_supervisor_and_zygote_of_a_running_embervm_are_filtered_without_new_privileges(
-    embervm_api,  # noqa: F811
+    embervm_api: Callable[..., tuple[Embervm, ApiClient]],  # noqa: F811
     guest_images: GuestImages,
-):
+) -> None:
     proc, client = embervm_api()
     configure(client, guest_images.elf, "console=ttyS0 test=loop ticks_every=100000")
     assert_no_content(client.put("/actions", json={"action_type": "InstanceStart"}))
@@ -64,7 +65,9 @@ def test_supervisor_and_zygote_of_a_running_embervm_are_filtered_without_new_pri
     assert proc.wait() == 128 + signal.SIGTERM
 
 
-def test_no_seccomp_leaves_the_supervisor_and_the_zygote_unfiltered(embervm_api):  # noqa: F811
+def test_no_seccomp_leaves_the_supervisor_and_the_zygote_unfiltered(
+    embervm_api: Callable[..., tuple[Embervm, ApiClient]],  # noqa: F811
+) -> None:
     proc, client = embervm_api("--no-seccomp")
     supervisor = proc.proc.pid
     (zygote,) = [c for c in children(supervisor) if comm(c) == "embervm-zygote"]
@@ -168,7 +171,7 @@ def test_zygote_may_fork_mount_unshare_and_change_uid_for_its_workers() -> None:
 
 
 @pytest.mark.parametrize("flt", [SUPERVISOR, ZYGOTE], ids=["supervisor", "zygote"])
-def test_process_filters_allow_by_default_and_name_every_rule(flt) -> None:
+def test_process_filters_allow_by_default_and_name_every_rule(flt: Filter) -> None:
     compile_filter(flt)
 
     assert flt.default_action == "allow"
