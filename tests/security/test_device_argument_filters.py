@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 
 import pytest
@@ -17,14 +16,14 @@ from controlplane.vm_spec import VmSpec
 from guest.build import GuestImages
 from tests.integration.test_net_vm import iface, ns  # noqa: F401  (ns: fixture)
 from tests.integration.test_net_vm import start as start_net
+from tests.security.conftest import space_kills
 from tests.security.test_worker_confinement import FORBIDDEN, kill_log, wait_restarted, worker  # noqa: F401
 from tests.support import netns
 from tests.support.console import ConsoleCapture
 
 RESTARTS = {"max_restarts": len(FORBIDDEN) + 2, "backoff_max_s": 0.2}  # one kill per attempt
-# The kernel writes at most 10 seccomp kill records per 5 s (printk_ratelimit), for the whole
-# host: pace the kills, and accept "syscall unknown" when other processes' records used it up.
-KILL_SPACING_S = 0.6
+# Kills are spaced (space_kills), but other processes on the host share the kernel's rate
+# limit for the records: "syscall unknown" is accepted for some of them.
 UNKNOWN = "killed by seccomp (syscall unknown: no audit record in the kernel log)"
 
 
@@ -32,7 +31,7 @@ def kill_each_way(vm: MicroVm, name: str) -> dict[str, str]:
     """Make the worker `name` attempt each forbidden syscall in turn; the cause of each restart."""
     causes = {}
     for what, _, _ in FORBIDDEN:
-        time.sleep(KILL_SPACING_S)
+        space_kills()
         old_pid = worker(vm, name)["pid"]
         vm.test_syscall(name, what)
         new = wait_restarted(vm, name, old_pid)

@@ -15,7 +15,7 @@ from controlplane.microvm import Launcher, MicroVm, VmStartError
 from controlplane.vm_spec import DriveSpec, VmSpec
 from guest.build import GuestImages
 from shared import exitcodes
-from tests.security.conftest import proc_status, threads_of
+from tests.security.conftest import proc_status, space_kills, threads_of
 from tests.support.console import ConsoleCapture
 from tests.support.waiting import wait_until
 from vcpu_worker.policy import POLICY as VCPU_POLICY
@@ -140,6 +140,7 @@ def test_forbidden_syscall_in_the_vcpu_worker_ends_the_vm_with_the_syscall_repor
     vm, console = start(launcher, guest_images.elf, "test=loop", seccomp_test_hooks=True)
     console.wait_for("tick 1")
 
+    space_kills()
     vm.test_syscall("vcpu", what)
 
     assert vm.wait(timeout=10) == exitcodes.BAD_SYSCALL
@@ -158,6 +159,7 @@ def test_forbidden_syscall_in_a_block_worker_kills_only_that_worker(
     try:
         console.wait_for("echo ready")
 
+        space_kills()
         vm.test_syscall("block_data", what)
 
         old_pid = worker(vm, "block_data")["pid"]
