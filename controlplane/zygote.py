@@ -163,10 +163,11 @@ def _zygote_main(sock: socket.socket, seccomp: bool = True) -> int:  # pragma: n
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    sock_fd = sock.fileno()
     if seccomp:
         load_process_filter(ZYGOTE)  # a deny-list; every worker inherits it under its own
     while True:
-        ready, _, _ = select.select([sock, wake_r], [], [])
+        ready, _, _ = select.select([sock_fd, wake_r], [], [])
         if wake_r in ready:
             while True:
                 try:
@@ -175,7 +176,7 @@ def _zygote_main(sock: socket.socket, seccomp: bool = True) -> int:  # pragma: n
                 except BlockingIOError:
                     break
             _report_exits(sock)
-        if sock in ready:
+        if sock_fd in ready:
             try:
                 data, fds, _, _ = socket.recv_fds(sock, MAX_MSG, MAX_FDS)
             except OSError:
