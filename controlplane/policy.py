@@ -137,6 +137,57 @@ SUPERVISOR_CAPABILITIES = {
 }
 
 
+# Capabilities the zygote gives up for good (bounding, permitted, effective): none has a use
+# in forking workers or in building their namespaces and uid (which needs CAP_SYS_ADMIN,
+# CAP_SETUID, CAP_SETGID, CAP_SETPCAP, CAP_SYS_RESOURCE and the like: kept). Workers drop
+# every capability themselves (shared.confine.drop_privileges).
+ZYGOTE_DROPPED_CAPABILITIES = {
+    prctl.CAP_SYS_MODULE: "load kernel modules",
+    prctl.CAP_SYS_RAWIO: "raw I/O, /dev/mem",
+    prctl.CAP_SYS_BOOT: "reboot, kexec",
+    prctl.CAP_SYS_TIME: "the host's clock",
+    prctl.CAP_SYS_PTRACE: "trace any process",
+    prctl.CAP_SYS_PACCT: "process accounting",
+    prctl.CAP_SYSLOG: "the kernel log",
+    prctl.CAP_SYS_TTY_CONFIG: "vhangup, terminals",
+    prctl.CAP_MAC_ADMIN: "LSM policy",
+    prctl.CAP_MAC_OVERRIDE: "LSM policy",
+    prctl.CAP_AUDIT_CONTROL: "the audit system",
+    prctl.CAP_AUDIT_READ: "the audit log",
+    prctl.CAP_AUDIT_WRITE: "the audit log",
+    prctl.CAP_BPF: "BPF programs",
+    prctl.CAP_PERFMON: "perf events",
+    prctl.CAP_LINUX_IMMUTABLE: "immutable files",
+    prctl.CAP_WAKE_ALARM: "wake-up alarms",
+    prctl.CAP_BLOCK_SUSPEND: "block system suspend",
+    prctl.CAP_NET_RAW: "raw and packet sockets",
+    prctl.CAP_NET_BIND_SERVICE: "privileged ports",
+    prctl.CAP_NET_BROADCAST: "broadcast",
+    prctl.CAP_LEASE: "file leases",
+}
+
+
+def _last_cap() -> int:
+    with open("/proc/sys/kernel/cap_last_cap") as f:
+        return int(f.read())
+
+
+def drop_zygote_capabilities() -> None:
+    """Give up ZYGOTE_DROPPED_CAPABILITIES (call while single-threaded). A zygote without
+    capabilities (embervm not run as root, or jailed) is left as it is."""
+    dropped = [cap for cap in ZYGOTE_DROPPED_CAPABILITIES if cap <= _last_cap()]
+    try:
+        if prctl.cap_effective.setpcap:
+            for cap in dropped:
+                if prctl.capbset_read(cap):
+                    prctl.capbset_drop(cap)
+        clear_ambient_capabilities()
+        every_set = [prctl.CAP_EFFECTIVE, prctl.CAP_PERMITTED, prctl.CAP_INHERITABLE]
+        prctl.set_caps((dropped, every_set, False))
+    except OSError as e:
+        raise ConfineError(f"cannot drop the zygote's capabilities: {e}") from None
+
+
 def drop_supervisor_capabilities(keep: dict[int, str] | None = None) -> None:
     """Keep only `keep` (SUPERVISOR_CAPABILITIES) in the permitted and effective sets and
     the bounding set; empty the inheritable and ambient sets. Call while single-threaded:
@@ -144,9 +195,7 @@ def drop_supervisor_capabilities(keep: dict[int, str] | None = None) -> None:
     caps = set(SUPERVISOR_CAPABILITIES if keep is None else keep)
     try:
         if prctl.cap_effective.setpcap:  # dropping from the bounding set needs CAP_SETPCAP
-            with open("/proc/sys/kernel/cap_last_cap") as f:
-                last_cap = int(f.read())
-            for cap in range(last_cap + 1):
+            for cap in range(_last_cap() + 1):
                 if cap not in caps and prctl.capbset_read(cap):
                     prctl.capbset_drop(cap)
         clear_ambient_capabilities()

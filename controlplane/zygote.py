@@ -30,7 +30,7 @@ from typing import Any
 
 import msgpack
 
-from controlplane.policy import ZYGOTE
+from controlplane.policy import ZYGOTE, drop_zygote_capabilities
 from shared.confine import load_process_filter
 from shared.process import close_fds_except, die_with_parent, set_process_name
 
@@ -164,6 +164,7 @@ def _zygote_main(sock: socket.socket, seccomp: bool = True) -> int:  # pragma: n
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     sock_fd = sock.fileno()
+    drop_zygote_capabilities()
     if seccomp:
         load_process_filter(ZYGOTE)  # a deny-list; every worker inherits it under its own
     while True:
