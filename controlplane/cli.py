@@ -107,10 +107,12 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The `embervm` console script."""
     args = parse_args(argv)
     from controlplane.microvm import Launcher  # the zygote forks first, before any thread exists
+    from controlplane.policy import confine_supervisor
 
     console_in = _take_stdin()  # before the zygote forks: its workers keep fds 0-2
-    launcher = Launcher.start()
+    launcher = Launcher.start(seccomp=not args.no_seccomp)
     try:
+        confine_supervisor(args.no_seccomp)  # still single-threaded: capabilities are per thread
         code = run(args, launcher, console_in=console_in)
     finally:
         launcher.shutdown()

@@ -137,8 +137,8 @@ class Launcher:
         self.seccomp_kills = SeccompKillLog.open()  # which syscall a filter killed a worker for
 
     @classmethod
-    def start(cls) -> Launcher:
-        zygote = Zygote.start()
+    def start(cls, seccomp: bool = True) -> Launcher:
+        zygote = Zygote.start(seccomp)  # seccomp False: --no-seccomp
         run_dir = tempfile.mkdtemp(prefix="embervm-")
         return cls(zygote, run_dir)
 

@@ -38,8 +38,9 @@ from typing import Any
 
 import msgpack
 
+from controlplane.policy import ZYGOTE, drop_zygote_capabilities
 from shared import isolation
-from shared.confine import warm_linecache
+from shared.confine import load_process_filter, warm_linecache
 from shared.process import close_fds_except, die_with_parent, set_process_name
 
 WorkerEntry = Callable[[dict[str, Any], list[int]], int]
@@ -85,8 +86,9 @@ class Zygote:
         self._exits: dict[int, int] = {}
 
     @classmethod
-    def start(cls) -> Zygote:
-        """Fork the zygote. Call before this process starts any thread or ZeroMQ context."""
+    def start(cls, seccomp: bool = True) -> Zygote:
+        """Fork the zygote. Call before this process starts any thread or ZeroMQ context.
+        `seccomp` False (--no-seccomp) leaves it without its filter (controlplane/policy.py)."""
         if threading.active_count() > 1:
             raise ZygoteError("the zygote must be forked before any thread starts")
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -95,7 +97,7 @@ class Zygote:
             parent_sock.close()
             code = 1
             try:
-                code = _zygote_main(child_sock)
+                code = _zygote_main(child_sock, seccomp)
             finally:
                 os._exit(code)
         child_sock.close()
@@ -177,7 +179,7 @@ class Zygote:
             os.waitpid(self.pid, 0)
 
 
-def _zygote_main(sock: socket.socket) -> int:  # pragma: no cover - runs in the child
+def _zygote_main(sock: socket.socket, seccomp: bool = True) -> int:  # pragma: no cover - runs in the child
     """The zygote's loop: fork workers on request, report their exits."""
     set_process_name("embervm-zygote")
     die_with_parent(signal.SIGKILL)
@@ -193,6 +195,9 @@ def _zygote_main(sock: socket.socket) -> int:  # pragma: no cover - runs in the 
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
     sock_fd = sock.fileno()
+    drop_zygote_capabilities()
+    if seccomp:
+        load_process_filter(ZYGOTE)  # a deny-list; every worker inherits it under its own
     while True:
         ready, _, _ = select.select([sock_fd, wake_r], [], [])
         if wake_r in ready:

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import linecache
 import os
 import socket
@@ -44,7 +45,17 @@ PR_CAP_AMBIENT_CLEAR_ALL = 4
 M_ARENA_MAX = -8
 MODES = ("default", "off", "custom")
 # What the test hook can be asked to attempt: each is forbidden by every default policy.
-TEST_SYSCALLS = ("execve", "open", "socket_inet")
+TEST_SYSCALLS = (
+    "execve",
+    "open",
+    "socket_inet",
+    "socket_unix",
+    "fcntl_setown",
+    "fcntl_setsig",
+    "fcntl_async",
+    "ioctl",
+)
+F_SETOWN, F_SETSIG = 8, 10
 TEST_EXEC_PATH = "/nonexistent/embervm-seccomp-test"  # harmless even when unconfined
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -128,13 +139,18 @@ def drop_privileges(threads_started: bool = False) -> None:
         for cap in range(LAST_CAP + 1):
             if prctl.capbset_read(cap):
                 prctl.capbset_drop(cap)
-    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
+    clear_ambient_capabilities()
     every_set = [prctl.CAP_EFFECTIVE, prctl.CAP_PERMITTED, prctl.CAP_INHERITABLE]
     prctl.set_caps((prctl.ALL_CAPS, every_set, False))  # one capset(): effective must stay within permitted
     prctl.set_no_new_privs(1)
     left = _held_privileges()
     if left:
         raise ConfineError(f"privileges still held after dropping them: {', '.join(left)}")
+
+
+def clear_ambient_capabilities() -> None:
+    """Empty this thread's ambient capability set (python-prctl has no call for it)."""
+    _libc.prctl(PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0)
 
 
 # --- step 3: the seccomp filter ------------------------------------------------------------------
@@ -181,6 +197,8 @@ def effective_filter(settings: SeccompSettings, default: Filter) -> Filter | Non
 
 def install_filter(settings: SeccompSettings, default: Filter) -> bool:
     """Load this worker's filter on all its threads; False when seccomp is off."""
+    if settings.test_hooks:
+        _arm_test_hooks()
     flt = effective_filter(settings, default)
     if flt is None:
         return False
@@ -193,12 +211,34 @@ def install_filter(settings: SeccompSettings, default: Filter) -> bool:
     return True
 
 
+def load_process_filter(flt: Filter) -> None:
+    """Set no_new_privs and load `flt` on every thread of this process: the supervisor's
+    and the zygote's deny-lists (controlplane/policy.py)."""
+    prctl.set_no_new_privs(1)
+    try:
+        compile_filter(flt, tsync=True).load()
+    except OSError as e:
+        raise ConfineError(f"cannot load the seccomp filter: {e}") from None
+
+
 # --- the test-only hook -----------------------------------------------------------------------
+_hook_pipe: tuple[int, int] | None = None  # the fd the fcntl attempts act on
+
+
+def _arm_test_hooks() -> None:
+    """Make, before the filter, the pipe the fcntl attempts use (no syscall is needed to
+    get an fd to act on, so the kernel reports the fcntl itself). Tests only."""
+    global _hook_pipe
+    if _hook_pipe is None:
+        _hook_pipe = os.pipe2(os.O_CLOEXEC)
+
+
 def attempt_forbidden(what: str) -> str:
     """Make a syscall no policy allows (for tests; armed by SeccompSettings.test_hooks).
 
     Under a filter the worker dies here by SIGSYS. Unconfined, each attempt is harmless:
-    the exec target does not exist, the file is removed, the socket closed.
+    the exec target does not exist, the file is removed, the socket closed, the fcntl
+    acts on a pipe only this process holds, the ioctl asks whether stderr is a terminal.
     """
     if what == "execve":
         try:
@@ -214,10 +254,28 @@ def attempt_forbidden(what: str) -> str:
         os.close(fd)
         os.unlink(path)
         return "open succeeded"
-    if what == "socket_inet":
+    if what in ("socket_inet", "socket_unix"):
+        family = socket.AF_INET if what == "socket_inet" else socket.AF_UNIX
+        kind = socket.SOCK_STREAM if what == "socket_inet" else socket.SOCK_DGRAM
         try:
-            socket.socket(socket.AF_INET, socket.SOCK_STREAM).close()
+            socket.socket(family, kind).close()
         except OSError as e:
-            return f"socket(AF_INET) failed: {e.strerror}"
-        return "socket(AF_INET) succeeded"
+            return f"{what} failed: {e.strerror}"
+        return f"{what} succeeded"
+    fcntls = {
+        "fcntl_setown": (F_SETOWN, os.getpid()),  # an attacker names its victim's pid here
+        "fcntl_setsig": (F_SETSIG, 0),  # ... and SIGKILL here
+        "fcntl_async": (fcntl.F_SETFL, os.O_ASYNC | os.O_NONBLOCK),  # ... and arms SIGIO
+    }
+    if what in fcntls:
+        if _hook_pipe is None:
+            return "test hooks not armed"
+        command, arg = fcntls[what]
+        try:
+            fcntl.fcntl(_hook_pipe[0], command, arg)
+        except OSError as e:
+            return f"{what} failed: {e.strerror}"
+        return f"{what} succeeded"
+    if what == "ioctl":
+        return f"ioctl(TCGETS) on stderr answered: isatty={os.isatty(2)}"
     return f"unknown test syscall {what!r}"

@@ -525,6 +525,7 @@ def run_device(
     if not namespaced:
         drop_privileges()  # before ZeroMQ starts its threads: capabilities are per thread
     ctx = zmq.Context()
+    worker: DeviceWorker | None = None
     try:
         try:
             control = connect_control(ctx, channels.control_endpoint, channels.name)

@@ -39,9 +39,15 @@ DWORD_MASK = 0xFFFFFFFF
 PROT_EXEC = 0x4
 AT_EMPTY_PATH = 0x1000
 AF_UNIX = 1
+SOCK_STREAM = 1
 CLONE_THREAD = 0x10000
 SOCK_CLOEXEC = 0o2000000
+SOCK_NONBLOCK = 0o4000
 PR_SET_NAME = 15
+# fcntl commands (asm-generic/fcntl.h) and the O_ASYNC flag: only the first five are ever allowed.
+F_GETFD, F_SETFD, F_GETFL, F_SETFL = 1, 2, 3, 4
+F_DUPFD_CLOEXEC = 1030
+O_ASYNC = 0o20000
 
 _SIMPLE_ACTIONS = {
     "allow": pyseccomp.ALLOW,
@@ -158,6 +164,11 @@ def arg_masked(index: int, mask: int, value: int, comment: str = "") -> Cond:
     return Cond(index, "masked_eq", value, comment, mask=mask)
 
 
+def ioctl_request(value: int, name: str) -> Cond:
+    """`ioctl`'s request (argument 1) pinned to `value`, labelled with its name and number."""
+    return Cond(1, "eq", value, f"{name} ({value:#x})")
+
+
 def policy(*rules: Rule) -> Filter:
     return Filter(tuple(rules))
 
@@ -167,6 +178,8 @@ NO_EXEC = arg_masked(2, PROT_EXEC, 0, "prot without PROT_EXEC")
 # What every Python worker needs after set-up: CPython, glibc (threads, malloc), libzmq.
 # Each entry was seen under strace in a worker after its filter was loaded, or is named
 # for the path that needs it; docs/seccomp.md says how to redo that survey.
+# No syscall that takes a path is allowed (seccomp cannot read the string a pointer points
+# to); no socket() or connect(): every ZeroMQ connection is made before the filter is loaded.
 COMMON = policy(
     # memory
     allow("brk", "glibc malloc: grows the main heap"),
@@ -186,15 +199,21 @@ COMMON = policy(
         "newfstatat",
         errno.EACCES,
         "stat() of a path: linecache looks for a frame's source (a Cython frame of pyzmq) while a"
-        " traceback is formatted; denied with EACCES so that an error report does not kill the worker",
+        " traceback is formatted; refused with EACCES, without looking the path up, so that an error"
+        " report does not kill the worker",
         arg_masked(3, AT_EMPTY_PATH, 0, "not AT_EMPTY_PATH"),
     ),
-    # libzmq (re)connects an ipc:// endpoint from its I/O thread: a vCPU thread's first MMIO
-    # access opens its socket, and a restarted device worker is reconnected to. AF_UNIX only.
-    allow("socket", "libzmq connects an ipc:// endpoint", arg_eq(0, AF_UNIX, "AF_UNIX")),
-    allow("connect", "libzmq connects an ipc:// endpoint"),
-    allow("fcntl", "libzmq makes a new connection non-blocking (F_GETFL/F_SETFL)"),
-    allow("getsockopt", "libzmq: SO_ERROR of a non-blocking connect"),
+    # fcntl: the file-status and fd flags only. Never F_SETOWN/F_SETOWN_EX/F_SETSIG (with
+    # O_ASYNC they make the kernel signal any process: a SIGKILL that `kill` is not needed
+    # for), F_SETLEASE/F_NOTIFY (signals too), F_SETLK (host file locks) or F_SETPIPE_SZ.
+    allow("fcntl", "libzmq (unblock_socket) and os.get_blocking read a new fd's flags", arg_eq(1, F_GETFL, "F_GETFL")),
+    allow(
+        "fcntl",
+        "libzmq (unblock_socket) and os.set_blocking set O_NONBLOCK; never O_ASYNC (SIGIO to an owner)",
+        arg_eq(1, F_SETFL, "F_SETFL"),
+        arg_masked(2, O_ASYNC, 0, "O_ASYNC clear"),
+    ),
+    allow("getsockopt", "libzmq: SO_ERROR of a non-blocking connect, its connections' peer credentials"),
     allow("getsockname", "libzmq names a new connection's local end"),
     allow("getpeername", "libzmq names a new connection's remote end"),
     allow("sendto", "libzmq sends on a connection (send)"),
@@ -224,12 +243,6 @@ COMMON = policy(
     allow("gettid", "glibc thread bookkeeping"),
     # tgkill is added with its first argument pinned to this process (tgkill_own_process)
     allow("clock_gettime", "time.monotonic where the vDSO falls back to the syscall (some clock sources)"),
-)
-
-# Every device worker (shared.devworker) serves a bound ZeroMQ ROUTER for MMIO: the vCPU
-# threads connect to it lazily, after the filter is loaded.
-DEVICE_COMMON = policy(
-    allow("accept4", "libzmq accepts a vCPU thread's MMIO connection", arg_eq(3, SOCK_CLOEXEC, "SOCK_CLOEXEC")),
 )
 
 

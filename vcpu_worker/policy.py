@@ -10,14 +10,18 @@ No open, no exec, no fork; the MMIO channels to device workers are socketpairs i
 from __future__ import annotations
 
 from shared import kvm_abi as abi
-from shared.seccomp import COMMON, Filter, allow, arg_eq, policy
+from shared.seccomp import COMMON, Filter, allow, ioctl_request, policy
 
 VCPU = policy(
-    allow("ioctl", "vCPU threads run the guest (Vcpu.run_once)", arg_eq(1, abi.KVM_RUN, "KVM_RUN")),
-    allow("ioctl", "serial and i8042 interrupts (Vm.pulse_irq)", arg_eq(1, abi.KVM_IRQ_LINE, "KVM_IRQ_LINE")),
-    allow("ioctl", "register dump of a failed guest (describe_registers)", arg_eq(1, abi.KVM_GET_REGS, "KVM_GET_REGS")),
+    allow("ioctl", "vCPU threads run the guest (Vcpu.run_once)", ioctl_request(abi.KVM_RUN, "KVM_RUN")),
+    allow("ioctl", "serial and i8042 interrupts (Vm.pulse_irq)", ioctl_request(abi.KVM_IRQ_LINE, "KVM_IRQ_LINE")),
     allow(
-        "ioctl", "register dump of a failed guest (describe_registers)", arg_eq(1, abi.KVM_GET_SREGS, "KVM_GET_SREGS")
+        "ioctl", "register dump of a failed guest (describe_registers)", ioctl_request(abi.KVM_GET_REGS, "KVM_GET_REGS")
+    ),
+    allow(
+        "ioctl",
+        "register dump of a failed guest (describe_registers)",
+        ioctl_request(abi.KVM_GET_SREGS, "KVM_GET_SREGS"),
     ),
     allow("recvmsg", "the fd channel: a replacement device worker's MMIO channel arrives with DeviceUp (fdpass)"),
 )

@@ -3,20 +3,23 @@
 The worker mapped guest memory and got its TAP, eventfds and fd channel before its filter
 was loaded; afterwards it moves frames between the TAP it holds and guest memory (readv,
 writev), sets the TAP's offloads when the guest negotiates features (ioctl TUNSETOFFLOAD,
-nothing else), and answers MMDS itself: no AF_INET or AF_PACKET socket, no open, no exec,
-no fork. Sockets stay AF_UNIX (ZeroMQ's ipc:// channels), as for every device worker.
+no other request: TUNSETIFF, TUNSETVNETHDRSZ and the rest stay with set-up), and answers
+MMDS itself: no socket at all (its ZeroMQ control connection is made before the filter),
+no open, no exec, no fork.
 """
 
 from __future__ import annotations
 
 from devices.net.tap import TUNSETOFFLOAD
-from shared.seccomp import COMMON, DEVICE_COMMON, Filter, allow, arg_eq, policy
+from shared.seccomp import COMMON, Filter, allow, ioctl_request, policy
 
 NET = policy(
     allow("readv", "RX: a frame from the TAP straight into guest buffers (os.readv)"),
     allow("writev", "TX: a frame from guest buffers to the TAP (os.writev)"),
-    allow("ioctl", "TUNSETOFFLOAD when the guest negotiates offloads", arg_eq(1, TUNSETOFFLOAD, "TUNSETOFFLOAD")),
+    allow(
+        "ioctl", "the guest's offloads mirrored on the TAP (set_offload)", ioctl_request(TUNSETOFFLOAD, "TUNSETOFFLOAD")
+    ),
     allow("recvmsg", "the fd channel (fdpass): the supervisor closing it stops the worker"),
 )
 
-POLICY: Filter = COMMON + DEVICE_COMMON + NET
+POLICY: Filter = COMMON + NET

@@ -7,10 +7,21 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 SIGSYS_RC = -signal.SIGSYS
+# The kernel writes at most 10 seccomp kill records per 5 s for the whole host
+# (printk_ratelimit): tests that read a kill's syscall back space their kills.
+KILL_SPACING_S = 0.6
+_last_kill = [0.0]
+
+
+def space_kills() -> None:
+    """Wait until KILL_SPACING_S has passed since the previous call (in this test run)."""
+    time.sleep(max(0.0, _last_kill[0] + KILL_SPACING_S - time.monotonic()))
+    _last_kill[0] = time.monotonic()
 
 
 def run_confined(body: str, setup: str = "", quiet: bool = False) -> subprocess.CompletedProcess[str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -46,10 +47,33 @@ def test_traceback_is_formatted_with_source_lines_and_without_opening_files() ->
     assert (result.returncode, result.stdout) == (0, "confined\nTrue True\n")
 
 
-def test_af_unix_socket_is_allowed() -> None:
-    result = run_confined("import socket; socket.socket(socket.AF_UNIX).close(); print('ok')", setup="import socket")
+def test_zeromq_connected_before_the_filter_talks_under_it_without_new_sockets(tmp_path: Path) -> None:
+    result = run_confined(
+        """
+        dealer.send(b"ping")
+        print(router.recv_multipart()[1], flush=True)
+        """,
+        setup=f"""
+        import zmq
+        from shared.devworker import connect_control, wait_for_zmq_threads
+        ctx = zmq.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.bind("ipc://{tmp_path}/ep")
+        dealer = connect_control(ctx, "ipc://{tmp_path}/ep", "w")
+        wait_for_zmq_threads(ctx)
+        """,
+    )
 
-    assert (result.returncode, result.stdout) == (0, "confined\nok\n")
+    assert (result.returncode, result.stdout) == (0, "confined\nb'ping'\n"), result.stderr
+
+
+def test_fcntl_may_set_o_nonblock_as_libzmq_does() -> None:
+    result = run_confined(
+        "fcntl.fcntl(r, fcntl.F_SETFL, fcntl.fcntl(r, fcntl.F_GETFL) | os.O_NONBLOCK); print(os.get_blocking(r))",
+        setup="import fcntl; r, w = os.pipe2(os.O_CLOEXEC)",
+    )
+
+    assert (result.returncode, result.stdout) == (0, "confined\nFalse\n")
 
 
 @pytest.mark.parametrize(
@@ -57,6 +81,16 @@ def test_af_unix_socket_is_allowed() -> None:
     [
         pytest.param("open('/etc/hostname')", id="openat"),
         pytest.param("import socket; socket.socket(socket.AF_INET)", id="socket-af-inet"),
+        pytest.param("import socket; socket.socket(socket.AF_UNIX)", id="socket-af-unix"),
+        pytest.param("fcntl.fcntl(r, 8, os.getppid())", id="fcntl-F_SETOWN"),
+        pytest.param("fcntl.fcntl(r, 10, 9)", id="fcntl-F_SETSIG-SIGKILL"),
+        pytest.param("fcntl.fcntl(r, 15, b'\\0' * 8)", id="fcntl-F_SETOWN_EX"),
+        pytest.param("fcntl.fcntl(r, fcntl.F_SETFL, os.O_ASYNC | os.O_NONBLOCK)", id="fcntl-F_SETFL-O_ASYNC"),
+        pytest.param("fcntl.fcntl(r, 1024, fcntl.F_RDLCK)", id="fcntl-F_SETLEASE"),
+        pytest.param("fcntl.fcntl(r, 1026, 0)", id="fcntl-F_NOTIFY"),
+        pytest.param("fcntl.fcntl(r, fcntl.F_DUPFD_CLOEXEC, 0)", id="fcntl-F_DUPFD_CLOEXEC"),
+        pytest.param("os.isatty(r)", id="ioctl-TCGETS"),
+        pytest.param("os.stat('/etc/hostname', dir_fd=r)", id="newfstatat-relative"),
         pytest.param("os.execv('/bin/true', ['true'])", id="execve"),
         pytest.param("os.fork()", id="fork"),
         pytest.param("import mmap; mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_EXEC)", id="mmap-exec"),
@@ -65,7 +99,7 @@ def test_af_unix_socket_is_allowed() -> None:
     ],
 )
 def test_forbidden_syscall_stops_the_process_with_sigsys(body: str) -> None:
-    result = run_confined(body, setup="import mmap, socket, ctypes", quiet=True)
+    result = run_confined(body, setup="import mmap, socket, ctypes, fcntl; r, w = os.pipe2(os.O_CLOEXEC)", quiet=True)
 
     assert result.stdout == "confined\n"
     assert result.returncode == SIGSYS_RC
@@ -92,7 +126,7 @@ def test_kill_log_names_the_syscall_of_a_killed_process() -> None:
         kills.close()
 
 
-def test_kill_log_without_a_kernel_log_says_why(tmp_path) -> None:
+def test_kill_log_without_a_kernel_log_says_why(tmp_path: Path) -> None:
     kills = SeccompKillLog.open(str(tmp_path / "no-kmsg"))
 
     assert kills.describe(os.getpid()).startswith("syscall unknown: cannot read the kernel log")
