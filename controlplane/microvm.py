@@ -63,7 +63,7 @@ from controlplane.faults import (
 from controlplane.vm_spec import DriveSpec, VmSpec
 from controlplane.worker_handle import WorkerHandle, WorkerStderr, add_groups, merge_metrics
 from controlplane.zygote import Zygote, ZygoteError
-from devices.vsock.messages import VsockTransportReset
+from devices.vsock.messages import VsockConnect, VsockConnected, VsockTransportReset
 from shared import exitcodes, fdpass
 from shared import protocol as p
 from shared.boot.errors import BootError
@@ -71,11 +71,13 @@ from shared.confine import settings_for
 from shared.devstate import FATAL_CRASH, FATAL_HANG, create_state_memfd, read_area, read_state, take_fatal
 from shared.devworker_client import channel_pair as mmio_channel_pair
 from shared.kvm import Kvm, KvmError, open_kvm
+from shared.ratelimit import TokenBucket
 from shared.seccomp import Filter, PolicyError, SeccompKillLog, load_filter_file
 
 log = logging.getLogger("embervm.microvm")
 
 READY_TIMEOUT_S = 30.0
+VSOCK_CONNECTS_PER_S = 256  # guest-initiated vsock connects the supervisor makes for one worker
 STOP_TIMEOUT_S = 5.0
 UPDATE_TIMEOUT_S = 5.0
 VCPU = "vcpu"
@@ -916,6 +918,8 @@ class MicroVm:
         elif isinstance(msg, p.Log):
             level = msg.level if msg.level in ("warning", "error", "info") else "info"
             getattr(log, level)("%s worker: %s", handle.name, msg.text)
+        elif isinstance(msg, VsockConnect):
+            self._broker_vsock_connect(handle, msg)
         elif isinstance(msg, p.UpdateResult):
             self._update_results[msg.request_id] = msg
         elif isinstance(msg, p.StateChanged) and handle.name == VCPU:
@@ -928,6 +932,33 @@ class MicroVm:
                 return msg.code, msg.reason
             handle.exit_reason = msg.reason
         return None
+
+    def _broker_vsock_connect(self, handle: WorkerHandle, msg: VsockConnect) -> None:
+        """Connect to `<uds_path>_<port>` for the vsock worker, which has no filesystem and
+        may create no socket, and hand it the connected socket (or a refusal) on its fd
+        channel. Only a vsock worker may ask, at most VSOCK_CONNECTS_PER_S a second."""
+        slot = self._slots.get(handle.name)
+        if handle.kind != "vsock" or slot is None or handle.fd_channel is None:
+            log.error("the %s worker sent a vsock connect request: dropped", handle.name)
+            return
+        if handle.connect_budget is None:
+            handle.connect_budget = TokenBucket(VSOCK_CONNECTS_PER_S)
+        sock: socket.socket | None = None
+        if handle.connect_budget.reduce(1):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+            try:
+                sock.connect(f"{slot.plan.args['uds_path']}_{msg.port & 0xFFFFFFFF}")
+            except OSError:  # nobody listens there (or its backlog is full): the guest gets RST
+                sock.close()
+                sock = None
+        answer = VsockConnected(msg.port, msg.guest_port, sock is not None)
+        try:
+            fdpass.send_message(handle.fd_channel, answer, [] if sock is None else [sock.fileno()])
+        except OSError as e:
+            log.error("cannot answer the vsock worker's connect request: %s", e)
+        finally:
+            if sock is not None:
+                sock.close()
 
     def _stop_device_workers(self) -> None:
         """Stop every device worker with the guest: Stop, then SIGKILL for the slow ones."""

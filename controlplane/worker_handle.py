@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.ratelimit import TokenBucket
+
 Groups = dict[str, dict[str, int]]
 
 
@@ -109,6 +111,7 @@ class WorkerHandle:
     last_heartbeat: float = 0.0
     hung: bool = False  # killed by the supervisor's watchdog
     stderr: WorkerStderr | None = None  # its stderr pipe (the zygote's spawn gives the write end)
+    connect_budget: TokenBucket | None = None  # vsock: the connects the supervisor makes for it
 
     @property
     def identity(self) -> bytes:

@@ -81,8 +81,9 @@ log = logging.getLogger("embervm.devworker")
 class DeviceHooks(Protocol):
     """What a device kind adds to the generic loop."""
 
-    def install(self, loop: EventLoop) -> None:
-        """Add the device's own timers (e.g. its rate limiter's) to the loop."""
+    def install(self, loop: EventLoop, send: Callable[[p.Message], None]) -> None:
+        """Add the device's own fds and timers (e.g. its rate limiter's) to the loop; `send`
+        sends the supervisor a message of the device's own (e.g. vsock's VsockConnect)."""
 
     def metrics(self) -> dict[str, dict[str, int]]:
         """Cumulative counters, by Firecracker metric group (e.g. {"block_rootfs": {...}})."""
@@ -204,7 +205,7 @@ class DeviceWorker:
         self._inherited_handlers, root.handlers = root.handlers, [self._logs]  # logs go to the supervisor only
         root.setLevel(logging.INFO)
         self._register()
-        hooks.install(self.loop)
+        hooks.install(self.loop, self.send)
 
     def _register(self) -> None:
         self.loop.register(int(self.control.getsockopt(zmq.FD)), CONTROL, self)

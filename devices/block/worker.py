@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Callable
 from typing import Any
 
 from devices.block.backend import FileBackend
@@ -60,7 +61,7 @@ class BlockHooks:
         self.transport = transport
         self.counters = {"update_count": 0, "update_fails": 0, "rate_limiter_event_count": 0}
 
-    def install(self, loop: EventLoop) -> None:
+    def install(self, loop: EventLoop, send: Callable[[p.Message], None]) -> None:
         loop.add_timer(self.device.throttle_delay, self.on_rate_limiter_timer)
 
     def metrics(self) -> dict[str, dict[str, int]]:

@@ -23,6 +23,7 @@ import ipaddress
 import logging
 import os
 import select
+from collections.abc import Callable
 from typing import Any
 
 from devices.net.device import NetDevice, TapBackend, parse_mac
@@ -69,7 +70,7 @@ class NetHooks:
         self._watching = -1  # the epoll mask the TAP is registered with
         self.counters = {"update_count": 0, "update_fails": 0, "mmds_updates": 0}
 
-    def install(self, loop: EventLoop) -> None:
+    def install(self, loop: EventLoop, send: Callable[[p.Message], None]) -> None:
         self.loop = loop
         loop.register(self.tap_fd, TAP_TOKEN, self, 0)
         self._watching = 0

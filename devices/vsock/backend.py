@@ -12,8 +12,12 @@ loop (`fileno`, then `notify()` when it is readable) plus timers (`next_timeout`
   by the supervisor, handed over as an fd), writes `CONNECT <port>\\n`; the muxer sends
   REQUEST to the guest, and on RESPONSE writes `OK <host_port>\\n` back and starts
   forwarding; a guest RST (nobody listening) closes the host socket;
-* guest-initiated: a REQUEST to host port P makes the muxer connect to `<uds_path>_P`
-  (non-blocking: an AF_UNIX connect completes at once or fails); RESPONSE on success,
+* guest-initiated: a REQUEST to host port P needs a connection to `<uds_path>_P`. In the
+  worker the supervisor makes it (`connector`: the worker has no filesystem and may not
+  create sockets) and hands back the connected socket, or says it was refused
+  (`guest_connected`); at most MAX_GUEST_CONNECTING wait for that, each at most
+  GUEST_CONNECT_TIMEOUT_S. Without a connector (tests) the muxer connects itself
+  (non-blocking: an AF_UNIX connect completes at once or fails). RESPONSE on success,
   RST when nobody listens.
 
 Many connections, no head-of-line blocking: the host sockets sit in the muxer's own epoll
@@ -57,6 +61,12 @@ MAX_CONNECTIONS = 1023  # Firecracker's defs::MAX_CONNECTIONS
 MAX_PENDING_RST = 256  # RSTs for packets of no connection, waiting for rx buffers
 CONNECT_LINE_MAX = 32  # "CONNECT 4294967295\n" is 19 bytes
 CONNECT_TIMEOUT_S = 2.0  # a host connection must send its CONNECT line within this
+MAX_GUEST_CONNECTING = 64  # guest REQUESTs waiting for the supervisor's connect at once
+GUEST_CONNECT_TIMEOUT_S = 2.0  # ... each for at most this long (then RST)
+
+# Asks for a connection to <uds_path>_<host_port> for the guest's port; the answer comes
+# back through UnixMuxer.guest_connected.
+Connector = Callable[[int, int], None]
 MAX_ACCEPTS_PER_TURN = 64
 LOCAL_PORT_FIRST = 1 << 30  # host-initiated connections get ports from here (as Firecracker)
 MAX_UDS_PATH = 107  # sun_path holds 108 bytes with the NUL
@@ -121,6 +131,15 @@ class VsockBackend(Protocol):
         """Drop every connection (device reset, transport reset)."""
 
 
+class _GuestConnecting:
+    """A guest REQUEST waiting for its host connection: the guest's credit, a deadline."""
+
+    def __init__(self, buf_alloc: int, fwd_cnt: int, deadline: float) -> None:
+        self.buf_alloc = buf_alloc
+        self.fwd_cnt = fwd_cnt
+        self.deadline = deadline
+
+
 class _Pending:
     """An accepted host connection whose CONNECT line has not arrived yet."""
 
@@ -150,6 +169,7 @@ class UnixMuxer:
         clock: Callable[[], float] = time.monotonic,
         max_connections: int = MAX_CONNECTIONS,
         tx_buffer_budget: int = TX_BUFFER_BUDGET,
+        connector: Connector | None = None,
     ) -> None:
         if len(f"{uds_path}_4294967295".encode()) > MAX_UDS_PATH:
             raise ValueError(f"uds_path {uds_path!r} is too long for <uds_path>_<port> to fit a Unix socket address")
@@ -164,6 +184,8 @@ class UnixMuxer:
         self.conns: dict[tuple[int, int], Connection] = {}
         self._by_fd: dict[int, Connection] = {}
         self.pending: dict[int, _Pending] = {}
+        self.connector = connector
+        self.guest_connecting: dict[tuple[int, int], _GuestConnecting] = {}
         self.ready: collections.deque[Connection] = collections.deque()
         self.rst_queue: collections.deque[tuple[int, int]] = collections.deque()
         self._local_port_last = LOCAL_PORT_FIRST - 1
@@ -195,6 +217,7 @@ class UnixMuxer:
 
     def next_timeout(self) -> float | None:
         deadlines = [p.deadline for p in self.pending.values()]
+        deadlines += [g.deadline for g in self.guest_connecting.values()]
         deadlines += [c.deadline for c in self.conns.values() if c.deadline is not None]
         if not deadlines:
             return None
@@ -206,6 +229,11 @@ class UnixMuxer:
             if now >= pending.deadline:
                 self.counters["host_connect_bad_lines"] += 1
                 self._drop_pending(fd)
+        for key, waiting in list(self.guest_connecting.items()):
+            if now >= waiting.deadline:  # the supervisor never answered: the guest is told no
+                del self.guest_connecting[key]
+                self.counters["guest_connect_refused"] += 1
+                self._enqueue_rst(key)
         for conn in list(self.conns.values()):
             if conn.deadline is not None and now >= conn.deadline:
                 conn.on_timeout()
@@ -298,7 +326,12 @@ class UnixMuxer:
             self._reset_or_rst(conn, key)
             return
         if conn is None:
-            if h.op == Op.REQUEST:
+            if key in self.guest_connecting:  # still connecting: anything but RST is a protocol error
+                del self.guest_connecting[key]
+                if h.op != Op.RST:
+                    self.counters["guest_connect_refused"] += 1
+                    self._enqueue_rst(key)
+            elif h.op == Op.REQUEST:
                 self._guest_connect(pkt)
             elif h.op != Op.RST:
                 self.counters["unknown_conn_packets"] += 1
@@ -343,35 +376,61 @@ class UnixMuxer:
 
     def _guest_connect(self, pkt: TxPacket) -> None:
         h = pkt.header
+        key = (h.dst_port, h.src_port)
         self.counters["guest_connects"] += 1
-        if len(self.conns) + len(self.pending) >= self.max_connections:
+        busy = len(self.conns) + len(self.pending) + len(self.guest_connecting) >= self.max_connections
+        if busy or len(self.guest_connecting) >= MAX_GUEST_CONNECTING:
             self.counters["guest_connect_refused"] += 1
-            self._enqueue_rst((h.dst_port, h.src_port))
+            self._enqueue_rst(key)
             return
+        self.guest_connecting[key] = _GuestConnecting(h.buf_alloc, h.fwd_cnt, self.clock() + GUEST_CONNECT_TIMEOUT_S)
+        if self.connector is not None:
+            self.connector(h.dst_port, h.src_port)
+        else:
+            self.guest_connected(h.dst_port, h.src_port, self._connect_here(h.dst_port))
+
+    def _connect_here(self, host_port: int) -> socket.socket | None:
+        """Without a connector: connect to <uds_path>_<host_port> from this process."""
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
         try:
-            sock.connect(f"{self.uds_path}_{h.dst_port}")
+            sock.connect(f"{self.uds_path}_{host_port}")
         except OSError as e:
             sock.close()
-            self.counters["guest_connect_refused"] += 1
             if e.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN):
-                log.warning("vsock: connecting to %s_%d failed: %s", self.uds_path, h.dst_port, e)
-            self._enqueue_rst((h.dst_port, h.src_port))
-            return
+                _glog.warning("vsock: connecting to %s_%d failed: %s", self.uds_path, host_port, e)
+            return None
+        return sock
+
+    def guest_connected(self, host_port: int, guest_port: int, sock: socket.socket | None) -> bool:
+        """The answer to a guest's REQUEST: the connected socket (RESPONSE), or None (RST).
+        False, and `sock` closed, when no REQUEST waits for it any more (the guest reset it,
+        it timed out, the device was reset) or it is no stream socket."""
+        key = (host_port, guest_port)
+        waiting = self.guest_connecting.pop(key, None)
+        if waiting is None or (sock is not None and sock.type != socket.SOCK_STREAM):
+            if sock is not None:
+                sock.close()
+            return False
+        if sock is None:
+            self.counters["guest_connect_refused"] += 1
+            self._enqueue_rst(key)
+            return True
+        os.set_blocking(sock.fileno(), False)  # fcntl, not setblocking(): that would be an ioctl
         conn = Connection(
             sock,
             self.guest_cid,
-            h.dst_port,
-            h.src_port,
+            host_port,
+            guest_port,
             State.ESTABLISHED,
             self.counters,
-            peer_buf_alloc=h.buf_alloc,
-            peer_fwd_cnt=h.fwd_cnt,
+            peer_buf_alloc=waiting.buf_alloc,
+            peer_fwd_cnt=waiting.fwd_cnt,
             clock=self.clock,
             budget=self.tx_budget,
         )
         conn.need_response = True
         self._add(conn)
+        return True
 
     # --- connection bookkeeping -----------------------------------------------------------------
     def _add(self, conn: Connection) -> None:
@@ -447,6 +506,7 @@ class UnixMuxer:
 
     # --- reset ------------------------------------------------------------------------------------
     def reset(self) -> None:
+        self.guest_connecting.clear()  # answers still on their way are closed when they come
         for conn in list(self.conns.values()):
             self._remove(conn)
         for fd in list(self.pending):

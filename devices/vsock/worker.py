@@ -29,7 +29,7 @@ from typing import Any
 
 from devices.vsock.backend import COUNTER_NAMES, UnixMuxer
 from devices.vsock.device import VsockDevice
-from devices.vsock.messages import VsockTransportReset
+from devices.vsock.messages import VsockConnect, VsockConnected, VsockTransportReset
 from devices.vsock.policy import POLICY
 from shared import protocol as p
 from shared.confine import SeccompSettings
@@ -60,8 +60,9 @@ class VsockHooks:
         self.broken = False  # an internal error stopped the backend
         self.loop: EventLoop | None = None
 
-    def install(self, loop: EventLoop) -> None:
+    def install(self, loop: EventLoop, send: Callable[[p.Message], None]) -> None:
         self.loop = loop
+        self.muxer.connector = lambda port, guest_port: send(VsockConnect(port, guest_port))
         loop.register(self.muxer.fileno(), BACKEND, self)
         loop.add_timer(lambda: None if self.broken else self.muxer.next_timeout(), self._on_timer)
 
@@ -98,10 +99,19 @@ class VsockHooks:
         return None
 
     def handle_fds(self, msg: p.Message, fds: list[int]) -> p.Message | None:
+        if isinstance(msg, VsockConnected) and len(fds) == int(msg.ok) <= 1:
+            sock = socket.socket(fileno=fds[0]) if msg.ok else None
+            self._guarded(lambda: self._connected(msg, sock))
+            return None
         for fd in fds:
             os.close(fd)
         log.warning("vsock worker ignored fd-channel message %r with %d fds", msg.TYPE, len(fds))
         return None
+
+    def _connected(self, msg: VsockConnected, sock: socket.socket | None) -> None:
+        """The supervisor's answer to a guest-initiated connect: RESPONSE or RST to the guest."""
+        self.muxer.guest_connected(msg.port, msg.guest_port, sock)
+        self.device.process_backend(self.transport.serving)
 
 
 def build(args: dict[str, Any], fds: list[int]) -> tuple[MmioTransport, VsockHooks]:

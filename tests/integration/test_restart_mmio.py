@@ -1,26 +1,24 @@
 """The vCPU side of a device worker restart: a window whose worker died waits for the
 replacement instead of reading all-ones, and an access the dead worker swallowed is sent
-again to the new one (vcpu_worker.virtio.RemoteMmioDevice)."""
+again to the new one, on the new worker's own MMIO channel (vcpu_worker.virtio.RemoteMmioDevice)."""
 
 from __future__ import annotations
 
+import select
+import socket
 import threading
 import time
-from pathlib import Path
-
-import zmq
 
 from shared import protocol as p
+from shared.devworker_client import MmioClient, channel_pair
 from vcpu_worker.virtio import RemoteMmioDevice
 
 
 class Worker:
-    """A stand-in device worker: answers reads with `value`, or swallows them."""
+    """A stand-in device worker on its end of an MMIO channel: answers with `value`, or swallows."""
 
-    def __init__(self, ctx: zmq.Context, endpoint: str, value: int | None) -> None:
-        self.sock = ctx.socket(zmq.ROUTER)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(endpoint)
+    def __init__(self, sock: socket.socket, value: int | None) -> None:
+        self.sock = sock
         self.value = value
         self.seen: list[p.Message] = []
         self._stop = threading.Event()
@@ -29,25 +27,26 @@ class Worker:
 
     def _serve(self) -> None:
         while not self._stop.is_set():
-            if not self.sock.poll(20):
+            if not select.select([self.sock], [], [], 0.02)[0]:
                 continue
-            identity, payload = self.sock.recv_multipart()
+            payload = self.sock.recv(256)
+            if not payload:
+                return
             msg = p.decode(payload)
             self.seen.append(msg)
             if self.value is not None and isinstance(msg, p.MmioRead | p.MmioWrite):
-                self.sock.send_multipart([identity, p.encode(p.MmioDone(msg.seq, self.value))])
+                self.sock.send(p.encode(p.MmioDone(msg.seq, self.value)))
 
     def close(self) -> None:
         self._stop.set()
         self.thread.join()
-        self.sock.close(linger=0)
+        self.sock.close()
 
 
-def test_an_access_swallowed_by_a_dead_worker_is_answered_by_its_replacement(tmp_path: Path):
-    ctx = zmq.Context()
-    endpoint = f"ipc://{tmp_path}/dev-mmio"
-    device = RemoteMmioDevice("block_x", endpoint, ctx, lambda text: None, timeout_s=30)
-    dead = Worker(ctx, endpoint, None)  # takes the read, never answers: it "dies" under it
+def test_an_access_swallowed_by_a_dead_worker_is_answered_by_its_replacement():
+    ours, theirs = channel_pair()
+    device = RemoteMmioDevice("block_x", MmioClient(ours, 30, "block_x"), lambda text: None, timeout_s=30)
+    dead = Worker(theirs, None)  # takes the read, never answers: it "dies" under it
     result: list[int] = []
     reader = threading.Thread(target=lambda: result.append(device.read(0x70, 4)))
     try:
@@ -59,8 +58,9 @@ def test_an_access_swallowed_by_a_dead_worker_is_answered_by_its_replacement(tmp
         assert result == []  # held, not all-ones
 
         begin = time.monotonic()
-        new = Worker(ctx, endpoint, 0x0F)
-        device.mark_up()
+        new_ours, new_theirs = channel_pair()
+        new = Worker(new_theirs, 0x0F)
+        device.mark_up(MmioClient(new_ours, 30, "block_x"))
         reader.join(timeout=5)
 
         assert result == [0x0F] and time.monotonic() - begin < 2
@@ -69,12 +69,11 @@ def test_an_access_swallowed_by_a_dead_worker_is_answered_by_its_replacement(tmp
         new.close()
     finally:
         device.close()
-        ctx.term()
 
 
-def test_a_window_given_up_on_answers_all_ones_at_once(tmp_path: Path):
-    ctx = zmq.Context()
-    device = RemoteMmioDevice("block_x", f"ipc://{tmp_path}/none", ctx, lambda text: None, timeout_s=30)
+def test_a_window_given_up_on_answers_all_ones_at_once():
+    ours, theirs = channel_pair()
+    device = RemoteMmioDevice("block_x", MmioClient(ours, 30, "block_x"), lambda text: None, timeout_s=30)
     try:
         device.mark_restarting()
         device.mark_down()
@@ -84,7 +83,7 @@ def test_a_window_given_up_on_answers_all_ones_at_once(tmp_path: Path):
         assert time.monotonic() - begin < 0.5 and device.skipped == 1
     finally:
         device.close()
-        ctx.term()
+        theirs.close()
 
 
 def _wait(condition, timeout: float = 5.0) -> bool:

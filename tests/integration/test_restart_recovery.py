@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import zmq
 
+from shared import protocol as p
 from shared.devstate import StateArea, create_state_memfd
 from shared.devworker import Channels, DeviceWorker
 from shared.eventloop import EventLoop
@@ -63,7 +64,7 @@ class RecordingDevice:
 
 
 class NoHooks:
-    def install(self, loop: EventLoop) -> None:
+    def install(self, loop: EventLoop, send: Callable[[p.Message], None]) -> None:
         pass
 
     def metrics(self) -> dict[str, dict[str, int]]:
@@ -98,20 +99,23 @@ def test_in_flight_chains_are_failed_once_and_the_rest_served(tmp_path: Path):
         # its replacement
         device = RecordingDevice()
         transport = MmioTransport(device, mem)
+        mmio_mine, mmio_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         channels = Channels(
             control_endpoint=f"ipc://{tmp_path}/ctl",
-            mmio_endpoint=f"ipc://{tmp_path}/mmio",
+            mmio_fd=mmio_theirs.detach(),
             fd_channel=theirs.detach(),
             queue_fds=[queue_fd],
             irqfd=-1,
             state_fd=state_fd,
             restore=True,
         )
-        worker = DeviceWorker(transport, NoHooks(), channels, ctx)
+        control = ctx.socket(zmq.DEALER)
+        worker = DeviceWorker(transport, NoHooks(), channels, control)
         try:
             worker.recover()
         finally:
             worker.close()
+            mmio_mine.close()
 
         assert transport.serving
         assert device.failed == [heads[1]] and device.served == [heads[2]]

@@ -159,6 +159,84 @@ def test_guest_connect_with_nobody_listening_gets_rst(rig: VsockRig) -> None:
     assert rig.muxer.counters["guest_connect_refused"] == 1
 
 
+# --- guest-initiated, brokered: the supervisor connects for the worker ---------------------------
+
+
+class Broker:
+    """Plays the supervisor: records connect requests; the test answers them."""
+
+    def __init__(self) -> None:
+        self.asked: list[tuple[int, int]] = []
+
+    def __call__(self, port: int, guest_port: int) -> None:
+        self.asked.append((port, guest_port))
+
+
+def test_a_brokered_connect_answered_with_a_socket_gets_response_and_carries_data(
+    rig: VsockRig, host_listener: socket.socket
+) -> None:
+    rig.muxer.connector = broker = Broker()
+    rig.guest.send(1000, 53, Op.REQUEST)
+    assert broker.asked == [(53, 1000)] and not rig.muxer.conns  # nothing connected by the worker
+
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    sock.connect(f"{rig.uds_path}_53")
+    assert rig.muxer.guest_connected(53, 1000, sock)
+    rig.device.process_backend()
+
+    assert rig.guest.take(Op.RESPONSE, port=1000).header.src_port == 53
+    conn, _ = host_listener.accept()
+    rig.own(conn).settimeout(5)
+    rig.guest.send(1000, 53, Op.RW, b"ping")
+    assert recv_exactly(conn, 4) == b"ping"
+
+
+def test_a_brokered_connect_refused_by_the_supervisor_gets_rst(rig: VsockRig) -> None:
+    rig.muxer.connector = Broker()
+    rig.guest.send(1000, 54, Op.REQUEST)
+
+    assert rig.muxer.guest_connected(54, 1000, None)
+    rig.device.process_backend()
+
+    assert rig.guest.take(Op.RST, port=1000).header.src_port == 54
+    assert rig.muxer.counters["guest_connect_refused"] == 1
+
+
+def test_an_unasked_or_late_answer_is_closed_and_ignored(rig: VsockRig) -> None:
+    rig.muxer.connector = Broker()
+    ours, theirs = socket.socketpair()
+    rig.guest.send(1000, 53, Op.REQUEST)
+    rig.guest.send(1000, 53, Op.RST)  # the guest gave up before the answer came
+
+    assert not rig.muxer.guest_connected(53, 1000, ours)
+
+    assert ours.fileno() == -1 and not rig.muxer.conns and theirs.recv(1) == b""
+    theirs.close()
+
+
+def test_a_connect_the_supervisor_never_answers_times_out_with_rst() -> None:
+    now = [100.0]
+    with VsockRig(f"/tmp/vs-timeout-{os.getpid()}.sock", clock=lambda: now[0]) as rig:
+        rig.muxer.connector = Broker()
+        rig.guest.send(1000, 53, Op.REQUEST)
+        assert rig.muxer.next_timeout() == pytest.approx(backend_mod.GUEST_CONNECT_TIMEOUT_S)
+
+        now[0] += backend_mod.GUEST_CONNECT_TIMEOUT_S
+        rig.device.process_timer()
+
+        assert rig.guest.take(Op.RST, port=1000).header.src_port == 53
+        assert not rig.muxer.guest_connecting
+
+
+def test_connects_waiting_for_the_supervisor_are_bounded(rig: VsockRig) -> None:
+    rig.muxer.connector = broker = Broker()
+    for guest_port in range(2000, 2000 + backend_mod.MAX_GUEST_CONNECTING + 1):
+        rig.guest.send(guest_port, 53, Op.REQUEST)
+
+    assert len(broker.asked) == backend_mod.MAX_GUEST_CONNECTING
+    assert rig.guest.take(Op.RST, port=2000 + backend_mod.MAX_GUEST_CONNECTING).header.src_port == 53
+
+
 # --- half-close and close ------------------------------------------------------------------
 
 
@@ -520,7 +598,7 @@ def test_an_internal_error_stops_the_backend_and_asks_for_a_reset(rig: VsockRig,
     transport = FakeTransport()
     hooks = VsockHooks(rig.device, rig.muxer, transport)  # type: ignore[arg-type]
     with EventLoop() as loop:
-        hooks.install(loop)
+        hooks.install(loop, lambda msg: None)
         rig.muxer.notify = lambda: 1 / 0  # type: ignore[method-assign]
 
         hooks.process(0, 0)
