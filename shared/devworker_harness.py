@@ -116,6 +116,8 @@ class WorkerHarness:
                 msg = p.decode(payload)
             except p.ProtocolError:
                 continue
+            if self.answer(msg):
+                continue
             if isinstance(msg, p.Log):
                 self.logs.append(msg.text)
             if isinstance(msg, kind):
@@ -123,6 +125,30 @@ class WorkerHarness:
             if isinstance(msg, p.Exited) and kind is not p.Exited:
                 raise RuntimeError(f"the {self.kind} worker exited: {msg.reason}\n{msg.detail}")
         raise TimeoutError(f"no {kind.__name__} from the {self.kind} worker within {timeout} s")
+
+    def answer(self, msg: p.Message) -> bool:
+        """A request the supervisor answers by itself (a device kind's harness overrides
+        this); True when `msg` was one and is dealt with."""
+        return False
+
+    def serve(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for an interrupt, answering the worker's requests
+        meanwhile (`answer`); True once the worker wrote the irqfd."""
+        poller = zmq.Poller()
+        poller.register(self.control, zmq.POLLIN)
+        poller.register(self.irqfd, zmq.POLLIN)
+        deadline = time.monotonic() + timeout
+        while (remaining := deadline - time.monotonic()) > 0:
+            events = dict(poller.poll(int(remaining * 1000) + 1))
+            while self.control.poll(0):
+                _, payload = self.control.recv_multipart()
+                with contextlib.suppress(p.ProtocolError):
+                    self.answer(p.decode(payload))
+            if self.irqfd in events:
+                with contextlib.suppress(BlockingIOError):
+                    os.eventfd_read(self.irqfd)
+                return True
+        return False
 
     def metric_groups(self) -> dict[str, dict[str, int]]:
         self.send_control(p.FlushMetrics())

@@ -117,14 +117,15 @@ def host_pid() -> int:
 
 
 def keep_only_setup_caps() -> None:
-    """Keep only the capabilities the rest of the set-up needs, in every set, while this is
-    the only thread: threads started later (libzmq's) inherit these and nothing more."""
+    """Empty the bounding set and keep only the capabilities the rest of the set-up needs
+    in the others, while this is the only thread: threads started later (libzmq's) inherit
+    these and nothing more, and no thread can ever gain one back."""
     if len(os.listdir("/proc/self/task")) != 1:
         raise IsolationError("keep_only_setup_caps() must run before the worker starts any thread")
     keep = {getattr(prctl, f"CAP_{name.upper()}") for name in SETUP_CAPS}
-    if prctl.cap_effective.setpcap:
+    if prctl.cap_effective.setpcap:  # the bounding set limits only what execve could grant
         for cap in prctl.ALL_CAPS:
-            if cap not in keep and prctl.capbset_read(cap):
+            if prctl.capbset_read(cap):
                 prctl.capbset_drop(cap)
     drop = [cap for cap in prctl.ALL_CAPS if cap not in keep]
     prctl.set_caps((drop, [prctl.CAP_EFFECTIVE, prctl.CAP_PERMITTED, prctl.CAP_INHERITABLE], False))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import select
@@ -129,6 +130,12 @@ class VsockBackend(Protocol):
 
     def reset(self) -> None:
         """Drop every connection (device reset, transport reset)."""
+
+
+def _nonblocking_stream(sock: socket.socket) -> bool:
+    """A connected stream socket whose file is already O_NONBLOCK, as the supervisor makes
+    them (making it so here would take ioctl(FIONBIO), which the worker may not call)."""
+    return sock.type == socket.SOCK_STREAM and bool(fcntl.fcntl(sock.fileno(), fcntl.F_GETFL) & os.O_NONBLOCK)
 
 
 class _GuestConnecting:
@@ -407,7 +414,7 @@ class UnixMuxer:
         it timed out, the device was reset) or it is no stream socket."""
         key = (host_port, guest_port)
         waiting = self.guest_connecting.pop(key, None)
-        if waiting is None or (sock is not None and sock.type != socket.SOCK_STREAM):
+        if waiting is None or (sock is not None and not _nonblocking_stream(sock)):
             if sock is not None:
                 sock.close()
             return False
@@ -415,7 +422,6 @@ class UnixMuxer:
             self.counters["guest_connect_refused"] += 1
             self._enqueue_rst(key)
             return True
-        os.set_blocking(sock.fileno(), False)  # fcntl, not setblocking(): that would be an ioctl
         conn = Connection(
             sock,
             self.guest_cid,

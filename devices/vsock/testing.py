@@ -24,7 +24,10 @@ from typing import Any
 
 from devices.vsock.backend import UnixMuxer, listening_socket
 from devices.vsock.device import EVQ, RX, TX, VsockDevice
+from devices.vsock.messages import VsockConnect, VsockConnected
 from devices.vsock.packet import HEADER_SIZE, HOST_CID, Header, Op, header_bytes
+from shared import fdpass
+from shared import protocol as p
 from shared.devworker_harness import Spawner, WorkerHarness
 from shared.layout import MiB
 from shared.memory import GuestMemory
@@ -253,7 +256,7 @@ class VsockWorkerHarness(WorkerHarness):
             args=args,
             backend_fds=[listener.detach()],
         )
-        self.guest = GuestVsock(self.mem, guest_cid, self.kick, self.wait_interrupt, rx_buf=rx_buf)
+        self.guest = GuestVsock(self.mem, guest_cid, self.kick, self.serve, rx_buf=rx_buf)
 
     def setup(self, features: int = FEATURES) -> int:
         status = mmio_setup(self.mmio, self.guest.drivers, features)  # type: ignore[arg-type]
@@ -261,6 +264,22 @@ class VsockWorkerHarness(WorkerHarness):
 
     # --- the supervisor's side ---------------------------------------------------------------
     send = WorkerHarness.send_control
+
+    def answer(self, msg: p.Message) -> bool:
+        """Connect for a guest-initiated connection, as the supervisor does (VsockConnect)."""
+        if not isinstance(msg, VsockConnect):
+            return False
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
+        try:
+            sock.connect(f"{self.uds_path}_{msg.port}")
+            ok = True
+        except OSError:
+            ok = False
+        with sock:
+            fdpass.send_message(
+                self.fd_channel, VsockConnected(msg.port, msg.guest_port, ok), [sock.fileno()] if ok else []
+            )
+        return True
 
     def metrics(self) -> dict[str, int]:
         return self.metric_groups()["vsock"]

@@ -139,11 +139,16 @@ def test_jailed_microvm_runs_as_uid_gid_in_its_chroot_cgroup_and_netns(
 
             for p in processes:
                 assert status(p)["Uid"] == status(p)["Gid"] == [str(UID)] * 4
-                assert os.stat(f"/proc/{p}/root/run/api.sock").st_ino == os.stat(j.chroot / "run/api.sock").st_ino
                 assert not os.path.exists(f"/proc/{p}/root/etc/passwd")
                 assert os.readlink(f"/proc/{p}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
-                assert os.readlink(f"/proc/{p}/ns/net") == f"net:[{os.stat(netns).st_ino}]"
                 assert str(p) in (cgroup / ("tasks" if version == 1 else "cgroup.procs")).read_text().split()
+            assert os.stat(f"/proc/{pid}/root/run/api.sock").st_ino == os.stat(j.chroot / "run/api.sock").st_ino
+            assert os.readlink(f"/proc/{pid}/ns/net") == f"net:[{os.stat(netns).st_ino}]"
+            for w in workers:  # each in an empty world of its own inside the jail (user namespace: not root)
+                p = int(w["pid"])
+                assert not os.path.exists(f"/proc/{p}/root/run/api.sock")
+                assert os.readlink(f"/proc/{p}/ns/net") != f"net:[{os.stat(netns).st_ino}]"
+                assert os.readlink(f"/proc/{p}/ns/user") != os.readlink(f"/proc/{pid}/ns/user")
             assert (cgroup / setting.split("=")[0]).read_text().strip() == value
             assert [int(status(p)["CapBnd"][0], 16) for p in processes] == [0] * len(processes)
             assert status(int(workers[0]["pid"]))["Seccomp"] == ["2"]
