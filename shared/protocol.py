@@ -309,3 +309,9 @@ def decode(data: bytes) -> Message:
         if not _check_type(body[name], hints[name]):
             raise ProtocolError(f"{cls.TYPE}: field {name!r} has the wrong type")
     return cls(**body)
+
+
+# What each kind of worker may send the supervisor: anything else from it is hostile
+# (controlplane.worker_trust). Every control message is one frame after ZeroMQ's identity.
+VCPU_SENDS: frozenset[type[Message]] = frozenset({Ready, StateChanged, Exited, Metrics, Log})
+DEVICE_SENDS: frozenset[type[Message]] = frozenset({Ready, Exited, Metrics, Log, Heartbeat, FaultFired, UpdateResult})
