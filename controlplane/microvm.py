@@ -254,6 +254,7 @@ class MicroVm:
         self.trust = TrustCounters()  # what workers sent that was refused (embervm_monitor)
         self._worker_logs = WorkerLogRelay(log, self.trust)
         self._error_log_bucket = TokenBucket(10, 10, 1000)  # the monitor's own error lines
+        self._deferred_outcome: tuple[int, str] | None = None  # see _keep_outcome
         self._console: socket.socket | None = None
         self._thread = threading.Thread(target=self._monitor, name="vm-monitor", daemon=True)
         self._seccomp_filters: dict[str, Filter] | None = None  # --seccomp-filter, by worker kind
@@ -404,7 +405,7 @@ class MicroVm:
                         reason, detail = escape(msg.reason), escape(msg.detail)
                         log.error("[%s worker pid %d] %s: %s", sender.name, sender.pid, reason, detail)
                     raise VmStartError(msg.reason)
-                self._apply(sender, msg)
+                self._keep_outcome(self._apply(sender, msg))
             elif handle.pidfd in events:
                 status = self._reap(handle)
                 how = self._how(handle, status)
@@ -724,9 +725,11 @@ class MicroVm:
         """One message from a worker, checked (`controlplane.worker_trust`); None when it was
         dropped, and its sender killed if it was hostile."""
         frames = [self._ctl.recv(copy=True)]
+        count = 1
         while self._ctl.getsockopt(zmq.RCVMORE):
             frame = self._ctl.recv(copy=True)
-            if len(frames) <= MAX_FRAMES:
+            count += 1
+            if count <= MAX_FRAMES:
                 frames.append(frame)  # beyond that, frames are read and dropped at once
         handle = self._workers.get(frames[0])
         if handle is None:
@@ -734,10 +737,9 @@ class MicroVm:
             return None
         if handle.distrusted:
             return None  # it is being killed
-        if len(frames) != MAX_FRAMES:
+        if count != MAX_FRAMES:
             self.trust.malformed += 1
-            count = len(frames) - 1 if len(frames) <= MAX_FRAMES else "too many"
-            self._distrust(handle, f"a message of {count} frames")
+            self._distrust(handle, f"a message of {count - 1} frames, not one")
             return None
         try:
             msg = p.decode(frames[1])
@@ -807,13 +809,25 @@ class MicroVm:
             outcome = self._guarded_death(self._pidfds.pop(fd)) or outcome
         if outcome is None:
             self._guarded("running timers", self._run_timers, None)
+        outcome, self._deferred_outcome = outcome or self._deferred_outcome, None
         return outcome
 
     def _guarded_death(self, handle: WorkerHandle) -> tuple[int, str] | None:
+        """A worker died. Whatever goes wrong in handling it, a dead vCPU worker ends the
+        microVM and a dead device worker is replaced."""
         self._guarded("unwatching a dead worker", lambda: self._poller.unregister(handle.pidfd), None)
-        # Whatever goes wrong, a dead vCPU worker ends the microVM.
         fallback = (exitcodes.GENERIC_ERROR, "vCPU worker died") if handle.name == VCPU else None
-        return self._guarded(f"handling the {handle.name} worker's death", lambda: self._worker_died(handle), fallback)
+        done = object()
+        outcome = self._guarded(f"handling the {handle.name} worker's death", lambda: self._worker_died(handle), done)
+        if outcome is not done:
+            return outcome  # type: ignore[return-value]
+        slot = self._slots.get(handle.name)
+        if slot is not None and slot.state_fd >= 0 and slot.restart_at is None:
+            with self._cond:
+                handle.alive = False
+                self._cond.notify_all()
+            self._guarded("scheduling a restart", lambda: self._schedule_restart(slot, handle, "exit", "died"), None)
+        return fallback
 
     def _guarded(self, what: str, step: Callable[[], T], failed: T) -> T:
         """One step of the monitor loop: an exception is logged (rate-limited) and counted,
@@ -887,6 +901,7 @@ class MicroVm:
         """Start a replacement worker for `slot` (in the monitor thread)."""
         name = slot.plan.name
         old = self._workers[name.encode()]
+        self._await_disconnected(old)
         try:
             self._spawn_device_worker(slot.plan, self._memfd, restore=True, needs_reset=slot.exhausted)
             failure = None
@@ -914,6 +929,28 @@ class MicroVm:
             log.error("the %s device needs a reset: its worker (pid %d) only reports DEVICE_NEEDS_RESET", name, new.pid)
         else:
             log.warning("restarted the %s worker: pid %d (restart %d)", name, new.pid, slot.history.restarts)
+
+    def _await_disconnected(self, old: WorkerHandle, timeout: float = 1.0) -> None:
+        """Wait until the ROUTER has dropped a dead worker's connection: libzmq ignores a new
+        connection under an identity still in use, so a replacement that connected before
+        would never be heard. The connection goes once what the worker left is read; until
+        then a send to its identity does not fail with EHOSTUNREACH (ROUTER_MANDATORY)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self._keep_outcome(self._drain_messages())
+            try:
+                self._ctl.send_multipart([old.identity, p.encode(p.FlushMetrics())], zmq.NOBLOCK)
+            except zmq.ZMQError as e:
+                if e.errno == zmq.EHOSTUNREACH:
+                    return
+            self._ctl.poll(10)
+        log.warning("the dead %s worker's connection is still open: its replacement may not be heard", old.name)
+
+    def _keep_outcome(self, outcome: tuple[int, str] | None) -> None:
+        """An outcome (the vCPU worker's Exited) read outside the loop's own reading: the
+        monitor round returns it."""
+        if outcome is not None and self._deferred_outcome is None:
+            self._deferred_outcome = outcome
 
     def _schedule_restart(self, slot: DeviceSlot, handle: WorkerHandle, cause_kind: str, cause: str) -> None:
         if handle.broken:
