@@ -93,6 +93,7 @@ UPDATE_TIMEOUT_S = 5.0
 # busy starting a replacement worker (up to READY_TIMEOUT_S).
 COMMAND_TIMEOUT_S = READY_TIMEOUT_S + UPDATE_TIMEOUT_S
 LATE_REPLY_GRACE_S = 60.0  # a reply this late after its request timed out is hostile
+RESTART_RETRY_S = 0.5  # after an error in the supervisor's own restart code
 MESSAGES_PER_WORKER_ROUND = 32  # fair draining: a round reads at most this many per worker
 VCPU = "vcpu"
 
@@ -895,12 +896,22 @@ class MicroVm:
         for slot in self._slots.values():
             if slot.restart_at is not None and slot.restart_at <= now:
                 slot.restart_at = None
-                self._restart(slot)
+                self._restart_or_retry(slot)
+
+    def _restart_or_retry(self, slot: DeviceSlot) -> None:
+        def restart() -> bool:
+            self._restart(slot)
+            return True
+
+        if not self._guarded(f"restarting the {slot.plan.name} worker", restart, False):
+            slot.restart_at = time.monotonic() + RESTART_RETRY_S  # a bug of ours must not lose a device
 
     def _restart(self, slot: DeviceSlot) -> None:
         """Start a replacement worker for `slot` (in the monitor thread)."""
         name = slot.plan.name
         old = self._workers[name.encode()]
+        if old.alive:
+            return  # replaced already (a retry after an error past the spawn)
         self._await_disconnected(old)
         try:
             self._spawn_device_worker(slot.plan, self._memfd, restore=True, needs_reset=slot.exhausted)

@@ -37,6 +37,7 @@ from shared import fdpass
 from shared import protocol as p
 
 HEARTBEAT_S = 0.05
+UPDATES = (p.UpdateRateLimiter, p.UpdateNetRateLimiters, VsockTransportReset)
 
 
 def wait_until(check: Callable[[], object], timeout: float = 10.0, what: str = "condition") -> None:
@@ -135,9 +136,8 @@ class FakeWorker(threading.Thread):
             self._send(p.Metrics(self.metrics))
         elif isinstance(msg, p.Pause | p.Resume):
             self._send(p.StateChanged("Paused" if isinstance(msg, p.Pause) else "Running"))
-        elif isinstance(msg, p.UpdateRateLimiter | p.UpdateNetRateLimiters | VsockTransportReset):
-            if self.answer_updates:
-                self._send(p.UpdateResult(msg.request_id, True, ""))
+        elif isinstance(msg, UPDATES) and self.answer_updates:
+            self._send(p.UpdateResult(msg.request_id, True, ""))
 
     def _on_fds(self) -> None:
         assert self.fd_channel is not None
@@ -242,11 +242,13 @@ class FakeVm:
     def replaced(self, name: str, old_pid: int, timeout: float = 10.0) -> FakeWorker:
         """Wait until `name` has a live worker other than `old_pid` that the monitor watches."""
         wait_until(
-            lambda: any(
-                w["name"] == name and w["pid"] != old_pid and w["alive"] and not w.get("broken")
-                for w in self.vm.workers()
-            )
-            and self.vm._workers[name.encode()].pidfd in self.vm._pidfds,
+            lambda: (
+                any(
+                    w["name"] == name and w["pid"] != old_pid and w["alive"] and not w.get("broken")
+                    for w in self.vm.workers()
+                )
+                and self.vm._workers[name.encode()].pidfd in self.vm._pidfds
+            ),
             timeout,
             f"a new {name} worker",
         )
@@ -263,9 +265,11 @@ def fake_vm(
     net_mmds: bool = False,
     restart_policy: dict[str, Any] | None = None,
     configure: Callable[[FakeWorker], None] | None = None,
+    monitor: bool = True,
 ) -> Iterator[FakeVm]:
     """A running MicroVm with a vCPU worker and a block worker for drive `rootfs` (and a net
-    worker `net_eth0` serving MMDS), all fake."""
+    worker `net_eth0` serving MMDS), all fake. With `monitor=False` the monitor thread starts
+    only at the end: the test calls the monitor's steps itself."""
     tmp = tempfile.mkdtemp(prefix="ev-")  # ipc:// paths must stay short
     disk = Path(tmp, "disk")
     disk.write_bytes(b"\0" * 4096)
@@ -287,6 +291,8 @@ def fake_vm(
     logged = io.StringIO()
     handler = _capture("embervm", logged)
     vm = MicroVm(launcher, spec, io.BytesIO(), lambda code, reason: exits.append((code, reason)), f"{tmp}/vm")  # type: ignore[arg-type]
+    if not monitor:
+        vm._thread = threading.Thread(target=lambda: None)
     try:
         vm._start(kvm_fd, SimpleNamespace(memfd=memfd, vcpu_args={}, cmdline=""), devices)  # type: ignore[arg-type]
     finally:
@@ -297,6 +303,9 @@ def fake_vm(
     try:
         yield FakeVm(vm, zygote, exits, logged, str(disk))
     finally:
+        if not monitor:
+            vm._thread = threading.Thread(target=vm._monitor, name="vm-monitor", daemon=True)
+            vm._thread.start()
         vm.stop()
         zygote.shutdown()
         handler()
