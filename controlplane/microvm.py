@@ -330,6 +330,11 @@ class MicroVm:
         """Tests only: ask `worker` to attempt a forbidden syscall (armed by VmSpec.seccomp_test_hooks)."""
         self._command(p.TestSyscall(what), worker.encode())
 
+    def test_send_raw(self, worker: str, frames: list[bytes]) -> None:
+        """Tests only: make device worker `worker` send `frames` to the supervisor as they are
+        (armed by VmSpec.seccomp_test_hooks, like test_syscall)."""
+        self._command(p.TestSendRaw(frames), worker.encode())
+
     def _spawn_device_worker(
         self, device: DevicePlan, memfd: int, restore: bool = False, needs_reset: bool = False
     ) -> None:

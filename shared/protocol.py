@@ -105,6 +105,16 @@ class TestSyscall(Message):
     what: str
 
 
+@message
+class TestSendRaw(Message):
+    """Test-only, to a device worker: send `frames` as they are on the control socket (what
+    a compromised worker could send). Acted on only with seccomp test hooks armed."""
+
+    TYPE = "test_send_raw"
+    __test__ = False  # not a pytest test class
+    frames: list[bytes]
+
+
 # --- worker -> supervisor --------------------------------------------------------------
 @message
 class Ready(Message):
