@@ -3,14 +3,17 @@
 `main()` parses the arguments (no threads yet), forks the worker zygote with
 `Launcher.start()` before anything else can start a thread, then `run()` does the rest:
 logger, metrics, MMDS, the optional --config-file boot, and either the API server
-(until the guest ends or a signal) or a wait for the guest (--no-api). The process exits
-with the guest's exit code (0 on guest reset), as Firecracker does.
+(until the guest ends or a signal) or a wait for the guest (--no-api). Once the guest
+runs, stdin is its serial input (`controlplane.console_input`). The process exits with the
+guest's exit code (0 on guest reset), as Firecracker does.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
+import os
 import re
 import signal
 import sys
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 from controlplane import logger as fclog
+from controlplane.console_input import ConsoleInput, ForwardingLauncher
 from controlplane.logger import LEVELS, LOGGER, FcLogger, SinkError
 from controlplane.metrics import FLUSH_INTERVAL_S, METRICS, Metrics, MetricsError
 from controlplane.mmds_store import MmdsError, MmdsStore
@@ -99,12 +103,33 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     args = parse_args(argv)
     from controlplane.microvm import Launcher  # the zygote forks first, before any thread exists
 
+    console_in = _take_stdin()  # before the zygote forks: its workers keep fds 0-2
     launcher = Launcher.start()
     try:
-        code = run(args, launcher)
+        code = run(args, launcher, console_in=console_in)
     finally:
         launcher.shutdown()
     sys.exit(code)
+
+
+def _take_stdin() -> int | None:
+    """embervm's stdin, moved to a close-on-exec fd of its own; fd 0 becomes /dev/null.
+
+    The worker processes keep fds 0-2: this way none of them holds the host's terminal
+    (whose TIOCSTI would type into the user's shell) or input pipe. None if there is no stdin.
+    """
+    try:
+        fd: int | None = fcntl.fcntl(0, fcntl.F_DUPFD_CLOEXEC, 3)
+    except OSError:
+        fd = None
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)  # fd 0 itself if stdin was closed
+    except OSError:  # a chroot without /dev/null (the jailer makes one): fd 0 stays as it was
+        return fd
+    if null != 0:
+        os.dup2(null, 0)
+        os.close(null)
+    return fd
 
 
 class StartupError(Exception):
@@ -122,17 +147,22 @@ def run(
     spec_types: tuple[type, type, type[Exception]] | None = None,
     metrics: Metrics | None = None,
     logger: FcLogger | None = None,
+    console_in: int | None = None,
 ) -> int:
     """Everything after the zygote fork; returns the process exit code.
 
     Tests pass a fake launcher, spec types and their own metrics/logger; `main` passes
-    the real launcher and the process-wide ones.
+    the real launcher and the process-wide ones, and stdin as `console_in`: the guest's
+    serial input once it runs.
     """
     metrics = metrics or METRICS
     logger = logger or LOGGER
     done = threading.Event()
     server: ApiServer | None = None
     stop_signal: int | None = None
+    console = ConsoleInput(console_in) if console_in is not None else None
+    if console is not None:
+        launcher = ForwardingLauncher(launcher, console)
 
     def vm_exited(code: int, reason: str) -> None:
         if server is not None and vmm.vm_failed:
@@ -187,10 +217,14 @@ def run(
         print(f"embervm: {err.strerror}", file=sys.stderr)
         return exitcodes.GENERIC_ERROR
     finally:
-        if server is not None:
-            server.close()
-        flusher.stop()
-        _stop_vm(vmm)
+        try:
+            if server is not None:
+                server.close()
+            flusher.stop()
+            _stop_vm(vmm)
+        finally:
+            if console is not None:
+                console.close()  # after the VM: a forwarder still writing to it is released
         metrics.flush()
     if vmm.vm_failed and vmm.exit_code is not None:
         code = vmm.exit_code if vmm.exit_code == exitcodes.BAD_SYSCALL else exitcodes.WORKER_DIED

@@ -437,6 +437,8 @@ class MicroVm:
         self._command(p.CtrlAltDel())
 
     def send_console_input(self, data: bytes) -> None:
+        """Bytes for the guest's serial port. Blocks while the console socket is full: the
+        vCPU worker reads it only as fast as the guest empties the UART's receive FIFO."""
         if self._console is not None and self.state != "Exited":
             with contextlib.suppress(OSError):
                 self._console.sendall(data)

@@ -160,8 +160,9 @@ def _zygote_main(sock: socket.socket) -> int:  # pragma: no cover - runs in the 
     signal.set_wakeup_fd(wake_w)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor decides when we stop
+    sock_fd = sock.fileno()
     while True:
-        ready, _, _ = select.select([sock, wake_r], [], [])
+        ready, _, _ = select.select([sock_fd, wake_r], [], [])
         if wake_r in ready:
             while True:
                 try:
@@ -170,7 +171,7 @@ def _zygote_main(sock: socket.socket) -> int:  # pragma: no cover - runs in the 
                 except BlockingIOError:
                     break
             _report_exits(sock)
-        if sock in ready:
+        if sock_fd in ready:
             try:
                 data, fds, _, _ = socket.recv_fds(sock, MAX_MSG, MAX_FDS)
             except OSError:

@@ -45,12 +45,13 @@ from typing import Any, Protocol
 
 import zmq
 
-from shared import exitcodes, fdpass
+from shared import exitcodes, fdpass, ratelimited_log
 from shared import protocol as p
 from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, install_filter
 from shared.devstate import StateArea, StateAreaError
 from shared.eventloop import EventLoop
 from shared.faultinject import Fault, FaultInjector
+from shared.memlimit import limit_memory
 from shared.ratelimit import BucketConfig, RateLimiter
 from shared.seccomp import COMMON, Filter
 from shared.virtio import constants as c
@@ -213,6 +214,7 @@ class DeviceWorker:
     def metrics(self) -> dict[str, dict[str, int]]:
         """The device's groups, each with the worker's own counters added."""
         own = {"mmio_requests": self.mmio_requests, "bad_messages": self.bad_messages}
+        own["log_lines_suppressed"] = ratelimited_log.suppressed_total()
         return {group: {**values, **own} for group, values in self.hooks.metrics().items()}
 
     def _push_metrics(self) -> None:
@@ -471,6 +473,7 @@ def run_device(
             worker = DeviceWorker(transport, hooks, channels, ctx)
             worker.test_hooks = seccomp.test_hooks
             wait_for_zmq_threads(ctx)
+            limit_memory(transport.mem.size)  # the ceiling: a runaway worker dies, the host lives
             install_filter(seccomp, policy)  # set-up is over: from here on, only the policy's syscalls
         except Exception as e:
             _report_start_failure(ctx, channels, e)

@@ -36,7 +36,7 @@ def configure_vcpu(vcpu: Vcpu, state: BootCpuState, msrs: list[tuple[int, int]])
     """Long-mode boot state: MSRs, general and special registers, FPU, LAPIC LINT pins."""
     vcpu.set_msrs(msrs)
     regs = vcpu.get_regs()
-    for name, _ in regs._fields_:
+    for name, *_ in regs._fields_:  # a field is (name, type) or (name, type, bits)
         setattr(regs, name, state.regs.get(name, 0))
     vcpu.set_regs(regs)
     sregs = vcpu.get_sregs()

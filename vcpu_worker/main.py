@@ -25,6 +25,7 @@ from shared import exitcodes, layout
 from shared import protocol as p
 from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, install_filter
 from shared.devworker import wait_for_zmq_threads
+from shared.memlimit import limit_memory, vcpu_headroom
 from vcpu_worker.bus import Bus
 from vcpu_worker.i8042 import I8042
 from vcpu_worker.machine import Machine, build_machine
@@ -55,7 +56,7 @@ class VcpuWorker:
         self._console_lock = threading.Lock()
         self.console_dropped = 0
         vm = machine.vm
-        self.serial = Serial8250(self._console_write, lambda: vm.pulse_irq(layout.SERIAL_IRQ))
+        self.serial = Serial8250(self._console_write, lambda: vm.pulse_irq(layout.SERIAL_IRQ), self._wake)
         self.i8042 = I8042(
             lambda: self._request_exit(exitcodes.OK, "guest requested reset via the i8042", ""),
             lambda: vm.pulse_irq(layout.I8042_IRQ),
@@ -160,10 +161,15 @@ class VcpuWorker:
         next_metrics = time.monotonic() + METRICS_INTERVAL_S
         outcome: tuple[int, str, str] | None = None
         while outcome is None:
+            # Console input is read only while the receive FIFO has room: the rest waits in the
+            # socket, and so, in the end, in the supervisor (the serial device wakes us when the
+            # guest has made room again).
             want_console = console_open and self.serial.rx_room() > 0
-            if want_console != console_registered:
-                (poller.register if want_console else poller.unregister)(self.console_fd, zmq.POLLIN)
-                console_registered = want_console
+            if want_console and not console_registered:
+                poller.register(self.console_fd, zmq.POLLIN)
+            elif console_registered and not want_console:
+                poller.unregister(self.console_fd)
+            console_registered = want_console
             events = dict(poller.poll(timeout=200 if not want_console else 1000))
             if self.ctl in events:
                 try:
@@ -225,6 +231,7 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
             worker.virtio = attach_virtio_devices(machine.vm, worker.mmio, devices, fds, ctx, worker._log_warning)
             worker.seccomp = seccomp
             wait_for_zmq_threads(ctx)  # libzmq's threads start with sched_getparam: not under the filter
+            limit_memory(machine.mem.size, vcpu_headroom(len(machine.vcpus)))  # a runaway worker dies, not the host
             install_filter(seccomp, POLICY)  # set-up is over: from here on, only the policy's syscalls
         except Exception as e:
             ctl.send(

@@ -1,7 +1,9 @@
 """An 8250/16550A UART (COM1 at 0x3f8, IRQ 4): the guest's serial console.
 
 Output bytes go to a sink (the console socket to the supervisor); input bytes are
-queued by `enqueue_input` and read by the guest through RBR. Interrupts are edges on
+queued by `enqueue_input` and read by the guest through RBR. The receive FIFO is the
+only input buffer and is bounded: the host offers no more than `rx_room()` and is told
+through `on_rx_room` when a full FIFO has room again. Interrupts are edges on
 the IRQ line: received-data-available and transmitter-holding-register-empty (THRE),
 the latter raised whenever the guest enables it or writes a byte, so that Linux's
 interrupt-driven console keeps flowing.
@@ -33,9 +35,15 @@ RX_FIFO_SIZE = 64
 class Serial8250:
     """Register-level UART model; every method is safe to call from any thread."""
 
-    def __init__(self, output: Callable[[bytes], None], raise_irq: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        output: Callable[[bytes], None],
+        raise_irq: Callable[[], None],
+        on_rx_room: Callable[[], None] | None = None,
+    ) -> None:
         self._output = output
         self._raise_irq = raise_irq
+        self._on_rx_room = on_rx_room  # a full receive FIFO has room again (the guest read it)
         self._lock = threading.Lock()
         self._rx: deque[int] = deque()
         self.ier = 0
@@ -71,19 +79,27 @@ class Serial8250:
 
     def read(self, offset: int) -> int:
         with self._lock:
+            was_full = len(self._rx) >= RX_FIFO_SIZE
             value, irq = self._read_locked(offset)
+            freed = was_full and len(self._rx) < RX_FIFO_SIZE
         if irq:
             self._raise_irq()
+        if freed and self._on_rx_room is not None:
+            self._on_rx_room()
         return value
 
     def write(self, offset: int, value: int) -> None:
         out = None
         with self._lock:
+            was_full = len(self._rx) >= RX_FIFO_SIZE
             irq, out = self._write_locked(offset, value & 0xFF)
+            freed = was_full and len(self._rx) < RX_FIFO_SIZE
         if out is not None:
             self._output(out)
         if irq:
             self._raise_irq()
+        if freed and self._on_rx_room is not None:
+            self._on_rx_room()
 
     def _iir(self) -> int:
         if self.ier & IER_RDA and self._rx:

@@ -35,7 +35,7 @@ def describe_registers(vcpu: Vcpu) -> str:
         r, s = vcpu.get_regs(), vcpu.get_sregs()
     except Exception as e:  # the report must not fail because the vCPU is broken
         return f"(registers unavailable: {e})"
-    gp = " ".join(f"{name}={getattr(r, name):#x}" for name, _ in abi.kvm_regs._fields_)
+    gp = " ".join(f"{name}={getattr(r, name):#x}" for name, *_ in abi.kvm_regs._fields_)
     sr = " ".join(f"{name}={getattr(s, name):#x}" for name in ("cr0", "cr2", "cr3", "cr4", "efer"))
     return f"vCPU {vcpu.id}: {gp} {sr} cs={s.cs.selector:#x} ss={s.ss.selector:#x}"
 

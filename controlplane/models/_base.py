@@ -54,10 +54,10 @@ def describe_error(model: type[BaseModel], err: ValidationError) -> str:
     ctx = first.get("ctx") or {}
     where = _path(loc)
     if kind == "extra_forbidden":
-        expected = _fields_at(model, loc[:-1])
+        fields = _fields_at(model, loc[:-1])
         text = f"unknown field `{loc[-1]}`"
-        if expected:
-            text += ", expected one of " + ", ".join(f"`{name}`" for name in expected)
+        if fields:
+            text += ", expected one of " + ", ".join(f"`{name}`" for name in fields)
         return text + _at(loc[:-1])
     if kind == "missing":
         return f"missing field `{loc[-1]}`" + _at(loc[:-1])

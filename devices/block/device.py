@@ -30,13 +30,13 @@ from devices.block.request import (
 from shared.faultinject import FaultInjector
 from shared.memory import GuestMemory
 from shared.ratelimit import RateLimiter
+from shared.ratelimited_log import RateLimitedLog
 from shared.virtio import constants as c
 from shared.virtio.chain import ChainError, DescriptorChain
 from shared.virtio.device import DeviceError, Interrupt, config_slice
-from shared.virtio.guestlog import GuestLog
 from shared.virtio.queue import Queue, QueueError
 
-_log = GuestLog(logging.getLogger(__name__))
+_log = RateLimitedLog(logging.getLogger(__name__))
 
 # Feature bits (spec 5.2.3).
 VIRTIO_BLK_F_SIZE_MAX = 1
@@ -259,7 +259,7 @@ class BlockDevice:
                     self.metrics["invalid_reqs_count"] += 1
                     return Status.UNSUPP
         except BackendError as e:
-            logging.getLogger(__name__).error("drive %s: %s", self.drive_id, str(e))
+            _log.error("drive %s: %s", self.drive_id, str(e))
             self.metrics["io_errors"] += 1
             return Status.IOERR
 

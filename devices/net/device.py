@@ -40,13 +40,13 @@ from devices.net import tap
 from devices.net.stack import MmdsStack
 from shared.memory import GuestMemory
 from shared.ratelimit import RateLimiter
+from shared.ratelimited_log import RateLimitedLog
 from shared.virtio import constants as c
 from shared.virtio.chain import ChainError, DescriptorChain
 from shared.virtio.device import DeviceError, Interrupt, config_slice
-from shared.virtio.guestlog import GuestLog
 from shared.virtio.queue import Queue, QueueError
 
-_log = GuestLog(logging.getLogger(__name__))
+_log = RateLimitedLog(logging.getLogger(__name__))
 
 RX, TX = 0, 1
 # Feature bits (spec 5.1.3).
@@ -88,6 +88,7 @@ METRIC_NAMES = (
     "rx_event_rate_limiter_count",
     "rx_dropped_frames",
     "rx_deferred_frames",
+    "rx_flushed_buffers",
     "no_rx_avail_buffer",
     "tx_queue_event_count",
     "tx_bytes_count",
@@ -346,7 +347,7 @@ class NetDevice:
                 self.metrics["tap_write_fails"] += 1
                 self.metrics["tx_fails"] += 1
                 if e.errno not in (errno.EAGAIN, errno.ENOBUFS, errno.EIO, errno.EINVAL):
-                    logging.getLogger(__name__).error("%s: write to the TAP failed: %s", self.iface_id, e)
+                    _log.error("%s: write to the TAP failed: %s", self.iface_id, e)
         queue.add_used(chain.head, 0)
         return True
 
@@ -380,17 +381,40 @@ class NetDevice:
         self._rx_throttled = True
         return False
 
-    def _pop_rx(self, queue: Queue, need: int) -> list[DescriptorChain]:
-        """Chains holding up to `need` bytes (one chain without MRG_RXBUF); [] when none."""
+    def _pop_rx(self, queue: Queue, need: int, *, holding: bool = False) -> tuple[list[DescriptorChain], bool]:
+        """Chains holding up to `need` bytes (one chain without MRG_RXBUF), and whether a
+        malformed chain cut the collection short.
+
+        Chains are completed in the order they were popped, so that giving back the unused
+        ones (`undo_pop`) never rewinds `next_avail` past a chain already completed (which
+        would then be popped and completed twice, and an earlier one never). So a malformed
+        chain met while chains are held for a frame (`holding`, or collected here) is not
+        completed: it is given back and ends the collection; the caller uses what it has or
+        returns the held chains empty (`_flush`), after which the malformed chain comes first
+        and is completed on its own.
+        """
         chains: list[DescriptorChain] = []
         room = 0
         while room < need:
-            chain = self._pop(queue, "rx_fails")
+            held = holding or bool(chains)
+            try:
+                chain = queue.pop()
+            except ChainError as e:
+                if held:
+                    queue.undo_pop()
+                    return chains, True
+                _log.warning("%s", str(e))
+                self.metrics["rx_fails"] += 1
+                queue.add_used(e.head, 0)
+                continue
             if chain is None:
                 if queue.enable_notification():  # the guest added buffers meanwhile
                     continue
                 break
-            if chain.writable_len < (VNET_HDR_SIZE if not chains else 1):
+            if chain.writable_len < (1 if held else VNET_HDR_SIZE):
+                if held:
+                    queue.undo_pop()
+                    return chains, True
                 _log.warning("Guest gave a %d-byte rx buffer on %s", chain.writable_len, self.iface_id)
                 self.metrics["rx_fails"] += 1
                 queue.add_used(chain.head, 0)
@@ -399,7 +423,13 @@ class NetDevice:
             room += chain.writable_len
             if not self.mergeable:
                 break
-        return chains
+        return chains, False
+
+    def _flush(self, queue: Queue, chains: list[DescriptorChain]) -> None:
+        """Return held chains empty, in pop order (a malformed chain behind them blocks them)."""
+        for chain in chains:
+            queue.add_used(chain.head, 0)
+        self.metrics["rx_flushed_buffers"] += len(chains)
 
     def _starved(self) -> None:
         self.metrics["no_rx_avail_buffer"] += 1
@@ -409,7 +439,7 @@ class NetDevice:
         """Read one frame from the TAP into guest buffers; False when there is nothing to do."""
         # Mergeable buffers: enough for a full-size Ethernet frame up front (most frames); a
         # bigger (GSO) frame spills into the scratch area and its tail is copied into more.
-        chains = self._pop_rx(queue, TYPICAL_BUFFER if self.mergeable else MAX_BUFFER)
+        chains, blocked = self._pop_rx(queue, TYPICAL_BUFFER if self.mergeable else MAX_BUFFER)
         if not chains:
             self._starved()
             return False
@@ -424,32 +454,33 @@ class NetDevice:
         except OSError as e:
             _give_back(queue, len(chains))
             self.metrics["tap_read_fails"] += 1
-            logging.getLogger(__name__).error("%s: read from the TAP failed: %s", self.iface_id, e)
+            _log.error("%s: read from the TAP failed: %s", self.iface_id, e)
             return False
         if n < VNET_HDR_SIZE:
             _give_back(queue, len(chains))
             self.metrics["rx_dropped_frames"] += 1
             return True
-        if n > room and self.mergeable:
-            more = self._pop_rx(queue, n - room)
-            more_room = sum(chain.writable_len for chain in more)
-            if room + more_room >= n:
+        held = chains
+        if n > room and self.mergeable and not blocked:
+            more, blocked = self._pop_rx(queue, n - room, holding=True)
+            held = chains + more
+            if room + sum(chain.writable_len for chain in more) >= n:
                 tail = self._scratch[: n - room]
                 for chain in more:
                     part = tail[: chain.writable_len]
                     chain.writer().write(part)
                     tail = tail[len(part) :]
-                chains += more
-                room += more_room
-            else:
-                _give_back(queue, len(more))
+                chains, room = held, room + sum(chain.writable_len for chain in more)
         if n > room or not self._admit_rx(n - VNET_HDR_SIZE):
             if n > room and not self.mergeable:
                 self.metrics["rx_dropped_frames"] += 1  # can never fit a non-mergeable buffer
             else:
                 self.metrics["rx_deferred_frames"] += 1
                 self._defer(_gather(views, self._scratch, n))
-            _give_back(queue, len(chains))
+            if n > room and blocked:
+                self._flush(queue, held)
+            else:
+                _give_back(queue, len(held))
             return True
         self._complete(queue, chains, n)
         return True
@@ -457,12 +488,15 @@ class NetDevice:
     def _deliver_pending(self, queue: Queue) -> bool:
         """Copy the oldest waiting frame into guest buffers; False when it must wait."""
         frame = self.pending[0]
-        chains = self._pop_rx(queue, len(frame))
+        chains, blocked = self._pop_rx(queue, len(frame))
         if not chains:
             self._starved()
             return False
         room = sum(ch.writable_len for ch in chains)
         if room < len(frame):
+            if blocked:
+                self._flush(queue, chains)
+                return True
             _give_back(queue, len(chains))
             if not self.mergeable:
                 self.pending.popleft()

@@ -36,8 +36,10 @@ from typing import Any
 
 MAX_REQUEST_BYTES = 8192  # a request (head + body) larger than this resets the connection
 MIN_TTL, MAX_TTL = 1, 21600
+U32_DIGITS = 10  # a number in a request is read as Firecracker's u32: at most 10 digits
 TOKEN_PATH = "/latest/api/token"
-_TTL_HEADERS = ("x-metadata-token-ttl-seconds", "x-aws-ec2-metadata-token-ttl-seconds")
+_TTL_HEADER_NAMES = {h.lower(): h for h in ("X-metadata-token-ttl-seconds", "X-aws-ec2-metadata-token-ttl-seconds")}
+_TTL_HEADERS = tuple(_TTL_HEADER_NAMES)
 _TOKEN_HEADERS = ("x-metadata-token", "x-aws-ec2-metadata-token")
 NO_TOKEN = "No MMDS token provided. Use `X-metadata-token` header to specify the session token."
 NO_TTL = (
@@ -102,11 +104,8 @@ def parse_request(buffer: bytes) -> tuple[HttpRequest, int] | None:
         headers[name.lower()] = value.strip()
     if "transfer-encoding" in headers:
         raise HttpError(501, "Transfer-Encoding is not supported")
-    try:
-        length = int(headers.get("content-length", "0"))
-    except ValueError:
-        raise HttpError(400, "Invalid Content-Length") from None
-    if length < 0:
+    length = parse_u32(headers.get("content-length", "0"))
+    if length is None:
         raise HttpError(400, "Invalid Content-Length")
     total = end + 4 + length
     if total > MAX_REQUEST_BYTES:
@@ -117,6 +116,27 @@ def parse_request(buffer: bytes) -> tuple[HttpRequest, int] | None:
         raise HttpError(400, "Invalid URI")
     path = target.split("?", 1)[0]
     return HttpRequest(method, path, version, headers, buffer[end + 4 : total]), total
+
+
+def parse_u32(text: str) -> int | None:
+    """`text` as Rust's `u32::from_str` reads it (an optional `+`, decimal digits, leading zeros
+    allowed), or None. The digits are counted before `int()` sees them: a guest's 5000-digit
+    number is refused, it does not make `int()` raise."""
+    digits = text[1:] if text.startswith("+") else text
+    if not digits or not digits.isascii() or not digits.isdigit():
+        return None
+    significant = digits.lstrip("0") or "0"
+    if len(significant) > U32_DIGITS:
+        return None
+    value = int(significant)
+    return value if value <= 0xFFFFFFFF else None
+
+
+def parse_index(text: str) -> int | None:
+    """A JSON-pointer array index as serde_json reads it (no sign, no leading zero), or None."""
+    if not text.isascii() or not text.isdigit() or (text.startswith("0") and text != "0"):
+        return None
+    return parse_u32(text)
 
 
 def response(status: int, body: bytes | str = b"", content_type: str = "text/plain", extra: str = "") -> bytes:
@@ -146,7 +166,7 @@ class TokenAuthority:
     def valid(self, token: str) -> bool:
         body, _, mac = token.rpartition(".")
         expiry = body.split(".", 1)[0]
-        if not body or not expiry.isdigit():
+        if not body or not expiry.isascii() or not expiry.isdigit() or len(expiry) > 20:
             return False
         expected = base64.urlsafe_b64encode(hmac.new(self._key, body.encode(), hashlib.sha256).digest()).decode()
         return hmac.compare_digest(expected.rstrip("="), mac) and int(expiry) > self._clock() * 1000
@@ -179,6 +199,8 @@ class MmdsService:
         if request.method != "GET":
             return response(405, "Not allowed HTTP method.", extra="Allow: GET, PUT\r\n")
         if self.version == "V2":
+            if self._ttl_header_invalid(request):
+                return self._bad_ttl_header(request)
             token = next((request.headers[h] for h in _TOKEN_HEADERS if h in request.headers), None)
             if token is None:
                 self.metrics["rx_no_token"] += 1
@@ -196,7 +218,9 @@ class MmdsService:
         ttl_text = next((request.headers[h] for h in _TTL_HEADERS if h in request.headers), None)
         if ttl_text is None:
             return response(400, NO_TTL)
-        ttl = int(ttl_text) if ttl_text.isdigit() else -1
+        ttl = parse_u32(ttl_text)
+        if ttl is None:
+            return self._bad_ttl_header(request)
         if not MIN_TTL <= ttl <= MAX_TTL:
             return response(
                 400,
@@ -204,6 +228,18 @@ class MmdsService:
                 f"Please provide a value between {MIN_TTL} and {MAX_TTL}.",
             )
         return response(200, self.tokens.issue(ttl))
+
+    @staticmethod
+    def _ttl_header_invalid(request: HttpRequest) -> bool:
+        """V2 reads the TTL header of every request as a u32, as Firecracker's TokenHeaders does."""
+        return any(h in request.headers and parse_u32(request.headers[h]) is None for h in _TTL_HEADERS)
+
+    @staticmethod
+    def _bad_ttl_header(request: HttpRequest) -> bytes:
+        """Firecracker's answer to a TTL header that is not a u32 (micro_http's InvalidValue)."""
+        name = next(h for h in _TTL_HEADERS if h in request.headers)
+        key = _TTL_HEADER_NAMES[name]
+        return response(400, f"Invalid header. Reason: Invalid value. Key:{key}; Value:{request.headers[name]}")
 
     def _get(self, request: HttpRequest) -> bytes:
         value = self._lookup(request.path)
@@ -228,8 +264,8 @@ class MmdsService:
             part = part.replace("~1", "/").replace("~0", "~")
             if isinstance(node, dict) and part in node:
                 node = node[part]
-            elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
-                node = node[int(part)]
+            elif isinstance(node, list) and (index := parse_index(part)) is not None and index < len(node):
+                node = node[index]
             else:
                 return None
         return node

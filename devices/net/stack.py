@@ -10,8 +10,16 @@ segments on a doubling timer, FIN in both directions (half-close: a request foll
 the guest's FIN is still answered), RST both ways. HTTP/1.1 keep-alive and pipelining come
 from `mmds.parse_request`. A request over `MAX_REQUEST_BYTES` resets the connection.
 
-Bounded: at most `MAX_CONNECTIONS` connections (a SYN beyond that is reset), each with a
-fixed-size request buffer; idle connections are dropped after `IDLE_TIMEOUT_S`.
+Bounded whatever the guest does: at most `MAX_CONNECTIONS` connections (a SYN beyond that
+is reset), each with a request buffer of `MAX_REQUEST_BYTES` (our advertised window: it
+closes as the buffer fills) and a send buffer of answers not yet acknowledged. Requests are
+answered only while that send buffer holds less than `SEND_BUFFER_BYTES`: a guest that
+pipelines requests and never opens its window (or never acknowledges) stops being read,
+its window to us closes, and the zero-window probes end in a reset after `MAX_RETRIES`;
+so a send buffer never holds more than `SEND_BUFFER_BYTES` plus one answer (an answer is
+at most the MMDS snapshot, whose size the host bounds). No out-of-order segment is kept.
+Frames for the guest wait in `output`, at most `MAX_OUTPUT_FRAMES` (more are dropped and
+counted: TCP retransmits). Idle connections are dropped after `IDLE_TIMEOUT_S`.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ HTTP_PORT = 80
 MSS = 1460
 MAX_CONNECTIONS = 30
 MAX_OUTPUT_FRAMES = 256
+SEND_BUFFER_BYTES = 64 * 1024  # unacknowledged answers per connection before requests wait
 INITIAL_RTO_S = 0.2
 MAX_RETRIES = 6
 IDLE_TIMEOUT_S = 120.0
@@ -106,6 +115,7 @@ class MmdsStack:
                 "connections_destroyed",
                 "connections_reset",
                 "retransmissions",
+                "send_buffer_full",
             ),
             0,
         )
@@ -247,8 +257,12 @@ class MmdsStack:
         return True
 
     def _serve(self, conn: Connection) -> bool:
-        """Answer every complete request in the buffer; False if the connection was reset."""
+        """Answer the complete requests in the buffer while the send buffer has room; False if
+        the connection was reset. Requests left waiting keep our window closed (backpressure)."""
         while conn.inbuf and not conn.close_after:
+            if len(conn.unacked) >= SEND_BUFFER_BYTES:
+                self.metrics["send_buffer_full"] += 1
+                return True  # answered when the guest acknowledges; the guest's FIN waits too
             try:
                 parsed = parse_request(bytes(conn.inbuf))
             except HttpError as e:

@@ -42,6 +42,7 @@ from shared.devworker import (
 from shared.eventloop import EventLoop
 from shared.memory import GuestMemory
 from shared.ratelimit import RateLimiter, RateLimitError
+from shared.ratelimited_log import RateLimitedLog
 from shared.virtio.mmio import MmioTransport
 
 FDS = ("memfd", "irqfd", "rx_notify", "tx_notify", "tap", "fd_channel")
@@ -54,6 +55,7 @@ RESTARTABLE = True
 TAP_TOKEN = 8
 
 log = logging.getLogger("embervm.net")
+_glog = RateLimitedLog(log)  # for what the guest's traffic can trigger
 
 
 class NetHooks:
@@ -89,7 +91,7 @@ class NetHooks:
         try:
             self.device.process_tap()
         except Exception:  # a bug of ours: log it, keep serving
-            log.exception("net worker error on the TAP")
+            _glog.exception("net worker error on the TAP")
 
     def metrics(self) -> dict[str, dict[str, int]]:
         groups = {f"net_{self.device.iface_id}": {**self.device.metrics, **self.counters}}

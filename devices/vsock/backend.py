@@ -37,13 +37,21 @@ import time
 from collections.abc import Callable
 from typing import Protocol
 
-from devices.vsock.connection import EPOLLIN, Connection, CreditViolation, State
+from devices.vsock.connection import (
+    EPOLLIN,
+    TX_BUFFER_BUDGET,
+    Connection,
+    CreditViolation,
+    State,
+    TxBudget,
+    TxBudgetExceeded,
+)
 from devices.vsock.packet import HEADER_SIZE, HOST_CID, TYPE_STREAM, Op, TxPacket, header_bytes
+from shared.ratelimited_log import RateLimitedLog
 from shared.virtio.chain import DescriptorChain
-from shared.virtio.guestlog import GuestLog
 
 log = logging.getLogger(__name__)
-_glog = GuestLog(log)
+_glog = RateLimitedLog(log)
 
 MAX_CONNECTIONS = 1023  # Firecracker's defs::MAX_CONNECTIONS
 MAX_PENDING_RST = 256  # RSTs for packets of no connection, waiting for rx buffers
@@ -78,6 +86,7 @@ COUNTER_NAMES = (
     "unknown_op_packets",
     "bad_type_packets",
     "rst_dropped",
+    "tx_budget_resets",
 )
 
 
@@ -140,6 +149,7 @@ class UnixMuxer:
         *,
         clock: Callable[[], float] = time.monotonic,
         max_connections: int = MAX_CONNECTIONS,
+        tx_buffer_budget: int = TX_BUFFER_BUDGET,
     ) -> None:
         if len(f"{uds_path}_4294967295".encode()) > MAX_UDS_PATH:
             raise ValueError(f"uds_path {uds_path!r} is too long for <uds_path>_<port> to fit a Unix socket address")
@@ -148,6 +158,7 @@ class UnixMuxer:
         self.listener = listener
         self.clock = clock
         self.max_connections = max_connections
+        self.tx_budget = TxBudget(tx_buffer_budget)  # shared by every connection's tx_buf
         self.counters = dict.fromkeys(COUNTER_NAMES, 0)
         self.epoll = select.epoll()
         self.conns: dict[tuple[int, int], Connection] = {}
@@ -168,7 +179,7 @@ class UnixMuxer:
             events = self.epoll.poll(0, 256)
         except OSError as e:
             self.counters["muxer_event_fails"] += 1
-            log.error("vsock muxer: epoll failed: %s", e)
+            _glog.error("vsock muxer: epoll failed: %s", e)
             return
         for fd, mask in events:
             if self.listener is not None and fd == self.listener.fileno():
@@ -210,7 +221,7 @@ class UnixMuxer:
                 return
             except OSError as e:
                 self.counters["muxer_event_fails"] += 1
-                log.warning("vsock: accept on %s failed: %s", self.uds_path, e)
+                _glog.warning("vsock: accept on %s failed: %s", self.uds_path, e)
                 return
             if len(self.conns) + len(self.pending) >= self.max_connections:
                 self.counters["host_connect_refused"] += 1
@@ -249,7 +260,16 @@ class UnixMuxer:
         del self.pending[fd]
         self.epoll.unregister(fd)
         local = self._new_local_port()
-        conn = Connection(pending.sock, self.guest_cid, local, port, State.LOCAL_INIT, self.counters, clock=self.clock)
+        conn = Connection(
+            pending.sock,
+            self.guest_cid,
+            local,
+            port,
+            State.LOCAL_INIT,
+            self.counters,
+            clock=self.clock,
+            budget=self.tx_budget,
+        )
         self.counters["host_connects"] += 1
         self._add(conn)
 
@@ -304,6 +324,10 @@ class UnixMuxer:
                     self.counters["credit_violations"] += 1
                     _glog.warning("vsock: guest ignored its credit, connection reset: %s", str(e))
                     conn.kill()
+                except TxBudgetExceeded as e:
+                    self.counters["tx_budget_resets"] += 1
+                    _glog.warning("vsock: host side too slow on too many connections, reset: %s", str(e))
+                    conn.kill()
             case Op.CREDIT_REQUEST:
                 conn.on_credit_request()
             case _:
@@ -344,6 +368,7 @@ class UnixMuxer:
             peer_buf_alloc=h.buf_alloc,
             peer_fwd_cnt=h.fwd_cnt,
             clock=self.clock,
+            budget=self.tx_budget,
         )
         conn.need_response = True
         self._add(conn)
@@ -366,6 +391,7 @@ class UnixMuxer:
                 self.epoll.unregister(fd)
             conn.interest = 0
         conn.sock.close()
+        conn.release_tx_buf()
         conn.state = State.DEAD
         self.counters["conns_removed"] += 1
 

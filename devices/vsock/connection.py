@@ -10,7 +10,10 @@ Credit (spec 5.10.6.3), both directions, counters wrapping at 2^32:
 * guest -> host: we advertise `buf_alloc` (TX_BUF_SIZE) and `fwd_cnt` (bytes written to
   the host socket). Bytes the host socket does not take at once wait in `tx_buf`; a
   guest that sends more than its credit (tx_buf would grow past buf_alloc) is reset, so
-  nothing the guest does makes this buffer grow without bound. A CREDIT_UPDATE goes out
+  nothing the guest does makes this buffer grow without bound. All connections' tx_bufs
+  together draw on one `TxBudget` (the muxer's): credit times the connection limit would
+  be 256 MiB, so a connection whose buffer would take the total past the budget is reset
+  too (only when host readers are stuck on many connections at once). A CREDIT_UPDATE goes out
   when CREDIT_UPDATE_THRESHOLD forwarded bytes were not yet announced (every packet we
   send announces fwd_cnt), or when the guest asks (CREDIT_REQUEST).
 * host -> guest: the guest advertises its buf_alloc and fwd_cnt in every packet; we read
@@ -54,6 +57,7 @@ from shared.virtio.chain import DescriptorChain
 
 TX_BUF_SIZE = 256 * 1024  # our buf_alloc: what a guest may have in flight towards the host
 CREDIT_UPDATE_THRESHOLD = TX_BUF_SIZE // 4
+TX_BUFFER_BUDGET = 32 * 1024 * 1024  # all connections' tx_bufs together (one muxer)
 SHUTDOWN_TIMEOUT_S = 2.0  # SHUTDOWN(both) sent, the guest's RST awaited (Firecracker's value)
 REQUEST_TIMEOUT_S = 5.0  # REQUEST sent for a host-initiated connection, RESPONSE awaited
 _U32 = 0xFFFFFFFF
@@ -72,6 +76,18 @@ class State(Enum):
 
 class CreditViolation(Exception):
     """The guest sent more than the credit we gave it."""
+
+
+class TxBudgetExceeded(Exception):
+    """Buffering the guest's bytes would take all connections' tx_bufs past their budget."""
+
+
+class TxBudget:
+    """Bytes waiting in the tx_buf of every connection of one muxer, against `limit`."""
+
+    def __init__(self, limit: int = TX_BUFFER_BUDGET) -> None:
+        self.limit = limit
+        self.used = 0
 
 
 def _drop_front(views: Sequence[memoryview], n: int) -> list[memoryview]:
@@ -101,6 +117,7 @@ class Connection:
         peer_fwd_cnt: int = 0,
         buf_alloc: int = TX_BUF_SIZE,
         clock: Callable[[], float] = time.monotonic,
+        budget: TxBudget | None = None,
     ) -> None:
         self.sock = sock
         self.guest_cid = guest_cid
@@ -112,6 +129,7 @@ class Connection:
         self.buf_alloc = buf_alloc
         # guest -> host
         self.tx_buf = bytearray()
+        self.budget = budget if budget is not None else TxBudget()
         self.host_prefix = b""  # "OK <port>\n", written before any guest byte
         self.tx_recv_cnt = 0  # guest payload bytes accepted
         self.fwd_cnt = 0  # ... of which written to the host socket
@@ -198,8 +216,12 @@ class Connection:
                 return
             self._forwarded(written)
             payload = _drop_front(payload, written)
+        left = sum(len(v) for v in payload)
+        if left and self.budget.used + left > self.budget.limit:
+            raise TxBudgetExceeded(f"port {self.peer_port}->{self.local_port}: {left} more bytes to buffer")
         for view in payload:
             self.tx_buf += view
+        self.budget.used += left
         self._check_credit_update()
 
     def on_shutdown(self, flags: int) -> None:
@@ -258,6 +280,7 @@ class Connection:
             if written == 0:
                 break
             del self.tx_buf[:written]
+            self.budget.used -= written
             self._forwarded(written)
         self._check_credit_update()
         self._maybe_finish()
@@ -269,9 +292,14 @@ class Connection:
         if ((self.fwd_cnt - self.last_fwd_cnt_sent) & _U32) >= CREDIT_UPDATE_THRESHOLD:
             self.need_credit_update = True
 
+    def release_tx_buf(self) -> None:
+        """Forget the bytes waiting for the host (and give them back to the budget)."""
+        self.budget.used -= len(self.tx_buf)
+        self.tx_buf.clear()
+
     def _host_gone(self) -> None:
         """The host closed its socket: tell the guest, wait for its RST."""
-        self.tx_buf.clear()
+        self.release_tx_buf()
         self.host_prefix = b""
         self.host_readable = False
         if self.state is State.ESTABLISHED:
@@ -300,7 +328,7 @@ class Connection:
             self.state = State.DEAD
             self.need_rst = True
             self.deadline = None
-            self.tx_buf.clear()
+            self.release_tx_buf()
             self.host_prefix = b""
             self.counters["conns_killed"] += 1
 

@@ -20,13 +20,13 @@ from collections.abc import Sequence
 from devices.vsock.backend import VsockBackend
 from devices.vsock.packet import EVENT, EVENT_TRANSPORT_RESET, HEADER_SIZE, HOST_CID, PacketError, parse_tx
 from shared.memory import GuestMemory
+from shared.ratelimited_log import RateLimitedLog
 from shared.virtio import constants as c
 from shared.virtio.chain import ChainError, DescriptorChain
 from shared.virtio.device import DeviceError, Interrupt, config_slice
-from shared.virtio.guestlog import GuestLog
 from shared.virtio.queue import Queue, QueueError
 
-_log = GuestLog(logging.getLogger(__name__))
+_log = RateLimitedLog(logging.getLogger(__name__))
 
 RX, TX, EVQ = 0, 1, 2
 QUEUE_SIZE = 256

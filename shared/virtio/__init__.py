@@ -4,6 +4,5 @@ constants  numbers from the spec          queue    split virtqueue (QueueError)
 chain      validated chains + reader/writer (ChainError)
 device     the VirtioDevice / Interrupt interfaces (DeviceError)
 mmio       virtio-mmio v2 transport (TransportError)
-guestlog   rate-limited logging for guest-triggered messages
 testing    MockDriver, FakeInterrupt, make_guest_memory (tests, fuzzing, benchmarks)
 """

@@ -22,12 +22,12 @@ from collections.abc import Callable
 from typing import Any
 
 from shared.memory import GuestMemory
+from shared.ratelimited_log import RateLimitedLog
 from shared.virtio import constants as c
 from shared.virtio.device import DeviceError, VirtioDevice
-from shared.virtio.guestlog import GuestLog
 from shared.virtio.queue import Queue, QueueError
 
-_log = GuestLog(logging.getLogger(__name__))
+_log = RateLimitedLog(logging.getLogger(__name__))
 _SNAPSHOT_VERSION = 1
 _CONFIG_ACCESS_SIZES = (1, 2, 4, 8)
 
@@ -97,7 +97,7 @@ class MmioTransport:
         except QueueError as e:
             self.signal_needs_reset(str(e))
         except Exception as e:  # a device bug: keep the worker, lose the device
-            logging.getLogger(__name__).exception("virtio device %#x crashed", self.device.device_type)
+            _log.exception("virtio device %#x crashed", self.device.device_type)
             self.signal_needs_reset(f"internal error: {e!r}")
 
     # --- register reads --------------------------------------------------------------

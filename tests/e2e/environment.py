@@ -555,8 +555,13 @@ def prepare() -> Environment:
     return Environment(kernel, outer, inner, rootfs, qemu, python)
 
 
-def main() -> int:
+def main(argv: list[str] | None = None) -> int:
+    """`--host-packages`: only install the Debian packages (scripts/setup --tests); else prepare all."""
+    args = sys.argv[1:] if argv is None else argv
     try:
+        if args == ["--host-packages"]:
+            ensure_host_packages()
+            return 0
         env = prepare()
     except EnvironmentError_ as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -27,9 +27,10 @@ MEM_MIB = 64
 class Embervm:
     """An embervm process whose stdout (the guest console) is captured."""
 
-    def __init__(self, *args: str) -> None:
+    def __init__(self, *args: str, stdin: int = subprocess.DEVNULL) -> None:
+        """`stdin` is the guest's serial input (by default none: not the terminal pytest runs in)."""
         command = [sys.executable, "-c", "import sys; from controlplane.cli import main; main(sys.argv[1:])", *args]
-        self.proc = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.proc = subprocess.Popen(command, cwd=REPO, stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.console = ConsoleCapture()
         self.stderr = ConsoleCapture()
         self.pumps = [

@@ -14,6 +14,8 @@ from controlplane.microvm import DeviceUpdateError, Launcher, MicroVm, VmStartEr
 from controlplane.vm_spec import DriveSpec, VmSpec
 from guest.build import GuestImages
 from shared import exitcodes
+from shared.layout import MiB
+from shared.memlimit import DEVICE_HEADROOM, vcpu_headroom
 from tests.support.console import ConsoleCapture
 from tests.support.waiting import wait_until
 
@@ -217,3 +219,16 @@ def test_block_worker_that_cannot_start_fails_the_start_and_leaves_no_worker(lau
     with pytest.raises(VmStartError, match="block_rootfs worker cannot start"):
         start(launcher, guest_images, "test=boot", drives)
     assert zygote_children(launcher) <= before
+
+
+def test_every_worker_of_a_running_vm_has_its_memory_ceiling(looping_vm) -> None:
+    """RLIMIT_AS (shared.memlimit): guest memory + headroom, per worker, set by the worker."""
+    vm, _ = looping_vm
+    expected = {"vcpu": MEM_MIB * MiB + vcpu_headroom(1), "block": MEM_MIB * MiB + DEVICE_HEADROOM}
+    seen = set()
+    for worker in vm.workers():
+        with open(f"/proc/{worker['pid']}/limits") as f:
+            fields = next(line for line in f if line.startswith("Max address space")).split()
+        assert int(fields[3]) == int(fields[4]) == expected[str(worker["kind"])], worker
+        seen.add(worker["kind"])
+    assert seen == {"vcpu", "block"}

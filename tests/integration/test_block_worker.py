@@ -14,6 +14,7 @@ import pytest
 from devices.block.request import RequestType, Status
 from devices.block.testing import FEATURES, BlockWorkerHarness, header
 from shared import protocol as p
+from shared.memlimit import DEVICE_HEADROOM
 from shared.virtio import constants as c
 
 SECTORS = 128  # 64 KiB disk
@@ -348,3 +349,13 @@ def test_bad_fd_channel_message_closes_the_fds_it_carried(worker: BlockWorkerHar
     assert _alive_and_serving(worker)
     targets = {os.readlink(f"/proc/{worker.pid}/fd/{n}") for n in os.listdir(f"/proc/{worker.pid}/fd")}
     assert str(marker) not in targets
+
+
+def test_the_worker_runs_under_its_memory_ceiling(worker: BlockWorkerHarness) -> None:
+    """RLIMIT_AS = guest memory + headroom (shared.memlimit), set by the worker itself."""
+    with open(f"/proc/{worker.pid}/limits") as f:
+        line = next(line for line in f if line.startswith("Max address space"))
+    soft, hard = line.split()[3:5]
+    assert int(soft) == int(hard) == worker.mem.size + DEVICE_HEADROOM
+    head = worker.add_read(1, SECTOR)
+    assert worker.submit(head) == [(head, SECTOR + 1)]  # and serves within it

@@ -112,7 +112,8 @@ def _unpack_boot(deb: Path, dest: Path) -> str:
     proc = subprocess.Popen(["dpkg-deb", "--fsys-tarfile", str(deb)], stdout=subprocess.PIPE)
     assert proc.stdout is not None
     version = None
-    with tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
+    # A streamed tarfile does not close the file object it was given: close the pipe ourselves.
+    with proc.stdout, tarfile.open(fileobj=proc.stdout, mode="r|") as tar:
         for member in tar:
             name = member.name.removeprefix("./")
             if not member.isfile() or not name.startswith(("boot/vmlinuz-", "boot/config-")):

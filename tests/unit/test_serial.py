@@ -83,6 +83,23 @@ def test_rx_fifo_is_bounded():
     assert uart.rx_room() == 0
 
 
+def test_a_full_fifo_reports_room_once_when_the_guest_reads_or_clears_it():
+    rooms: list[int] = []
+    uart = s.Serial8250(lambda _: None, lambda: None, lambda: rooms.append(uart.rx_room()))
+    uart.enqueue_input(b"ab")
+    uart.read(s.DATA)
+    assert rooms == [], "a FIFO that was not full does not report"
+
+    uart.enqueue_input(bytes(200))
+    uart.read(s.DATA)
+    uart.read(s.DATA)
+    assert rooms == [1], "only the read that freed a full FIFO reports"
+
+    uart.enqueue_input(bytes(200))
+    uart.write(s.IIR_FCR, 0x02)  # clear the receive FIFO
+    assert rooms == [1, s.RX_FIFO_SIZE]
+
+
 def test_divisor_latch_does_not_transmit():
     uart, sink = make()
     uart.write(s.LCR, s.LCR_DLAB)

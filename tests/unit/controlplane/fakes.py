@@ -28,6 +28,7 @@ class FakeMicroVm:
         self.updates: list[tuple[str, str, dict[str, Any]]] = []
         self.exited = threading.Event()
         self.exit_code: int | None = None
+        self.console_input = bytearray()
 
     def pause(self) -> None:
         self.calls.append("pause")
@@ -39,6 +40,9 @@ class FakeMicroVm:
 
     def send_ctrl_alt_del(self) -> None:
         self.calls.append("ctrl_alt_del")
+
+    def send_console_input(self, data: bytes) -> None:
+        self.console_input += data
 
     def stop(self) -> None:
         self.calls.append("stop")

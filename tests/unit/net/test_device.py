@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections import deque
 
 import pytest
@@ -16,11 +17,13 @@ from devices.net.device import (
     VIRTIO_NET_F_GUEST_TSO4,
     VIRTIO_NET_F_GUEST_UFO,
     VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF,
     NetDevice,
 )
 from devices.net.mmds import MmdsService
 from devices.net.stack import MmdsStack
 from devices.net.testing import GuestPeer
+from shared import ratelimited_log
 from shared.ratelimit import BucketConfig, RateLimiter
 from shared.virtio import constants as c
 from shared.virtio.testing import FakeInterrupt, MockDriver, make_guest_memory
@@ -172,3 +175,67 @@ def test_rx_buffers_too_small_for_the_header_are_returned_empty(size: int) -> No
     rig.tap.inbound.append(HDR + b"z" * 20)
     rig.device.process_queue(RX)
     assert rig.rx.used()[0][1] == 0 and rig.device.metrics["rx_fails"] == 1
+
+
+MERGEABLE = c.feature(c.VIRTIO_F_VERSION_1) | c.feature(VIRTIO_NET_F_MRG_RXBUF)
+
+
+@pytest.mark.parametrize("bad", ["readable_only", "out_of_memory"])
+def test_a_malformed_rx_chain_between_held_buffers_is_completed_once_in_order(bad: str) -> None:
+    """Net rx used to give back held chains with undo_pop across a malformed chain it had
+    already completed: that chain was then completed twice, and a held one never."""
+    rig = Rig(MERGEABLE)
+    a = rig.rx.add_chain([], [100])
+    if bad == "readable_only":
+        b = rig.rx.add_chain([b"r"])
+    else:
+        b = rig.rx.make_chain([], [16])
+        rig.rx.write_descriptor(b, 1 << 40, 16, c.VIRTQ_DESC_F_WRITE)
+        rig.rx.publish(b)
+    cc = rig.rx.add_chain([], [100])
+    frame = bytes(range(256)) + b"x" * 44  # 300 bytes: more than a + c hold
+    rig.tap.inbound.append(HDR + frame)
+    rig.device.process_queue(RX)
+    first = rig.rx.used()
+    heads = [h for h, _ in first]
+    assert sorted(heads) == sorted(set(heads)), f"a chain was completed twice: {first}"
+    assert a in heads and b in heads
+    assert heads.index(a) < heads.index(b)  # completed in the order they were popped
+    d = rig.rx.add_chain([], [1000])
+    rig.device.process_queue(RX)
+    later = rig.rx.used()
+    done = heads + [h for h, _ in later]
+    assert sorted(done) == sorted({a, b, cc, d}), f"each chain exactly once: {first} then {later}"
+    delivered = b"".join(b"".join(rig.rx.written(h))[:n] for h, n in later)
+    assert delivered[12:] == frame and not rig.device.pending
+
+
+def test_held_rx_chains_given_back_are_popped_again_not_lost() -> None:
+    """A frame too big for the buffers on hand waits; the chains it held come back in order."""
+    rig = Rig(MERGEABLE)
+    first = [rig.rx.add_chain([], [100]) for _ in range(2)]
+    frame = b"y" * 500
+    rig.tap.inbound.append(HDR + frame)
+    rig.device.process_queue(RX)
+    assert rig.rx.used() == [] and rig.device.pending  # nothing completed, the frame waits
+    more = [rig.rx.add_chain([], [200]) for _ in range(2)]
+    rig.device.process_queue(RX)
+    used = rig.rx.used()
+    assert [h for h, _ in used] == first + more
+    assert b"".join(b"".join(rig.rx.written(h))[:n] for h, n in used)[12:] == frame
+
+
+def test_a_flood_of_malformed_frames_logs_a_bounded_number_of_lines(caplog: pytest.LogCaptureFixture) -> None:
+    """Guest-triggered warnings go through the per-call-site rate limit (shared.ratelimited_log)."""
+    rig = Rig()
+    before = ratelimited_log.suppressed_total()
+    caplog.set_level(logging.WARNING, logger="devices.net.device")
+    for _ in range(4):
+        for _ in range(50):
+            rig.tx.add_chain([b"short"])  # shorter than the virtio-net header
+        rig.device.process_queue(TX)
+        rig.tx.used()
+    lines = [r for r in caplog.records if r.name == "devices.net.device"]
+    assert rig.device.metrics["tx_malformed_frames"] == 200
+    assert len(lines) <= 65  # a burst of 50 + a bucket of 10 (and what refills meanwhile), not 200
+    assert ratelimited_log.suppressed_total() - before >= 135

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from devices.net import packets as pk
-from devices.net.mmds import MAX_REQUEST_BYTES, MmdsService, TokenAuthority, parse_request
-from devices.net.stack import MMDS_MAC, MmdsStack
+from devices.net.mmds import MAX_REQUEST_BYTES, HttpError, MmdsService, TokenAuthority, parse_request
+from devices.net.stack import MMDS_MAC, SEND_BUFFER_BYTES, MmdsStack
 from devices.net.testing import GuestPeer, http_body, parse_reply
 
 DATA = {"latest": {"meta-data": {"ami-id": "ami-1", "reservation-id": "r-2", "n": 3}}}
@@ -71,14 +71,43 @@ def test_v2_refuses_missing_bad_and_expired_tokens() -> None:
     assert svc.metrics["rx_no_token"] == 1 and svc.metrics["rx_invalid_token"] == 3
 
 
-@pytest.mark.parametrize("ttl", ["0", "21601", "-1", "abc"])
+@pytest.mark.parametrize("ttl", ["0", "21601", "4294967295", "0" * 5000 + "21601"])
 def test_token_ttl_out_of_range_is_400(ttl: str) -> None:
     status, _, body = ask(service(), f"PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: {ttl}\r\n\r\n")
     assert status == 400 and b"between 1 and 21600" in body
 
 
+@pytest.mark.parametrize("ttl", ["-1", "abc", "4294967296", "9" * 5000, "1_0", "5x"])
+def test_token_ttl_that_is_not_a_u32_is_an_invalid_header(ttl: str) -> None:
+    """Firecracker parses the TTL as a u32: anything else is micro_http's InvalidValue (400)."""
+    svc = service()
+    request = f"PUT /latest/api/token HTTP/1.1\r\nX-metadata-token-ttl-seconds: {ttl}\r\n\r\n"
+    parsed = parse_request(request.encode())
+    assert parsed is not None
+    status, _, body = http_body(svc.handle(parsed[0]))
+    assert status == 400
+    assert body.startswith(b"Invalid header. Reason: Invalid value. Key:X-metadata-token-ttl-seconds; Value:")
+    # V2 reads the header on GETs too (Firecracker's TokenHeaders), before the token
+    parsed = parse_request(f"GET /latest HTTP/1.1\r\nX-metadata-token-ttl-seconds: {ttl}\r\n\r\n".encode())
+    assert parsed is not None and http_body(svc.handle(parsed[0]))[0] == 400
+
+
+def test_huge_list_index_and_content_length_are_refused_not_raised() -> None:
+    svc = MmdsService("V1", False, TokenAuthority(b"k" * 32, Clock()))
+    svc.set_data(json.dumps({"l": ["a", "b"]}).encode())
+    assert ask(svc, "GET /l/1 HTTP/1.1\r\n\r\n")[2] == b"b"
+    assert ask(svc, f"GET /l/{'1' * 5000} HTTP/1.1\r\n\r\n")[0] == 404
+    assert ask(svc, f"GET /l/{'0' * 11}1 HTTP/1.1\r\n\r\n")[0] == 404  # serde_json: no leading zero
+    with pytest.raises(HttpError) as e:
+        parse_request(f"GET / HTTP/1.1\r\nContent-Length: {'9' * 5000}\r\n\r\n".encode())
+    assert e.value.status == 400
+    token = "9" * 5000 + ".1.x"
+    assert ask(service(), f"GET /latest HTTP/1.1\r\nX-metadata-token: {token}\r\n\r\n")[0] == 401
+
+
 def test_token_put_errors() -> None:
     svc = service()
+    assert token(svc, "+0000000000000000000060")  # what Rust's u32 parse takes
     assert ask(svc, "PUT /latest/api/token HTTP/1.1\r\n\r\n")[0] == 400
     forwarded = "PUT /latest/api/token HTTP/1.1\r\nX-Forwarded-For: a\r\nX-metadata-token-ttl-seconds: 5\r\n\r\n"
     assert ask(svc, forwarded)[0] == 400
@@ -256,3 +285,51 @@ def test_connection_limit_resets_extra_syns(stack: MmdsStack) -> None:
 def test_malformed_frames_are_counted_not_raised(stack: MmdsStack, frame: bytes) -> None:
     stack.receive(frame)
     assert not stack.take_output()
+
+
+def test_zero_window_pipelining_cannot_grow_the_send_buffer(clock: Clock) -> None:
+    """The 554 KB attack: a guest that pipelines GETs of a big document and never opens its
+    window. Requests wait once the send buffer is full; our window closes; nothing grows."""
+    svc = MmdsService("V1", False, TokenAuthority(b"k" * 32, clock))
+    svc.set_data(json.dumps({"big": "x" * 50_000}).encode())
+    stack = MmdsStack(svc, clock=clock)
+    g = peer(stack)
+    g.connect()
+    g.window = 0
+    request = b"GET /big HTTP/1.1\r\n\r\n"
+    batch = request * (1400 // len(request))
+    sent = 0
+    for _ in range(400):  # 560 KB offered
+        replies = g.send(pk.TCP_ACK | pk.TCP_PSH, batch)
+        sent += len(batch)
+        if replies and replies[-1].window == 0:
+            g.seq = replies[-1].ack  # what a real guest does at a zero window: wait, then probe
+    (conn,) = stack.conns.values()
+    answer = len(svc.handle(parse_request(request)[0]))  # type: ignore[index]
+    assert sent > 500_000
+    assert len(conn.unacked) < SEND_BUFFER_BYTES + answer
+    assert len(conn.inbuf) <= MAX_REQUEST_BYTES
+    assert stack.metrics["send_buffer_full"] > 0
+    # the guest opens its window: the waiting requests are answered, in order
+    g.window = 65535
+    g.received.clear()
+    for _ in range(20):
+        g.send(pk.TCP_ACK)
+    assert bytes(g.received).startswith(b"HTTP/1.1 200")
+    assert len(conn.unacked) < SEND_BUFFER_BYTES + answer
+
+
+def test_guest_fin_waits_for_the_requests_held_back(clock: Clock) -> None:
+    svc = MmdsService("V1", False, TokenAuthority(b"k" * 32, clock))
+    svc.set_data(json.dumps({"big": "x" * 50_000}).encode())
+    stack = MmdsStack(svc, clock=clock)
+    g = peer(stack)
+    g.connect()
+    g.window = 0
+    g.send(pk.TCP_ACK | pk.TCP_PSH | pk.TCP_FIN, b"GET /big HTTP/1.1\r\n\r\n" * 3)
+    g.window = 65535
+    for _ in range(200):
+        if g.fin_seen:
+            break
+        g.send(pk.TCP_ACK)
+    assert g.fin_seen and bytes(g.received).count(b"HTTP/1.1 200") == 3

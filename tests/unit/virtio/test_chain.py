@@ -222,6 +222,18 @@ def test_indirect_loop_is_refused(ind: tuple[MockDriver, Queue]) -> None:
         pop_raw(driver, queue)
 
 
+def test_indirect_table_longer_than_the_queue_is_refused_not_followed(ind: tuple[MockDriver, Queue]) -> None:
+    """A huge indirect table (64 Ki entries, no loop) yields no more than queue-size descriptors."""
+    driver, queue = ind
+    buf = driver.alloc(8)
+    entries = 1 << 16
+    table = driver.write_indirect_table([(buf, 8, NEXT, i + 1) for i in range(entries - 1)] + [(buf, 8, 0, 0)])
+    driver.write_descriptor(0, table, 16 * entries, INDIRECT)
+
+    with pytest.raises(ChainError, match="more than 16 descriptors"):
+        pop_raw(driver, queue)
+
+
 def test_walk_chain_reads_descriptor_table_outside_memory_as_error(mem: GuestMemory) -> None:
     with pytest.raises(ChainError, match="descriptor 0 lies outside"):
         walk_chain(mem, mem.size, 16, 0, indirect_ok=False)

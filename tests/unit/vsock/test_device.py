@@ -587,3 +587,29 @@ def test_guest_closing_after_the_host_went_away_gets_rst_at_once(rig: VsockRig) 
 
     rig.guest.take(Op.RST)  # no 2 s wait
     assert rig.muxer.conns == {}
+
+
+def test_tx_buffers_of_all_connections_share_one_budget(sock_dir: str, host_listener: socket.socket) -> None:
+    """Each connection stays within its credit, but host readers that never read on many
+    connections must not add up to 1023 x 256 KiB: past the budget the connection is reset."""
+    budget = 3 * TX_BUF_SIZE
+    with VsockRig(f"{sock_dir}/v.sock", tx_buffer_budget=budget) as rig:
+        ports = list(range(1000, 1010))
+        for port in ports:
+            open_guest_conn(rig, host_listener, guest_port=port)  # the host never reads
+            sock = rig.muxer.conns[(53, port)].sock  # and its socket takes little: bytes wait in tx_buf
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        chunk = b"q" * 32768
+        for _ in range(TX_BUF_SIZE // len(chunk)):  # each guest sends exactly its credit
+            for port in ports:
+                if (53, port) in rig.muxer.conns:
+                    rig.guest.send(port, 53, Op.RW, chunk)
+            rig.guest.collect()
+            buffered = sum(len(conn.tx_buf) for conn in rig.muxer.conns.values())
+            assert buffered == rig.muxer.tx_budget.used <= budget
+        assert rig.muxer.counters["tx_budget_resets"] > 0
+        assert rig.muxer.counters["credit_violations"] == 0  # nobody overran its credit
+        rig.guest.take(Op.RST)
+        assert len(rig.muxer.conns) < len(ports)
+        rig.device.reset()
+        assert rig.muxer.tx_budget.used == 0  # every buffer given back
