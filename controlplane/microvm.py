@@ -95,6 +95,7 @@ COMMAND_TIMEOUT_S = READY_TIMEOUT_S + UPDATE_TIMEOUT_S
 LATE_REPLY_GRACE_S = 60.0  # a reply this late after its request timed out is hostile
 RESTART_RETRY_S = 0.5  # after an error in the supervisor's own restart code
 MESSAGES_PER_WORKER_ROUND = 32  # fair draining: a round reads at most this many per worker
+MAX_REASON, MAX_DETAIL = 1000, 16384  # what a worker's Exited may put in GET / and the log
 VCPU = "vcpu"
 
 ExitCallback = Callable[[int, str], None]
@@ -141,7 +142,7 @@ class DeviceSlot:
 class PendingUpdate:
     """A run-time update sent to a worker, until its `UpdateResult` (monitor thread only)."""
 
-    handle: WorkerHandle
+    handle: WorkerHandle | None  # None until the monitor thread has looked it up
     what: str  # "block worker of drive rootfs", for errors
     deadline: float
     future: Future[None]
@@ -408,7 +409,7 @@ class MicroVm:
                     return
                 if sender is handle and isinstance(msg, p.Exited):
                     if msg.detail:
-                        reason, detail = escape(msg.reason), escape(msg.detail)
+                        reason, detail = escape(msg.reason[:MAX_REASON]), escape(msg.detail[:MAX_DETAIL])
                         log.error("[%s worker pid %d] %s: %s", sender.name, sender.pid, reason, detail)
                     raise VmStartError(msg.reason)
                 self._keep_outcome(self._apply(sender, msg))
@@ -651,19 +652,17 @@ class MicroVm:
         future: Future[None],
     ) -> None:
         """In the monitor thread: send the update and remember it until its answer."""
-        pending = PendingUpdate(
-            self._workers[name.encode()], what, time.monotonic() + UPDATE_TIMEOUT_S, future, fd, on_ok
-        )
+        pending = PendingUpdate(None, what, time.monotonic() + UPDATE_TIMEOUT_S, future, fd, on_ok)
         if not future.set_running_or_notify_cancel():
             pending.fail("cancelled")
             return
-        handle = pending.handle
-        if not handle.alive or handle.distrusted or self.state == "Exited":
-            pending.fail(f"the {what} is not running")
-            return
-        request_id = next(self._request_ids)
-        msg = make(request_id)
         try:
+            handle = pending.handle = self._workers[name.encode()]
+            if not handle.alive or handle.distrusted or self.state == "Exited":
+                pending.fail(f"the {what} is not running")
+                return
+            request_id = next(self._request_ids)
+            msg = make(request_id)
             if fd >= 0:
                 assert handle.fd_channel is not None
                 fdpass.send_message(handle.fd_channel, msg, [fd])
@@ -672,6 +671,9 @@ class MicroVm:
         except (OSError, zmq.ZMQError) as e:
             pending.fail(f"cannot reach the {what}: {e}")
             return
+        except Exception as e:  # a bug of ours: the API thread is told, the monitor logs it
+            pending.fail(f"cannot send the update to the {what}: {e}")
+            raise
         self._requests[request_id] = pending
 
     def _answer(self, handle: WorkerHandle, msg: p.UpdateResult) -> None:
@@ -1145,11 +1147,12 @@ class MicroVm:
                 self._distrust(handle, f"an exited message with exit code {msg.code}")
                 return None
             if msg.detail:
-                log.error("[%s worker pid %d] %s: %s", handle.name, handle.pid, escape(msg.reason), escape(msg.detail))
+                detail = escape(msg.detail[:MAX_DETAIL])
+                log.error("[%s worker pid %d] %s: %s", handle.name, handle.pid, escape(msg.reason[:MAX_REASON]), detail)
             if handle.name == VCPU:
-                self.exit_detail = msg.detail or self.exit_detail
-                return msg.code, escape(msg.reason)
-            handle.exit_reason = escape(msg.reason)
+                self.exit_detail = msg.detail[:MAX_DETAIL] or self.exit_detail
+                return msg.code, escape(msg.reason[:MAX_REASON])
+            handle.exit_reason = escape(msg.reason[:MAX_REASON])
         return None
 
     def _stop_device_workers(self) -> None:
