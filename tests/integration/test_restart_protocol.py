@@ -47,3 +47,9 @@ def test_a_block_worker_sending_garbage_is_replaced_and_the_guest_loses_nothing(
     assert metrics["embervm_workers"]["restarts_protocol"] == len(HOSTILE)
     assert metrics["embervm_monitor"]["workers_killed"] == len(HOSTILE)
     assert metrics["embervm_monitor"]["malformed"] == 3
+    # what the real block and vCPU workers report is all their own and well-formed
+    assert (metrics["embervm_monitor"]["foreign_metric_groups"], metrics["embervm_monitor"]["bad_metric_values"]) == (
+        0,
+        0,
+    )
+    assert metrics["block_rootfs"]["write_count"] > 0 and metrics["vcpu"]["exit_mmio_write"] > 0
