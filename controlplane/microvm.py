@@ -826,18 +826,24 @@ class MicroVm:
         """A worker died. Whatever goes wrong in handling it, a dead vCPU worker ends the
         microVM and a dead device worker is replaced."""
         self._guarded("unwatching a dead worker", lambda: self._poller.unregister(handle.pidfd), None)
-        fallback = (exitcodes.GENERIC_ERROR, "vCPU worker died") if handle.name == VCPU else None
-        done = object()
-        outcome = self._guarded(f"handling the {handle.name} worker's death", lambda: self._worker_died(handle), done)
-        if outcome is not done:
-            return outcome  # type: ignore[return-value]
+        outcome: list[tuple[int, str] | None] = []
+
+        def handle_death() -> bool:
+            outcome.append(self._worker_died(handle))
+            return True
+
+        if self._guarded(f"handling the {handle.name} worker's death", handle_death, False):
+            return outcome[0]
+        if handle.name == VCPU:
+            self.failed = True
+            return exitcodes.GENERIC_ERROR, "vCPU worker died"
         slot = self._slots.get(handle.name)
         if slot is not None and slot.state_fd >= 0 and slot.restart_at is None:
             with self._cond:
                 handle.alive = False
                 self._cond.notify_all()
             self._guarded("scheduling a restart", lambda: self._schedule_restart(slot, handle, "exit", "died"), None)
-        return fallback
+        return None
 
     def _guarded(self, what: str, step: Callable[[], T], failed: T) -> T:
         """One step of the monitor loop: an exception is logged (rate-limited) and counted,
