@@ -75,6 +75,7 @@ class FakeWorker(threading.Thread):
         self.received_fds: list[tuple[p.Message, tuple[int, int] | None]] = []
         self.metrics: dict[str, dict[str, int]] = {}
         self.answer_updates = True
+        self.die_after_answer = False  # crash right after answering an update
         self.ready = True  # say Ready at once
         self._outbox: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
         self._halt = threading.Event()
@@ -155,6 +156,8 @@ class FakeWorker(threading.Thread):
             os.close(fd)
         if isinstance(msg, p.ReplaceBackingFile) and self.answer_updates:
             self._send(p.UpdateResult(msg.request_id, True, ""))
+            if self.die_after_answer:
+                self.kill()
 
     def stop(self) -> None:
         self._halt.set()

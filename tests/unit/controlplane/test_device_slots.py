@@ -35,6 +35,11 @@ class Gate:
             assert self.release.wait(20)
 
 
+def file_identity(path: Path) -> tuple[int, int]:
+    st = os.stat(path)
+    return st.st_dev, st.st_ino
+
+
 def in_thread(call: Callable[[], None]) -> tuple[threading.Thread, list[object]]:
     """Run `call` in an API-like thread; the list gets None or the exception."""
     outcome: list[object] = []
@@ -74,7 +79,7 @@ def test_a_drive_patch_during_a_worker_replacement_waits_for_it_and_closes_nothi
         assert record.at_exit == record.at_entry  # every fd it passes on stayed the same file
         assert outcome == [None]  # not refused for "not running": it waited for the new worker
         new = fv.replaced("block_rootfs", old.pid)
-        wanted = fd_identity(os.open(new_disk, os.O_RDONLY))
+        wanted = file_identity(new_disk)
         assert new.received_fds == [(p.ReplaceBackingFile(new.got(p.ReplaceBackingFile)[0].request_id), wanted)]
         slot = fv.vm._slots["block_rootfs"]
         assert fd_identity(slot.plan.backend_fds[0]) == wanted  # what the next replacement gets
@@ -99,6 +104,31 @@ def test_an_mmds_update_during_a_replacement_reaches_the_new_worker() -> None:
 
         wait_until(delivered, what="the new document at the new worker")
         assert fv.vm._slots["net_eth0"].plan.args["mmds"]["document"] == document
+
+
+def test_a_worker_that_dies_right_after_accepting_a_new_disk_is_replaced_consistently(tmp_path: Path) -> None:
+    """Whichever comes first, its answer or its death: the PATCH succeeds and the replacement
+    gets the new disk, or the PATCH fails and it keeps the old one; no fd changes under a spawn."""
+    policy = {"max_restarts": 100, "backoff_initial_s": 0.0}
+    with fake_vm(restart_policy=policy, configure=lambda w: setattr(w, "die_after_answer", True)) as fv:
+        for i in range(6):
+            disk = tmp_path / f"disk-{i}"
+            disk.write_bytes(bytes([i]) * 4096)
+            before = fd_identity(fv.vm._slots["block_rootfs"].plan.backend_fds[0])
+            old = fv.worker("block_rootfs")
+            try:
+                fv.vm.update_drive("rootfs", str(disk))
+                ok = True
+            except DeviceUpdateError as e:
+                assert "died" in str(e)
+                ok = False
+            new = fv.replaced("block_rootfs", old.pid)
+            record = [r for r in fv.zygote.spawns if r.name == "block_rootfs"][-1]
+            assert record.at_exit == record.at_entry
+            wanted = file_identity(disk) if ok else before
+            assert fd_identity(fv.vm._slots["block_rootfs"].plan.backend_fds[0]) == wanted
+            assert wanted in record.at_entry  # the replacement was spawned with it
+            assert new.alive
 
 
 def test_device_slots_change_only_in_the_monitor_thread(tmp_path: Path) -> None:
