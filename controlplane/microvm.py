@@ -875,12 +875,18 @@ class MicroVm:
         so a flooding worker gets its share of a round and every other worker gets theirs,
         and the loop gets back to deaths, timers and the console between rounds."""
         outcome = None
-        budget = MESSAGES_PER_WORKER_ROUND * max(1, len(self._workers))
+        budget = MESSAGES_PER_WORKER_ROUND * max(1, len(self._workers))  # dropped messages count too
+        taken: dict[str, int] = {}
         while budget > 0 and self._ctl.poll(0):
             budget -= 1
             received = self._recv()
-            if received is not None:
-                outcome = self._apply(*received) or outcome
+            if received is None:
+                continue
+            outcome = self._apply(*received) or outcome
+            name = received[0].name
+            taken[name] = taken.get(name, 0) + 1
+            if taken[name] >= MESSAGES_PER_WORKER_ROUND:
+                break  # the others had their turns in between (round-robin): the round is over
         return outcome
 
     # --- restarts ----------------------------------------------------------------------------
