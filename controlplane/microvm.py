@@ -93,6 +93,7 @@ UPDATE_TIMEOUT_S = 5.0
 # busy starting a replacement worker (up to READY_TIMEOUT_S).
 COMMAND_TIMEOUT_S = READY_TIMEOUT_S + UPDATE_TIMEOUT_S
 LATE_REPLY_GRACE_S = 60.0  # a reply this late after its request timed out is hostile
+CONNECTION_GRACE_S = 0.05  # see _await_disconnected
 RESTART_RETRY_S = 0.5  # after an error in the supervisor's own restart code
 MESSAGES_PER_WORKER_ROUND = 32  # fair draining: a round reads at most this many per worker
 MAX_REASON, MAX_DETAIL = 1000, 16384  # what a worker's Exited may put in GET / and the log
@@ -965,17 +966,22 @@ class MicroVm:
     def _await_disconnected(self, old: WorkerHandle, timeout: float = 1.0) -> None:
         """Wait until the ROUTER has dropped a dead worker's connection: libzmq ignores a new
         connection under an identity still in use, so a replacement that connected before
-        would never be heard. The connection goes once what the worker left is read; until
-        then a send to its identity does not fail with EHOSTUNREACH (ROUTER_MANDATORY)."""
+        would never be heard. The connection goes once what the worker left is read; a send
+        to its identity then fails with EHOSTUNREACH (ROUTER_MANDATORY), and libzmq forgets
+        the identity after one more exchange with its I/O thread (`CONNECTION_GRACE_S`)."""
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
+        closing_since: float | None = None
+        while (now := time.monotonic()) < deadline:
             self._keep_outcome(self._drain_messages())
             try:
                 self._ctl.send_multipart([old.identity, p.encode(p.FlushMetrics())], zmq.NOBLOCK)
+                closing_since = None
             except zmq.ZMQError as e:
                 if e.errno == zmq.EHOSTUNREACH:
-                    return
-            self._ctl.poll(10)
+                    closing_since = closing_since or now
+                    if now - closing_since >= CONNECTION_GRACE_S:
+                        return
+            self._ctl.poll(5)  # takes libzmq's commands
         log.warning("the dead %s worker's connection is still open: its replacement may not be heard", old.name)
 
     def _keep_outcome(self, outcome: tuple[int, str] | None) -> None:
