@@ -39,7 +39,9 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from typing import Any, BinaryIO
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import Any, BinaryIO, TypeVar
 
 import zmq
 
@@ -60,8 +62,18 @@ from controlplane.faults import (
     fault_kinds,
     restartable,
 )
-from controlplane.vm_spec import DriveSpec, VmSpec
-from controlplane.worker_handle import WorkerHandle, WorkerStderr, add_groups, merge_metrics
+from controlplane.vm_spec import VmSpec
+from controlplane.worker_handle import (
+    VCPU_GROUPS,
+    Groups,
+    RestartHistory,
+    WorkerHandle,
+    WorkerStderr,
+    merge_metrics,
+    own_metric_groups,
+)
+from controlplane.worker_log import WorkerLogRelay, escape
+from controlplane.worker_trust import MAX_FRAMES, TrustCounters, admit_metrics, forbidden
 from controlplane.zygote import Zygote, ZygoteError
 from devices.vsock.messages import VsockConnect, VsockConnected, VsockTransportReset
 from shared import exitcodes, fdpass
@@ -80,9 +92,18 @@ READY_TIMEOUT_S = 30.0
 VSOCK_CONNECTS_PER_S = 256  # guest-initiated vsock connects the supervisor makes for one worker
 STOP_TIMEOUT_S = 5.0
 UPDATE_TIMEOUT_S = 5.0
+# How long an API thread waits for the monitor thread to take its command: the monitor may be
+# busy starting a replacement worker (up to READY_TIMEOUT_S).
+COMMAND_TIMEOUT_S = READY_TIMEOUT_S + UPDATE_TIMEOUT_S
+LATE_REPLY_GRACE_S = 60.0  # a reply this late after its request timed out is hostile
+CONNECTION_GRACE_S = 0.05  # see _await_disconnected
+RESTART_RETRY_S = 0.5  # after an error in the supervisor's own restart code
+MESSAGES_PER_WORKER_ROUND = 32  # fair draining: a round reads at most this many per worker
+MAX_REASON, MAX_DETAIL = 1000, 16384  # what a worker's Exited may put in GET / and the log
 VCPU = "vcpu"
 
 ExitCallback = Callable[[int, str], None]
+T = TypeVar("T")
 Limits = dict[str, Any] | None  # the API's RateLimiter body
 
 
@@ -100,11 +121,16 @@ class FaultError(Exception):
 
 @dataclasses.dataclass
 class DeviceSlot:
-    """What the supervisor keeps of one device for its whole life, to restart its worker."""
+    """What the supervisor keeps of one device for its whole life, to restart its worker.
+
+    Only the monitor thread changes a slot, once the microVM runs: API threads post their
+    changes to it (`MicroVm._post`), so a replacement worker is spawned from a plan nobody
+    changes under it."""
 
     plan: DevicePlan  # with the supervisor's own copies of the fds
     state_fd: int  # the state area (shared.devstate); -1 for kinds that cannot restart
     tracker: RestartTracker
+    history: RestartHistory = dataclasses.field(default_factory=RestartHistory)
     restart_at: float | None = None
     exhausted: bool = False  # the next worker only sets DEVICE_NEEDS_RESET
 
@@ -114,6 +140,27 @@ class DeviceSlot:
             with contextlib.suppress(OSError):
                 os.close(self.state_fd)
             self.state_fd = -1
+
+
+@dataclasses.dataclass
+class PendingUpdate:
+    """A run-time update sent to a worker, until its `UpdateResult` (monitor thread only)."""
+
+    handle: WorkerHandle | None  # None until the monitor thread has looked it up
+    what: str  # "block worker of drive rootfs", for errors
+    deadline: float
+    future: Future[None]
+    fd: int = -1  # passed with the request: the supervisor's copy, kept on success
+    on_ok: Callable[[], None] | None = None  # what success changes in the device's slot
+
+    def fail(self, why: str) -> None:
+        """Close the fd and give the API thread `why` (a no-op once answered)."""
+        if self.fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.fd)
+            self.fd = -1
+        if not self.future.done():
+            self.future.set_exception(DeviceUpdateError(why))
 
 
 def describe_wait_status(status: int, pid: int = 0, kills: SeccompKillLog | None = None) -> tuple[int, str]:
@@ -201,13 +248,19 @@ class MicroVm:
         self._ctl = self._ctx.socket(zmq.ROUTER)
         self._ctl.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._ctl.setsockopt(zmq.LINGER, 0)
+        self._ctl.setsockopt(zmq.MAXMSGSIZE, p.MAX_MESSAGE_BYTES)  # libzmq drops a peer that sends more
         self._ctl.bind(self._endpoint)
         self._cond = threading.Condition()
-        self._commands: queue.SimpleQueue[tuple[bytes, p.Message]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()  # run by the monitor
+        self._inbox_closed = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._workers: dict[bytes, WorkerHandle] = {}
         self._request_ids = itertools.count(1)
-        self._update_results: dict[int, p.UpdateResult] = {}
+        self._requests: dict[int, PendingUpdate] = {}  # by request id (monitor thread only)
+        self.trust = TrustCounters()  # what workers sent that was refused (embervm_monitor)
+        self._worker_logs = WorkerLogRelay(log, self.trust)
+        self._error_log_bucket = TokenBucket(10, 10, 1000)  # the monitor's own error lines
+        self._deferred_outcome: tuple[int, str] | None = None  # see _keep_outcome
         self._console: socket.socket | None = None
         self._thread = threading.Thread(target=self._monitor, name="vm-monitor", daemon=True)
         self._seccomp_filters: dict[str, Filter] | None = None  # --seccomp-filter, by worker kind
@@ -271,10 +324,11 @@ class MicroVm:
         handle = WorkerHandle(name, kind, pid, os.pidfd_open(pid), stderr=WorkerStderr(name, stderr_r))
         with self._cond:
             old = self._workers.get(handle.identity)
-            if old is not None:  # a replacement: the device's history carries over
-                handle.metrics_base = add_groups(old.metrics_base, old.metrics)
-                handle.restarts, handle.restart_causes = old.restarts, old.restart_causes
-                handle.last_restart_cause = old.last_restart_cause
+            slot = self._slots.get(name)
+            if slot is not None:
+                handle.history = slot.history
+                if old is not None:  # a replacement: the dead worker's counters join the device's
+                    slot.history.retire(old.metrics)
             self._workers[handle.identity] = handle
         return handle
 
@@ -290,6 +344,11 @@ class MicroVm:
     def test_syscall(self, worker: str, what: str) -> None:
         """Tests only: ask `worker` to attempt a forbidden syscall (armed by VmSpec.seccomp_test_hooks)."""
         self._command(p.TestSyscall(what), worker.encode())
+
+    def test_send_raw(self, worker: str, frames: list[bytes]) -> None:
+        """Tests only: make device worker `worker` send `frames` to the supervisor as they are
+        (armed by VmSpec.seccomp_test_hooks, like test_syscall)."""
+        self._command(p.TestSendRaw(frames), worker.encode())
 
     def _spawn_device_worker(
         self, device: DevicePlan, memfd: int, restore: bool = False, needs_reset: bool = False
@@ -315,6 +374,7 @@ class MicroVm:
             theirs.close()
             mmio_device.close()  # only the worker holds it: its death closes the channel
         handle.device_id, handle.fd_channel = device.device_id, mine
+        handle.metric_groups = own_metric_groups(device.kind, device.device_id, device.args)
         if device.kind == "net" and device.args.get("mmds"):
             self._mmds_workers.append(device.name)
         if device.kind == "block":
@@ -359,6 +419,7 @@ class MicroVm:
             theirs.close()
             channel_theirs.close()
         handle.fd_channel = channel_mine
+        handle.metric_groups = VCPU_GROUPS
         self._await_ready(handle)
 
     def _await_ready(self, handle: WorkerHandle) -> None:
@@ -370,14 +431,18 @@ class MicroVm:
         while (remaining := deadline - time.monotonic()) > 0:
             events = dict(poller.poll(timeout=int(remaining * 1000) + 1))
             if self._ctl in events:
-                identity, msg = self._recv()
-                if identity == handle.identity and isinstance(msg, p.Ready):
+                received = self._recv()
+                if received is None:
+                    continue
+                sender, msg = received
+                if sender is handle and isinstance(msg, p.Ready):
                     return
-                if identity == handle.identity and isinstance(msg, p.Exited):
+                if sender is handle and isinstance(msg, p.Exited):
                     if msg.detail:
-                        log.error("%s\n%s", msg.reason, msg.detail)
+                        reason, detail = escape(msg.reason[:MAX_REASON]), escape(msg.detail[:MAX_DETAIL])
+                        log.error("[%s worker pid %d] %s: %s", sender.name, sender.pid, reason, detail)
                     raise VmStartError(msg.reason)
-                self._apply(identity, msg)
+                self._keep_outcome(self._apply(sender, msg))
             elif handle.pidfd in events:
                 status = self._reap(handle)
                 how = self._how(handle, status)
@@ -425,6 +490,7 @@ class MicroVm:
         with self._cond:
             merged = merge_metrics(list(self._workers.values()))
             merged["embervm_workers"]["vcpu_failed"] = int(self.failed)
+            merged["embervm_monitor"] = self.trust.as_group()
             return {**merged, "seccomp": {"num_faults": self._seccomp_faults}}
 
     def workers(self) -> list[dict[str, object]]:
@@ -493,7 +559,10 @@ class MicroVm:
         count = 0 if spec.count == 0 else entry.remaining
         return p.InjectFault(spec.kind, spec.after_requests, float(spec.probability), count, spec.delay_ms)
 
-    # --- run-time device updates (PATCH /drives) -------------------------------------------------
+    # --- run-time device updates (PATCH /drives, PATCH /network-interfaces, PUT /mmds) ------------
+    # API threads never touch a device's slot or its worker's channels: they post the update to
+    # the monitor thread (`_update`), which sends it, and on the worker's answer changes the slot
+    # (what a replacement worker starts with) before the API thread is told.
     def update_device(self, kind: str, device_id: str, changes: dict[str, Any]) -> None:
         """The API's hook (`controlplane.state`): forward a validated post-boot change."""
         if kind == "drive":
@@ -505,116 +574,186 @@ class MicroVm:
 
     def update_net(self, iface_id: str, rx_rate_limiter: Limits = None, tx_rate_limiter: Limits = None) -> None:
         """Give interface `iface_id`'s worker new rx/tx rate limiters (buckets not given are kept)."""
-        handle = self._workers.get(f"net_{iface_id}".encode())
-        if handle is None:
+        name = f"net_{iface_id}"
+        if name not in self._slots:
             raise DeviceUpdateError(f"no network interface {iface_id!r} in this microVM")
-        if not handle.alive or self.state == "Exited":
-            raise DeviceUpdateError(f"the net worker of interface {iface_id} is not running")
-        request_id = next(self._request_ids)
-        self._command(p.UpdateNetRateLimiters(request_id, rx_rate_limiter, tx_rate_limiter), handle.identity)
-        self._await_update(handle, request_id)
-        slot = self._slots.get(handle.name)
-        if slot is not None:  # a replacement worker starts with the limiters as updated
+
+        def keep() -> None:  # a replacement worker starts with the limiters as updated
+            args = self._slots[name].plan.args
             for key, given in (("rx_rate_limiter", rx_rate_limiter), ("tx_rate_limiter", tx_rate_limiter)):
                 if given:
-                    kept = dict(slot.plan.args.get(key) or {})
+                    kept = dict(args.get(key) or {})
                     kept.update({k: v for k, v in given.items() if k in ("bandwidth", "ops") and v is not None})
-                    slot.plan.args[key] = kept
+                    args[key] = kept
+
+        what = f"net worker of interface {iface_id}"
+        self._update(name, what, lambda rid: p.UpdateNetRateLimiters(rid, rx_rate_limiter, tx_rate_limiter), keep)
 
     def update_mmds(self, document: dict[str, Any] | None) -> None:
-        """Push a new MMDS snapshot to every net worker that serves MMDS (after PUT/PATCH /mmds)."""
+        """Push a new MMDS snapshot to every net worker that serves MMDS (after PUT/PATCH /mmds);
+        a worker being replaced gets it as it starts."""
         data = json.dumps(document).encode() if document is not None else b""
+        self._post(lambda: self._set_mmds(data))
+
+    def _set_mmds(self, data: bytes) -> None:
         for name in self._mmds_workers:
             slot = self._slots.get(name)
             if slot is not None and slot.plan.args.get("mmds"):  # what a replacement worker starts with
                 slot.plan.args["mmds"] = {**slot.plan.args["mmds"], "document": data}
             handle = self._workers.get(name.encode())
             if handle is not None and handle.alive and self.state != "Exited":
-                self._command(p.MmdsData(data), handle.identity)
+                self._send(handle.identity, p.MmdsData(data))
 
     def vsock_transport_reset(self) -> None:
         """Make the vsock worker drop its connections and send the guest
         VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (what a snapshot restore needs)."""
-        handle = self._workers.get(b"vsock")
-        if handle is None or not handle.alive or self.state == "Exited":
+        if "vsock" not in self._slots:
             raise DeviceUpdateError("no running vsock device in this microVM")
-        request_id = next(self._request_ids)
-        self._command(VsockTransportReset(request_id), handle.identity)
-        self._await_update(handle, request_id)
+        self._update("vsock", "vsock worker", VsockTransportReset)
 
     def update_drive(
         self, drive_id: str, path_on_host: str | None = None, rate_limiter: dict[str, Any] | None = None
     ) -> None:
         """Give drive `drive_id`'s worker a new backing file and/or rate limiter, and wait for it."""
-        handle, drive = self._drive_worker(drive_id)
+        name = f"block_{drive_id}"
+        drive = next((d for d in self.spec.drives if d.drive_id == drive_id), None)
+        if name not in self._slots or drive is None:
+            raise DeviceUpdateError(f"no drive {drive_id!r} in this microVM")
+        what = f"block worker of drive {drive_id}"
         if path_on_host is not None:
             try:
                 fd = open_backing_file(drive, path_on_host)
             except BootError as e:
                 raise DeviceUpdateError(str(e)) from None
-            request_id = next(self._request_ids)
-            try:
-                assert handle.fd_channel is not None
-                fdpass.send_message(handle.fd_channel, p.ReplaceBackingFile(request_id), [fd])
-                self._await_update(handle, request_id)
-            except OSError as e:
-                os.close(fd)
-                raise DeviceUpdateError(f"cannot reach the block worker of drive {drive_id}: {e}") from None
-            except DeviceUpdateError:
-                os.close(fd)
-                raise
-            self._keep_backend(handle.name, fd)  # what a replacement worker gets from now on
+            self._update(name, what, p.ReplaceBackingFile, fd=fd, on_ok=lambda: self._keep_backend(name, fd))
             drive.path_on_host = path_on_host
         if rate_limiter is not None:
-            request_id = next(self._request_ids)
             limits = {k: rate_limiter.get(k) for k in ("bandwidth", "ops")}
-            self._command(p.UpdateRateLimiter(request_id, limits["bandwidth"], limits["ops"]), handle.identity)
-            self._await_update(handle, request_id)
-            slot = self._slots.get(handle.name)
-            if slot is not None:  # a replacement worker starts with the limiter as updated
-                kept = dict(slot.plan.args.get("rate_limiter") or {})
+
+            def keep() -> None:  # a replacement worker starts with the limiter as updated
+                args = self._slots[name].plan.args
+                kept = dict(args.get("rate_limiter") or {})
                 kept.update({k: v for k, v in limits.items() if v is not None})
-                slot.plan.args["rate_limiter"] = kept
+                args["rate_limiter"] = kept
+
+            self._update(name, what, lambda rid: p.UpdateRateLimiter(rid, limits["bandwidth"], limits["ops"]), keep)
 
     def _keep_backend(self, name: str, fd: int) -> None:
         """A device's new backend fd (PATCH): the supervisor's copy for replacement workers."""
-        slot = self._slots.get(name)
-        if slot is None:
-            os.close(fd)
-            return
+        slot = self._slots[name]
         for old in slot.plan.backend_fds:
             with contextlib.suppress(OSError):
                 os.close(old)
         slot.plan.backend_fds = [fd]
 
-    def _drive_worker(self, drive_id: str) -> tuple[WorkerHandle, DriveSpec]:
-        handle = self._workers.get(f"block_{drive_id}".encode())
-        drive = next((d for d in self.spec.drives if d.drive_id == drive_id), None)
-        if handle is None or drive is None:
-            raise DeviceUpdateError(f"no drive {drive_id!r} in this microVM")
-        if not handle.alive or self.state == "Exited":
-            raise DeviceUpdateError(f"the block worker of drive {drive_id} is not running")
-        return handle, drive
+    def _update(
+        self,
+        name: str,
+        what: str,
+        make: Callable[[int], p.Message],
+        on_ok: Callable[[], None] | None = None,
+        fd: int = -1,
+    ) -> None:
+        """Have the monitor thread send worker `name` the update `make(request_id)` (with `fd`
+        on its fd channel) and wait for the answer; `on_ok` runs in the monitor thread on
+        success. The fd is the supervisor's from here on (kept by `on_ok` or closed)."""
+        future: Future[None] = Future()
+        if not self._post(lambda: self._start_update(name, what, make, on_ok, fd, future)):
+            if fd >= 0:
+                os.close(fd)
+            raise DeviceUpdateError("the microVM has stopped")
+        try:
+            future.result(timeout=COMMAND_TIMEOUT_S)
+        except FutureTimeout:
+            if future.cancel():  # the monitor never took it; it closes the fd when it does
+                raise DeviceUpdateError(f"the {what} did not answer") from None
+            try:  # sent: the monitor's own deadline (UPDATE_TIMEOUT_S) ends it
+                future.result(timeout=UPDATE_TIMEOUT_S + 1.0)
+            except FutureTimeout:
+                raise DeviceUpdateError(f"the {what} did not answer") from None
 
-    def _await_update(self, handle: WorkerHandle, request_id: int) -> None:
-        with self._cond:
-            done = self._cond.wait_for(
-                lambda: request_id in self._update_results or not handle.alive, timeout=UPDATE_TIMEOUT_S
-            )
-            result = self._update_results.pop(request_id, None)
-        if result is None:
-            why = "did not answer" if done is False else "died"
-            if handle.kind == "block":
-                raise DeviceUpdateError(f"the block worker of drive {handle.drive_id} {why}")
-            raise DeviceUpdateError(f"the {handle.name} worker {why}")
-        if not result.ok:
-            raise DeviceUpdateError(result.error)
+    def _start_update(
+        self,
+        name: str,
+        what: str,
+        make: Callable[[int], p.Message],
+        on_ok: Callable[[], None] | None,
+        fd: int,
+        future: Future[None],
+    ) -> None:
+        """In the monitor thread: send the update and remember it until its answer."""
+        pending = PendingUpdate(None, what, time.monotonic() + UPDATE_TIMEOUT_S, future, fd, on_ok)
+        if not future.set_running_or_notify_cancel():
+            pending.fail("cancelled")
+            return
+        try:
+            handle = pending.handle = self._workers[name.encode()]
+            if not handle.alive or handle.distrusted or self.state == "Exited":
+                pending.fail(f"the {what} is not running")
+                return
+            request_id = next(self._request_ids)
+            msg = make(request_id)
+            if fd >= 0:
+                assert handle.fd_channel is not None
+                fdpass.send_message(handle.fd_channel, msg, [fd])
+            else:
+                self._ctl.send_multipart([handle.identity, p.encode(msg)], zmq.NOBLOCK)
+        except (OSError, zmq.ZMQError) as e:
+            pending.fail(f"cannot reach the {what}: {e}")
+            return
+        except Exception as e:  # a bug of ours: the API thread is told, the monitor logs it
+            pending.fail(f"cannot send the update to the {what}: {e}")
+            raise
+        self._requests[request_id] = pending
+
+    def _answer(self, handle: WorkerHandle, msg: p.UpdateResult) -> None:
+        """A worker's UpdateResult: only for a request sent to that very worker."""
+        pending = self._requests.get(msg.request_id)
+        if pending is None or pending.handle is not handle:
+            self.trust.bad_request_id += 1
+            self._distrust(handle, f"a reply to request {msg.request_id}, which was not sent to it")
+            return
+        del self._requests[msg.request_id]
+        if pending.future.done():
+            return  # answered after its deadline: the API was told it failed
+        if not msg.ok:
+            pending.fail(escape(msg.error[:1000]))
+            return
+        try:
+            if pending.on_ok is not None:
+                pending.on_ok()
+            pending.future.set_result(None)
+        except Exception as e:
+            pending.fail(f"the {pending.what} applied the update, but the supervisor could not keep it: {e}")
+            raise
+
+    def _expire_requests(self, now: float) -> None:
+        for request_id, pending in list(self._requests.items()):
+            if now >= pending.deadline:
+                pending.fail(f"the {pending.what} did not answer")
+            if now >= pending.deadline + LATE_REPLY_GRACE_S:
+                del self._requests[request_id]
+
+    def _forget_requests(self, handle: WorkerHandle) -> None:
+        """`handle` died: fail what it did not answer."""
+        for request_id, pending in list(self._requests.items()):
+            if pending.handle is handle:
+                pending.fail(f"the {pending.what} died")
+                del self._requests[request_id]
 
     # --- monitor thread ---------------------------------------------------------------------------
-    def _command(self, msg: p.Message, to: bytes = VCPU.encode()) -> None:
-        self._commands.put((to, msg))
-        with contextlib.suppress(BlockingIOError):
+    def _post(self, work: Callable[[], None]) -> bool:
+        """Have the monitor thread run `work` (False: the microVM has stopped, nothing runs it)."""
+        with self._cond:
+            if self._inbox_closed:
+                return False
+            self._inbox.put(work)
+        with contextlib.suppress(BlockingIOError, OSError):
             os.write(self._wake_w, b"c")
+        return True
+
+    def _command(self, msg: p.Message, to: bytes = VCPU.encode()) -> None:
+        self._post(lambda: self._send(to, msg))
 
     def _command_and_wait(self, msg: p.Message, done: Callable[[], bool]) -> None:
         self._command(msg)
@@ -622,13 +761,50 @@ class MicroVm:
             if not self._cond.wait_for(done, timeout=STOP_TIMEOUT_S):
                 raise TimeoutError(f"the vCPU worker did not answer {msg.TYPE!r}")
 
-    def _recv(self) -> tuple[bytes, p.Message | None]:
-        identity, payload = self._ctl.recv_multipart()
+    def _recv(self) -> tuple[WorkerHandle, p.Message] | None:
+        """One message from a worker, checked (`controlplane.worker_trust`); None when it was
+        dropped, and its sender killed if it was hostile."""
+        frames = [self._ctl.recv(copy=True)]
+        count = 1
+        while self._ctl.getsockopt(zmq.RCVMORE):
+            frame = self._ctl.recv(copy=True)
+            count += 1
+            if count <= MAX_FRAMES:
+                frames.append(frame)  # beyond that, frames are read and dropped at once
+        handle = self._workers.get(frames[0])
+        if handle is None:
+            self.trust.unknown_identity += 1
+            return None
+        if handle.distrusted:
+            return None  # it is being killed
+        if count != MAX_FRAMES:
+            self.trust.malformed += 1
+            self._distrust(handle, f"a message of {count - 1} frames, not one")
+            return None
         try:
-            return identity, p.decode(payload)
+            msg = p.decode(frames[1])
         except p.ProtocolError as e:
-            log.error("bad message from worker %r: %s", identity, e)
-            return identity, None
+            self.trust.malformed += 1
+            self._distrust(handle, f"a malformed message ({e})")
+            return None
+        why = forbidden(handle, msg)
+        if why is not None:
+            self.trust.forbidden_type += 1
+            self._distrust(handle, why)
+            return None
+        return handle, msg
+
+    def _distrust(self, handle: WorkerHandle, what: str) -> None:
+        """Kill a worker that sent `what`: its death is handled as any other (a device's worker
+        is replaced, the vCPU worker's ends the microVM)."""
+        if handle.distrusted:
+            return
+        with self._cond:
+            handle.distrusted = escape(what)
+            self.trust.workers_killed += 1
+        log.error("the %s worker (pid %d) sent %s: killing it", handle.name, handle.pid, handle.distrusted)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(handle.pid, signal.SIGKILL)
 
     def _watch(self, handle: WorkerHandle) -> None:
         self._pidfds[handle.pidfd] = handle
@@ -645,6 +821,8 @@ class MicroVm:
             del self._stderrs[fd]
 
     def _monitor(self) -> None:
+        """The monitor loop. Nothing a worker does, and no bug of ours, may end it: each step
+        runs guarded (`_guarded`); only the vCPU worker's end does."""
         poller = self._poller
         poller.register(self._ctl, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
@@ -654,38 +832,112 @@ class MicroVm:
             self._watch(handle)
         outcome: tuple[int, str] | None = None
         while outcome is None:
-            events = dict(poller.poll(self._next_timer_ms()))
-            if self._console.fileno() in events:
-                self._pump_console()
-            if self._wake_r in events:
-                self._send_commands()
-            if self._ctl in events:
-                outcome = self._drain_messages()
-            for fd in [fd for fd in self._stderrs if fd in events]:
-                self._read_stderr(fd)
-            for fd in [fd for fd in self._pidfds if fd in events]:
-                poller.unregister(fd)
-                outcome = self._worker_died(self._pidfds.pop(fd)) or outcome
-            if outcome is None:
-                self._run_timers()
-        self._stop_device_workers()
+            outcome = self._guarded("monitoring", self._monitor_round, None)
+        self._guarded("stopping the device workers", self._stop_device_workers, None)
         vcpu = self._workers[VCPU.encode()]
         if vcpu.alive:
-            self._reap(vcpu)
-        self._pump_console()
+            self._guarded("reaping the vCPU worker", lambda: self._reap(vcpu), None)
+        self._guarded("forwarding console output", self._pump_console, None)
         self._finish(*outcome)
 
+    def _monitor_round(self) -> tuple[int, str] | None:
+        """One turn of the monitor loop: wait, then serve what is ready."""
+        assert self._console is not None
+        console = self._console.fileno()
+        events = self._guarded("polling", lambda: dict(self._poller.poll(self._next_timer_ms())), None)
+        if events is None:
+            time.sleep(0.01)  # a poll that fails at once must not spin
+            events = {}
+        if console in events:
+            self._guarded("forwarding console output", self._pump_console, None)
+        if self._wake_r in events:
+            self._guarded("taking API commands", self._run_inbox, None)
+        outcome: tuple[int, str] | None = None
+        if self._ctl in events:
+            outcome = self._guarded("reading worker messages", self._drain_messages, None)
+        for fd in [fd for fd in self._stderrs if fd in events]:
+            self._guarded("reading a worker's stderr", lambda fd=fd: self._read_stderr(fd), None)  # type: ignore[misc]
+        for fd in [fd for fd in self._pidfds if fd in events]:
+            outcome = self._guarded_death(self._pidfds.pop(fd)) or outcome
+        if outcome is None:
+            self._guarded("running timers", self._run_timers, None)
+        outcome, self._deferred_outcome = outcome or self._deferred_outcome, None
+        return outcome
+
+    def _guarded_death(self, handle: WorkerHandle) -> tuple[int, str] | None:
+        """A worker died. Whatever goes wrong in handling it, a dead vCPU worker ends the
+        microVM and a dead device worker is replaced."""
+        self._guarded("unwatching a dead worker", lambda: self._poller.unregister(handle.pidfd), None)
+        outcome: list[tuple[int, str] | None] = []
+
+        def handle_death() -> bool:
+            outcome.append(self._worker_died(handle))
+            return True
+
+        if self._guarded(f"handling the {handle.name} worker's death", handle_death, False):
+            return outcome[0]
+        if handle.name == VCPU:
+            self.failed = True
+            return exitcodes.GENERIC_ERROR, "vCPU worker died"
+        slot = self._slots.get(handle.name)
+        if slot is not None and slot.state_fd >= 0 and slot.restart_at is None:
+            with self._cond:
+                handle.alive = False
+                self._cond.notify_all()
+            self._guarded("scheduling a restart", lambda: self._schedule_restart(slot, handle, "exit", "died"), None)
+        return None
+
+    def _guarded(self, what: str, step: Callable[[], T], failed: T) -> T:
+        """One step of the monitor loop: an exception is logged (rate-limited) and counted,
+        and the loop goes on with `failed` for the step's result."""
+        try:
+            return step()
+        except Exception:
+            with self._cond:
+                self.trust.monitor_errors += 1
+            if self._error_log_bucket.reduce(1):
+                log.exception("monitor thread: error while %s (the monitor carries on)", what)
+            return failed
+
+    def _run_inbox(self) -> None:
+        """Run what API threads posted (`_post`), in order; one failing does not stop the rest."""
+        with contextlib.suppress(BlockingIOError):
+            while os.read(self._wake_r, 256):
+                pass
+        while True:
+            try:
+                work = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+            self._guarded("running an API command", work, None)
+
     def _drain_messages(self) -> tuple[int, str] | None:
+        """Apply what the workers sent, in rounds of at most MESSAGES_PER_WORKER_ROUND per
+        worker: the ROUTER queues its peers fairly (round-robin, one message each in turn),
+        so a flooding worker gets its share of a round and every other worker gets theirs,
+        and the loop gets back to deaths, timers and the console between rounds."""
         outcome = None
-        while self._ctl.poll(0):
-            outcome = self._apply(*self._recv()) or outcome
+        budget = MESSAGES_PER_WORKER_ROUND * max(1, len(self._workers))  # dropped messages count too
+        taken: dict[str, int] = {}
+        while budget > 0 and self._ctl.poll(0):
+            budget -= 1
+            received = self._recv()
+            if received is None:
+                continue
+            outcome = self._apply(*received) or outcome
+            name = received[0].name
+            taken[name] = taken.get(name, 0) + 1
+            if taken[name] >= MESSAGES_PER_WORKER_ROUND:
+                break  # the others had their turns in between (round-robin): the round is over
         return outcome
 
     # --- restarts ----------------------------------------------------------------------------
     def _next_timer_ms(self) -> int | None:
-        """Until the next restart is due or a worker's heartbeat is late (None: no timer)."""
+        """Until the next restart or update deadline is due or a worker's heartbeat is late
+        (None: no timer)."""
         now = time.monotonic()
         due = [slot.restart_at for slot in self._slots.values() if slot.restart_at is not None]
+        due += [r.deadline for r in self._requests.values() if not r.future.done()]
         for handle in self._workers.values():
             if handle.name in self._slots and handle.alive and not handle.hung:
                 due.append(handle.last_heartbeat + self._slots[handle.name].tracker.policy.hang_timeout_s)
@@ -695,6 +947,7 @@ class MicroVm:
 
     def _run_timers(self) -> None:
         now = time.monotonic()
+        self._expire_requests(now)
         for handle in list(self._workers.values()):
             late = now - handle.last_heartbeat
             slot = self._slots.get(handle.name)
@@ -706,12 +959,23 @@ class MicroVm:
         for slot in self._slots.values():
             if slot.restart_at is not None and slot.restart_at <= now:
                 slot.restart_at = None
-                self._restart(slot)
+                self._restart_or_retry(slot)
+
+    def _restart_or_retry(self, slot: DeviceSlot) -> None:
+        def restart() -> bool:
+            self._restart(slot)
+            return True
+
+        if not self._guarded(f"restarting the {slot.plan.name} worker", restart, False):
+            slot.restart_at = time.monotonic() + RESTART_RETRY_S  # a bug of ours must not lose a device
 
     def _restart(self, slot: DeviceSlot) -> None:
         """Start a replacement worker for `slot` (in the monitor thread)."""
         name = slot.plan.name
         old = self._workers[name.encode()]
+        if old.alive:
+            return  # replaced already (a retry after an error past the spawn)
+        self._await_disconnected(old)
         mmio_vcpu: socket.socket | None = None
         try:
             mmio_vcpu = self._spawn_device_worker(slot.plan, self._memfd, restore=True, needs_reset=slot.exhausted)
@@ -744,7 +1008,34 @@ class MicroVm:
         if slot.exhausted:
             log.error("the %s device needs a reset: its worker (pid %d) only reports DEVICE_NEEDS_RESET", name, new.pid)
         else:
-            log.warning("restarted the %s worker: pid %d (restart %d)", name, new.pid, new.restarts)
+            log.warning("restarted the %s worker: pid %d (restart %d)", name, new.pid, slot.history.restarts)
+
+    def _await_disconnected(self, old: WorkerHandle, timeout: float = 1.0) -> None:
+        """Wait until the ROUTER has dropped a dead worker's connection: libzmq ignores a new
+        connection under an identity still in use, so a replacement that connected before
+        would never be heard. The connection goes once what the worker left is read; a send
+        to its identity then fails with EHOSTUNREACH (ROUTER_MANDATORY), and libzmq forgets
+        the identity after one more exchange with its I/O thread (`CONNECTION_GRACE_S`)."""
+        deadline = time.monotonic() + timeout
+        closing_since: float | None = None
+        while (now := time.monotonic()) < deadline:
+            self._keep_outcome(self._drain_messages())
+            try:
+                self._ctl.send_multipart([old.identity, p.encode(p.FlushMetrics())], zmq.NOBLOCK)
+                closing_since = None
+            except zmq.ZMQError as e:
+                if e.errno == zmq.EHOSTUNREACH:
+                    closing_since = closing_since or now
+                    if now - closing_since >= CONNECTION_GRACE_S:
+                        return
+            self._ctl.poll(5)  # takes libzmq's commands
+        log.warning("the dead %s worker's connection is still open: its replacement may not be heard", old.name)
+
+    def _keep_outcome(self, outcome: tuple[int, str] | None) -> None:
+        """An outcome (the vCPU worker's Exited) read outside the loop's own reading: the
+        monitor round returns it."""
+        if outcome is not None and self._deferred_outcome is None:
+            self._deferred_outcome = outcome
 
     def _device_up(self, name: str, mmio_vcpu: socket.socket | None) -> None:
         """Hand the vCPU worker its end of the replacement's MMIO channel, with DeviceUp."""
@@ -775,25 +1066,28 @@ class MicroVm:
                 slot.tracker.policy.window_s,
             )
         with self._cond:
-            handle.restarts += 1
-            handle.restart_causes[cause_kind] = handle.restart_causes.get(cause_kind, 0) + 1
-            handle.last_restart_cause = cause
+            slot.history.record(cause_kind, cause)
         slot.restart_at = time.monotonic() + delay
 
     def _last_counters(self, handle: WorkerHandle, slot: DeviceSlot) -> None:
         """A killed worker could not send its last counters: take the newer of the ones it
-        pushed and the ones it kept in its state area (counters only grow)."""
+        pushed and the ones it kept in its state area (counters only grow). The state area
+        is the worker's, so what it says is checked as its messages are."""
         state = read_state(read_area(slot.state_fd)) or {}
         kept = state.get("metrics")
         if not isinstance(kept, dict):
             return
+        groups: Groups = {
+            group: {k: v for k, v in values.items() if isinstance(k, str) and type(v) is int}
+            for group, values in kept.items()
+            if isinstance(group, str) and isinstance(values, dict)
+        }
         with self._cond:
-            for group, values in kept.items():
-                if isinstance(values, dict):
-                    target = handle.metrics.setdefault(str(group), {})
-                    for key, value in values.items():
-                        if isinstance(value, int) and value > target.get(key, 0):
-                            target[key] = value
+            for group, values in admit_metrics(handle, groups, self.trust).items():
+                target = handle.metrics.setdefault(group, {})
+                for key, value in values.items():
+                    if value > target.get(key, 0):
+                        target[key] = value
 
     def _death_cause(self, handle: WorkerHandle, slot: DeviceSlot | None, how: str) -> tuple[str, str]:
         """(metric cause, human cause) of a device worker's death."""
@@ -804,6 +1098,8 @@ class MicroVm:
                 entry.fired += 1
                 if not entry.active:
                     del self._faults[handle.name]
+        if handle.distrusted:
+            return "protocol", f"killed by the supervisor: it sent {handle.distrusted}"
         if handle.hung:
             injected = " (injected hang)" if fatal == FATAL_HANG else ""
             timeout = slot.tracker.policy.hang_timeout_s if slot is not None else self.policy.hang_timeout_s
@@ -823,11 +1119,17 @@ class MicroVm:
         self._pump_console()
         outcome = self._drain_messages()  # messages sent just before the exit
         status = self._reap(handle)
+        self._forget_requests(handle)
         how = self._how(handle, status)
         with self._cond:
             handle.exit_reason = handle.exit_reason or f"{handle.kind} worker {how}"
             self._cond.notify_all()
         if handle.name == VCPU:
+            if handle.distrusted:
+                self.failed = True
+                reason = f"vCPU worker killed by the supervisor: it sent {handle.distrusted}"
+                log.error("the vCPU worker (pid %d) was killed: it sent %s", handle.pid, handle.distrusted)
+                return exitcodes.GENERIC_ERROR, reason
             if outcome is None and status is not None and os.WIFEXITED(status):
                 outcome = self._await_exited(handle)  # it said why before exiting; ZeroMQ may lag the pidfd
             if outcome is None:
@@ -857,8 +1159,8 @@ class MicroVm:
     def _await_exited(self, handle: WorkerHandle, timeout: float = 1.0) -> tuple[int, str] | None:
         deadline = time.monotonic() + timeout
         while (left := deadline - time.monotonic()) > 0 and self._ctl.poll(int(left * 1000) + 1):
-            identity, msg = self._recv()
-            outcome = self._apply(identity, msg)
+            received = self._recv()
+            outcome = self._apply(*received) if received is not None else None
             if outcome is not None:
                 return outcome
         return None
@@ -878,24 +1180,15 @@ class MicroVm:
             except (OSError, ValueError):
                 pass  # the console reader went away; the guest keeps running
 
-    def _send_commands(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            while os.read(self._wake_r, 256):
-                pass
-        while not self._commands.empty():
-            identity, msg = self._commands.get()
-            self._send(identity, msg)
-
     def _send(self, identity: bytes, msg: p.Message) -> None:
+        if self.state == "Exited":
+            return  # every worker is gone
         try:
             self._ctl.send_multipart([identity, p.encode(msg)], zmq.NOBLOCK)
         except zmq.ZMQError as e:
             log.error("cannot send %s to the %s worker: %s", msg.TYPE, identity.decode(errors="replace"), e)
 
-    def _apply(self, identity: bytes, msg: p.Message | None) -> tuple[int, str] | None:
-        handle = self._workers.get(identity)
-        if handle is None or msg is None:
-            return None
+    def _apply(self, handle: WorkerHandle, msg: p.Message) -> tuple[int, str] | None:
         with self._cond:
             try:
                 return self._apply_locked(handle, msg)
@@ -903,6 +1196,7 @@ class MicroVm:
                 self._cond.notify_all()
 
     def _apply_locked(self, handle: WorkerHandle, msg: p.Message) -> tuple[int, str] | None:
+        """Act on one checked message (`_recv`: its type is one its kind may send)."""
         handle.last_heartbeat = time.monotonic()  # any message shows its loop turns
         if isinstance(msg, p.Heartbeat):
             return None
@@ -913,24 +1207,32 @@ class MicroVm:
                 if not entry.active:
                     del self._faults[handle.name]
         elif isinstance(msg, p.Metrics):
-            handle.metrics = msg.groups
+            handle.metrics = admit_metrics(handle, msg.groups, self.trust)
             handle.metrics_seq += 1
         elif isinstance(msg, p.Log):
-            level = msg.level if msg.level in ("warning", "error", "info") else "info"
-            getattr(log, level)("%s worker: %s", handle.name, msg.text)
+            self._worker_logs.relay(handle.name, handle.pid, msg.level, msg.text)
         elif isinstance(msg, VsockConnect):
             self._broker_vsock_connect(handle, msg)
         elif isinstance(msg, p.UpdateResult):
-            self._update_results[msg.request_id] = msg
-        elif isinstance(msg, p.StateChanged) and handle.name == VCPU:
+            self._answer(handle, msg)
+        elif isinstance(msg, p.StateChanged):
+            if msg.state not in ("Running", "Paused"):
+                self.trust.malformed += 1
+                self._distrust(handle, f"a state_changed message to state {msg.state[:40]!r}")
+                return None
             self.state = msg.state
         elif isinstance(msg, p.Exited):
+            if not 0 <= msg.code <= 255:
+                self.trust.malformed += 1
+                self._distrust(handle, f"an exited message with exit code {msg.code}")
+                return None
             if msg.detail:
-                log.error("%s\n%s", msg.reason, msg.detail)
+                detail = escape(msg.detail[:MAX_DETAIL])
+                log.error("[%s worker pid %d] %s: %s", handle.name, handle.pid, escape(msg.reason[:MAX_REASON]), detail)
             if handle.name == VCPU:
-                self.exit_detail = msg.detail or self.exit_detail
-                return msg.code, msg.reason
-            handle.exit_reason = msg.reason
+                self.exit_detail = msg.detail[:MAX_DETAIL] or self.exit_detail
+                return msg.code, escape(msg.reason[:MAX_REASON])
+            handle.exit_reason = escape(msg.reason[:MAX_REASON])
         return None
 
     def _broker_vsock_connect(self, handle: WorkerHandle, msg: VsockConnect) -> None:
@@ -992,14 +1294,19 @@ class MicroVm:
         return status
 
     def _finish(self, code: int, reason: str) -> None:
-        remove_vsock_socket(self.spec)  # before anyone waiting on "Exited" looks
+        self._guarded("removing the vsock socket", lambda: remove_vsock_socket(self.spec), None)  # before "Exited"
         with self._cond:
             self.exit_code, self.exit_reason = code, reason
             vcpu = self._workers[VCPU.encode()]
             vcpu.exit_reason = vcpu.exit_reason or reason
             self.state = "Exited"
+            self._inbox_closed = True  # from here on API threads are told at once
             self._cond.notify_all()
-        self._close()
+        self._run_inbox()  # what was posted before: each finds the microVM stopped
+        for pending in self._requests.values():
+            pending.fail("the microVM has stopped")
+        self._requests.clear()
+        self._guarded("closing the microVM's resources", self._close, None)
         try:
             self._on_exit(code, reason)
         except Exception:

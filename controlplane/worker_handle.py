@@ -20,6 +20,41 @@ from shared.ratelimit import TokenBucket
 
 Groups = dict[str, dict[str, int]]
 
+# The metric groups the vCPU worker reports; a device worker reports its own (`own_metric_groups`).
+VCPU_GROUPS = frozenset({"vcpu", "uart", "i8042", "embervm_bus"})
+
+
+def own_metric_groups(kind: str, device_id: str | None, args: dict[str, Any] | None = None) -> frozenset[str]:
+    """The only metric groups a worker of `kind` may report (`controlplane.worker_trust`):
+    a block worker for drive X only `block_X`, a net worker `net_<iface>` (and `mmds` when it
+    serves MMDS, a group several interfaces add up), the vsock worker `vsock`."""
+    if kind == "vcpu":
+        return VCPU_GROUPS
+    if kind in AGGREGATED_KINDS:
+        mmds = {"mmds"} if kind == "net" and (args or {}).get("mmds") else set()
+        return frozenset({f"{kind}_{device_id}", *mmds})
+    return frozenset({kind})
+
+
+@dataclass
+class RestartHistory:
+    """A device's restarts, for its whole life: the one record every worker of the device
+    points to (`WorkerHandle.history`; the supervisor's `DeviceSlot` owns it)."""
+
+    restarts: int = 0
+    causes: dict[str, int] = field(default_factory=dict)  # signal, exit, seccomp, hang, fault, protocol
+    last_cause: str | None = None
+    metrics_base: Groups = field(default_factory=dict)  # the dead workers' last counters
+
+    def record(self, cause_kind: str, cause: str) -> None:
+        self.restarts += 1
+        self.causes[cause_kind] = self.causes.get(cause_kind, 0) + 1
+        self.last_cause = cause
+
+    def retire(self, metrics: Groups) -> None:
+        """A dead worker's last counters join the device's base (counters stay cumulative)."""
+        self.metrics_base = add_groups(self.metrics_base, metrics)
+
 
 STDERR_MAX_LINE = 512  # bytes of one line logged; the rest is cut
 STDERR_BURST = 20  # lines logged at once before the rate applies
@@ -102,11 +137,9 @@ class WorkerHandle:
     exit_reason: str | None = None
     metrics: Groups = field(default_factory=dict)
     metrics_seq: int = 0
-    # Restarts (docs/faults.md): carried from a dead worker to its replacement.
-    metrics_base: Groups = field(default_factory=dict)  # the dead workers' last counters
-    restarts: int = 0
-    restart_causes: dict[str, int] = field(default_factory=dict)  # signal, exit, seccomp, hang, fault
-    last_restart_cause: str | None = None
+    metric_groups: frozenset[str] = frozenset()  # the groups it may report (own_metric_groups)
+    history: RestartHistory | None = None  # its device's (None: a kind that is not restarted)
+    distrusted: str | None = None  # what it sent that got it killed (controlplane.worker_trust)
     broken: bool = False  # the restart policy ran out: the device is in DEVICE_NEEDS_RESET
     last_heartbeat: float = 0.0
     hung: bool = False  # killed by the supervisor's watchdog
@@ -116,6 +149,14 @@ class WorkerHandle:
     @property
     def identity(self) -> bytes:
         return self.name.encode()
+
+    @property
+    def restarts(self) -> int:
+        return self.history.restarts if self.history is not None else 0
+
+    def counters(self) -> Groups:
+        """Its device's counters so far: the dead workers' plus its own."""
+        return add_groups(self.history.metrics_base, self.metrics) if self.history is not None else self.metrics
 
     def describe(self) -> dict[str, Any]:
         """What `GET /` shows for this worker."""
@@ -128,7 +169,7 @@ class WorkerHandle:
         }
         if self.kind != "vcpu":
             info["restarts"] = self.restarts
-            info["last_restart_cause"] = self.last_restart_cause
+            info["last_restart_cause"] = self.history.last_cause if self.history is not None else None
             info["broken"] = self.broken
         if self.drive_id is not None:
             info["drive_id"] = self.drive_id
@@ -161,7 +202,7 @@ def merge_metrics(workers: list[WorkerHandle]) -> Groups:
     """
     merged: Groups = {}
     for worker in workers:  # a group several workers report (e.g. `mmds`) is their sum
-        _accumulate(merged, add_groups(worker.metrics_base, worker.metrics))
+        _accumulate(merged, worker.counters())
     for kind in AGGREGATED_KINDS:
         devices = [w for w in workers if w.kind == kind]
         for worker in devices:
@@ -178,7 +219,7 @@ def merge_metrics(workers: list[WorkerHandle]) -> Groups:
             merged[kind] = total
     causes: dict[str, int] = {}
     for worker in workers:
-        for cause, n in worker.restart_causes.items():
+        for cause, n in (worker.history.causes if worker.history is not None else {}).items():
             causes[f"restarts_{cause}"] = causes.get(f"restarts_{cause}", 0) + n
     merged["embervm_workers"] = {
         "alive": sum(w.alive for w in workers),
@@ -190,7 +231,7 @@ def merge_metrics(workers: list[WorkerHandle]) -> Groups:
     return merged
 
 
-RESTART_CAUSES = ("signal", "exit", "seccomp", "hang", "fault")
+RESTART_CAUSES = ("signal", "exit", "seccomp", "hang", "fault", "protocol")
 
 
 def add_groups(base: Groups, current: Groups) -> Groups:

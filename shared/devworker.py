@@ -424,6 +424,9 @@ class DeviceWorker:
                 log.warning("fault not armed: %s", e)
         elif isinstance(msg, p.TestSyscall) and self.test_hooks:
             log.warning("test syscall survived: %s", attempt_forbidden(msg.what))
+        elif isinstance(msg, p.TestSendRaw) and self.test_hooks:
+            with contextlib.suppress(zmq.ZMQError):
+                self.control.send_multipart(msg.frames, zmq.NOBLOCK)
         else:
             answer = self.hooks.handle_control(msg)
             if answer is not None:

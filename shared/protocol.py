@@ -105,6 +105,16 @@ class TestSyscall(Message):
     what: str
 
 
+@message
+class TestSendRaw(Message):
+    """Test-only, to a device worker: send `frames` as they are on the control socket (what
+    a compromised worker could send). Acted on only with seccomp test hooks armed."""
+
+    TYPE = "test_send_raw"
+    __test__ = False  # not a pytest test class
+    frames: list[bytes]
+
+
 # --- worker -> supervisor --------------------------------------------------------------
 @message
 class Ready(Message):
@@ -309,3 +319,9 @@ def decode(data: bytes) -> Message:
         if not _check_type(body[name], hints[name]):
             raise ProtocolError(f"{cls.TYPE}: field {name!r} has the wrong type")
     return cls(**body)
+
+
+# What each kind of worker may send the supervisor: anything else from it is hostile
+# (controlplane.worker_trust). Every control message is one frame after ZeroMQ's identity.
+VCPU_SENDS: frozenset[type[Message]] = frozenset({Ready, StateChanged, Exited, Metrics, Log})
+DEVICE_SENDS: frozenset[type[Message]] = frozenset({Ready, Exited, Metrics, Log, Heartbeat, FaultFired, UpdateResult})

@@ -6,7 +6,7 @@ import pytest
 
 from controlplane.faults import FaultEntry, FaultSpec, RestartPolicy, RestartTracker, fault_kinds, restartable
 from controlplane.models import BodyError, parse_body
-from controlplane.worker_handle import WorkerHandle, merge_metrics
+from controlplane.worker_handle import RestartHistory, WorkerHandle, merge_metrics
 
 
 def test_first_death_restarts_at_once_then_backoff_doubles_up_to_the_cap():
@@ -40,9 +40,10 @@ def test_policy_from_a_spec_dict_refuses_unknown_fields():
 
 
 def test_a_replacement_workers_counters_add_to_the_dead_ones():
-    handle = WorkerHandle("block_a", "block", 2, -1, drive_id="a", device_id="a", restarts=1)
-    handle.restart_causes = {"signal": 1}
-    handle.metrics_base = {"block_a": {"write_count": 10}}
+    history = RestartHistory()
+    history.record("signal", "killed by signal SIGKILL")
+    history.retire({"block_a": {"write_count": 10}})  # the dead worker's last counters
+    handle = WorkerHandle("block_a", "block", 2, -1, drive_id="a", device_id="a", history=history)
     handle.metrics = {"block_a": {"write_count": 3}}
 
     merged = merge_metrics([handle])
