@@ -45,7 +45,7 @@ from typing import Any, Protocol
 
 import zmq
 
-from shared import exitcodes, fdpass, ratelimited_log
+from shared import exitcodes, fdpass, ratelimited_log, redteam
 from shared import protocol as p
 from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, install_filter
 from shared.devstate import StateArea, StateAreaError
@@ -400,6 +400,9 @@ class DeviceWorker:
                 log.warning("fault not armed: %s", e)
         elif isinstance(msg, p.TestSyscall) and self.test_hooks:
             log.warning("test syscall survived: %s", attempt_forbidden(msg.what))
+        elif isinstance(msg, p.RedTeam) and self.test_hooks:
+            send = lambda frames: self.control.send_multipart(frames, zmq.NOBLOCK)  # noqa: E731
+            self.send(p.Log("warning", redteam.run(msg, redteam.Context(self.channels.name, send))))
         else:
             answer = self.hooks.handle_control(msg)
             if answer is not None:

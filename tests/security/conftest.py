@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 SIGSYS_RC = -signal.SIGSYS
@@ -44,3 +45,16 @@ def proc_status(pid: int, tid: int | None = None) -> dict[str, str]:
 
 def threads_of(pid: int) -> list[int]:
     return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """What the red team (test_redteam.py) tried, from inside which worker, and what came of it."""
+    results = getattr(sys.modules.get("tests.security.test_redteam"), "RESULTS", None)
+    if not results:
+        return
+    reached = sum(verdict != "blocked" for _, _, verdict, _ in results)
+    terminalreporter.section(
+        f"red team: {len(results)} attacks tried, {len(results) - reached} blocked, {reached} REACHED"
+    )
+    for worker, what, verdict, outcome in results:
+        terminalreporter.write_line(f"{verdict:8} {worker:13} {what[:64]:64} {outcome}")
