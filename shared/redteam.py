@@ -151,6 +151,15 @@ def list_root(_: str, __: Context) -> str:
 
 
 @attack
+def list_proc(_: str, __: Context) -> str:
+    """Enumerate the processes it can see."""
+    pids = [name for name in os.listdir("/proc") if name.isdigit()]
+    if len(pids) <= 1:
+        return f"blocked: /proc shows {len(pids)} process(es)"
+    return f"REACHED: /proc lists {len(pids)} processes"
+
+
+@attack
 def execve_host_file(path: str, _: Context) -> str:
     """`path` exists on the host and is not executable: EACCES means the worker saw it."""
     try:
@@ -165,10 +174,6 @@ def execve_host_file(path: str, _: Context) -> str:
 # --- sockets ------------------------------------------------------------------------------------
 # Straight libc calls: Python's socket module adds syscalls of its own (ioctl FIONBIO for a
 # timeout) that a filter may kill for, which would hide whether the attack itself is stopped.
-class _SockaddrUn(ctypes.Structure):
-    _fields_ = [("family", ctypes.c_ushort), ("path", ctypes.c_char * 108)]
-
-
 def _socket(family: int, kind: int, proto: int = 0) -> int:
     return _check(_libc.socket(family, kind | socket.SOCK_CLOEXEC, proto))
 
@@ -176,10 +181,10 @@ def _socket(family: int, kind: int, proto: int = 0) -> int:
 def _connect(address: str) -> int:
     """A connected AF_UNIX stream socket's fd (`address` starting with NUL: abstract)."""
     raw = address.encode()
+    sockaddr = socket.AF_UNIX.to_bytes(2, "little") + raw + (b"" if raw.startswith(b"\0") else b"\0")
     fd = _socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        addr = _SockaddrUn(socket.AF_UNIX, raw)
-        _check(_libc.connect(fd, ctypes.byref(addr), 2 + len(raw) + (0 if raw.startswith(b"\0") else 1)))
+        _check(_libc.connect(fd, ctypes.create_string_buffer(sockaddr, len(sockaddr)), len(sockaddr)))
     except BaseException:
         os.close(fd)
         raise

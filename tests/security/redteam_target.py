@@ -187,6 +187,8 @@ class RedTeamVmm:
                 self.proc.wait()
         for pump in self._pumps:
             pump.join(5)
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
         os.close(self._relay_w)
         deadline = time.monotonic() + 10
         while any(os.path.exists(f"/proc/{pid}") for pid in pids) and time.monotonic() < deadline:
@@ -277,7 +279,7 @@ class RedTeamVmm:
             if now["pid"] == before["pid"] or not now["alive"]:
                 return None  # alive, or dead but not yet replaced
             reason = str(now.get("last_restart_cause"))
-        if "seccomp" in reason:
+        if "seccomp" in reason or "SIGSYS" in reason:
             return f"blocked: {reason}"
         return f"died: {reason}"
 
