@@ -37,6 +37,7 @@ KINDS = list(WORKERS)
 NAMESPACES = ("mnt", "net", "ipc", "pid")
 # (worker, what was tried, "blocked" or "REACHED", outcome): the terminal summary (conftest.py)
 RESULTS: list[tuple[str, str, str, str]] = []
+EMBERVM_LAUNCHES: list[int] = []  # embervm processes started (a new one after each vCPU worker death)
 
 
 def record(worker: str, what: str, outcome: str, blocked: bool | None = None) -> str:
@@ -60,6 +61,7 @@ def vmm(guest_images: GuestImages) -> Iterator[RedTeamVmm]:
     finally:
         if target is not None:
             target.stop()
+            EMBERVM_LAUNCHES.append(target.launches)
         if host is not None:
             host.close()
         ns.delete()
