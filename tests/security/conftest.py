@@ -49,12 +49,15 @@ def threads_of(pid: int) -> list[int]:
 
 def pytest_terminal_summary(terminalreporter: Any) -> None:
     """What the red team (test_redteam.py) tried, from inside which worker, and what came of it."""
-    results = getattr(sys.modules.get("tests.security.test_redteam"), "RESULTS", None)
+    module = sys.modules.get("tests.security.test_redteam")
+    results = getattr(module, "RESULTS", None)
     if not results:
         return
     reached = sum(verdict != "blocked" for _, _, verdict, _ in results)
+    runs = sum(getattr(module, "EMBERVM_LAUNCHES", []))
+    blocked = len(results) - reached
     terminalreporter.section(
-        f"red team: {len(results)} attacks tried, {len(results) - reached} blocked, {reached} REACHED"
+        f"red team: {len(results)} attacks in {runs} embervm runs, {blocked} blocked, {reached} REACHED"
     )
     for worker, what, verdict, outcome in results:
         terminalreporter.write_line(f"{verdict:8} {worker:13} {what[:64]:64} {outcome}")
