@@ -274,11 +274,14 @@ class RedTeamVmm:
         if worker == "vcpu":
             if now["alive"] and "exit_code" not in info["embervm"]:
                 return None
-            reason = str(info["embervm"].get("exit_reason") or now.get("exit_reason"))
+            reason = info["embervm"].get("exit_reason") or now.get("exit_reason")
+            if reason is None:
+                return None  # dead, its end not yet recorded
         else:
             if now["pid"] == before["pid"] or not now["alive"]:
                 return None  # alive, or dead but not yet replaced
             reason = str(now.get("last_restart_cause"))
+        reason = str(reason)
         if "seccomp" in reason or "SIGSYS" in reason:
             return f"blocked: {reason}"
         return f"died: {reason}"
