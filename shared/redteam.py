@@ -73,11 +73,18 @@ class Context:
 
 Attack = Callable[[str, Context], str]
 ATTACKS: dict[str, Attack] = {}
+# The syscalls each attack is about: a filter that kills the worker for another one stopped
+# the attack's plumbing, not the attack (the test then fails instead of counting it blocked).
+SYSCALLS: dict[str, tuple[str, ...]] = {}
 
 
-def attack(func: Attack) -> Attack:
-    ATTACKS[func.__name__] = func
-    return func
+def attack(*syscalls: str) -> Callable[[Attack], Attack]:
+    def register(func: Attack) -> Attack:
+        ATTACKS[func.__name__] = func
+        SYSCALLS[func.__name__] = syscalls
+        return func
+
+    return register
 
 
 def run(msg: p.RedTeam, context: Context) -> str:
@@ -113,7 +120,7 @@ def _syscall(number: int, *args: int | bytes | ctypes.Array[ctypes.c_char]) -> i
 
 
 # --- host files ------------------------------------------------------------------------------
-@attack
+@attack("openat")
 def open_host_file(path: str, _: Context) -> str:
     fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     try:
@@ -130,19 +137,19 @@ def _stat(path: str, flags: int) -> str:
     return f"REACHED: stat {path}: {size} bytes"
 
 
-@attack
+@attack("newfstatat")
 def stat_host_path(path: str, _: Context) -> str:
     return _stat(path, 0)
 
 
-@attack
+@attack("newfstatat")
 def stat_host_path_with_empty_path_flag(path: str, _: Context) -> str:
     """AT_EMPTY_PATH does not require the path to be empty: a rule that allows the flag
     to let fstat() through lets the worker stat any path."""
     return _stat(path, AT_EMPTY_PATH)
 
 
-@attack
+@attack("openat", "newfstatat", "getdents64")
 def list_root(_: str, __: Context) -> str:
     names = sorted(os.listdir("/"))
     if not names:
@@ -150,7 +157,7 @@ def list_root(_: str, __: Context) -> str:
     return f"REACHED: / holds {len(names)} entries ({', '.join(names[:6])}, ...)"
 
 
-@attack
+@attack("openat", "newfstatat", "getdents64")
 def list_proc(_: str, __: Context) -> str:
     """Enumerate the processes it can see."""
     pids = [name for name in os.listdir("/proc") if name.isdigit()]
@@ -159,7 +166,7 @@ def list_proc(_: str, __: Context) -> str:
     return f"REACHED: /proc lists {len(pids)} processes"
 
 
-@attack
+@attack("execve")
 def execve_host_file(path: str, _: Context) -> str:
     """`path` exists on the host and is not executable: EACCES means the worker saw it."""
     try:
@@ -197,7 +204,7 @@ def _read_some(fd: int, timeout_ms: int = 5000) -> bytes:
     return os.read(fd, 4096) if poller.poll(timeout_ms) else b""
 
 
-@attack
+@attack("socket", "connect")
 def connect_api_socket(path: str, _: Context) -> str:
     fd = _connect(path)
     try:
@@ -209,7 +216,7 @@ def connect_api_socket(path: str, _: Context) -> str:
     return f"REACHED: the API answered {first!r}" if reply else "REACHED: connected to the API socket"
 
 
-@attack
+@attack("socket", "connect")
 def connect_unix_socket(path: str, _: Context) -> str:
     fd = _connect(path)
     try:
@@ -219,7 +226,7 @@ def connect_unix_socket(path: str, _: Context) -> str:
     return f"REACHED: connected to {path} (it said {banner!r})"
 
 
-@attack
+@attack("socket", "connect")
 def connect_abstract_socket(name: str, _: Context) -> str:
     fd = _connect("\0" + name)
     try:
@@ -229,38 +236,38 @@ def connect_abstract_socket(name: str, _: Context) -> str:
     return f"REACHED: connected to @{name} (it said {banner!r})"
 
 
-@attack
+@attack("socket")
 def socket_inet(_: str, __: Context) -> str:
     os.close(_socket(socket.AF_INET, socket.SOCK_STREAM))
     return "REACHED: created an AF_INET socket"
 
 
-@attack
+@attack("socket")
 def socket_unix(_: str, __: Context) -> str:
     os.close(_socket(socket.AF_UNIX, socket.SOCK_STREAM))
     return "REACHED: created an AF_UNIX socket"
 
 
-@attack
+@attack("socket")
 def socket_netlink(_: str, __: Context) -> str:
     os.close(_socket(socket.AF_NETLINK, socket.SOCK_RAW))
     return "REACHED: created an AF_NETLINK socket"
 
 
 # --- signals, processes ----------------------------------------------------------------------
-@attack
+@attack("kill")
 def kill_process(pid: str, _: Context) -> str:
     _syscall(SYS_KILL, int(pid), 9)
     return f"REACHED: kill({pid}, SIGKILL) succeeded"
 
 
-@attack
+@attack("tgkill")
 def tgkill_process(pid: str, _: Context) -> str:
     _syscall(SYS_TGKILL, int(pid), int(pid), 9)
     return f"REACHED: tgkill({pid}, {pid}, SIGKILL) succeeded"
 
 
-@attack
+@attack("kill")
 def kill_every_process(_: str, __: Context) -> str:
     """kill(-1, 0): signal 0 only asks whether any process could be signalled."""
     try:
@@ -272,7 +279,7 @@ def kill_every_process(_: str, __: Context) -> str:
     return "REACHED: kill(-1, 0) found processes it may signal"
 
 
-@attack
+@attack("sched_getparam")
 def probe_pid(pid: str, _: Context) -> str:
     """sched_getparam needs no permission: it tells whether a pid exists."""
     buf = ctypes.create_string_buffer(8)
@@ -285,7 +292,7 @@ def probe_pid(pid: str, _: Context) -> str:
     return f"REACHED: pid {pid} is visible (sched_getparam)"
 
 
-@attack
+@attack("fcntl")
 def sigio_arm(pid: str, _: Context) -> str:
     """Point SIGIO of every fd the worker holds at `pid`, as SIGKILL: the next byte that
     arrives on any of them (the supervisor's next control message) kills the victim."""
@@ -308,7 +315,7 @@ def sigio_arm(pid: str, _: Context) -> str:
     return f"REACHED: {len(_armed)} fds send SIGKILL to pid {pid} when they become readable"
 
 
-@attack
+@attack("fcntl")
 def sigio_disarm(_: str, __: Context) -> str:
     """Undo sigio_arm (its message arriving was the trigger)."""
     for fd in _armed:
@@ -323,7 +330,7 @@ def sigio_disarm(_: str, __: Context) -> str:
     return f"disarmed {count} fds"
 
 
-@attack
+@attack("ptrace", "wait4")
 def ptrace_attach(pid: str, _: Context) -> str:
     _syscall(SYS_PTRACE, PTRACE_ATTACH, int(pid), 0, 0)
     try:
@@ -337,7 +344,7 @@ class _Iovec(ctypes.Structure):
     _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
 
 
-@attack
+@attack("process_vm_readv")
 def process_vm_readv(pid: str, _: Context) -> str:
     """Read the target's memory where the `sys` module object lives: every embervm process
     is forked from the supervisor, so it is at the same address in each of them."""
@@ -363,7 +370,7 @@ def process_vm_readv(pid: str, _: Context) -> str:
 
 
 # --- executable memory, exec, namespaces -----------------------------------------------------
-@attack
+@attack("mmap")
 def mmap_exec(_: str, __: Context) -> str:
     addr = _libc.mmap(None, PAGE, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
     if addr in (None, MAP_FAILED):
@@ -372,7 +379,7 @@ def mmap_exec(_: str, __: Context) -> str:
     return "REACHED: mapped writable and executable memory"
 
 
-@attack
+@attack("mprotect")
 def mprotect_exec(_: str, __: Context) -> str:
     addr = _libc.mmap(None, PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
     if addr in (None, MAP_FAILED):
@@ -384,13 +391,13 @@ def mprotect_exec(_: str, __: Context) -> str:
     return "REACHED: made memory executable"
 
 
-@attack
+@attack("unshare")
 def unshare_net(_: str, __: Context) -> str:
     _syscall(SYS_UNSHARE, CLONE_NEWNET)
     return "REACHED: unshare(CLONE_NEWNET) succeeded"
 
 
-@attack
+@attack("pidfd_open", "setns")
 def setns_into_pid(pid: str, _: Context) -> str:
     """Join the network namespace of `pid` (the supervisor) through its pidfd."""
     pidfd = _syscall(SYS_PIDFD_OPEN, int(pid), 0)
@@ -401,7 +408,7 @@ def setns_into_pid(pid: str, _: Context) -> str:
     return f"REACHED: setns into pid {pid}'s network namespace"
 
 
-@attack
+@attack("clone", "wait4")
 def clone_new_namespaces(_: str, __: Context) -> str:
     """A fork into new user and network namespaces (needs no capability); the child exits at once."""
     flags, zero = ctypes.c_long(CLONE_NEWUSER | CLONE_NEWNET | SIGCHLD), ctypes.c_long(0)
@@ -413,7 +420,7 @@ def clone_new_namespaces(_: str, __: Context) -> str:
 
 
 # --- the standard fds --------------------------------------------------------------------------
-@attack
+@attack("poll", "read")
 def read_stdin(_: str, __: Context) -> str:
     poller = select.poll()
     poller.register(0, select.POLLIN)
@@ -428,7 +435,7 @@ def read_stdin(_: str, __: Context) -> str:
     return f"REACHED: read {len(data)} bytes from fd 0: {data[:40]!r}"
 
 
-@attack
+@attack("write")
 def write_stdio(token: str, _: Context) -> str:
     """Lines on fds 1 and 2 imitating the supervisor; the test looks for them in embervm's output."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000000000")
@@ -444,19 +451,19 @@ def write_stdio(token: str, _: Context) -> str:
 
 
 # --- hostile messages to the supervisor --------------------------------------------------------
-@attack
+@attack("sendto", "write")
 def zmq_three_frames(_: str, context: Context) -> str:
     context.send_frames([b"redteam", b"three", b"frames"])
     return "sent: a 3-frame message"
 
 
-@attack
+@attack("sendto", "write")
 def zmq_oversized(mib: str, context: Context) -> str:
     context.send_frames([bytes(int(mib) << 20)])
     return f"sent: a {mib} MiB message"
 
 
-@attack
+@attack("sendto", "write")
 def zmq_forged_update_results(count: str, context: Context) -> str:
     """Answers to run-time updates the supervisor has not asked this worker for (ids are sequential)."""
     for request_id in range(1, int(count) + 1):
@@ -465,7 +472,7 @@ def zmq_forged_update_results(count: str, context: Context) -> str:
     return f"sent: UpdateResult for request ids 1..{count}"
 
 
-@attack
+@attack("sendto", "write")
 def zmq_fake_log(token: str, context: Context) -> str:
     """A Log whose text carries a second line shaped like the supervisor's own."""
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S.000000000")
@@ -475,7 +482,7 @@ def zmq_fake_log(token: str, context: Context) -> str:
     return "sent: two Log lines imitating the supervisor"
 
 
-@attack
+@attack("sendto", "write", "exit_group")
 def zmq_foreign_metrics(group: str, context: Context) -> str:
     """Metrics for another worker's group, then exit: a dead worker's counters are kept for good."""
     context.send_frames([p.encode(p.Metrics({group: {"read_count": FORGED_METRIC}}))])

@@ -14,6 +14,7 @@ worker at once, and a new `embervm` is started after the vCPU worker dies.
 from __future__ import annotations
 
 import os
+import re
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from guest.build import GuestImages
-from shared.redteam import FORGED_METRIC
+from shared.redteam import FORGED_METRIC, SYSCALLS
 from tests.security.redteam_target import TAP, WORKERS, Host, RedTeamVmm, victim
 from tests.support import netns
 
@@ -38,6 +39,16 @@ NAMESPACES = ("mnt", "net", "ipc", "pid")
 # (worker, what was tried, "blocked" or "REACHED", outcome): the terminal summary (conftest.py)
 RESULTS: list[tuple[str, str, str, str]] = []
 EMBERVM_LAUNCHES: list[int] = []  # embervm processes started (a new one after each vCPU worker death)
+
+
+def stopped_for_the_attack(attack: str, outcome: str) -> bool:
+    """A seccomp kill counts only when it is for a syscall the attack is about (or unnamed)."""
+    killed = re.search(r"seccomp \(syscall \d+, (\w+)\)", outcome)
+    return killed is None or killed.group(1) in SYSCALLS[attack]
+
+
+def assert_stopped_for_the_attack(attack: str, outcome: str) -> None:
+    assert stopped_for_the_attack(attack, outcome), f"{attack}: the filter stopped its plumbing: {outcome}"
 
 
 def record(worker: str, what: str, outcome: str, blocked: bool | None = None) -> str:
@@ -142,9 +153,11 @@ def test_attack_is_blocked(vmm: RedTeamVmm, case: Case, kind: str) -> None:
         outcome = vmm.attack(worker, case.attack, arg)
         time.sleep(0.05 if case.target == "victim" else 0)
         bystander_alive = bystander.poll() is None
-    record(worker, f"{case.id} {arg}".strip(), outcome, outcome.startswith("blocked") and bystander_alive)
+    blocked = outcome.startswith("blocked") and stopped_for_the_attack(case.attack, outcome) and bystander_alive
+    record(worker, f"{case.id} {arg}".strip(), outcome, blocked)
 
     assert outcome.startswith("blocked"), f"{worker}: {case.id}: {outcome}"
+    assert_stopped_for_the_attack(case.attack, outcome)
     assert bystander_alive, f"{worker}: {case.id} killed the victim"
 
 
@@ -170,6 +183,7 @@ def test_sigio_cannot_signal_another_process(vmm: RedTeamVmm, kind: str) -> None
 
     assert survived, f"{worker}: SIGIO killed an unrelated process ({armed})"
     assert armed.startswith("blocked"), f"{worker}: {armed}"
+    assert_stopped_for_the_attack("sigio_arm", armed)
 
 
 # --- the standard fds ---------------------------------------------------------------------------------
@@ -184,6 +198,7 @@ def test_worker_cannot_read_embervms_stdin(vmm: RedTeamVmm, kind: str) -> None:
     outcome = record(worker, "read fd 0 (embervm's stdin holds a line)", vmm.attack(worker, "read_stdin"))
 
     assert outcome.startswith("blocked"), f"{worker}: {outcome}"
+    assert_stopped_for_the_attack("read_stdin", outcome)
 
 
 def unattributed(vmm: RedTeamVmm, token: str, worker: str) -> list[str]:
