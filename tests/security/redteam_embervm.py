@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import os
 import threading
+import traceback
 from typing import Any
 
 from controlplane import cli
 from controlplane.microvm import Launcher, MicroVm
+from controlplane.vm_spec import VmSpec
 from shared import protocol as p
 
 RELAY_FD_ENV = "EMBERVM_REDTEAM_FD"
@@ -32,13 +34,18 @@ def _relay(fd: int) -> None:
     """Forward attack requests to the newest microVM's workers (the pipe's writer is the test)."""
     with os.fdopen(fd, "r", buffering=1) as requests:
         for line in requests:
-            worker, seq, attack, arg = ([*line.rstrip("\n").split(" ", 3), "", "", ""])[:4]
-            if _vms and attack:
-                _vms[-1]._command(p.RedTeam(int(seq), attack, arg), worker.encode())
+            try:
+                worker, seq, attack, arg = ([*line.rstrip("\n").split(" ", 3), "", "", ""])[:4]
+                if _vms and attack:
+                    _vms[-1]._command(p.RedTeam(int(seq), attack, arg), worker.encode())
+            except Exception:  # say why on stderr (the test shows it), keep relaying
+                traceback.print_exc()
 
 
 def _arm(fd: int) -> None:
     real_start_vm = Launcher.start_vm
+    if not hasattr(MicroVm, "_command") or "seccomp_test_hooks" not in VmSpec.__dataclass_fields__:
+        raise SystemExit("redteam_embervm: MicroVm._command or VmSpec.seccomp_test_hooks is gone: update this file")
     started = threading.Event()
 
     def start_vm(self: Launcher, spec: Any, *args: Any, **kwargs: Any) -> MicroVm:

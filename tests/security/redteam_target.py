@@ -115,6 +115,8 @@ class RedTeamVmm:
         self.proc: subprocess.Popen[bytes] | None = None
         self.client: ApiClient | None = None
         self.broken = False  # it stopped answering: start a new one before the next attack
+        self.hook_dead = False  # a fresh embervm never answered: the test hook itself is broken
+        self._answered = 0  # attacks answered by this embervm
         self._seq = itertools.count(1)
         self._relay_w = -1
 
@@ -160,6 +162,7 @@ class RedTeamVmm:
         for pump in self._pumps:
             pump.start()
         self.broken = False
+        self._answered = 0
         self._log = b""
         self._wait_started()
 
@@ -244,6 +247,7 @@ class RedTeamVmm:
     # --- attacks ------------------------------------------------------------------------------
     def attack(self, worker: str, name: str, arg: object = "", timeout: float = ANSWER_TIMEOUT_S) -> str:
         """Run attack `name` in `worker`; its outcome (see shared.redteam)."""
+        assert not self.hook_dead, "the red-team hook does not answer (see the first failure)"
         self.ensure()
         before = self.worker(worker)
         seq = next(self._seq)
@@ -254,13 +258,18 @@ class RedTeamVmm:
         while time.monotonic() < deadline:
             found = tag.search(self.log_text(), max(0, len(self._log) - (1 << 20)))
             if found:
+                self._answered += 1
                 return found.group(1)
             polls += 1
             if polls % 4 == 0:  # GET / is slower than reading the log: look for a death less often
                 death = self._death(worker, before)
                 if death is not None:
+                    self._answered += 1
                     return death
             time.sleep(0.03)
+        if not self._answered:  # not an attack's effect: nothing ever came back from this embervm
+            self.hook_dead = True
+            raise AssertionError(f"no worker answers the red-team hook; embervm's stderr:\n{self.stderr.text[-3000:]}")
         self.broken = True
         return f"no answer within {timeout:g} s (the supervisor no longer relays worker messages?)"
 
