@@ -115,6 +115,17 @@ class TestSendRaw(Message):
     frames: list[bytes]
 
 
+@message
+class RedTeam(Message):
+    """Test-only, to any worker: run attack `attack` of `shared.redteam` with `arg`; the worker
+    logs the outcome tagged `redteam#<seq>`. Acted on only with seccomp test hooks armed."""
+
+    TYPE = "red_team"
+    seq: int
+    attack: str
+    arg: str
+
+
 # --- worker -> supervisor --------------------------------------------------------------
 @message
 class Ready(Message):

@@ -9,6 +9,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parents[2]
 SIGSYS_RC = -signal.SIGSYS
@@ -55,3 +56,19 @@ def proc_status(pid: int, tid: int | None = None) -> dict[str, str]:
 
 def threads_of(pid: int) -> list[int]:
     return sorted(int(t) for t in os.listdir(f"/proc/{pid}/task"))
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """What the red team (test_redteam.py) tried, from inside which worker, and what came of it."""
+    module = sys.modules.get("tests.security.test_redteam")
+    results = getattr(module, "RESULTS", None)
+    if not results:
+        return
+    reached = sum(verdict != "blocked" for _, _, verdict, _ in results)
+    runs = sum(getattr(module, "EMBERVM_LAUNCHES", []))
+    blocked = len(results) - reached
+    terminalreporter.section(
+        f"red team: {len(results)} attacks in {runs} embervm runs, {blocked} blocked, {reached} REACHED"
+    )
+    for worker, what, verdict, outcome in results:
+        terminalreporter.write_line(f"{verdict:8} {worker:13} {what[:64]:64} {outcome}")
