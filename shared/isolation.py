@@ -32,6 +32,7 @@ operator asked for `--no-namespaces` (a loud warning, like `--no-seccomp`).
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import signal
 
@@ -49,6 +50,7 @@ MS_NOSUID = 0x2
 MS_NODEV = 0x4
 MS_NOEXEC = 0x8
 MS_REMOUNT = 0x20
+MS_MOVE = 0x2000
 MS_REC = 0x4000
 MS_PRIVATE = 0x40000
 MNT_DETACH = 0x2
@@ -58,9 +60,10 @@ SYS_PIVOT_ROOT = 155
 # Workers' uids and gids, when embervm runs as root: this base + the worker's pid in the
 # host's PID namespace, so no two live workers share one (pids are < 2**22 on Linux).
 WORKER_ID_BASE = 0x5E00_0000
-# A directory every Linux root has; the private tmpfs is mounted over it in the worker's
-# own mount namespace only, becomes the new root, and the old root is detached.
-MOUNT_POINT = "/tmp"
+# Directories a Linux root has, the first one found is used: the private tmpfs is mounted
+# over it in the worker's own mount namespace only, becomes the new root, and the old root
+# is detached.
+MOUNT_POINTS = ("/tmp", "/mnt", "/dev", "/proc")
 SETUP_CAPS = ("sys_admin", "setuid", "setgid")  # pivot_root/mount, setresuid, setresgid/setgroups
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -139,18 +142,27 @@ def _mount(source: str, target: str, fstype: str | None, flags: int, data: str |
     )  # fmt: skip
 
 
-def enter_empty_root(mount_point: str = MOUNT_POINT) -> None:
+def enter_empty_root(mount_point: str | None = None) -> None:
     """Make an empty, read-only tmpfs this process's root and detach the host's.
 
     Needs a mount namespace of its own (clone_isolated). The `pivot_root(".", ".")` idiom
     stacks the old root under the new one, and the lazy unmount then removes it, leaving
-    nothing of the host reachable by any path, "/" included.
+    nothing of the host reachable by any path, "/" included. The root of an initramfs
+    (rootfs) cannot be pivoted away (EINVAL): there the tmpfs is moved over "/" and the
+    process chroots into it, as switch_root does; what it covers has no path any more, and
+    leaving a chroot takes chroot(2) or CAP_SYS_CHROOT, neither of which a worker keeps.
     """
+    target = mount_point or next((d for d in MOUNT_POINTS if os.path.isdir(d)), "/")
     _mount("none", "/", None, MS_REC | MS_PRIVATE)  # nothing we do here propagates to the host
-    _mount("embervm-empty", mount_point, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,nr_inodes=1,mode=0111")
-    os.chdir(mount_point)
-    _check(_libc.syscall(SYS_PIVOT_ROOT, b".", b"."), "pivot_root")
-    _check(_libc.umount2(b".", MNT_DETACH), "detaching the host's root")
+    _mount("embervm-empty", target, "tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, "size=4k,nr_inodes=1,mode=0111")
+    os.chdir(target)
+    if _libc.syscall(SYS_PIVOT_ROOT, b".", b".") == 0:
+        _check(_libc.umount2(b".", MNT_DETACH), "detaching the host's root")
+    elif ctypes.get_errno() == errno.EINVAL:  # an initramfs root
+        _mount(".", "/", None, MS_MOVE)
+        os.chroot(".")
+    else:
+        _check(-1, "pivot_root")
     os.chdir("/")
     _mount("none", "/", None, MS_REMOUNT | MS_RDONLY | MS_NOSUID | MS_NODEV | MS_NOEXEC)
 

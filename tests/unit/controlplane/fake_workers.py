@@ -189,15 +189,24 @@ class FakeZygote:
         self.fail_next = False
         self.configure: Callable[[FakeWorker], None] | None = None  # before the worker starts
 
-    def spawn(self, kind: str, name: str, args: dict[str, Any], fds: list[int]) -> int:
+    def spawn(
+        self,
+        kind: str,
+        name: str,
+        args: dict[str, Any],
+        fds: list[int],
+        *,
+        namespaces: bool = True,
+        stderr_fd: int | None = None,
+    ) -> int:
         record = SpawnRecord(kind, name, args, list(fds), [fd_identity(fd) for fd in fds])
         self.spawns.append(record)
         if self.hold is not None:
             self.hold(record)
         record.at_exit = [fd_identity(fd) for fd in fds]
         channel = None
-        if kind != "vcpu":  # the fd channel: last, or before the state area
-            channel = os.dup(fds[-2] if args.get("state_fd") else fds[-1])
+        if kind != "vcpu":  # the fd channel: before the MMIO channel (and the state area)
+            channel = os.dup(fds[-3] if args.get("state_fd") else fds[-2])
         worker = FakeWorker(self.ctx, kind, name, args, channel)
         if kind == "vcpu":
             worker.console = socket.socket(fileno=os.dup(fds[2]))
