@@ -4,7 +4,8 @@ Counters are kept cumulative (ours, plus whatever `MicroVm.metrics()` reports fo
 workers); each flush writes what changed since the previous flush, as Firecracker's
 SharedIncMetric does, while "store" metrics (latencies, min/max, startup times) are written
 as they stand. A flush happens when the sink is configured, every 60 s, on FlushMetrics
-and at exit. `prometheus_text()` serves the same counters, cumulative, for scraping.
+and at exit. `controlplane.prometheus.render` serves the same counters, cumulative, for
+scraping (it reads this module; this module knows nothing of Prometheus).
 """
 
 from __future__ import annotations
@@ -159,12 +160,6 @@ class Metrics:
                 out[key] = value - previous if value >= previous else value
                 self._last[(*path, key)] = value
         return out
-
-    def prometheus_text(self) -> bytes:
-        # Imported on first scrape: prometheus_client costs start-up time nobody else needs.
-        from controlplane.prometheus import render
-
-        return render(self)
 
     def close(self) -> None:
         if self._sink is not None:

@@ -64,7 +64,7 @@ WORKER_ID_BASE = 0x5E00_0000
 # over it in the worker's own mount namespace only, becomes the new root, and the old root
 # is detached.
 MOUNT_POINTS = ("/tmp", "/mnt", "/dev", "/proc")
-SETUP_CAPS = ("sys_admin", "setuid", "setgid")  # pivot_root/mount, setresuid, setresgid/setgroups
+SETUP_CAPS = ("sys_admin", "sys_chroot", "setuid", "setgid")  # mount/pivot_root, chroot (initramfs), setres[ug]id
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _pylibc = ctypes.PyDLL(None, use_errno=True)  # holds the GIL across clone(), as os.fork does

@@ -7,6 +7,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from controlplane.api.common import counted, no_content, parse, raw_body, vmm
 from controlplane.models import MetricsConfig
+from controlplane.prometheus import render
 
 router = APIRouter()
 
@@ -21,4 +22,4 @@ def put_metrics(request: Request, body: bytes = Depends(raw_body)) -> Response:
 @router.get("/metrics/prometheus")
 def get_prometheus(request: Request) -> Response:
     """The same counters as the metrics file, cumulative, in Prometheus' text format."""
-    return Response(vmm(request).metrics.prometheus_text(), media_type=CONTENT_TYPE_LATEST)
+    return Response(render(vmm(request).metrics), media_type=CONTENT_TYPE_LATEST)
