@@ -9,7 +9,7 @@ same run (so the ratio shows what the worker costs over the syscall itself):
 * random 4 KiB reads (IOPS),
 * the notify -> interrupt round trip: a no-op FLUSH kicked on the queue's ioeventfd,
   the worker wakes, completes it and writes the irqfd (median, p99), next to a plain
-  eventfd ping-pong between two processes and a ZeroMQ MMIO register read.
+  eventfd ping-pong between two processes and an MMIO register read over the device's MMIO channel (a socketpair).
 
 `depth` requests are kept in flight: the chains are built once in guest memory and
 re-published each round (only the header's sector changes), so the host-side mock
@@ -196,7 +196,7 @@ def main() -> None:
         for name, samples in (
             ("ioeventfd -> worker -> irqfd (FLUSH)", notify),
             ("plain eventfd ping-pong, 2 processes", ping_pong),
-            ("MMIO register read over ZeroMQ", mmio),
+            ("MMIO register read (socketpair)", mmio),
         ):
             med, p99 = statistics.median(samples) * 1e6, percentile(samples, 0.99) * 1e6
             print(f"{name:40} {med:8.0f} {p99:8.0f}")
