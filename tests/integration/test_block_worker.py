@@ -232,7 +232,11 @@ def test_garbage_on_every_channel_leaves_the_worker_serving(worker: BlockWorkerH
     socket.send_fds(worker.fd_channel, [p.encode(p.ReplaceBackingFile(9))], [os.open("/dev/null", os.O_RDONLY)])
 
     assert select.select([raw], [], [], 5.0)[0] and p.decode(raw.recv(256)) == p.MmioDone(1, 0xFFFFFFFF)
-    assert not worker.expect(p.UpdateResult).ok  # /dev/null is no disk
+    try:
+        result = worker.expect(p.UpdateResult, timeout=20.0)  # generous: CI runs this on a loaded 2-core host
+    except TimeoutError as e:
+        raise AssertionError(f"{e}; worker alive: {worker.alive()}; its logs: {worker.logs[-10:]}") from None
+    assert not result.ok  # /dev/null is no disk
     assert _alive_and_serving(worker)
     assert worker.metrics()["bad_messages"] == 3
 
