@@ -270,7 +270,11 @@ def _spawn(
             os.dup2(stderr_fd, 2)
             close_fds_except([0, 1, 2, *fds])
             args = dict(request.get("args", {}))
-            args["isolation"] = {"namespaces": namespaces, "host_pid": isolation.host_pid() if namespaces else 0}
+            args["isolation"] = {
+                "namespaces": namespaces,
+                "host_pid": isolation.host_pid() if namespaces else 0,
+                "base_vm_size": isolation.address_space(),  # what the memory ceiling adds to
+            }
             if namespaces:
                 isolation.keep_only_setup_caps()
             code = _resolve(str(kind))(args, fds)

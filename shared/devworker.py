@@ -546,7 +546,8 @@ def run_device(
             worker.test_hooks = seccomp.test_hooks
             if not namespaced:
                 wait_for_zmq_threads(ctx)  # libzmq's threads start with sched_getparam: not under the filter
-            limit_memory(transport.mem.size)  # the ceiling: a runaway worker dies, the host lives
+            base = int(channels.isolation.get("base_vm_size", 0))
+            limit_memory(transport.mem.size, base=base)  # the ceiling: a runaway worker dies, the host lives
             install_filter(seccomp, policy)  # set-up is over: from here on, only the policy's syscalls
         except Exception as e:
             _report_start_failure(control, channels, e)

@@ -109,14 +109,25 @@ def clone_isolated(flags: int) -> int:
     return int(pid)
 
 
+def _status_field(name: str) -> str | None:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(f"{name}:"):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
 def host_pid() -> int:
     """This process's pid in the host's PID namespace (NSpid's first field); needs /proc,
     so call it before `enter_empty_root`."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("NSpid:"):
-                return int(line.split()[1])
-    return os.getpid()
+    nspid = _status_field("NSpid")
+    return int(nspid.split()[0]) if nspid else os.getpid()
+
+
+def address_space() -> int:
+    """This process's address space in bytes now (VmSize); needs /proc, as host_pid does."""
+    size = _status_field("VmSize")
+    return int(size.split()[0]) * 1024 if size else 0
 
 
 def keep_only_setup_caps() -> None:

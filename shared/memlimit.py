@@ -35,11 +35,14 @@ class MemoryLimitError(Exception):
     """The ceiling could not be set; the worker must not run without one."""
 
 
-def limit_memory(mem_size: int, headroom: int = DEVICE_HEADROOM) -> int:
-    """Cap this process's address space at `mem_size + headroom` bytes; returns the limit.
+def limit_memory(mem_size: int, headroom: int = DEVICE_HEADROOM, base: int = 0) -> int:
+    """Cap this process's address space at `base + mem_size + headroom` bytes; returns the
+    limit. `base` is the address space the worker had when it was forked (the zygote's,
+    inherited: it is larger when the zygote was forked from a larger process, a test run's
+    say), so that the headroom is the worker's own whatever it inherited.
 
     A lower hard limit already in place (the jailer's, a container's) is kept."""
-    limit = mem_size + headroom
+    limit = base + mem_size + headroom
     _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     if hard != resource.RLIM_INFINITY:
         limit = min(limit, hard)

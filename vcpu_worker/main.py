@@ -269,7 +269,8 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
             worker.seccomp = seccomp
             if not isolation_args.get("namespaces"):
                 wait_for_zmq_threads(ctx)  # libzmq's threads start with sched_getparam: not under the filter
-            limit_memory(machine.mem.size, vcpu_headroom(len(machine.vcpus)))  # a runaway worker dies, not the host
+            base = int(isolation_args.get("base_vm_size", 0))  # a runaway worker dies, not the host:
+            limit_memory(machine.mem.size, vcpu_headroom(len(machine.vcpus)), base=base)
             install_filter(seccomp, POLICY)  # set-up is over: from here on, only the policy's syscalls
         except Exception as e:
             ctl.send(

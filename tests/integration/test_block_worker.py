@@ -351,11 +351,20 @@ def test_bad_fd_channel_message_closes_the_fds_it_carried(worker: BlockWorkerHar
     assert str(marker) not in targets
 
 
+def vm_size(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
+
+
 def test_the_worker_runs_under_its_memory_ceiling(worker: BlockWorkerHarness) -> None:
-    """RLIMIT_AS = guest memory + headroom (shared.memlimit), set by the worker itself."""
+    """RLIMIT_AS = the address space it was forked with + guest memory + headroom
+    (shared.memlimit), set by the worker itself."""
     with open(f"/proc/{worker.pid}/limits") as f:
         line = next(line for line in f if line.startswith("Max address space"))
     soft, hard = line.split()[3:5]
-    assert int(soft) == int(hard) == worker.mem.size + DEVICE_HEADROOM
+    inherited = int(hard) - worker.mem.size - DEVICE_HEADROOM
+    zygote_size = vm_size(worker.zygote.pid)  # type: ignore[attr-defined]
+    assert int(soft) == int(hard) and 0 < inherited <= zygote_size + (64 << 20)
+    assert vm_size(worker.pid) < int(hard)
     head = worker.add_read(1, SECTOR)
     assert worker.submit(head) == [(head, SECTOR + 1)]  # and serves within it
