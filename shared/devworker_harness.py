@@ -29,7 +29,9 @@ from shared.memory import GuestMemory, create_guest_memfd
 class Spawner(Protocol):
     """The zygote's interface, as far as a harness needs it."""
 
-    def spawn(self, kind: str, name: str, args: dict[str, Any], fds: list[int]) -> int: ...
+    def spawn(
+        self, kind: str, name: str, args: dict[str, Any], fds: list[int], *, stderr_fd: int | None = None
+    ) -> int: ...
     def wait_exit(self, pid: int, timeout: float) -> int | None: ...
 
 
@@ -78,14 +80,16 @@ class WorkerHarness:
         }
         mmio_mine, mmio_theirs = mmio_channel_pair()
         self.mmio = MmioClient(mmio_mine, timeout_s=5.0, name=name)
+        self._stderr, stderr_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # what the worker writes to fd 2
         try:
             fds = [self.memfd, self.irqfd, *self.queue_fds, *backend_fds, theirs.fileno(), mmio_theirs.fileno()]
-            self.pid = zygote.spawn(kind, name, full_args, fds)
+            self.pid = zygote.spawn(kind, name, full_args, fds, stderr_fd=stderr_w)
         finally:
             for fd in backend_fds:
                 os.close(fd)
             theirs.close()
             mmio_theirs.close()
+            os.close(stderr_w)
         self.ready = self.expect(p.Ready)
 
     # --- the guest's side: notifications ---------------------------------------------------
@@ -125,6 +129,14 @@ class WorkerHarness:
             if isinstance(msg, p.Exited) and kind is not p.Exited:
                 raise RuntimeError(f"the {self.kind} worker exited: {msg.reason}\n{msg.detail}")
         raise TimeoutError(f"no {kind.__name__} from the {self.kind} worker within {timeout} s")
+
+    def stderr(self) -> str:
+        """What the worker wrote to its stderr so far (its own log records, tracebacks)."""
+        chunks = []
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self._stderr, 65536):
+                chunks.append(chunk)
+        return b"".join(chunks).decode(errors="replace")
 
     def answer(self, msg: p.Message) -> bool:
         """A request the supervisor answers by itself (a device kind's harness overrides
@@ -175,6 +187,7 @@ class WorkerHarness:
         self.control.close(linger=0)
         self.ctx.term()
         self.fd_channel.close()
+        os.close(self._stderr)
         self.mem.close()
         for fd in (self.memfd, self.irqfd, *self.queue_fds):
             os.close(fd)

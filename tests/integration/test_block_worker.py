@@ -235,7 +235,7 @@ def test_garbage_on_every_channel_leaves_the_worker_serving(worker: BlockWorkerH
     try:
         result = worker.expect(p.UpdateResult, timeout=20.0)  # generous: CI runs this on a loaded 2-core host
     except TimeoutError as e:
-        raise AssertionError(f"{e}; worker alive: {worker.alive()}; its logs: {worker.logs[-10:]}") from None
+        raise AssertionError(f"{e}; worker alive: {worker.alive()}; its stderr: {worker.stderr()[-3000:]}") from None
     assert not result.ok  # /dev/null is no disk
     assert _alive_and_serving(worker)
     assert worker.metrics()["bad_messages"] == 3
