@@ -133,7 +133,6 @@ def test_each_worker_holds_only_its_own_files(launcher, guest_images: GuestImage
         vm.stop()
 
 
-@pytest.mark.parametrize(("what", "number", "name"), FORBIDDEN)
 @pytest.fixture(scope="module", autouse=True)
 def _quiet_kernel_log() -> None:
     """The kernel writes at most 10 audit records per 5 s (printk_ratelimit), for the whole
@@ -142,6 +141,7 @@ def _quiet_kernel_log() -> None:
     time.sleep(5.5)
 
 
+@pytest.mark.parametrize(("what", "number", "name"), FORBIDDEN)
 def test_forbidden_syscall_in_the_vcpu_worker_ends_the_vm_with_the_syscall_reported(
     launcher, guest_images: GuestImages, kill_log, what: str, number: int, name: str
 ):
