@@ -54,7 +54,6 @@ class BlockWorkerHarness(WorkerHarness):
             "block",
             name,
             f"ipc://{run_dir}/{name}",
-            num_queues=1,
             mem_size=mem_size,
             args=args,
             backend_fds=[backing],

@@ -163,7 +163,6 @@ class NetWorkerHarness(WorkerHarness):
             "net",
             name,
             f"ipc://{run_dir}/{name}",
-            num_queues=2,
             mem_size=mem_size,
             args=args,
             backend_fds=[tap_fd],
