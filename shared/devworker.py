@@ -1,6 +1,6 @@
 """The generic half of a device worker process: one epoll loop around one virtio device.
 
-Every device worker (block now, net and vsock later) is the same loop; only its hooks
+Every device worker (block, net, vsock) is the same loop; only its hooks
 differ. Inputs, each an fd in the loop, dispatched by token:
 
     token        fd                                 what arrives
