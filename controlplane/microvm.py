@@ -574,15 +574,6 @@ class MicroVm:
     # API threads never touch a device's slot or its worker's channels: they post the update to
     # the monitor thread (`_update`), which sends it, and on the worker's answer changes the slot
     # (what a replacement worker starts with) before the API thread is told.
-    def update_device(self, kind: str, device_id: str, changes: dict[str, Any]) -> None:
-        """The API's hook (`controlplane.state`): forward a validated post-boot change."""
-        if kind == "drive":
-            self.update_drive(device_id, changes.get("path_on_host"), changes.get("rate_limiter"))
-        elif kind == "network-interface":
-            self.update_net(device_id, changes.get("rx_rate_limiter"), changes.get("tx_rate_limiter"))
-        else:
-            raise DeviceUpdateError(f"{kind} devices take no run-time updates yet")
-
     def update_net(self, iface_id: str, rx_rate_limiter: Limits = None, tx_rate_limiter: Limits = None) -> None:
         """Give interface `iface_id`'s worker new rx/tx rate limiters (buckets not given are kept)."""
         name = NET.worker_name(iface_id)
