@@ -265,7 +265,7 @@ class MicroVm:
         self._seccomp_filters: dict[str, Filter] | None = None  # --seccomp-filter, by worker kind
         self._seccomp_faults = 0
         self._mmds_workers: list[str] = []  # net workers serving MMDS (update_mmds)
-        self.policy = RestartPolicy.from_dict(getattr(spec, "restart_policy", None))
+        self.policy = RestartPolicy.from_dict(spec.restart_policy)
         self.failed = False  # the vCPU worker died (not a guest exit)
         self._memfd = -1  # the supervisor's copy of guest memory's fd, for replacement workers
         self._slots: dict[str, DeviceSlot] = {}
@@ -303,7 +303,7 @@ class MicroVm:
             irqfd=os.dup(device.irqfd),
         )
         state_fd = create_state_memfd(device.name) if device.device_kind.restartable else -1
-        policy = RestartPolicy.from_dict(getattr(self.spec, "restart_policy", None), device.device_id)
+        policy = RestartPolicy.from_dict(self.spec.restart_policy, device.device_id)
         self._slots[device.name] = DeviceSlot(kept, state_fd, RestartTracker(policy))
 
     def _spawn(self, kind: str, name: str, args: dict[str, Any], fds: list[int], what: str) -> WorkerHandle:
@@ -536,7 +536,7 @@ class MicroVm:
     def inject_fault(self, device_id: str, spec: FaultSpec) -> None:
         """Arm `spec` on the device's worker (it replaces the device's previous fault); the
         supervisor re-arms what remains of it on every replacement worker."""
-        if not getattr(self.spec, "enable_fault_injection", False):
+        if not self.spec.enable_fault_injection:
             raise FaultError(NOT_ENABLED)
         slot = self._slot_for(device_id)
         kinds = slot.plan.device_kind.fault_kinds

@@ -21,7 +21,8 @@ import select
 from collections.abc import Callable
 from typing import Any
 
-from devices.net.device import NetDevice, TapBackend, parse_mac
+from devices.net.backend import TapBackend
+from devices.net.device import NetDevice, parse_mac
 from devices.net.mmds import MmdsService
 from devices.net.policy import POLICY
 from devices.net.stack import DEFAULT_IPV4, MmdsStack

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -121,3 +122,10 @@ def test_the_supervisor_side_refuses_a_plan_with_the_wrong_queue_count():
     spawn.queue_fds = spawn.queue_fds[:1]
     with pytest.raises(ValueError, match="3 queue"):
         spawn.to_zygote()
+
+
+@pytest.mark.parametrize("kind", DEVICE_KINDS.values(), ids=lambda k: k.name)
+def test_each_device_folder_has_the_same_shape(kind):
+    folder = Path(__file__).resolve().parents[2] / "devices" / kind.name
+    assert {"device.py", "backend.py", "worker.py", "policy.py", "testing.py"} <= {f.name for f in folder.iterdir()}
+    assert kind.entry == f"devices.{kind.name}.worker:run"
