@@ -83,7 +83,7 @@ from shared.devworker_client import channel_pair as mmio_channel_pair
 from shared.kvm import Kvm, KvmError, open_kvm
 from shared.ratelimit import TokenBucket
 from shared.seccomp import Filter, PolicyError, SeccompKillLog, load_filter_file
-from shared.spawn import DeviceSpawn
+from shared.spawn import DeviceSpawn, VcpuDevice, VcpuSpawn
 
 log = logging.getLogger("embervm.microvm")
 
@@ -409,18 +409,15 @@ class MicroVm:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._console = mine
         channel_mine, channel_theirs = fdpass.channel_pair()
-        fds = [kvm_fd, memfd, theirs.fileno(), channel_theirs.fileno()]
-        virtio = []
-        for device in devices:
-            entry = {"name": device.name, "base": device.base, "gsi": device.gsi}
-            entry["mmio_fd"] = len(fds)
-            fds.append(mmio[device.name].fileno())
-            entry["queue_fds"] = list(range(len(fds), len(fds) + len(device.queue_fds)))
-            fds += device.queue_fds
-            entry["irqfd"] = len(fds)
-            fds.append(device.irqfd)
-            virtio.append(entry)
-        args = {**vcpu_args, "control_endpoint": self._endpoint, "virtio_devices": virtio}
+        spawn = VcpuSpawn(
+            kvm_fd,
+            memfd,
+            theirs.fileno(),
+            channel_theirs.fileno(),
+            [VcpuDevice(d.name, d.base, d.gsi, mmio[d.name].fileno(), d.queue_fds, d.irqfd) for d in devices],
+            {**vcpu_args, "control_endpoint": self._endpoint},
+        )
+        args, fds = spawn.to_zygote()
         try:
             handle = self._spawn("vcpu", VCPU, args, fds, "vCPU worker")
         except VmStartError:

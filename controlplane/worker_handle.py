@@ -191,14 +191,14 @@ def merge_metrics(workers: list[WorkerHandle]) -> Groups:
     for kind in (k for k in DEVICE_KINDS.values() if k.per_device_metrics):
         devices = [w for w in workers if w.kind == kind.name]
         for worker in devices:
-            group = merged.setdefault(kind.worker_name(str(worker.device_id or worker.drive_id)), {})
+            group = merged.setdefault(kind.metric_group(str(worker.device_id or worker.drive_id)), {})
             group["worker_alive"] = int(worker.alive)
             group["worker_restarts"] = worker.restarts
             group["worker_broken"] = int(worker.broken)
         if devices:
             total: dict[str, int] = {}
             for worker in devices:
-                for key, value in merged[kind.worker_name(str(worker.device_id or worker.drive_id))].items():
+                for key, value in merged[kind.metric_group(str(worker.device_id or worker.drive_id))].items():
                     if key not in ("worker_alive", "worker_broken") and isinstance(value, int):
                         total[key] = total.get(key, 0) + value
             merged[kind.name] = total

@@ -48,9 +48,13 @@ class DeviceKind:
         """How error messages name the worker, e.g. "block worker for drive rootfs"."""
         return f"{self.name} worker for {self.noun} {device_id}"
 
+    def metric_group(self, device_id: str) -> str:
+        """The group a device's counters go in: `block_<drive_id>`, `net_<iface_id>`, `vsock`."""
+        return f"{self.name}_{device_id}" if self.per_device_metrics else self.name
+
     def metric_groups(self, device_id: str, args: dict[str, Any] | None = None) -> frozenset[str]:
         """The only metric groups one of its workers may report (`controlplane.worker_trust`)."""
-        own = self.worker_name(device_id) if self.per_device_metrics else self.name
+        own = self.metric_group(device_id)
         extra = {group for key, group in self.optional_groups if (args or {}).get(key)}
         return frozenset({own, *extra})
 

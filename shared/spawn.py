@@ -1,4 +1,6 @@
-"""The spawn contract of a device worker: which fds it gets, in which order, and its args.
+"""The spawn contracts: which fds a worker gets, in which order, and its args.
+
+`VcpuSpawn` (at the end) is the vCPU worker's; `DeviceSpawn` a device worker's.
 
 The supervisor (`controlplane.microvm`), the test harness (`shared.devworker_harness`) and
 the fake zygote in tests build a `DeviceSpawn` and send `to_zygote()`'s args and fds; the
@@ -103,3 +105,67 @@ class DeviceSpawn:
     def isolation(self) -> dict[str, Any]:
         """What the zygote's child added: {"namespaces": bool, "host_pid": int}."""
         return dict(self.args.get("isolation") or {})
+
+
+@dataclass
+class VcpuDevice:
+    """One virtio device as the vCPU worker sees it: its MMIO window and its fds."""
+
+    name: str
+    base: int
+    gsi: int
+    mmio_channel: int  # the vCPU worker's end of the device's MMIO channel
+    queue_fds: list[int]  # registered as ioeventfds on the window's QueueNotify
+    irqfd: int  # registered as the irqfd of `gsi`
+
+
+@dataclass
+class VcpuSpawn:
+    """The vCPU worker's spawn: fds [kvm, memfd, console socket, fd_channel, then per device
+    its MMIO channel end, queue eventfds and irqfd]; args["virtio_devices"] lists each device
+    with its fds as indices into that list."""
+
+    kvm: int
+    memfd: int
+    console: int
+    fd_channel: int
+    devices: list[VcpuDevice] = field(default_factory=list)
+    args: dict[str, Any] = field(default_factory=dict)
+
+    def to_zygote(self) -> tuple[dict[str, Any], list[int]]:
+        fds = [self.kvm, self.memfd, self.console, self.fd_channel]
+        entries = []
+        for device in self.devices:
+            entry: dict[str, Any] = {"name": device.name, "base": device.base, "gsi": device.gsi}
+            entry["mmio_fd"] = len(fds)
+            fds.append(device.mmio_channel)
+            entry["queue_fds"] = list(range(len(fds), len(fds) + len(device.queue_fds)))
+            fds += device.queue_fds
+            entry["irqfd"] = len(fds)
+            fds.append(device.irqfd)
+            entries.append(entry)
+        return {**self.args, "virtio_devices": entries}, fds
+
+    @classmethod
+    def from_zygote(cls, args: dict[str, Any], fds: list[int]) -> VcpuSpawn:
+        """What `to_zygote` built, back in the worker; ValueError when an index is off."""
+        if len(fds) < 4:
+            raise ValueError(f"the vCPU worker takes at least 4 fds (kvm, memfd, console, fd_channel), got {len(fds)}")
+
+        def fd(index: Any) -> int:
+            if not isinstance(index, int) or not 4 <= index < len(fds):
+                raise ValueError(f"virtio_devices names fd index {index!r}, not one of the {len(fds)} fds passed")
+            return fds[index]
+
+        devices = [
+            VcpuDevice(
+                str(raw["name"]),
+                int(raw["base"]),
+                int(raw["gsi"]),
+                fd(raw["mmio_fd"]),
+                [fd(i) for i in raw["queue_fds"]],
+                fd(raw["irqfd"]),
+            )
+            for raw in args.get("virtio_devices") or []
+        ]
+        return cls(fds[0], fds[1], fds[2], fds[3], devices, args)

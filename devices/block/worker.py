@@ -54,7 +54,7 @@ class BlockHooks:
         loop.add_timer(self.device.throttle_delay, self.on_rate_limiter_timer)
 
     def metrics(self) -> dict[str, dict[str, int]]:
-        return {f"block_{self.device.drive_id}": firecracker_metrics(self.device.metrics, self.counters)}
+        return {BLOCK.metric_group(self.device.drive_id): firecracker_metrics(self.device.metrics, self.counters)}
 
     def on_rate_limiter_timer(self) -> None:
         """The limiter has room again for the request it refused."""

@@ -83,7 +83,7 @@ class NetHooks:
             _glog.exception("net worker error on the TAP")
 
     def metrics(self) -> dict[str, dict[str, int]]:
-        groups = {f"net_{self.device.iface_id}": {**self.device.metrics, **self.counters}}
+        groups = {NET.metric_group(self.device.iface_id): {**self.device.metrics, **self.counters}}
         if self.device.mmds is not None:
             groups["mmds"] = {**self.device.mmds.metrics, **self.device.mmds.service.metrics}
         return groups

@@ -16,7 +16,7 @@ from controlplane.zygote import WORKER_ENTRIES
 from devices.vsock.messages import VsockConnect, VsockConnected
 from shared import protocol as p
 from shared.device_kinds import BLOCK, DEVICE_KINDS, NET, VSOCK, device_kind
-from shared.spawn import DeviceSpawn
+from shared.spawn import DeviceSpawn, VcpuDevice, VcpuSpawn
 
 
 def test_kinds_are_in_firecrackers_device_order():
@@ -129,3 +129,37 @@ def test_each_device_folder_has_the_same_shape(kind):
     folder = Path(__file__).resolve().parents[2] / "devices" / kind.name
     assert {"device.py", "backend.py", "worker.py", "policy.py", "testing.py"} <= {f.name for f in folder.iterdir()}
     assert kind.entry == f"devices.{kind.name}.worker:run"
+
+
+def test_metric_group_names():
+    assert BLOCK.metric_group("rootfs") == "block_rootfs"
+    assert NET.metric_group("eth0") == "net_eth0"
+    assert VSOCK.metric_group("vsock") == "vsock"
+
+
+def test_vcpu_spawn_contract_indexes_each_devices_fds_and_parses_them_back():
+    devices = [
+        VcpuDevice("block_rootfs", 0xD000_0000, 5, 10, [11], 12),
+        VcpuDevice("vsock", 0xD000_1000, 6, 20, [21, 22, 23], 24),
+    ]
+    spawn = VcpuSpawn(3, 4, 5, 6, devices, {"mem_size": 1})
+    args, fds = spawn.to_zygote()
+    assert fds == [3, 4, 5, 6, 10, 11, 12, 20, 21, 22, 23, 24]
+    assert args["virtio_devices"][1] == {
+        "name": "vsock",
+        "base": 0xD000_1000,
+        "gsi": 6,
+        "mmio_fd": 7,
+        "queue_fds": [8, 9, 10],
+        "irqfd": 11,
+    }
+    assert VcpuSpawn.from_zygote(args, fds) == VcpuSpawn(3, 4, 5, 6, devices, args)
+
+
+def test_vcpu_spawn_refuses_an_index_outside_its_device_fds():
+    args, fds = VcpuSpawn(3, 4, 5, 6, [VcpuDevice("vsock", 0, 5, 10, [11], 12)]).to_zygote()
+    args["virtio_devices"][0]["irqfd"] = 0  # /dev/kvm is no irqfd
+    with pytest.raises(ValueError, match="fd index 0"):
+        VcpuSpawn.from_zygote(args, fds)
+    with pytest.raises(ValueError, match="at least 4 fds"):
+        VcpuSpawn.from_zygote({}, fds[:3])

@@ -36,7 +36,7 @@ from devices.vsock.messages import VsockTransportReset
 from shared import fdpass
 from shared import protocol as p
 from shared.device_kinds import DEVICE_KINDS
-from shared.spawn import DeviceSpawn
+from shared.spawn import DeviceSpawn, VcpuSpawn
 
 HEARTBEAT_S = 0.05
 UPDATES = (p.UpdateRateLimiter, p.UpdateNetRateLimiters, VsockTransportReset)
@@ -211,7 +211,7 @@ class FakeZygote:
             channel = os.dup(DeviceSpawn.from_zygote(DEVICE_KINDS[kind], args, fds).fd_channel)
         worker = FakeWorker(self.ctx, kind, name, args, channel)
         if kind == "vcpu":
-            worker.console = socket.socket(fileno=os.dup(fds[2]))
+            worker.console = socket.socket(fileno=os.dup(VcpuSpawn.from_zygote(args, fds).console))
         if self.configure is not None:
             self.configure(worker)
         self.workers.append(worker)
