@@ -33,11 +33,9 @@ from shared.boot.cpu_state import boot_msrs
 from shared.boot.errors import BootError
 from shared.boot.loader import load_boot
 from shared.boot.mptable import write_mptable
+from shared.device_kinds import DEVICE_KINDS, DeviceKind
 from shared.memory import GuestMemory, create_guest_memfd
 
-BLOCK_QUEUES = 1
-NET_QUEUES = 2  # rx, tx
-VSOCK_QUEUES = 3  # rx, tx, event
 VSOCK_MAX_UDS_PATH = 107  # sun_path is 108 bytes with its NUL
 
 
@@ -46,13 +44,12 @@ class DevicePlan:
     """One virtio device: its window, the fds its worker and the vCPU worker share, and the
     worker's kind-specific arguments. `close()` frees the fds.
 
-    Every device worker gets its fds in one order: memfd, irqfd, the queue eventfds, the
-    `backend_fds` (a disk, a TAP, ...), then its fd-channel end (see `worker_fds`).
+    What its kind has (queues, worker name) comes from `shared.device_kinds`; the order its
+    worker gets its fds in is `shared.spawn.DeviceSpawn`'s.
     """
 
-    kind: str  # the zygote worker kind: "block", "net", "vsock"
+    kind: str  # a device kind of shared.device_kinds: "block", "net", "vsock"
     device_id: str  # drive_id, iface_id, ...
-    num_queues: int
     args: dict[str, Any] = field(default_factory=dict)  # kind-specific worker arguments
     backend_fds: list[int] = field(default_factory=list)
     spec: Any = None  # the DriveSpec / NetSpec / ... it was planned from
@@ -60,19 +57,23 @@ class DevicePlan:
     gsi: int = 0
     queue_fds: list[int] = field(default_factory=list)
     irqfd: int = -1
-    name: str = ""  # worker name and ZeroMQ identity; default "<kind>_<device_id>"
+    name: str = ""  # worker name and ZeroMQ identity (`DeviceKind.worker_name`)
 
     def __post_init__(self) -> None:
-        self.name = self.name or f"{self.kind}_{self.device_id}"
+        self.name = self.name or self.device_kind.worker_name(self.device_id)
+
+    @property
+    def device_kind(self) -> DeviceKind:
+        return DEVICE_KINDS[self.kind]
+
+    @property
+    def num_queues(self) -> int:
+        return self.device_kind.num_queues
 
     @property
     def what(self) -> str:
         """How error messages name the device, e.g. "block worker for drive rootfs"."""
-        noun = {"block": "drive", "net": "network interface"}.get(self.kind, "device")
-        return f"{self.kind} worker for {noun} {self.device_id}"
-
-    def worker_fds(self, memfd: int, fd_channel: int) -> list[int]:
-        return [memfd, self.irqfd, *self.queue_fds, *self.backend_fds, fd_channel]
+        return self.device_kind.describe(self.device_id)
 
     def close(self) -> None:
         for fd in (*self.backend_fds, *self.queue_fds, self.irqfd):
@@ -83,15 +84,18 @@ class DevicePlan:
 
 
 # A planner turns one kind of a spec's devices into plans with their backends opened (no
-# window or eventfds yet); `plan_devices` runs them in this order (Firecracker's: block,
-# net, vsock) and gives each device the next window. A planner that fails closes what it
+# window or eventfds yet); `plan_devices` runs them in the order of `DEVICE_KINDS`
+# (Firecracker's: block, net, vsock) and gives each device the next window. A planner that fails closes what it
 # opened and raises BootError (or ValueError) with a message fit for an API client.
 Planner = Callable[[VmSpec], list[DevicePlan]]
 PLANNERS: dict[str, Planner] = {}
 
 
 def planner(kind: str) -> Callable[[Planner], Planner]:
-    """Register a device kind's planner (kinds plan in registration order)."""
+    """Register a device kind's planner (one per kind of `shared.device_kinds`)."""
+
+    if kind not in DEVICE_KINDS:
+        raise ValueError(f"{kind!r} is not a device kind of shared.device_kinds")
 
     def register(func: Planner) -> Planner:
         PLANNERS[kind] = func
@@ -132,7 +136,7 @@ def plan_block_backends(spec: VmSpec) -> list[DevicePlan]:
                 "cache_type": drive.cache_type,
                 "rate_limiter": drive.rate_limiter,
             }
-            plans.append(DevicePlan("block", drive.drive_id, BLOCK_QUEUES, args, [open_backing_file(drive)], drive))
+            plans.append(DevicePlan("block", drive.drive_id, args, [open_backing_file(drive)], drive))
     except BaseException:
         close_plans(plans)
         raise
@@ -167,7 +171,7 @@ def plan_net_backends(spec: VmSpec) -> list[DevicePlan]:
                     "imds_compat": bool(mmds.get("imds_compat")),
                     "document": document,
                 }
-            plans.append(DevicePlan("net", iface_id, NET_QUEUES, args, [tap_fd], iface))
+            plans.append(DevicePlan("net", iface_id, args, [tap_fd], iface))
     except BaseException:
         close_plans(plans)
         raise
@@ -193,7 +197,7 @@ def plan_vsock_backend(spec: VmSpec) -> list[DevicePlan]:
         sock.close()
         raise BootError(f"vsock: cannot listen on {uds_path}: {e.strerror}") from None
     args = {"guest_cid": guest_cid, "uds_path": uds_path}
-    return [DevicePlan("vsock", "vsock", VSOCK_QUEUES, args, [sock.detach()], spec.vsock, name="vsock")]
+    return [DevicePlan("vsock", "vsock", args, [sock.detach()], spec.vsock)]
 
 
 def remove_vsock_socket(spec: VmSpec) -> None:
@@ -208,9 +212,9 @@ def plan_devices(spec: VmSpec, kinds: tuple[str, ...] | None = None) -> list[Dev
     the caller closes them."""
     plans: list[DevicePlan] = []
     try:
-        for kind, plan_kind in PLANNERS.items():
+        for kind in DEVICE_KINDS:  # the table's order, Firecracker's
             if kinds is None or kind in kinds:
-                plans += plan_kind(spec)
+                plans += PLANNERS[kind](spec)
         for index, plan in enumerate(plans):
             plan.base, plan.gsi = layout.virtio_mmio_window(index)
             plan.queue_fds = [_new_eventfd() for _ in range(plan.num_queues)]

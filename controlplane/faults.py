@@ -14,7 +14,6 @@ device is reported broken.
 from __future__ import annotations
 
 import collections
-import importlib
 import time
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -22,7 +21,8 @@ from typing import Any, Literal
 from pydantic import Field
 
 from controlplane.models._base import FcModel
-from shared.faultinject import GENERIC_KINDS, KINDS
+from shared.device_kinds import device_kind
+from shared.faultinject import GENERIC_KINDS
 
 NOT_ENABLED = "Fault injection is not enabled: start embervm with --enable-fault-injection to use /faults."
 
@@ -115,26 +115,13 @@ class FaultEntry:
         }
 
 
-def worker_module_attr(kind: str, name: str, default: Any) -> Any:
-    """An attribute of a device kind's worker module (RESTARTABLE, FAULT_KINDS)."""
-    from controlplane.zygote import WORKER_ENTRIES
-
-    entry = WORKER_ENTRIES.get(kind)
-    if entry is None:
-        return default
-    try:
-        module = importlib.import_module(entry.partition(":")[0])
-    except ImportError:
-        return default
-    return getattr(module, name, default)
-
-
 def restartable(kind: str) -> bool:
-    """Whether `kind`'s worker takes a state area and restores from it (shared.devworker.split_recovery)."""
-    return bool(worker_module_attr(kind, "RESTARTABLE", False))
+    """Whether `kind`'s worker takes a state area and restores from it (shared.device_kinds)."""
+    found = device_kind(kind)
+    return found is not None and found.restartable
 
 
 def fault_kinds(kind: str) -> tuple[str, ...]:
-    """The fault kinds a device kind implements: the generic ones unless it says more."""
-    kinds = tuple(worker_module_attr(kind, "FAULT_KINDS", GENERIC_KINDS))
-    return tuple(k for k in kinds if k in KINDS)
+    """The fault kinds a device kind implements (shared.device_kinds)."""
+    found = device_kind(kind)
+    return found.fault_kinds if found is not None else GENERIC_KINDS

@@ -59,8 +59,6 @@ from controlplane.faults import (
     FaultSpec,
     RestartPolicy,
     RestartTracker,
-    fault_kinds,
-    restartable,
 )
 from controlplane.vm_spec import VmSpec
 from controlplane.worker_handle import (
@@ -70,7 +68,6 @@ from controlplane.worker_handle import (
     WorkerHandle,
     WorkerStderr,
     merge_metrics,
-    own_metric_groups,
 )
 from controlplane.worker_log import WorkerLogRelay, escape
 from controlplane.worker_trust import MAX_FRAMES, TrustCounters, admit_metrics, forbidden
@@ -80,11 +77,13 @@ from shared import exitcodes, fdpass
 from shared import protocol as p
 from shared.boot.errors import BootError
 from shared.confine import settings_for
+from shared.device_kinds import BLOCK, NET, VSOCK
 from shared.devstate import FATAL_CRASH, FATAL_HANG, create_state_memfd, read_area, read_state, take_fatal
 from shared.devworker_client import channel_pair as mmio_channel_pair
 from shared.kvm import Kvm, KvmError, open_kvm
 from shared.ratelimit import TokenBucket
 from shared.seccomp import Filter, PolicyError, SeccompKillLog, load_filter_file
+from shared.spawn import DeviceSpawn, VcpuDevice, VcpuSpawn
 
 log = logging.getLogger("embervm.microvm")
 
@@ -266,7 +265,7 @@ class MicroVm:
         self._seccomp_filters: dict[str, Filter] | None = None  # --seccomp-filter, by worker kind
         self._seccomp_faults = 0
         self._mmds_workers: list[str] = []  # net workers serving MMDS (update_mmds)
-        self.policy = RestartPolicy.from_dict(getattr(spec, "restart_policy", None))
+        self.policy = RestartPolicy.from_dict(spec.restart_policy)
         self.failed = False  # the vCPU worker died (not a guest exit)
         self._memfd = -1  # the supervisor's copy of guest memory's fd, for replacement workers
         self._slots: dict[str, DeviceSlot] = {}
@@ -303,8 +302,8 @@ class MicroVm:
             queue_fds=[os.dup(fd) for fd in device.queue_fds],
             irqfd=os.dup(device.irqfd),
         )
-        state_fd = create_state_memfd(device.name) if restartable(device.kind) else -1
-        policy = RestartPolicy.from_dict(getattr(self.spec, "restart_policy", None), device.device_id)
+        state_fd = create_state_memfd(device.name) if device.device_kind.restartable else -1
+        policy = RestartPolicy.from_dict(self.spec.restart_policy, device.device_id)
         self._slots[device.name] = DeviceSlot(kept, state_fd, RestartTracker(policy))
 
     def _spawn(self, kind: str, name: str, args: dict[str, Any], fds: list[int], what: str) -> WorkerHandle:
@@ -353,18 +352,30 @@ class MicroVm:
     def _spawn_device_worker(
         self, device: DevicePlan, memfd: int, restore: bool = False, needs_reset: bool = False
     ) -> socket.socket:
-        """Any virtio device's worker: fds [memfd, irqfd, queues..., backends..., fd channel,
-        MMIO channel, (state area)], args = the plan's own + mem_size and the control endpoint
-        (+ restart flags). Returns the vCPU worker's end of the new MMIO channel."""
+        """Any virtio device's worker, under the spawn contract (`shared.spawn.DeviceSpawn`):
+        the plan's fds and args + mem_size and the control endpoint (+ its state area and the
+        restart flags). Returns the vCPU worker's end of the new MMIO channel."""
         mine, theirs = fdpass.channel_pair()
         mmio_vcpu, mmio_device = mmio_channel_pair()
-        args = {**device.args, "mem_size": self.spec.mem_size, "control_endpoint": self._endpoint}
-        fds = [*device.worker_fds(memfd, theirs.fileno()), mmio_device.fileno()]
         slot = self._slots.get(device.name)
-        if slot is not None and slot.state_fd >= 0:
-            args.update(state_fd=True, restore=restore, needs_reset=needs_reset)
-            fds.append(slot.state_fd)
+        spawn = DeviceSpawn(
+            device.device_kind,
+            memfd=memfd,
+            irqfd=device.irqfd,
+            queue_fds=device.queue_fds,
+            backend_fds=device.backend_fds,
+            fd_channel=theirs.fileno(),
+            mmio_channel=mmio_device.fileno(),
+            args={**device.args, "mem_size": self.spec.mem_size, "control_endpoint": self._endpoint},
+            state_fd=slot.state_fd if slot is not None else -1,
+            restore=restore,
+            needs_reset=needs_reset,
+        )
         try:
+            try:
+                args, fds = spawn.to_zygote()
+            except ValueError as e:
+                raise VmStartError(f"cannot start the {device.what}: {e}") from None
             handle = self._spawn(device.kind, device.name, args, fds, device.what)
         except VmStartError:
             mine.close()
@@ -374,10 +385,10 @@ class MicroVm:
             theirs.close()
             mmio_device.close()  # only the worker holds it: its death closes the channel
         handle.device_id, handle.fd_channel = device.device_id, mine
-        handle.metric_groups = own_metric_groups(device.kind, device.device_id, device.args)
-        if device.kind == "net" and device.args.get("mmds"):
+        handle.metric_groups = device.device_kind.metric_groups(device.device_id, device.args)
+        if device.kind == NET.name and device.args.get("mmds"):
             self._mmds_workers.append(device.name)
-        if device.kind == "block":
+        if device.kind == BLOCK.name:
             handle.drive_id = device.device_id
         try:
             self._await_ready(handle)
@@ -398,18 +409,15 @@ class MicroVm:
         mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self._console = mine
         channel_mine, channel_theirs = fdpass.channel_pair()
-        fds = [kvm_fd, memfd, theirs.fileno(), channel_theirs.fileno()]
-        virtio = []
-        for device in devices:
-            entry = {"name": device.name, "base": device.base, "gsi": device.gsi}
-            entry["mmio_fd"] = len(fds)
-            fds.append(mmio[device.name].fileno())
-            entry["queue_fds"] = list(range(len(fds), len(fds) + len(device.queue_fds)))
-            fds += device.queue_fds
-            entry["irqfd"] = len(fds)
-            fds.append(device.irqfd)
-            virtio.append(entry)
-        args = {**vcpu_args, "control_endpoint": self._endpoint, "virtio_devices": virtio}
+        spawn = VcpuSpawn(
+            kvm_fd,
+            memfd,
+            theirs.fileno(),
+            channel_theirs.fileno(),
+            [VcpuDevice(d.name, d.base, d.gsi, mmio[d.name].fileno(), d.queue_fds, d.irqfd) for d in devices],
+            {**vcpu_args, "control_endpoint": self._endpoint},
+        )
+        args, fds = spawn.to_zygote()
         try:
             handle = self._spawn("vcpu", VCPU, args, fds, "vCPU worker")
         except VmStartError:
@@ -525,10 +533,10 @@ class MicroVm:
     def inject_fault(self, device_id: str, spec: FaultSpec) -> None:
         """Arm `spec` on the device's worker (it replaces the device's previous fault); the
         supervisor re-arms what remains of it on every replacement worker."""
-        if not getattr(self.spec, "enable_fault_injection", False):
+        if not self.spec.enable_fault_injection:
             raise FaultError(NOT_ENABLED)
         slot = self._slot_for(device_id)
-        kinds = fault_kinds(slot.plan.kind)
+        kinds = slot.plan.device_kind.fault_kinds
         if spec.kind not in kinds:
             kind = slot.plan.kind
             raise FaultError(f"{kind} devices do not implement {spec.kind!r} faults (only {', '.join(kinds)})")
@@ -563,18 +571,9 @@ class MicroVm:
     # API threads never touch a device's slot or its worker's channels: they post the update to
     # the monitor thread (`_update`), which sends it, and on the worker's answer changes the slot
     # (what a replacement worker starts with) before the API thread is told.
-    def update_device(self, kind: str, device_id: str, changes: dict[str, Any]) -> None:
-        """The API's hook (`controlplane.state`): forward a validated post-boot change."""
-        if kind == "drive":
-            self.update_drive(device_id, changes.get("path_on_host"), changes.get("rate_limiter"))
-        elif kind == "network-interface":
-            self.update_net(device_id, changes.get("rx_rate_limiter"), changes.get("tx_rate_limiter"))
-        else:
-            raise DeviceUpdateError(f"{kind} devices take no run-time updates yet")
-
     def update_net(self, iface_id: str, rx_rate_limiter: Limits = None, tx_rate_limiter: Limits = None) -> None:
         """Give interface `iface_id`'s worker new rx/tx rate limiters (buckets not given are kept)."""
-        name = f"net_{iface_id}"
+        name = NET.worker_name(iface_id)
         if name not in self._slots:
             raise DeviceUpdateError(f"no network interface {iface_id!r} in this microVM")
 
@@ -607,15 +606,16 @@ class MicroVm:
     def vsock_transport_reset(self) -> None:
         """Make the vsock worker drop its connections and send the guest
         VIRTIO_VSOCK_EVENT_TRANSPORT_RESET (what a snapshot restore needs)."""
-        if "vsock" not in self._slots:
+        name = VSOCK.worker_name(VSOCK.name)
+        if name not in self._slots:
             raise DeviceUpdateError("no running vsock device in this microVM")
-        self._update("vsock", "vsock worker", VsockTransportReset)
+        self._update(name, "vsock worker", VsockTransportReset)
 
     def update_drive(
         self, drive_id: str, path_on_host: str | None = None, rate_limiter: dict[str, Any] | None = None
     ) -> None:
         """Give drive `drive_id`'s worker a new backing file and/or rate limiter, and wait for it."""
-        name = f"block_{drive_id}"
+        name = BLOCK.worker_name(drive_id)
         drive = next((d for d in self.spec.drives if d.drive_id == drive_id), None)
         if name not in self._slots or drive is None:
             raise DeviceUpdateError(f"no drive {drive_id!r} in this microVM")

@@ -8,9 +8,10 @@ Firecracker's own messages.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from threading import RLock
 from typing import Any, BinaryIO, Protocol
@@ -56,7 +57,12 @@ class ApiError(Exception):
 
 
 class MicroVmLike(Protocol):
+    """What `Vmm` calls on a running microVM (`controlplane.microvm.MicroVm`), typed: no
+    getattr bridges, one method per run-time update."""
+
     state: str
+    failed: bool  # the vCPU worker died (not a guest exit)
+    exit_reason: str | None
 
     def pause(self) -> None: ...
     def resume(self) -> None: ...
@@ -66,14 +72,23 @@ class MicroVmLike(Protocol):
     def wait(self, timeout: float | None = None) -> int | None: ...
     def metrics(self) -> dict[str, dict[str, int]]: ...
     def workers(self) -> list[dict[str, Any]]: ...
+    def update_drive(
+        self, drive_id: str, path_on_host: str | None = None, rate_limiter: dict[str, Any] | None = None
+    ) -> None: ...
+    def update_net(
+        self,
+        iface_id: str,
+        rx_rate_limiter: dict[str, Any] | None = None,
+        tx_rate_limiter: dict[str, Any] | None = None,
+    ) -> None: ...
+    def update_mmds(self, document: dict[str, Any] | None) -> None: ...
+    def faults(self) -> list[dict[str, Any]]: ...
+    def inject_fault(self, device_id: str, spec: Any) -> None: ...
+    def clear_fault(self, device_id: str) -> bool: ...
 
 
 class LauncherLike(Protocol):
     def start_vm(self, spec: Any, console_out: BinaryIO, on_exit: Callable[[int, str], None]) -> MicroVmLike: ...
-
-
-# Forwards a post-boot device change to its worker: (vm, kind, device_id, changes).
-DeviceUpdater = Callable[[MicroVmLike, str, str, dict[str, Any]], None]
 
 
 @dataclass
@@ -96,15 +111,6 @@ class RuntimeOptions:
             "enable_fault_injection": self.enable_fault_injection,
             **self.extra,
         }
-
-
-def _forward_to_vm(vm: MicroVmLike, kind: str, device_id: str, changes: dict[str, Any]) -> None:
-    """Default device updater: MicroVm.update_device if the VM has it, else store only."""
-    update = getattr(vm, "update_device", None)
-    if update is None:
-        log.warning("%s %s updated in the configuration only: no device worker takes updates yet", kind, device_id)
-        return
-    update(kind, device_id, changes)
 
 
 def default_spec_types() -> tuple[type, type, type[Exception]]:
@@ -138,7 +144,6 @@ class Vmm:
         self.metrics = metrics
         self.logger = logger
         self.on_exit = on_exit
-        self.device_updater: DeviceUpdater = _forward_to_vm
         self.spec_types: tuple[type, type, type[Exception]] | None = None
         self.resources = Resources()
         self.vm: MicroVmLike | None = None
@@ -181,7 +186,7 @@ class Vmm:
     @property
     def vm_failed(self) -> bool:
         """The vCPU worker died (not a guest exit): the API stays up to say so (docs/faults.md)."""
-        return self.vm is not None and bool(getattr(self.vm, "failed", False))
+        return self.vm is not None and self.vm.failed
 
     def instance_info(self) -> dict[str, Any]:
         with self.lock:
@@ -191,7 +196,7 @@ class Vmm:
                 info["vm_state"] = "Failed" if self.vm_failed else self.vm.state
                 if self.exit_code is not None:
                     info["exit_code"] = self.exit_code
-                    info["exit_reason"] = getattr(self.vm, "exit_reason", None)
+                    info["exit_reason"] = self.vm.exit_reason
             return {
                 "id": self.instance_id,
                 "state": self.state(),
@@ -280,7 +285,7 @@ class Vmm:
                 spec = self.resources.to_spec(spec_type, drive_type, self.instance_id, self.options.as_spec_fields())
             except ConfigError as err:
                 raise ApiError(str(err)) from None
-            if hasattr(spec, "mmds_data") and self.mmds.initialized:
+            if self.mmds.initialized:
                 spec.mmds_data = self.mmds.get()  # the net workers start with it; changes are pushed
             for name in self.resources.unused_by(spec_type):
                 log.warning("Configured %s is validated and stored but not applied: no device for it yet", name)
@@ -295,11 +300,9 @@ class Vmm:
                 raise ApiError(f"Start microvm error: {err}") from None
             self.vm = vm
             self.metrics.source = vm.metrics
-            update_mmds = getattr(vm, "update_mmds", None)
-            if update_mmds is not None:
-                self.mmds.on_change = update_mmds
-                if self.mmds.initialized:
-                    update_mmds(self.mmds.get())  # a PUT /mmds may have come in since the spec
+            self.mmds.on_change = vm.update_mmds
+            if self.mmds.initialized:
+                vm.update_mmds(self.mmds.get())  # a PUT /mmds may have come in since the spec
             log.info("Successfully started microvm")
 
     def _vm_exited(self, exit_code: int, reason: str) -> None:
@@ -339,7 +342,8 @@ class Vmm:
                 changes = self.resources.update_drive(body)
             except ConfigError as err:
                 raise ApiError(str(err)) from None
-            self._forward(vm, "drive", body.drive_id, changes)
+            with self._device_update("drive", body.drive_id):
+                vm.update_drive(body.drive_id, changes.get("path_on_host"), changes.get("rate_limiter"))
 
     def patch_network_interface(self, body: PartialNetworkInterface) -> None:
         with self.lock:
@@ -348,13 +352,17 @@ class Vmm:
                 changes = self.resources.update_net(body)
             except ConfigError as err:
                 raise ApiError(str(err)) from None
-            self._forward(vm, "network-interface", body.iface_id, changes)
+            with self._device_update("network-interface", body.iface_id):
+                vm.update_net(body.iface_id, changes.get("rx_rate_limiter"), changes.get("tx_rate_limiter"))
 
-    def _forward(self, vm: MicroVmLike, kind: str, device_id: str, changes: dict[str, Any]) -> None:
+    @staticmethod
+    @contextlib.contextmanager
+    def _device_update(what: str, device_id: str) -> Iterator[None]:
+        """The worker's refusal becomes the client's 400."""
         try:
-            self.device_updater(vm, kind, device_id, changes)
-        except Exception as err:  # the worker's refusal becomes the client's 400
-            raise ApiError(f"Device update error: {kind} {device_id}: {err}") from None
+            yield
+        except Exception as err:
+            raise ApiError(f"Device update error: {what} {device_id}: {err}") from None
 
     # -- fault injection (embervm extension; --enable-fault-injection) ----------------------
     def check_fault_injection(self) -> None:
@@ -366,15 +374,14 @@ class Vmm:
     def list_faults(self) -> list[dict[str, Any]]:
         self.check_fault_injection()
         with self.lock:
-            faults = getattr(self.vm, "faults", None)
-            return list(faults()) if faults is not None else []
+            return list(self.vm.faults()) if self.vm is not None else []
 
     def put_fault(self, device_id: str, spec: Any) -> None:
         self.check_fault_injection()
         with self.lock:
             vm = self._post_boot()
             try:
-                vm.inject_fault(device_id, spec)  # type: ignore[attr-defined]
+                vm.inject_fault(device_id, spec)
             except Exception as err:
                 raise ApiError(f"Fault injection error: {err}") from None
 
@@ -383,7 +390,7 @@ class Vmm:
         with self.lock:
             vm = self._post_boot()
             try:
-                vm.clear_fault(device_id)  # type: ignore[attr-defined]
+                vm.clear_fault(device_id)
             except Exception as err:
                 raise ApiError(f"Fault injection error: {err}") from None
 

@@ -16,24 +16,13 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.device_kinds import DEVICE_KINDS
 from shared.ratelimit import TokenBucket
 
 Groups = dict[str, dict[str, int]]
 
-# The metric groups the vCPU worker reports; a device worker reports its own (`own_metric_groups`).
+# The metric groups the vCPU worker reports; a device worker reports its own (`DeviceKind.metric_groups`).
 VCPU_GROUPS = frozenset({"vcpu", "uart", "i8042", "embervm_bus"})
-
-
-def own_metric_groups(kind: str, device_id: str | None, args: dict[str, Any] | None = None) -> frozenset[str]:
-    """The only metric groups a worker of `kind` may report (`controlplane.worker_trust`):
-    a block worker for drive X only `block_X`, a net worker `net_<iface>` (and `mmds` when it
-    serves MMDS, a group several interfaces add up), the vsock worker `vsock`."""
-    if kind == "vcpu":
-        return VCPU_GROUPS
-    if kind in AGGREGATED_KINDS:
-        mmds = {"mmds"} if kind == "net" and (args or {}).get("mmds") else set()
-        return frozenset({f"{kind}_{device_id}", *mmds})
-    return frozenset({kind})
 
 
 @dataclass
@@ -137,7 +126,7 @@ class WorkerHandle:
     exit_reason: str | None = None
     metrics: Groups = field(default_factory=dict)
     metrics_seq: int = 0
-    metric_groups: frozenset[str] = frozenset()  # the groups it may report (own_metric_groups)
+    metric_groups: frozenset[str] = frozenset()  # the groups it may report (VCPU_GROUPS, DeviceKind.metric_groups)
     history: RestartHistory | None = None  # its device's (None: a kind that is not restarted)
     distrusted: str | None = None  # what it sent that got it killed (controlplane.worker_trust)
     broken: bool = False  # the restart policy ran out: the device is in DEVICE_NEEDS_RESET
@@ -189,10 +178,6 @@ class WorkerHandle:
             self.stderr.close()
 
 
-# Device kinds Firecracker reports per device (`<kind>_<id>`) and summed (`<kind>`).
-AGGREGATED_KINDS = ("block", "net")
-
-
 def merge_metrics(workers: list[WorkerHandle]) -> Groups:
     """Every worker's groups, plus Firecracker's `block`/`net` aggregates and worker status.
 
@@ -203,20 +188,20 @@ def merge_metrics(workers: list[WorkerHandle]) -> Groups:
     merged: Groups = {}
     for worker in workers:  # a group several workers report (e.g. `mmds`) is their sum
         _accumulate(merged, worker.counters())
-    for kind in AGGREGATED_KINDS:
-        devices = [w for w in workers if w.kind == kind]
+    for kind in (k for k in DEVICE_KINDS.values() if k.per_device_metrics):
+        devices = [w for w in workers if w.kind == kind.name]
         for worker in devices:
-            group = merged.setdefault(f"{kind}_{worker.device_id or worker.drive_id}", {})
+            group = merged.setdefault(kind.metric_group(str(worker.device_id or worker.drive_id)), {})
             group["worker_alive"] = int(worker.alive)
             group["worker_restarts"] = worker.restarts
             group["worker_broken"] = int(worker.broken)
         if devices:
             total: dict[str, int] = {}
             for worker in devices:
-                for key, value in merged[f"{kind}_{worker.device_id or worker.drive_id}"].items():
+                for key, value in merged[kind.metric_group(str(worker.device_id or worker.drive_id))].items():
                     if key not in ("worker_alive", "worker_broken") and isinstance(value, int):
                         total[key] = total.get(key, 0) + value
-            merged[kind] = total
+            merged[kind.name] = total
     causes: dict[str, int] = {}
     for worker in workers:
         for cause, n in (worker.history.causes if worker.history is not None else {}).items():

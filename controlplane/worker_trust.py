@@ -11,7 +11,7 @@ these checks:
   (`protocol.VCPU_SENDS`, `protocol.DEVICE_SENDS`) or a reply to a request that was not sent
   to that worker gets the worker killed (a device's is replaced; the vCPU worker's ends the
   microVM) and is counted;
-- metrics are kept only for the sender's own groups (`worker_handle.own_metric_groups`),
+- metrics are kept only for the sender's own groups (`shared.device_kinds.DeviceKind.metric_groups`),
   with names Prometheus can carry and non-negative values below `MAX_METRIC_VALUE`; the
   rest is dropped and counted;
 - log lines go through `controlplane.worker_log` (rate-limited, attributed, escaped).
@@ -25,8 +25,8 @@ import re
 from dataclasses import dataclass, fields
 
 from controlplane.worker_handle import Groups, WorkerHandle
-from devices.vsock.messages import VsockConnect
 from shared import protocol as p
+from shared.device_kinds import device_kind
 
 MAX_FRAMES = 2  # identity, message
 MAX_METRIC_VALUE = (1 << 63) - 1
@@ -53,19 +53,21 @@ class TrustCounters:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
-# What a device kind sends beyond DEVICE_SENDS: its own requests to the supervisor.
-KIND_SENDS: dict[str, frozenset[type[p.Message]]] = {"vsock": frozenset({VsockConnect})}
-
-
-def allowed_types(kind: str) -> frozenset[type[p.Message]]:
+def may_send(kind: str, msg: p.Message) -> bool:
+    """Whether a worker of `kind` may send `msg`: the vCPU worker `protocol.VCPU_SENDS`, a device
+    worker `protocol.DEVICE_SENDS` and what its kind's row adds (`DeviceKind.sends`, by the
+    unique `Message.TYPE` of a registered message class)."""
     if kind == "vcpu":
-        return p.VCPU_SENDS
-    return p.DEVICE_SENDS | KIND_SENDS.get(kind, frozenset())
+        return type(msg) in p.VCPU_SENDS
+    if type(msg) in p.DEVICE_SENDS:
+        return True
+    found = device_kind(kind)
+    return found is not None and msg.TYPE in found.sends and p.message_class(msg.TYPE) is type(msg)
 
 
 def forbidden(handle: WorkerHandle, msg: p.Message) -> str | None:
     """Why `msg` may not come from `handle` (None: its kind may send it)."""
-    if type(msg) in allowed_types(handle.kind):
+    if may_send(handle.kind, msg):
         return None
     return f"a {msg.TYPE!r} message, which a {handle.kind} worker may not send"
 

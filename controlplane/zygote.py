@@ -41,16 +41,16 @@ import msgpack
 from controlplane.policy import ZYGOTE, drop_zygote_capabilities
 from shared import isolation
 from shared.confine import load_process_filter, warm_linecache
+from shared.device_kinds import DEVICE_KINDS
 from shared.process import close_fds_except, die_with_parent, set_process_name
 
 WorkerEntry = Callable[[dict[str, Any], list[int]], int]
 
 # kind -> "module:function"; the function runs in the forked child and returns its exit code.
+# The device kinds' entries come from their table (shared.device_kinds).
 WORKER_ENTRIES = {
     "vcpu": "vcpu_worker.main:run",
-    "block": "devices.block.worker:run",
-    "net": "devices.net.worker:run",
-    "vsock": "devices.vsock.worker:run",
+    **{kind.name: kind.entry for kind in DEVICE_KINDS.values()},
     "test": "controlplane.zygote:_test_entry",
 }
 MAX_FDS = 64

@@ -1,6 +1,6 @@
 """The generic half of a device worker process: one epoll loop around one virtio device.
 
-Every device worker (block now, net and vsock later) is the same loop; only its hooks
+Every device worker (block, net, vsock) is the same loop; only its hooks
 differ. Inputs, each an fd in the loop, dispatched by token:
 
     token        fd                                 what arrives
@@ -55,6 +55,7 @@ import zmq
 from shared import exitcodes, fdpass, isolation, ratelimited_log, redteam
 from shared import protocol as p
 from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, install_filter
+from shared.device_kinds import DeviceKind
 from shared.devstate import StateArea, StateAreaError
 from shared.eventloop import EventLoop
 from shared.faultinject import Fault, FaultInjector
@@ -62,6 +63,7 @@ from shared.memlimit import limit_memory
 from shared.process import die_with_parent
 from shared.ratelimit import BucketConfig, RateLimiter
 from shared.seccomp import COMMON, Filter
+from shared.spawn import DeviceSpawn
 from shared.virtio import constants as c
 from shared.virtio.mmio import MmioTransport, TransportError
 
@@ -110,25 +112,6 @@ class Channels:
     restore: bool = False  # a replacement worker: restore the state area's snapshot
     needs_reset: bool = False  # ... and set DEVICE_NEEDS_RESET instead of serving
     isolation: dict[str, Any] = field(default_factory=dict)  # from the zygote: namespaces, host_pid
-
-
-def split_recovery(args: dict[str, Any], fds: list[int]) -> tuple[list[int], dict[str, Any]]:
-    """A device worker's own fds without the trailing ones every device worker gets from
-    the supervisor: its MMIO channel end and, with args["state_fd"], its state area; and the
-    `Channels` fields those and the zygote's args give: mmio_fd, state_fd, restore,
-    needs_reset, isolation. Call it first in a worker's `run(args, fds)`."""
-    common: dict[str, Any] = {
-        "restore": bool(args.get("restore", False)),
-        "needs_reset": bool(args.get("needs_reset", False)),
-        "isolation": dict(args.get("isolation") or {}),
-    }
-    if args.get("state_fd"):
-        if not fds:
-            raise ValueError("the state-area fd is missing")
-        fds, common["state_fd"] = fds[:-1], fds[-1]
-    if not fds:
-        raise ValueError("the MMIO channel fd is missing")
-    return fds[:-1], {**common, "mmio_fd": fds[-1]}
 
 
 def irq_trigger(irqfd: int) -> Callable[[], None]:
@@ -516,6 +499,28 @@ def enter_confinement(ctx: zmq.Context, isolation_args: dict[str, Any]) -> None:
         isolation.isolate_after_connect(int(isolation_args.get("host_pid", 0)), True)
         die_with_parent(signal.SIGKILL)  # a change of uid cleared it
         drop_privileges(threads_started=True)
+
+
+Build = Callable[[DeviceSpawn], tuple[MmioTransport, DeviceHooks]]
+
+
+def run_device_worker(kind: DeviceKind, args: dict[str, Any], fds: list[int], build: Build, policy: Filter) -> int:
+    """A device worker's `run(args, fds)`: parse the spawn contract (`shared.spawn`), then
+    `run_device` with the device `build(spawn)` makes and its kind's seccomp `policy`."""
+    spawn = DeviceSpawn.from_zygote(kind, args, fds)
+    channels = Channels(
+        control_endpoint=spawn.control_endpoint,
+        mmio_fd=spawn.mmio_channel,
+        fd_channel=spawn.fd_channel,
+        queue_fds=spawn.queue_fds,
+        irqfd=spawn.irqfd,
+        name=spawn.name,
+        state_fd=spawn.state_fd,
+        restore=spawn.restore,
+        needs_reset=spawn.needs_reset,
+        isolation=spawn.isolation,
+    )
+    return run_device(channels, lambda: build(spawn), SeccompSettings.from_args(args), policy)
 
 
 def run_device(

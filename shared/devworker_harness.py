@@ -1,10 +1,9 @@
 """The supervisor's side of one real device-worker process, for tests and benchmarks.
 
 `WorkerHarness` does what `controlplane.microvm` does for a device, minus the vCPU: it
-creates guest memory, the irqfd, one eventfd per queue and the fd channel, spawns the
-worker through a zygote with the fds in the production order (memfd, irqfd, queue
-eventfds, backend fds, fd channel, MMIO channel), holds the ZeroMQ control socket and an
-MMIO client.
+creates guest memory, the irqfd, one eventfd per queue of its kind (`shared.device_kinds`)
+and the fd channel, spawns the worker through a zygote with the production spawn contract
+(`shared.spawn.DeviceSpawn`), holds the ZeroMQ control socket and an MMIO client.
 Device harnesses (`devices/<kind>/testing.py`) add the guest's side on top: MockDriver
 chains in the shared memfd, queue kicks, the irqfd.
 """
@@ -21,9 +20,11 @@ import zmq
 
 from shared import fdpass
 from shared import protocol as p
+from shared.device_kinds import DEVICE_KINDS
 from shared.devworker_client import MmioClient
 from shared.devworker_client import channel_pair as mmio_channel_pair
 from shared.memory import GuestMemory, create_guest_memfd
+from shared.spawn import DeviceSpawn
 
 
 class Spawner(Protocol):
@@ -54,7 +55,6 @@ class WorkerHarness:
         name: str,
         endpoint: str,
         *,
-        num_queues: int,
         mem_size: int,
         args: dict[str, Any],
         backend_fds: list[int],
@@ -70,7 +70,8 @@ class WorkerHarness:
         self.memfd = create_guest_memfd(mem_size)
         self.mem = GuestMemory.map(self.memfd, mem_size)
         self.irqfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self.queue_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(num_queues)]
+        device_kind = DEVICE_KINDS[kind]
+        self.queue_fds = [os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK) for _ in range(device_kind.num_queues)]
         self.fd_channel, theirs = fdpass.channel_pair()
         full_args = {
             **args,
@@ -82,8 +83,17 @@ class WorkerHarness:
         self.mmio = MmioClient(mmio_mine, timeout_s=5.0, name=name)
         self._stderr, stderr_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # what the worker writes to fd 2
         try:
-            fds = [self.memfd, self.irqfd, *self.queue_fds, *backend_fds, theirs.fileno(), mmio_theirs.fileno()]
-            self.pid = zygote.spawn(kind, name, full_args, fds, stderr_fd=stderr_w)
+            spawn = DeviceSpawn(
+                device_kind,
+                memfd=self.memfd,
+                irqfd=self.irqfd,
+                queue_fds=self.queue_fds,
+                backend_fds=backend_fds,
+                fd_channel=theirs.fileno(),
+                mmio_channel=mmio_theirs.fileno(),
+                args=full_args,
+            )
+            self.pid = zygote.spawn(kind, name, *spawn.to_zygote(), stderr_fd=stderr_w)
         finally:
             for fd in backend_fds:
                 os.close(fd)

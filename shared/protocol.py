@@ -45,6 +45,11 @@ def message(cls: type[M]) -> type[M]:
     return cls
 
 
+def message_class(type_name: str) -> type[Message] | None:
+    """The registered message class whose TYPE is `type_name` (None: no such message)."""
+    return _REGISTRY.get(type_name)
+
+
 # --- supervisor -> vCPU worker -------------------------------------------------------
 @message
 class Pause(Message):

@@ -1,11 +1,10 @@
 """The vCPU worker process: runs the guest's vCPUs, the serial console and the i8042.
 
-Entry `run(args, fds)` is called in a child forked by the zygote, holding exactly:
-    fds[0]  /dev/kvm            fds[1]  guest memory memfd
-    fds[2]  console socket (serial output to the supervisor, input from it)
-    fds[3]  fd channel (SEQPACKET): a replacement device worker's MMIO channel, with DeviceUp
-    fds[4:] per virtio device: its MMIO channel end, queue eventfds and irqfd, indexed by
-            args["virtio_devices"]
+Entry `run(args, fds)` is called in a child forked by the zygote, holding exactly the fds
+of its spawn contract (`shared.spawn.VcpuSpawn`): /dev/kvm, the guest memory memfd, the
+console socket (serial output to the supervisor, input from it), the fd channel (SEQPACKET:
+a replacement device worker's MMIO channel, with DeviceUp), then per virtio device its MMIO
+channel end, queue eventfds and irqfd.
 Its main thread serves the ZeroMQ control channel, the fd channel and the console input;
 one thread per vCPU runs KVM_RUN. It connects to the supervisor, then leaves the host's
 filesystem and drops every privilege (shared.isolation) before it builds the VM. The first
@@ -32,6 +31,7 @@ from shared import protocol as p
 from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, install_filter
 from shared.devworker import connect_control, enter_confinement, wait_for_zmq_threads
 from shared.memlimit import limit_memory, vcpu_headroom
+from shared.spawn import VcpuSpawn
 from vcpu_worker.bus import Bus
 from vcpu_worker.i8042 import I8042
 from vcpu_worker.machine import Machine, build_machine
@@ -246,7 +246,8 @@ class VcpuWorker:
 
 def run(args: dict[str, Any], fds: list[int]) -> int:
     """Worker entry point (in the forked child)."""
-    kvm_fd, memfd, console_fd, fd_channel = fds[:4]
+    spawn = VcpuSpawn.from_zygote(args, fds)
+    kvm_fd, memfd, console_fd, fd_channel = spawn.kvm, spawn.memfd, spawn.console, spawn.fd_channel
     seccomp = SeccompSettings.from_args(args)
     isolation_args = dict(args.get("isolation") or {})
     if not isolation_args.get("namespaces"):
@@ -264,8 +265,7 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
             enter_confinement(ctx, isolation_args)
             machine = build_machine(kvm_fd, memfd, args)
             worker = VcpuWorker(machine, console_fd, ctl, fd_channel)
-            devices = list(args.get("virtio_devices", []))
-            worker.virtio = attach_virtio_devices(machine.vm, worker.mmio, devices, fds, worker._log_warning)
+            worker.virtio = attach_virtio_devices(machine.vm, worker.mmio, spawn.devices, worker._log_warning)
             worker.seccomp = seccomp
             if not isolation_args.get("namespaces"):
                 wait_for_zmq_threads(ctx)  # libzmq's threads start with sched_getparam: not under the filter

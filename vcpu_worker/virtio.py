@@ -32,40 +32,16 @@ import socket
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
 from shared.devworker_client import DEFAULT_TIMEOUT_S, MmioAborted, MmioClient, MmioClosed, MmioTimeout
 from shared.kvm import Vm
 from shared.layout import VIRTIO_MMIO_SIZE
+from shared.spawn import VcpuDevice
 from shared.virtio import constants as c
 from vcpu_worker.mmio_bus import MmioBus
 
 RETRY_AFTER_S = 1.0
 RESTART_WAIT_S = 10.0  # how long an access waits for a replacement worker
-
-
-@dataclass(frozen=True)
-class VirtioDeviceArgs:
-    """One entry of the vCPU worker's `virtio_devices` argument (fd fields index into fds)."""
-
-    name: str
-    base: int
-    gsi: int
-    mmio_fd: int
-    queue_fds: list[int]
-    irqfd: int
-
-    @classmethod
-    def from_args(cls, raw: dict[str, Any]) -> VirtioDeviceArgs:
-        return cls(
-            str(raw["name"]),
-            int(raw["base"]),
-            int(raw["gsi"]),
-            int(raw["mmio_fd"]),
-            [int(i) for i in raw["queue_fds"]],
-            int(raw["irqfd"]),
-        )
 
 
 class RemoteMmioDevice:
@@ -204,19 +180,17 @@ def mark_device_up(devices: list[RemoteMmioDevice], name: str, channel: socket.s
 def attach_virtio_devices(
     vm: Vm,
     bus: MmioBus,
-    devices: list[dict[str, Any]],
-    fds: list[int],
+    devices: list[VcpuDevice],
     report: Callable[[str], None],
     timeout_s: float = DEFAULT_TIMEOUT_S,
 ) -> list[RemoteMmioDevice]:
     """Register each device's ioeventfds and irqfd with KVM and put its window on `bus`."""
     attached = []
-    for raw in devices:
-        dev = VirtioDeviceArgs.from_args(raw)
-        for index, fd_index in enumerate(dev.queue_fds):
-            vm.register_ioeventfd(fds[fd_index], dev.base + c.MMIO_QUEUE_NOTIFY, 4, datamatch=index)
-        vm.register_irqfd(fds[dev.irqfd], dev.gsi)
-        client = MmioClient(socket.socket(fileno=fds[dev.mmio_fd]), timeout_s, dev.name)
+    for dev in devices:
+        for index, fd in enumerate(dev.queue_fds):
+            vm.register_ioeventfd(fd, dev.base + c.MMIO_QUEUE_NOTIFY, 4, datamatch=index)
+        vm.register_irqfd(dev.irqfd, dev.gsi)
+        client = MmioClient(socket.socket(fileno=dev.mmio_channel), timeout_s, dev.name)
         remote = RemoteMmioDevice(dev.name, client, report, timeout_s)
         bus.add(dev.base, VIRTIO_MMIO_SIZE, remote)
         attached.append(remote)

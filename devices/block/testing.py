@@ -18,6 +18,7 @@ from typing import Any
 from devices.block.request import HEADER, RequestType
 from shared import fdpass
 from shared import protocol as p
+from shared.device_kinds import BLOCK
 from shared.devworker_harness import Spawner, WorkerHarness
 from shared.layout import MiB
 from shared.virtio import constants as c
@@ -46,7 +47,7 @@ class BlockWorkerHarness(WorkerHarness):
         mem_size: int = 32 * MiB,
         queue_size: int = 256,
     ) -> None:
-        name = f"block_{drive_id}"
+        name = BLOCK.worker_name(drive_id)
         args = {"drive_id": drive_id, "read_only": read_only, "cache_type": cache_type, "rate_limiter": rate_limiter}
         backing = os.open(disk, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
         super().__init__(
@@ -54,7 +55,6 @@ class BlockWorkerHarness(WorkerHarness):
             "block",
             name,
             f"ipc://{run_dir}/{name}",
-            num_queues=1,
             mem_size=mem_size,
             args=args,
             backend_fds=[backing],

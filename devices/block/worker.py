@@ -1,20 +1,12 @@
 """The virtio-blk worker process: one drive, in its own process and trust zone.
 
 Entry `run(args, fds)` runs in a child forked by the zygote, which closed every other
-fd first. The worker keeps exactly these fds, in this order (`FDS`):
+fd first. Its fds and args are the spawn contract (`shared.spawn.DeviceSpawn`) with the
+`block` row of `shared.device_kinds`: one queue, the backing file as its backend (the disk,
+opened by the supervisor), and on the fd channel a replacement backing file (PATCH /drives).
 
-    memfd         guest RAM (mapped shared; the guest's buffers are read/written in place)
-    irqfd         written to inject the drive's GSI (registered by the vCPU worker)
-    queue_notify  ioeventfd of queue 0: the guest's QueueNotify writes signal it
-    backing_file  the disk, opened by the supervisor (O_RDWR, or O_RDONLY for read-only)
-    fd_channel    SEQPACKET socket: a replacement backing file arrives here (PATCH /drives)
-
-    state         (when args["state_fd"]) the drive's state area, appended by the supervisor
-                  (shared.devstate): what a replacement worker restores (docs/faults.md)
-
-It opens no host path. args: drive_id, mem_size, read_only, cache_type, rate_limiter (the
-API's {bandwidth, ops} or None), name, control_endpoint, mmio_endpoint, and for restarts
-state_fd, restore, needs_reset (shared.devworker.split_recovery).
+It opens no host path. Its own args: drive_id, read_only, cache_type, rate_limiter (the
+API's {bandwidth, ops} or None).
 """
 
 from __future__ import annotations
@@ -29,16 +21,13 @@ from devices.block.backend import FileBackend
 from devices.block.device import BlockDevice, CacheType
 from devices.block.policy import POLICY
 from shared import protocol as p
-from shared.confine import SeccompSettings
-from shared.devworker import Channels, bucket_from_api, irq_trigger, rate_limiter_from_api, run_device, split_recovery
+from shared.device_kinds import BLOCK
+from shared.devworker import bucket_from_api, irq_trigger, rate_limiter_from_api, run_device_worker
 from shared.eventloop import EventLoop
 from shared.memory import GuestMemory
 from shared.ratelimit import RateLimiter, RateLimitError
+from shared.spawn import DeviceSpawn
 from shared.virtio.mmio import MmioTransport
-
-FDS = ("memfd", "irqfd", "queue_notify", "backing_file", "fd_channel")
-RESTARTABLE = True  # takes a state area and restores from it (docs/faults.md)
-FAULT_KINDS = ("crash", "hang", "delay", "io_error", "drop")  # BlockDevice checks each request
 
 log = logging.getLogger("embervm.block")
 
@@ -65,7 +54,7 @@ class BlockHooks:
         loop.add_timer(self.device.throttle_delay, self.on_rate_limiter_timer)
 
     def metrics(self) -> dict[str, dict[str, int]]:
-        return {f"block_{self.device.drive_id}": firecracker_metrics(self.device.metrics, self.counters)}
+        return {BLOCK.metric_group(self.device.drive_id): firecracker_metrics(self.device.metrics, self.counters)}
 
     def on_rate_limiter_timer(self) -> None:
         """The limiter has room again for the request it refused."""
@@ -115,33 +104,21 @@ class BlockHooks:
         return p.UpdateResult(request_id, False, error)
 
 
-def build(args: dict[str, Any], fds: list[int]) -> tuple[MmioTransport, BlockHooks]:
-    """The device behind its transport, from the spawn arguments and fds."""
-    memfd, irqfd, _queue, backing, _channel = fds
-    mem = GuestMemory.map(memfd, int(args["mem_size"]))
+def build(spawn: DeviceSpawn) -> tuple[MmioTransport, BlockHooks]:
+    """The device behind its transport, from the spawn contract."""
+    args = spawn.args
+    mem = GuestMemory.map(spawn.memfd, spawn.mem_size)
     device = BlockDevice(
-        FileBackend(backing),
+        FileBackend(spawn.backend_fds[0]),
         drive_id=str(args["drive_id"]),
         read_only=bool(args.get("read_only", False)),
         cache_type=CacheType(args.get("cache_type", "Unsafe")),
         rate_limiter=rate_limiter_from_api(args.get("rate_limiter")),
     )
-    transport = MmioTransport(device, mem, trigger=irq_trigger(irqfd))
+    transport = MmioTransport(device, mem, trigger=irq_trigger(spawn.irqfd))
     return transport, BlockHooks(device, transport)
 
 
 def run(args: dict[str, Any], fds: list[int]) -> int:
     """Worker entry point (in the forked child)."""
-    fds, recovery = split_recovery(args, fds)
-    if len(fds) != len(FDS):
-        raise ValueError(f"the block worker takes {len(FDS)} fds ({', '.join(FDS)}), got {len(fds)}")
-    _memfd, irqfd, queue, _backing, channel = fds
-    channels = Channels(
-        control_endpoint=str(args["control_endpoint"]),
-        fd_channel=channel,
-        queue_fds=[queue],
-        irqfd=irqfd,
-        name=str(args.get("name", "block")),
-        **recovery,
-    )
-    return run_device(channels, lambda: build(args, fds), SeccompSettings.from_args(args), POLICY)
+    return run_device_worker(BLOCK, args, fds, build, POLICY)

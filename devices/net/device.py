@@ -30,13 +30,12 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import struct
 from collections import deque
 from collections.abc import Sequence
-from typing import Protocol
 
 from devices.net import tap
+from devices.net.backend import NetBackend
 from devices.net.stack import MmdsStack
 from shared.memory import GuestMemory
 from shared.ratelimit import RateLimiter
@@ -103,35 +102,6 @@ METRIC_NAMES = (
     "mmds_frames",
     "needs_reset_count",
 )
-
-
-class NetBackend(Protocol):
-    def readv(self, buffers: list[memoryview]) -> int:
-        """One frame (with its virtio-net header) into `buffers`; BlockingIOError when none."""
-
-    def writev(self, buffers: list[memoryview]) -> int:
-        """One frame (with its virtio-net header) from `buffers`."""
-
-    def set_offload(self, flags: int) -> None: ...
-
-
-class TapBackend:
-    """The TAP fd the supervisor opened (non-blocking, IFF_VNET_HDR, header size 12)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-
-    def readv(self, buffers: list[memoryview]) -> int:
-        return os.readv(self.fd, buffers)
-
-    def writev(self, buffers: list[memoryview]) -> int:
-        return os.writev(self.fd, buffers)
-
-    def set_offload(self, flags: int) -> None:
-        tap.set_offload(self.fd, flags)
-
-    def close(self) -> None:
-        os.close(self.fd)
 
 
 def parse_mac(text: str | None) -> bytes | None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from devices.net import packets as pk
 from devices.net.stack import DEFAULT_IPV4, HTTP_PORT
+from shared.device_kinds import NET
 from shared.devworker_harness import Spawner, WorkerHarness
 from shared.layout import MiB
 from shared.virtio import constants as c
@@ -148,7 +149,7 @@ class NetWorkerHarness(WorkerHarness):
         queue_size: int = 256,
         seccomp: dict[str, Any] | None = None,
     ) -> None:
-        name = f"net_{iface_id}"
+        name = NET.worker_name(iface_id)
         args: dict[str, Any] = {
             "iface_id": iface_id,
             "guest_mac": guest_mac,
@@ -163,7 +164,6 @@ class NetWorkerHarness(WorkerHarness):
             "net",
             name,
             f"ipc://{run_dir}/{name}",
-            num_queues=2,
             mem_size=mem_size,
             args=args,
             backend_fds=[tap_fd],

@@ -1,20 +1,15 @@
 """The virtio-net worker process: one network interface, in its own process and trust zone.
 
 Entry `run(args, fds)` runs in a child forked by the zygote, which closed every other
-fd first. The worker keeps exactly these fds, in this order (`FDS`):
-
-    memfd         guest RAM (mapped shared; frames move between the TAP and it in place)
-    irqfd         written to inject the interface's GSI
-    rx_notify     ioeventfd of queue 0 (the guest added receive buffers)
-    tx_notify     ioeventfd of queue 1 (the guest queued frames to send)
-    tap           the TAP, opened by the supervisor (IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
-    fd_channel    SEQPACKET socket to the supervisor (no fds are passed on it yet)
-    state         (when args["state_fd"]) the device's state area (shared.devstate)
+fd first. Its fds and args are the spawn contract (`shared.spawn.DeviceSpawn`) with the
+`net` row of `shared.device_kinds`: queues rx (the guest added receive buffers) and tx (the
+guest queued frames to send), the TAP opened by the supervisor as its backend; no fds are
+passed on its fd channel yet. Frames move between the TAP and guest memory in place.
 
 It opens no host path and no socket beyond ZeroMQ's AF_UNIX ones: MMDS is answered here,
 from a snapshot of the store the supervisor pushes (`MmdsData`, see devices/net/mmds.py).
 args: iface_id, guest_mac, rx_rate_limiter, tx_rate_limiter (the API's {bandwidth, ops}),
-mmds ({version, ipv4_address, imds_compat, document} or None), mem_size, name, endpoints.
+mmds ({version, ipv4_address, imds_compat, document} or None).
 """
 
 from __future__ import annotations
@@ -26,33 +21,26 @@ import select
 from collections.abc import Callable
 from typing import Any
 
-from devices.net.device import NetDevice, TapBackend, parse_mac
+from devices.net.backend import TapBackend
+from devices.net.device import NetDevice, parse_mac
 from devices.net.mmds import MmdsService
 from devices.net.policy import POLICY
 from devices.net.stack import DEFAULT_IPV4, MmdsStack
 from shared import protocol as p
-from shared.confine import SeccompSettings
-from shared.devworker import (
-    Channels,
-    bucket_from_api,
-    irq_trigger,
-    rate_limiter_from_api,
-    run_device,
-    split_recovery,
-)
+from shared.device_kinds import NET
+from shared.devworker import bucket_from_api, irq_trigger, rate_limiter_from_api, run_device_worker
 from shared.eventloop import EventLoop
 from shared.memory import GuestMemory
 from shared.ratelimit import RateLimiter, RateLimitError
 from shared.ratelimited_log import RateLimitedLog
+from shared.spawn import DeviceSpawn
 from shared.virtio.mmio import MmioTransport
 
-FDS = ("memfd", "irqfd", "rx_notify", "tx_notify", "tap", "fd_channel")
-# Takes a state area and restores from it (docs/faults.md): both queues complete chains in
+# Restartable (`shared.device_kinds.NET`, docs/faults.md): both queues complete chains in
 # order, so a replacement resyncs from the used rings; the TAP stays attached through the
 # supervisor's copy of its fd, so frames wait in it meanwhile. What a replacement loses:
 # frames this worker held copied (`pending`) and MMDS TCP connections (the guest's next
 # segment gets a RST); MMDS data and rate limiters come back as last updated.
-RESTARTABLE = True
 TAP_TOKEN = 8
 
 log = logging.getLogger("embervm.net")
@@ -95,7 +83,7 @@ class NetHooks:
             _glog.exception("net worker error on the TAP")
 
     def metrics(self) -> dict[str, dict[str, int]]:
-        groups = {f"net_{self.device.iface_id}": {**self.device.metrics, **self.counters}}
+        groups = {NET.metric_group(self.device.iface_id): {**self.device.metrics, **self.counters}}
         if self.device.mmds is not None:
             groups["mmds"] = {**self.device.mmds.metrics, **self.device.mmds.service.metrics}
         return groups
@@ -157,10 +145,10 @@ def mmds_stack(config: dict[str, Any] | None) -> MmdsStack | None:
     return MmdsStack(service, ip)
 
 
-def build(args: dict[str, Any], fds: list[int]) -> tuple[MmioTransport, NetHooks]:
-    """The device behind its transport, from the spawn arguments and fds."""
-    memfd, irqfd, _rx, _tx, tap_fd, _channel = fds
-    mem = GuestMemory.map(memfd, int(args["mem_size"]))
+def build(spawn: DeviceSpawn) -> tuple[MmioTransport, NetHooks]:
+    """The device behind its transport, from the spawn contract."""
+    args, tap_fd = spawn.args, spawn.backend_fds[0]
+    mem = GuestMemory.map(spawn.memfd, spawn.mem_size)
     device = NetDevice(
         TapBackend(tap_fd),
         iface_id=str(args["iface_id"]),
@@ -169,22 +157,10 @@ def build(args: dict[str, Any], fds: list[int]) -> tuple[MmioTransport, NetHooks
         tx_rate_limiter=rate_limiter_from_api(args.get("tx_rate_limiter")),
         mmds=mmds_stack(args.get("mmds")),
     )
-    transport = MmioTransport(device, mem, trigger=irq_trigger(irqfd))
+    transport = MmioTransport(device, mem, trigger=irq_trigger(spawn.irqfd))
     return transport, NetHooks(device, transport, tap_fd)
 
 
 def run(args: dict[str, Any], fds: list[int]) -> int:
     """Worker entry point (in the forked child)."""
-    fds, recovery = split_recovery(args, fds)
-    if len(fds) != len(FDS):
-        raise ValueError(f"the net worker takes {len(FDS)} fds ({', '.join(FDS)}), got {len(fds)}")
-    _memfd, irqfd, rx, tx, _tap, channel = fds
-    channels = Channels(
-        control_endpoint=str(args["control_endpoint"]),
-        fd_channel=channel,
-        queue_fds=[rx, tx],
-        irqfd=irqfd,
-        name=str(args.get("name", "net")),
-        **recovery,
-    )
-    return run_device(channels, lambda: build(args, fds), SeccompSettings.from_args(args), POLICY)
+    return run_device_worker(NET, args, fds, build, POLICY)

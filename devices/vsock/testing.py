@@ -251,7 +251,6 @@ class VsockWorkerHarness(WorkerHarness):
             "vsock",
             "vsock",
             f"ipc://{run_dir}/vsock-{os.getpid()}-{id(self)}",
-            num_queues=3,
             mem_size=mem_size,
             args=args,
             backend_fds=[listener.detach()],

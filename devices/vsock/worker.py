@@ -1,22 +1,14 @@
 """The virtio-vsock worker process: the guest's vsock device, in its own trust zone.
 
 Entry `run(args, fds)` runs in a child forked by the zygote, which closed every other fd.
-The worker keeps exactly these fds, in this order (`FDS`):
+Its fds and args are the spawn contract (`shared.spawn.DeviceSpawn`) with the `vsock` row of
+`shared.device_kinds`: queues rx, tx and event, and as its backend the AF_UNIX socket the
+supervisor created listening at uds_path. Rx buffers are filled and tx payloads read in
+place in guest memory. A replacement worker (`DeviceSpawn.restore`) restores the transport
+and sends the guest VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.
 
-    memfd         guest RAM (rx buffers are filled and tx payloads read in place)
-    irqfd         written to inject the device's GSI
-    rx_notify     ioeventfd of queue 0 (rx)
-    tx_notify     ioeventfd of queue 1 (tx)
-    ev_notify     ioeventfd of queue 2 (event)
-    listener      the AF_UNIX socket listening at uds_path, created by the supervisor
-    fd_channel    SEQPACKET socket to the supervisor
-
-    state         (when args["state_fd"]) the device's state area (shared.devstate), appended
-                  by the supervisor; a replacement worker (args["restore"]) restores the
-                  transport and sends the guest VIRTIO_VSOCK_EVENT_TRANSPORT_RESET
-
-It opens no host path; it connects to `<uds_path>_<port>` for guest-initiated connections
-(see policy.py). args: guest_cid, uds_path, mem_size, name, control_endpoint, mmio_endpoint.
+It opens no host path; the supervisor connects to `<uds_path>_<port>` for it on
+guest-initiated connections (`VsockConnect`, see policy.py). Its own args: guest_cid, uds_path.
 """
 
 from __future__ import annotations
@@ -32,17 +24,14 @@ from devices.vsock.device import VsockDevice
 from devices.vsock.messages import VsockConnect, VsockConnected, VsockTransportReset
 from devices.vsock.policy import POLICY
 from shared import protocol as p
-from shared.confine import SeccompSettings
-from shared.devworker import Channels, irq_trigger, run_device, split_recovery
+from shared.device_kinds import VSOCK
+from shared.devworker import irq_trigger, run_device_worker
 from shared.eventloop import EventLoop
 from shared.memory import GuestMemory
+from shared.spawn import DeviceSpawn
 from shared.virtio.mmio import MmioTransport
 
-FDS = ("memfd", "irqfd", "rx_notify", "tx_notify", "ev_notify", "listener", "fd_channel")
 BACKEND = 100  # the muxer's epoll fd in the worker's loop
-# A replacement worker restores the transport from the state area (docs/faults.md); its host
-# connections died with the old worker, so it tells the guest with TRANSPORT_RESET.
-RESTARTABLE = True
 
 log = logging.getLogger("embervm.vsock")
 
@@ -114,33 +103,21 @@ class VsockHooks:
         self.device.process_backend(self.transport.serving)
 
 
-def build(args: dict[str, Any], fds: list[int]) -> tuple[MmioTransport, VsockHooks]:
-    """The device behind its transport, from the spawn arguments and fds."""
-    memfd, irqfd, _rx, _tx, _ev, listener_fd, _channel = fds
-    mem = GuestMemory.map(memfd, int(args["mem_size"]))
-    listener = socket.socket(fileno=listener_fd)
+def build(spawn: DeviceSpawn) -> tuple[MmioTransport, VsockHooks]:
+    """The device behind its transport, from the spawn contract."""
+    args = spawn.args
+    mem = GuestMemory.map(spawn.memfd, spawn.mem_size)
+    listener = socket.socket(fileno=spawn.backend_fds[0])
     muxer = UnixMuxer(int(args["guest_cid"]), str(args["uds_path"]), listener)
     device = VsockDevice(int(args["guest_cid"]), muxer)
-    if args.get("restore"):
+    if spawn.restore:
         # a replacement worker: the host sockets died with the old one, so the guest's
         # connections are gone; tell it once the restored device is active
         device.transport_reset()
-    transport = MmioTransport(device, mem, trigger=irq_trigger(irqfd))
+    transport = MmioTransport(device, mem, trigger=irq_trigger(spawn.irqfd))
     return transport, VsockHooks(device, muxer, transport)
 
 
 def run(args: dict[str, Any], fds: list[int]) -> int:
     """Worker entry point (in the forked child)."""
-    fds, recovery = split_recovery(args, fds)
-    if len(fds) != len(FDS):
-        raise ValueError(f"the vsock worker takes {len(FDS)} fds ({', '.join(FDS)}), got {len(fds)}")
-    _memfd, irqfd, rx, tx, ev, _listener, channel = fds
-    channels = Channels(
-        control_endpoint=str(args["control_endpoint"]),
-        fd_channel=channel,
-        queue_fds=[rx, tx, ev],
-        irqfd=irqfd,
-        name=str(args.get("name", "vsock")),
-        **recovery,
-    )
-    return run_device(channels, lambda: build(args, fds), SeccompSettings.from_args(args), POLICY)
+    return run_device_worker(VSOCK, args, fds, build, POLICY)

@@ -182,12 +182,12 @@ def test_guest_survives_a_drive_whose_worker_dies_mid_run_without_restarts(launc
     assert block_workers(vm)["rootfs"]["broken"] is True
 
 
-def test_update_device_swaps_the_backing_file_and_the_rate_limiter(looping_vm, tmp_path):
+def test_update_drive_swaps_the_backing_file_and_the_rate_limiter(looping_vm, tmp_path):
     vm, _ = looping_vm
     new_disk = make_disk(tmp_path / "new.img")
 
-    vm.update_device("drive", "rootfs", {"path_on_host": str(new_disk)})
-    vm.update_device("drive", "rootfs", {"rate_limiter": {"ops": {"size": 100, "refill_time": 1000}}})
+    vm.update_drive("rootfs", path_on_host=str(new_disk))
+    vm.update_drive("rootfs", rate_limiter={"ops": {"size": 100, "refill_time": 1000}})
 
     assert vm.metrics()["block_rootfs"]["update_count"] == 2
     assert str(new_disk) in fd_targets(block_workers(vm)["rootfs"]["pid"])

@@ -145,7 +145,7 @@ def test_mmds_update_pushed_at_run_time_and_patch_rate_limiters(
         with pytest.raises(DeviceUpdateError, match="invalid rate limiter"):
             vm.update_net("eth0", tx_rate_limiter={"ops": {"size": "x", "refill_time": 1}})
         with pytest.raises(DeviceUpdateError, match="no network interface"):
-            vm.update_device("network-interface", "eth9", {"rx_rate_limiter": {}})
+            vm.update_net("eth9", rx_rate_limiter={})
         net = vm.metrics()["net_eth0"]
         assert (net["update_count"], net["update_fails"], net["mmds_updates"]) == (1, 1, 1)
         kept = vm._slots["net_eth0"].plan.args  # what a replacement worker would start with

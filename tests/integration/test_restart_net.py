@@ -1,7 +1,7 @@
 """Fault containment with virtio-net (docs/faults.md): the net worker is killed while the
 host pings the guest; the replacement takes over the TAP and the rings, traffic resumes and
 the counters show the restart. Runs once the net worker opts in to restarts
-(`RESTARTABLE = True` and `split_recovery` in devices/net/worker.py)."""
+(`restartable` in the `NET` row of shared/device_kinds.py)."""
 
 from __future__ import annotations
 

@@ -35,6 +35,8 @@ from controlplane.vm_spec import DriveSpec, VmSpec
 from devices.vsock.messages import VsockTransportReset
 from shared import fdpass
 from shared import protocol as p
+from shared.device_kinds import DEVICE_KINDS
+from shared.spawn import DeviceSpawn, VcpuSpawn
 
 HEARTBEAT_S = 0.05
 UPDATES = (p.UpdateRateLimiter, p.UpdateNetRateLimiters, VsockTransportReset)
@@ -205,11 +207,11 @@ class FakeZygote:
             self.hold(record)
         record.at_exit = [fd_identity(fd) for fd in fds]
         channel = None
-        if kind != "vcpu":  # the fd channel: before the MMIO channel (and the state area)
-            channel = os.dup(fds[-3] if args.get("state_fd") else fds[-2])
+        if kind != "vcpu":  # a device worker: its fd channel, by the production spawn contract
+            channel = os.dup(DeviceSpawn.from_zygote(DEVICE_KINDS[kind], args, fds).fd_channel)
         worker = FakeWorker(self.ctx, kind, name, args, channel)
         if kind == "vcpu":
-            worker.console = socket.socket(fileno=os.dup(fds[2]))
+            worker.console = socket.socket(fileno=os.dup(VcpuSpawn.from_zygote(args, fds).console))
         if self.configure is not None:
             self.configure(worker)
         self.workers.append(worker)
@@ -291,10 +293,10 @@ def fake_vm(
     zygote.configure = configure
     launcher = SimpleNamespace(zygote=zygote, seccomp_kills=FakeKills())
     exits: list[tuple[int, str]] = []
-    devices = [DevicePlan("block", "rootfs", 1, {"drive_id": "rootfs"}, [os.open(disk, os.O_RDWR)], drive)]
+    devices = [DevicePlan("block", "rootfs", {"drive_id": "rootfs"}, [os.open(disk, os.O_RDWR)], drive)]
     if net_mmds:
         mmds = {"version": "V2", "document": b""}
-        devices.append(DevicePlan("net", "eth0", 2, {"iface_id": "eth0", "mmds": mmds}, [_eventfd()]))
+        devices.append(DevicePlan("net", "eth0", {"iface_id": "eth0", "mmds": mmds}, [_eventfd()]))
     for device in devices:
         device.queue_fds = [_eventfd() for _ in range(device.num_queues)]
         device.irqfd = _eventfd()

@@ -23,12 +23,16 @@ class FakeMicroVm:
         self.console_out = console_out
         self.on_exit = on_exit
         self.state = "Running"
+        self.failed = False
+        self.exit_reason: str | None = None
         self.calls: list[str] = []
         self.counters: dict[str, Any] = {"vcpu": {"exit_io_out": 0}, "uart": {"write_count": 0}}
         self.updates: list[tuple[str, str, dict[str, Any]]] = []
         self.exited = threading.Event()
         self.exit_code: int | None = None
         self.console_input = bytearray()
+        self.refuse_updates: str | None = None  # a worker's refusal, raised by the update calls
+        self.mmds_pushes: list[dict[str, Any] | None] = []
 
     def pause(self) -> None:
         self.calls.append("pause")
@@ -66,6 +70,36 @@ class FakeMicroVm:
 
     def workers(self) -> list[dict[str, Any]]:
         return [{"name": "vcpu", "pid": 4242, "alive": self.state != "Exited", "exit_reason": None}]
+
+    def update_drive(
+        self, drive_id: str, path_on_host: str | None = None, rate_limiter: dict[str, Any] | None = None
+    ) -> None:
+        self._updated("drive", drive_id, {"path_on_host": path_on_host, "rate_limiter": rate_limiter})
+
+    def update_net(
+        self,
+        iface_id: str,
+        rx_rate_limiter: dict[str, Any] | None = None,
+        tx_rate_limiter: dict[str, Any] | None = None,
+    ) -> None:
+        self._updated("net", iface_id, {"rx_rate_limiter": rx_rate_limiter, "tx_rate_limiter": tx_rate_limiter})
+
+    def _updated(self, kind: str, device_id: str, changes: dict[str, Any]) -> None:
+        if self.refuse_updates is not None:
+            raise RuntimeError(self.refuse_updates)
+        self.updates.append((kind, device_id, changes))
+
+    def update_mmds(self, document: dict[str, Any] | None) -> None:
+        self.mmds_pushes.append(document)
+
+    def faults(self) -> list[dict[str, Any]]:
+        return []
+
+    def inject_fault(self, device_id: str, spec: Any) -> None:
+        raise RuntimeError("the fake microVM injects no faults")
+
+    def clear_fault(self, device_id: str) -> bool:
+        return False
 
 
 class FakeLauncher:

@@ -138,8 +138,7 @@ def test_pause_resume_and_ctrl_alt_del_reach_the_microvm(api, files):
 def test_post_boot_drive_patch_is_validated_stored_and_forwarded(api, files):
     configure(api, files)
     start(api)
-    forwarded = []
-    api.vmm.device_updater = lambda vm, kind, dev, changes: forwarded.append((kind, dev, changes))
+    forwarded = api.vm.updates
     new = {
         "drive_id": "rootfs",
         "path_on_host": files["scratch"],
@@ -148,7 +147,7 @@ def test_post_boot_drive_patch_is_validated_stored_and_forwarded(api, files):
     assert_no_content(api.client.patch("/drives/rootfs", json=new))
     assert forwarded == [
         ("drive", "rootfs", {"path_on_host": files["scratch"], "rate_limiter": {"ops": {"size": 5, "refill_time": 10}}})
-    ]
+    ]  # MicroVm.update_drive, typed
     assert api.client.get("/vm/config").json()["drives"][0]["path_on_host"] == files["scratch"]
     assert "unknown field `is_read_only`" in fault(
         api.client.patch("/drives/rootfs", json={**new, "is_read_only": True})
@@ -166,29 +165,23 @@ def test_post_boot_drive_patch_is_validated_stored_and_forwarded(api, files):
 def test_post_boot_net_patch_forwards_and_a_worker_refusal_is_a_400(api, files):
     configure(api, files)
     start(api)
-
-    def refuse(vm, kind, dev, changes):
-        raise RuntimeError("rate limiter busy")
-
-    api.vmm.device_updater = refuse
+    api.vm.refuse_updates = "rate limiter busy"
     body = {"iface_id": "eth0", "rx_rate_limiter": {"bandwidth": {"size": 1, "refill_time": 1}}}
     assert fault(api.client.patch("/network-interfaces/eth0", json=body)) == (
         "Device update error: network-interface eth0: rate limiter busy"
     )
-    api.vmm.device_updater = lambda vm, kind, dev, changes: None
+    api.vm.refuse_updates = None
     assert_no_content(api.client.patch("/network-interfaces/eth0", json=body))
     assert "Invalid network interface ID" in fault(
         api.client.patch("/network-interfaces/eth9", json={"iface_id": "eth9"})
     )
 
 
-def test_default_device_updater_uses_microvm_update_device_when_present(api, files):
+def test_net_patch_calls_microvm_update_net_with_the_given_limiters(api, files):
     configure(api, files)
     start(api)
-    seen = []
-    api.vm.update_device = lambda kind, dev, changes: seen.append((kind, dev, changes))
     assert_no_content(api.client.patch("/network-interfaces/eth0", json={"iface_id": "eth0", "tx_rate_limiter": {}}))
-    assert seen == [("network-interface", "eth0", {"tx_rate_limiter": {}})]
+    assert api.vm.updates == [("net", "eth0", {"rx_rate_limiter": None, "tx_rate_limiter": {}})]
 
 
 def test_guest_exit_is_reported_and_post_boot_calls_then_fail(api, files):
