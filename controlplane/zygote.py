@@ -42,7 +42,7 @@ from controlplane.policy import ZYGOTE, drop_zygote_capabilities
 from shared import isolation
 from shared.confine import load_process_filter, warm_linecache
 from shared.device_kinds import DEVICE_KINDS
-from shared.process import close_fds_except, die_with_parent, set_process_name
+from shared.process import close_fds_except, die_with_parent, reset_inherited_io, set_process_name
 
 WorkerEntry = Callable[[dict[str, Any], list[int]], int]
 
@@ -269,6 +269,7 @@ def _spawn(
             os.dup2(devnull, 1)
             os.dup2(stderr_fd, 2)
             close_fds_except([0, 1, 2, *fds])
+            reset_inherited_io()  # nothing may write to an fd number the worker reuses
             args = dict(request.get("args", {}))
             args["isolation"] = {
                 "namespaces": namespaces,
