@@ -320,7 +320,7 @@ class MicroVm:
             raise VmStartError(f"cannot start the {what}: {e}") from None
         finally:
             os.close(stderr_w)
-        handle = WorkerHandle(name, kind, pid, os.pidfd_open(pid), stderr=WorkerStderr(name, stderr_r))
+        handle = WorkerHandle(name, kind, pid, os.pidfd_open(pid), stderr=WorkerStderr(name, pid, stderr_r))
         with self._cond:
             old = self._workers.get(handle.identity)
             slot = self._slots.get(name)
@@ -816,7 +816,11 @@ class MicroVm:
     def _read_stderr(self, fd: int) -> None:
         """A worker wrote to its stderr: log it, labelled and bounded (WorkerStderr)."""
         stderr = self._stderrs[fd]
-        if not stderr.read_and_log(log):
+        lines = stderr.read_lines()
+        for line in [stderr.rest()] if lines is None else lines:
+            if line:
+                self._worker_logs.relay(stderr.name, stderr.pid, "warning", line)
+        if lines is None:
             self._poller.unregister(fd)
             del self._stderrs[fd]
 

@@ -9,10 +9,8 @@ here (`alive`, `exit_reason`), reported, and its device simply stops answering.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import socket
-import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -45,66 +43,43 @@ class RestartHistory:
         self.metrics_base = add_groups(self.metrics_base, metrics)
 
 
-STDERR_MAX_LINE = 512  # bytes of one line logged; the rest is cut
-STDERR_BURST = 20  # lines logged at once before the rate applies
-STDERR_LINES_PER_S = 5.0
+STDERR_MAX_LINE = 4096  # bytes of a line without an end before it is passed on as it is
 STDERR_READ = 4096
-
-
-def printable(text: str) -> str:
-    """`text` with every control or unprintable character escaped, so that what a worker
-    writes stays on one line and can never pass for another line of the supervisor's log."""
-    return "".join(ch if ch.isprintable() else f"\\x{ord(ch):02x}" for ch in text)
 
 
 class WorkerStderr:
     """A worker's stderr pipe, read by the monitor thread: nothing a worker writes reaches
-    embervm's own stderr. Each line is logged labelled with the worker's name, escaped,
-    cut at STDERR_MAX_LINE bytes, and at most STDERR_LINES_PER_S a second after a burst of
-    STDERR_BURST (the lines dropped are counted and the count logged)."""
+    embervm's own stderr. It only cuts what arrives into lines; the monitor hands each one
+    to the same relay as the worker's `Log` messages (controlplane.worker_log: labelled,
+    escaped, cut and rate-limited per worker)."""
 
-    def __init__(self, name: str, fd: int) -> None:
+    def __init__(self, name: str, pid: int, fd: int) -> None:
         self.name = name
+        self.pid = pid
         self.fd = fd
-        self.dropped = 0
         self._partial = b""
-        self._tokens = float(STDERR_BURST)
-        self._refilled = time.monotonic()
 
-    def read_and_log(self, log: logging.Logger) -> bool:
-        """Read what is there and log its whole lines; False once the pipe is closed."""
+    def read_lines(self) -> list[str] | None:
+        """The whole lines that arrived (at most STDERR_READ bytes a call); None once the
+        pipe is closed (`rest` then has what was left of an unfinished last line)."""
         try:
             data = os.read(self.fd, STDERR_READ)
         except BlockingIOError:
-            return True
+            return []
         except OSError:
             data = b""
         if not data:
-            if self._partial:
-                self._emit(log, self._partial)
-                self._partial = b""
-            return False
+            return None
         *lines, self._partial = (self._partial + data).split(b"\n")
-        if len(self._partial) > STDERR_MAX_LINE:  # a line without an end: log what we have
+        if len(self._partial) > STDERR_MAX_LINE:  # a line without an end: pass on what we have
             lines.append(self._partial)
             self._partial = b""
-        for line in lines:
-            self._emit(log, line)
-        return True
+        return [line.decode("utf-8", "replace") for line in lines]
 
-    def _emit(self, log: logging.Logger, line: bytes) -> None:
-        now = time.monotonic()
-        self._tokens = min(float(STDERR_BURST), self._tokens + (now - self._refilled) * STDERR_LINES_PER_S)
-        self._refilled = now
-        if self._tokens < 1:
-            self.dropped += 1
-            return
-        self._tokens -= 1
-        if self.dropped:
-            log.warning("[%s worker stderr] (%d lines dropped: rate limit)", self.name, self.dropped)
-            self.dropped = 0
-        text = printable(line[:STDERR_MAX_LINE].decode("utf-8", "replace"))
-        log.warning("[%s worker stderr] %s", self.name, text)
+    def rest(self) -> str:
+        """What was left of an unfinished last line (once the pipe is closed)."""
+        rest, self._partial = self._partial, b""
+        return rest.decode("utf-8", "replace")
 
     def close(self) -> None:
         if self.fd >= 0:
