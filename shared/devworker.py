@@ -496,7 +496,7 @@ def enter_confinement(ctx: zmq.Context, isolation_args: dict[str, Any]) -> None:
     without (--no-namespaces), `drop_privileges` ran before any thread started."""
     if isolation_args.get("namespaces"):
         wait_for_zmq_threads(ctx)  # reads /proc: the last look at the host's filesystem
-        isolation.isolate_after_connect(int(isolation_args.get("host_pid", 0)), True)
+        isolation.isolate_after_connect(int(isolation_args.get("host_pid", 0)))
         die_with_parent(signal.SIGKILL)  # a change of uid cleared it
         drop_privileges(threads_started=True)
 

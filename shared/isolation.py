@@ -191,9 +191,7 @@ def become_worker_user(pid_on_host: int) -> int:
     return worker_id
 
 
-def isolate_after_connect(pid_on_host: int, namespaces: bool) -> None:
+def isolate_after_connect(pid_on_host: int) -> None:
     """Steps 4-5 of the module docstring, for a worker whose channels are now connected."""
-    if not namespaces:
-        return
     enter_empty_root()
     become_worker_user(pid_on_host)
