@@ -294,5 +294,6 @@ def build_guest(spec: VmSpec, devices: list[DevicePlan] | None = None) -> GuestP
         "msrs": [list(m) for m in boot_msrs()],
         "cpu_template": spec.cpu_config or {},
         "cpuid_clear": [list(c) for c in spec.cpuid_clear],
+        "track_dirty_pages": spec.track_dirty_pages,
     }
     return GuestPlan(memfd, vcpu_args, cmdline)

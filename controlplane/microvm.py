@@ -60,6 +60,7 @@ from controlplane.faults import (
     RestartPolicy,
     RestartTracker,
 )
+from controlplane.snapshot_restore import PreparedLoad, SnapshotReplies, restore_microvm, seed_state_area
 from controlplane.vm_spec import VmSpec
 from controlplane.worker_handle import (
     VCPU_GROUPS,
@@ -80,6 +81,7 @@ from shared.confine import settings_for
 from shared.device_kinds import BLOCK, NET, VSOCK
 from shared.devstate import FATAL_CRASH, FATAL_HANG, create_state_memfd, read_area, read_state, take_fatal
 from shared.devworker_client import channel_pair as mmio_channel_pair
+from shared.dirty import create_dirty_memfd
 from shared.kvm import Kvm, KvmError, open_kvm
 from shared.ratelimit import TokenBucket
 from shared.seccomp import Filter, PolicyError, SeccompKillLog, load_filter_file
@@ -103,6 +105,7 @@ VCPU = "vcpu"
 
 ExitCallback = Callable[[int, str], None]
 T = TypeVar("T")
+R = TypeVar("R", bound=p.Message)
 Limits = dict[str, Any] | None  # the API's RateLimiter body
 
 
@@ -132,9 +135,14 @@ class DeviceSlot:
     history: RestartHistory = dataclasses.field(default_factory=RestartHistory)
     restart_at: float | None = None
     exhausted: bool = False  # the next worker only sets DEVICE_NEEDS_RESET
+    dirty_fd: int = -1  # the device workers' dirty page log (shared.dirty), with track_dirty_pages
 
     def close(self) -> None:
         self.plan.close()
+        if self.dirty_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.dirty_fd)
+            self.dirty_fd = -1
         if self.state_fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.state_fd)
@@ -220,6 +228,12 @@ class Launcher:
         vm.cmdline = plan.cmdline
         return vm
 
+    def restore_vm(self, prepared: PreparedLoad, console_out: BinaryIO, on_exit: ExitCallback) -> MicroVm:
+        """A microVM from a checked snapshot (controlplane.snapshot): the devices' backends
+        are opened as at boot, guest memory comes from the memory file, and each worker
+        restores its part. Fails, with nothing left running, like `start_vm`."""
+        return restore_microvm(self, prepared, console_out, on_exit)
+
     def shutdown(self) -> None:
         self.zygote.shutdown()
         self.seccomp_kills.close()
@@ -273,16 +287,24 @@ class MicroVm:
         self._poller = zmq.Poller()
         self._pidfds: dict[int, WorkerHandle] = {}
         self._stderrs: dict[int, WorkerStderr] = {}
+        self.snapshots = SnapshotReplies()  # answers to controlplane.snapshot's questions
 
     # --- start-up -------------------------------------------------------------------------
-    def _start(self, kvm_fd: int, plan: GuestPlan, devices: list[DevicePlan]) -> None:
+    def _start(
+        self, kvm_fd: int, plan: GuestPlan, devices: list[DevicePlan], restored: dict[str, Any] | None = None
+    ) -> None:
+        """Spawn the workers; `restored`: per device name, a snapshot's state for its worker."""
         mmio: dict[str, socket.socket] = {}  # device name -> the vCPU worker's end of its MMIO channel
+        restored = restored or {}
         try:
             self._memfd = os.dup(plan.memfd)
             for device in devices:
                 self._keep(device)
+                if device.name in restored:
+                    seed_state_area(self._slots[device.name].state_fd, restored[device.name])
             for device in devices:
-                mmio[device.name] = self._spawn_device_worker(self._slots[device.name].plan, self._memfd)
+                slot = self._slots[device.name]
+                mmio[device.name] = self._spawn_device_worker(slot.plan, self._memfd, restore=device.name in restored)
             self._spawn_vcpu_worker(kvm_fd, plan.memfd, plan.vcpu_args, devices, mmio)
         except VmStartError:
             self._abort_start()
@@ -305,6 +327,8 @@ class MicroVm:
         state_fd = create_state_memfd(device.name) if device.device_kind.restartable else -1
         policy = RestartPolicy.from_dict(self.spec.restart_policy, device.device_id)
         self._slots[device.name] = DeviceSlot(kept, state_fd, RestartTracker(policy))
+        if self.spec.track_dirty_pages:
+            self._slots[device.name].dirty_fd = create_dirty_memfd(device.name, self.spec.mem_size)
 
     def _spawn(self, kind: str, name: str, args: dict[str, Any], fds: list[int], what: str) -> WorkerHandle:
         namespaces = not self.spec.no_namespaces
@@ -370,6 +394,7 @@ class MicroVm:
             state_fd=slot.state_fd if slot is not None else -1,
             restore=restore,
             needs_reset=needs_reset,
+            dirty_fd=slot.dirty_fd if slot is not None else -1,
         )
         try:
             try:
@@ -464,6 +489,37 @@ class MicroVm:
                     os.kill(handle.pid, signal.SIGKILL)
                 self._reap(handle)
         self._close()
+
+    # --- snapshots (controlplane.snapshot) ----------------------------------------------------
+    def ask(self, worker: str, msg: p.Message, reply: type[R], timeout: float) -> R:
+        """Send `msg` to `worker` and wait for its `reply` (TimeoutError when none comes)."""
+        with self._cond:
+            self.snapshots.expect(worker, reply)
+        self._command(msg, worker.encode())
+        with self._cond:
+            self._cond.wait_for(lambda: self.snapshots.has(worker) or self.state == "Exited", timeout)
+            answer = self.snapshots.take(worker)
+        if not isinstance(answer, reply):
+            raise TimeoutError(f"the {worker} worker did not answer {msg.TYPE!r}")
+        return answer
+
+    def device_slots(self) -> dict[str, DeviceSlot]:
+        return dict(self._slots)
+
+    @property
+    def memfd(self) -> int:
+        return self._memfd
+
+    @property
+    def has_snapshot_base(self) -> bool:
+        return self.snapshots.has_base
+
+    def snapshot_taken(self) -> None:
+        self.snapshots.has_base = True
+
+    def take_device_dirty_pages(self) -> int:
+        """The pages device workers wrote since the last call, as a bitmap integer."""
+        return self.snapshots.take_device_dirty(self._slots)
 
     # --- the API's verbs ------------------------------------------------------------------------
     def pause(self) -> None:
@@ -1219,6 +1275,10 @@ class MicroVm:
             self._broker_vsock_connect(handle, msg)
         elif isinstance(msg, p.UpdateResult):
             self._answer(handle, msg)
+        elif isinstance(msg, p.VmState | p.DeviceHeld | p.DirtyPages):
+            if not self.snapshots.answer(handle.name, msg):
+                self.trust.bad_request_id += 1
+                self._distrust(handle, f"an unrequested {msg.TYPE!r} message")
         elif isinstance(msg, p.StateChanged):
             if msg.state not in ("Running", "Paused"):
                 self.trust.malformed += 1

@@ -55,6 +55,8 @@ class VmSpec:
     # restart policy of every device worker (controlplane.faults.RestartPolicy fields).
     enable_fault_injection: bool = False
     restart_policy: dict[str, Any] | None = None  # RestartPolicy fields, and per device id: {id: {fields}}
+    # machine-config's track_dirty_pages: KVM's dirty log + device DMA writes (Diff snapshots).
+    track_dirty_pages: bool = False
 
     @property
     def mem_size(self) -> int:

@@ -57,6 +57,7 @@ from shared import protocol as p
 from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, install_filter
 from shared.device_kinds import DeviceKind
 from shared.devstate import StateArea, StateAreaError
+from shared.dirty import DirtyLog
 from shared.eventloop import EventLoop
 from shared.faultinject import Fault, FaultInjector
 from shared.memlimit import limit_memory
@@ -112,6 +113,7 @@ class Channels:
     restore: bool = False  # a replacement worker: restore the state area's snapshot
     needs_reset: bool = False  # ... and set DEVICE_NEEDS_RESET instead of serving
     isolation: dict[str, Any] = field(default_factory=dict)  # from the zygote: namespaces, host_pid
+    dirty_fd: int = -1  # the dirty page log (shared.dirty); -1: dirty pages are not tracked
 
 
 def irq_trigger(irqfd: int) -> Callable[[], None]:
@@ -196,9 +198,9 @@ class DeviceWorker:
         self.loop.register(self.fd_channel.fileno(), FD_CHANNEL, self)
         for index, fd in enumerate(self.channels.queue_fds):
             self.loop.register(fd, QUEUE + index, self)
-        self.loop.add_timer(self._backlog_delay, self._drain_backlog)
-        self.loop.add_timer(lambda: self._next_metrics - time.monotonic(), self._push_metrics)
-        self.loop.add_timer(lambda: self._next_heartbeat - time.monotonic(), self._heartbeat)
+        self.loop.add_timer(self._backlog_delay, self._drain_backlog, always=True)
+        self.loop.add_timer(lambda: self._next_metrics - time.monotonic(), self._push_metrics, always=True)
+        self.loop.add_timer(lambda: self._next_heartbeat - time.monotonic(), self._heartbeat, always=True)
 
     # --- sending -------------------------------------------------------------------------
 
@@ -397,6 +399,8 @@ class DeviceWorker:
             self.loop.stop()
         elif isinstance(msg, p.FlushMetrics):
             self._push_metrics()
+        elif isinstance(msg, p.HoldDevice):
+            self.hold(msg.hold)
         elif isinstance(msg, p.InjectFault):
             fault = None
             if msg.kind:
@@ -417,6 +421,19 @@ class DeviceWorker:
             answer = self.hooks.handle_control(msg)
             if answer is not None:
                 self.send(answer)
+
+    def hold(self, hold: bool) -> None:
+        """Snapshot (`HoldDevice`): stop serving the queues and the backends (only the control,
+        MMIO and fd channels stay), so neither guest memory nor the state area changes while
+        the supervisor copies them; the state area is written first. A released worker sees
+        at once the kicks and backend data that came meanwhile (level-triggered epoll)."""
+        if hold:
+            keep = {int(self.control.getsockopt(zmq.FD)), self.mmio.fileno(), self.fd_channel.fileno()}
+            self.loop.hold(keep)
+            self.persist_state(force=True)
+        else:
+            self.loop.release()
+        self.send(p.DeviceHeld(hold))
 
     def _on_fd_channel(self) -> None:
         try:
@@ -519,6 +536,7 @@ def run_device_worker(kind: DeviceKind, args: dict[str, Any], fds: list[int], bu
         restore=spawn.restore,
         needs_reset=spawn.needs_reset,
         isolation=spawn.isolation,
+        dirty_fd=spawn.dirty_fd,
     )
     return run_device(channels, lambda: build(spawn), SeccompSettings.from_args(args), policy)
 
@@ -547,6 +565,8 @@ def run_device(
         try:
             enter_confinement(ctx, channels.isolation)
             transport, hooks = build()
+            if channels.dirty_fd >= 0:
+                transport.mem.dirty = DirtyLog(channels.dirty_fd)
             worker = DeviceWorker(transport, hooks, channels, control)
             worker.test_hooks = seccomp.test_hooks
             if not namespaced:

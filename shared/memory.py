@@ -14,6 +14,7 @@ import mmap
 import os
 from collections.abc import Sequence
 
+from shared.dirty import DirtyLog
 from shared.layout import MemoryRegion, ram_regions
 
 F_ADD_SEALS = 1033
@@ -55,6 +56,7 @@ class GuestMemory:
         self._map = mapping
         self._view = memoryview(mapping)
         self.regions = tuple(regions)
+        self.dirty: DirtyLog | None = None  # a device worker's write log (track_dirty_pages)
 
     @classmethod
     def map(cls, memfd: int, mem_size: int) -> GuestMemory:
@@ -107,6 +109,8 @@ class GuestMemory:
         must be validated before acting on it.
         """
         start = self.offset_of(addr, length)
+        if self.dirty is not None:
+            self.dirty.mark(start, length)
         return self._view[start : start + length]
 
     def read(self, addr: int, length: int) -> bytes:

@@ -15,6 +15,8 @@ worker's `run(args, fds)` gets them back with `DeviceSpawn.from_zygote` (through
     mmio_channel  SEQPACKET socket to the vCPU worker: register reads and writes
     state         only with args["state_fd"]: the device's state area (shared.devstate),
                   what a replacement worker restores (args "restore", "needs_reset")
+    dirty         only with args["dirty_fd"]: the device's dirty page log (shared.dirty),
+                  when the microVM tracks dirty pages (Diff snapshots)
 
 The args are the kind's own (drive_id, ...) plus mem_size, control_endpoint and name, and
 from the zygote "isolation" and "seccomp".
@@ -43,12 +45,15 @@ class DeviceSpawn:
     state_fd: int = -1  # -1: no state area (a kind that is not restarted)
     restore: bool = False  # a replacement worker: restore the state area's snapshot
     needs_reset: bool = False  # ... and set DEVICE_NEEDS_RESET instead of serving
+    dirty_fd: int = -1  # the dirty page log (shared.dirty); -1: no dirty tracking
 
     @staticmethod
-    def roles(kind: DeviceKind, state: bool) -> tuple[str, ...]:
+    def roles(kind: DeviceKind, state: bool, dirty: bool = False) -> tuple[str, ...]:
         """The fds' roles in order (what an error message lists)."""
-        return ("memfd", "irqfd", *kind.queues, *kind.backends, "fd_channel", "mmio_channel") + (
-            ("state",) if state else ()
+        return (
+            ("memfd", "irqfd", *kind.queues, *kind.backends, "fd_channel", "mmio_channel")
+            + (("state",) if state else ())
+            + (("dirty",) if dirty else ())
         )
 
     def to_zygote(self) -> tuple[dict[str, Any], list[int]]:
@@ -63,13 +68,16 @@ class DeviceSpawn:
         if self.state_fd >= 0:
             args.update(state_fd=True, restore=self.restore, needs_reset=self.needs_reset)
             fds.append(self.state_fd)
+        if self.dirty_fd >= 0:
+            args["dirty_fd"] = True
+            fds.append(self.dirty_fd)
         return args, fds
 
     @classmethod
     def from_zygote(cls, kind: DeviceKind, args: dict[str, Any], fds: list[int]) -> DeviceSpawn:
         """What `to_zygote` built, back in the worker; ValueError when the fds do not match."""
-        state = bool(args.get("state_fd"))
-        roles = cls.roles(kind, state)
+        state, dirty = bool(args.get("state_fd")), bool(args.get("dirty_fd"))
+        roles = cls.roles(kind, state, dirty)
         if len(fds) != len(roles):
             raise ValueError(f"the {kind.name} worker takes {len(roles)} fds ({', '.join(roles)}), got {len(fds)}")
         queues_end = 2 + kind.num_queues
@@ -83,7 +91,8 @@ class DeviceSpawn:
             fd_channel=fds[backends_end],
             mmio_channel=fds[backends_end + 1],
             args=args,
-            state_fd=fds[-1] if state else -1,
+            state_fd=fds[backends_end + 2] if state else -1,
+            dirty_fd=fds[-1] if dirty else -1,
             restore=bool(args.get("restore", False)),
             needs_reset=bool(args.get("needs_reset", False)),
         )

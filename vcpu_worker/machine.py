@@ -17,6 +17,7 @@ from shared.boot import cpuid
 from shared.boot.cpu_state import BootCpuState, set_lint
 from shared.kvm import Kvm, Vcpu, Vm, host_address_of
 from shared.memory import GuestMemory
+from vcpu_worker import vm_state
 
 
 @dataclass
@@ -71,6 +72,8 @@ def build_machine(kvm_fd: int, memfd: int, args: dict[str, Any]) -> Machine:
     base = host_address_of(mem.host_mapping)
     for region in mem.regions:
         vm.add_memory(region.guest_addr, region.size, base + region.file_offset)
+    if args.get("restore") is not None:
+        return _restore_machine(kvm, vm, mem, vcpu_count, args)
     supported = kvm.supported_cpuid()
     state = BootCpuState.from_dict(args["cpu_state"])
     msrs = [(int(i), int(v)) for i, v in args["msrs"]]
@@ -87,4 +90,18 @@ def build_machine(kvm_fd: int, memfd: int, args: dict[str, Any]) -> Machine:
         vcpu.set_cpuid(entries)
         configure_vcpu(vcpu, state, msrs)
         vcpus.append(vcpu)
+    return Machine(kvm, vm, mem, vcpus)
+
+
+def _restore_machine(kvm: Kvm, vm: Vm, mem: GuestMemory, vcpu_count: int, args: dict[str, Any]) -> Machine:
+    """A snapshot's machine: the vCPUs and VM-wide devices in their saved state
+    (`vcpu_worker.vm_state`); guest memory already holds the snapshot's contents."""
+    state = vm_state.check_state(args["restore"], vcpu_count)
+    vcpus = []
+    for vcpu_id, saved in enumerate(state["vcpus"]):
+        vcpu = vm.create_vcpu(vcpu_id)
+        vm_state.restore_cpuid(vcpu, saved)
+        vm_state.restore_vcpu(kvm, vcpu, saved)
+        vcpus.append(vcpu)
+    vm_state.restore_vm(vm, state)
     return Machine(kvm, vm, mem, vcpus)

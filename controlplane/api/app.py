@@ -21,6 +21,7 @@ from controlplane.api import (
     mmds,
     network,
     restart_policy,
+    snapshot,
     unsupported,
     vsock,
 )
@@ -43,6 +44,7 @@ _ROUTERS = (
     mmds,
     faults,
     restart_policy,
+    snapshot,
     unsupported,
 )
 

@@ -14,8 +14,6 @@ _RESOURCES = {
     "/balloon/hinting/start": "the balloon device",
     "/balloon/hinting/status": "the balloon device",
     "/balloon/hinting/stop": "the balloon device",
-    "/snapshot/create": "snapshots",
-    "/snapshot/load": "snapshots",
     "/pmem/{pmem_id}": "pmem devices",
     "/serial": "serial console configuration",
     "/hotplug/memory": "memory hotplug",

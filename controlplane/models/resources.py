@@ -163,6 +163,43 @@ class Resources:
                 raise ConfigError("MMDS config error: The MMDS IPv4 address is not link local.")
         self.mmds_config = config
 
+    def unconfigured(self) -> bool:
+        """Nothing boot-specific was configured (what PUT /snapshot/load requires)."""
+        return (
+            self.boot_source is None
+            and self.machine == Resources().machine
+            and self.cpu_config is None
+            and not self.drives
+            and not self.net
+            and self.vsock is None
+            and self.entropy is None
+            and self.mmds_config is None
+        )
+
+    def restored_from(self, config: dict[str, Any], spec: Any) -> Resources:
+        """After a snapshot load: the snapshot's configuration (GET /vm/config), with the
+        loaded microVM's dirty tracking and network overrides; invalid parts are left out."""
+        from controlplane.models import VmmConfigFile, parse_value
+
+        restored = Resources(logger=self.logger, metrics=self.metrics, restart_policy=self.restart_policy)
+        try:
+            loaded = parse_value(VmmConfigFile, {k: v for k, v in config.items() if v is not None})
+        except Exception:
+            return restored
+        restored.boot_source = loaded.boot_source
+        if loaded.machine_config is not None:
+            restored.machine = loaded.machine_config.model_copy(update={"track_dirty_pages": spec.track_dirty_pages})
+        restored.drives = {d.drive_id: d for d in loaded.drives}
+        taps = {str(i["iface_id"]): str(i["host_dev_name"]) for i in spec.network_interfaces}
+        restored.net = {
+            n.iface_id: n.model_copy(update={"host_dev_name": taps.get(n.iface_id, n.host_dev_name)})
+            for n in loaded.network_interfaces
+        }
+        restored.vsock = loaded.vsock
+        restored.entropy = loaded.entropy
+        restored.mmds_config = loaded.mmds_config
+        return restored
+
     def full_config(self) -> dict[str, Any]:
         """GET /vm/config: the --config-file document for the current configuration."""
 

@@ -1,0 +1,141 @@
+"""Starting a microVM from a snapshot, and the monitor's bookkeeping of snapshot answers.
+
+`restore_microvm` is `Launcher.restore_vm`: it opens the devices' backends exactly as a boot
+does (a missing drive or TAP fails here, before any process starts), checks that they are
+the snapshot's devices, fills a new guest memfd from the memory file
+(shared.snapshot_memory), seeds each device's state area with the device's saved state, and
+spawns the workers: device workers restore from their state area as a replacement worker
+does (docs/faults.md), the vCPU worker from the saved VM state (vcpu_worker.vm_state). A
+failure at any step kills what was spawned and closes what was opened (`MicroVm._start`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import TYPE_CHECKING, Any, BinaryIO
+
+from controlplane.builder import GuestPlan, close_plans, plan_devices, remove_vsock_socket
+from controlplane.snapshot import PreparedLoad, SnapshotError, check_devices
+from shared import protocol as p
+from shared.boot.errors import BootError
+from shared.devstate import StateArea
+from shared.kvm import Kvm, KvmError, open_kvm
+from shared.snapshot_memory import load_memory
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from controlplane.microvm import DeviceSlot, Launcher, MicroVm
+
+__all__ = ["PreparedLoad", "SnapshotReplies", "restore_microvm", "seed_state_area"]
+
+log = logging.getLogger("embervm.snapshot")
+
+
+class SnapshotReplies:
+    """The answers the snapshot code waits for, one question per worker at a time (the
+    monitor thread files them, under the MicroVm's condition). An answer nobody asked for
+    is hostile (the monitor kills its sender); a late one, after its question timed out,
+    is dropped."""
+
+    def __init__(self) -> None:
+        self._expected: dict[str, type[p.Message]] = {}
+        self._late: dict[str, type[p.Message]] = {}
+        self._answers: dict[str, p.Message] = {}
+        self.has_base = False  # a snapshot was taken or loaded: a Diff can be against it
+
+    def expect(self, worker: str, reply: type[p.Message]) -> None:
+        self._answers.pop(worker, None)
+        self._expected[worker] = reply
+
+    def answer(self, worker: str, msg: p.Message) -> bool:
+        """File `msg` from `worker`; False when nobody asked for it."""
+        if self._expected.get(worker) is type(msg):
+            del self._expected[worker]
+            self._answers[worker] = msg
+            return True
+        if self._late.get(worker) is type(msg):
+            del self._late[worker]
+            return True
+        return False
+
+    def has(self, worker: str) -> bool:
+        return worker in self._answers
+
+    def take(self, worker: str) -> p.Message | None:
+        expected = self._expected.pop(worker, None)
+        if expected is not None:
+            self._late[worker] = expected
+        return self._answers.pop(worker, None)
+
+    def take_device_dirty(self, slots: dict[str, DeviceSlot]) -> int:
+        """The pages the device workers wrote since the last call (see docs/snapshots.md)."""
+        from shared.dirty import take_dirty
+
+        merged = 0
+        for slot in slots.values():
+            if slot.dirty_fd >= 0:
+                merged |= take_dirty(slot.dirty_fd)
+        return merged
+
+
+def seed_state_area(state_fd: int, saved: dict[str, Any]) -> None:
+    """Write a snapshot's device state into a fresh state area (its transport part only:
+    the counters start again at zero, as in a new process)."""
+    if state_fd < 0:
+        return
+    area = StateArea(state_fd)
+    try:
+        area.write({"transport": saved.get("transport")})
+    finally:
+        area.close()
+
+
+def restore_microvm(
+    launcher: Launcher, prepared: PreparedLoad, console_out: BinaryIO, on_exit: Callable[[int, str], None]
+) -> MicroVm:
+    from controlplane.microvm import MicroVm, VmStartError
+
+    spec = prepared.spec
+    launcher._count += 1
+    try:
+        kvm_fd = open_kvm()
+    except KvmError as e:
+        raise VmStartError(str(e)) from None
+    devices = []
+    memfd = -1
+    try:
+        Kvm(kvm_fd).check()
+        devices = plan_devices(spec)
+        restored = check_devices(prepared, [(d.name, d.kind) for d in devices])
+        memfd = load_memory(prepared.mem_file, spec.mem_size, f"embervm-{spec.vm_id}-mem")
+    except (KvmError, BootError, OSError, ValueError, SnapshotError) as e:
+        os.close(kvm_fd)
+        close_plans(devices)
+        if any(d.kind == "vsock" for d in devices):
+            remove_vsock_socket(spec)
+        raise VmStartError(str(e)) from None
+    vcpu_args: dict[str, Any] = {
+        "mem_size": spec.mem_size,
+        "vcpu_count": spec.vcpu_count,
+        "restore": prepared.vm_state,
+        "start_paused": not prepared.resume,
+        "track_dirty_pages": spec.track_dirty_pages,
+    }
+    vm = MicroVm(launcher, spec, console_out, on_exit, f"{launcher.run_dir}/vm{launcher._count}")
+    try:
+        vm._start(kvm_fd, GuestPlan(memfd, vcpu_args, ""), devices, restored)
+    finally:
+        os.close(kvm_fd)
+        os.close(memfd)
+        close_plans(devices)
+    vm.snapshots.has_base = True
+    if not prepared.resume:
+        with vm._cond:
+            vm.state = "Paused"
+    if any(d.kind == "vsock" for d in devices):
+        with contextlib.suppress(Exception):  # a guest whose driver never set up vsock: nothing to reset
+            vm.vsock_transport_reset()
+    return vm

@@ -1,0 +1,213 @@
+"""Snapshots through the API of real `embervm` processes, with the test guest's `test=snap`:
+a guest that counts in memory and does block I/O is paused, snapshotted, killed, and
+restored in a new process, where it goes on counting with the same disk and memory."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from guest.build import GuestImages
+from tests.integration.test_api_boot import Embervm, wait_connectable
+from tests.support.api_client import ApiClient, assert_no_content, fault
+from tests.support.waiting import wait_until
+
+MEM_MIB = 64
+COUNT = re.compile(r"snap: count (\d+) ok")
+
+
+class Vm:
+    """One embervm process and its API client."""
+
+    def __init__(self, tmp_path: Path, name: str) -> None:
+        self.sock = str(tmp_path / f"{name}.sock")
+        self.proc = Embervm("--api-sock", self.sock)
+        self.client = ApiClient(self.sock)
+        wait_connectable(self.sock, self.proc)
+
+    def counts(self) -> list[int]:
+        return [int(m) for m in COUNT.findall(self.proc.console.text)]
+
+    def wait_count_past(self, count: int, timeout: float = 20.0) -> int:
+        ok = wait_until(lambda: any(c > count for c in self.counts()), timeout=timeout)
+        assert ok, (
+            f"no count past {count}; console:\n{self.proc.console.text[-2000:]}\nstderr:\n{self.proc.stderr.text[-4000:]}"
+        )
+        return max(self.counts())
+
+    def snapshot(self, tmp_path: Path, tag: str, kind: str = "Full") -> tuple[str, str]:
+        paths = str(tmp_path / f"{tag}.state"), str(tmp_path / f"{tag}.mem")
+        body = {"snapshot_type": kind, "snapshot_path": paths[0], "mem_file_path": paths[1]}
+        assert_no_content(self.client.put("/snapshot/create", json=body))
+        return paths
+
+    def kill(self) -> None:
+        self.client.close()
+        if self.proc.proc.poll() is None:
+            os.kill(self.proc.proc.pid, signal.SIGKILL)
+        self.proc.close()
+
+
+@pytest.fixture
+def vms(tmp_path: Path) -> Iterator[list[Vm]]:
+    started: list[Vm] = []
+    yield started
+    for vm in started:
+        vm.kill()
+
+
+def boot_counting_guest(tmp_path: Path, guest: GuestImages, vms: list[Vm], track_dirty: bool = False) -> Vm:
+    (tmp_path / "disk.img").write_bytes(bytes(256 * 512))
+    vm = Vm(tmp_path, "source")
+    vms.append(vm)
+    machine = {"vcpu_count": 1, "mem_size_mib": MEM_MIB, "track_dirty_pages": track_dirty}
+    assert_no_content(vm.client.put("/machine-config", json=machine))
+    boot = {"kernel_image_path": str(guest.elf), "boot_args": "test=snap snap.delay=20000"}
+    assert_no_content(vm.client.put("/boot-source", json=boot))
+    drive = {"drive_id": "disk", "path_on_host": str(tmp_path / "disk.img"), "is_root_device": False}
+    assert_no_content(vm.client.put("/drives/disk", json=drive))
+    assert_no_content(vm.client.put("/actions", json={"action_type": "InstanceStart"}))
+    vm.wait_count_past(2)
+    return vm
+
+
+def load(tmp_path: Path, vms: list[Vm], name: str, state: str, mem: str, **extra: object) -> Vm:
+    vm = Vm(tmp_path, name)
+    vms.append(vm)
+    body = {"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}, "resume_vm": True}
+    assert_no_content(vm.client.put("/snapshot/load", json={**body, **extra}))
+    return vm
+
+
+def test_create_is_refused_while_running(tmp_path, guest_images, vms):
+    vm = boot_counting_guest(tmp_path, guest_images, vms)
+    body = {"snapshot_type": "Full", "snapshot_path": str(tmp_path / "s"), "mem_file_path": str(tmp_path / "m")}
+
+    message = fault(vm.client.put("/snapshot/create", json=body))
+
+    assert "save/restore unavailable while running" in message
+    assert not (tmp_path / "s").exists() and not (tmp_path / "m").exists()
+
+
+def test_diff_is_refused_without_dirty_tracking(tmp_path, guest_images, vms):
+    vm = boot_counting_guest(tmp_path, guest_images, vms)
+    assert_no_content(vm.client.patch("/vm", json={"state": "Paused"}))
+    body = {"snapshot_type": "Diff", "snapshot_path": str(tmp_path / "s"), "mem_file_path": str(tmp_path / "m")}
+
+    message = fault(vm.client.put("/snapshot/create", json=body))
+
+    assert message == "Diff snapshots are not allowed on uVMs with dirty page tracking disabled."
+
+
+def test_full_snapshot_restores_in_a_new_process_and_goes_on_counting(tmp_path, guest_images, vms):
+    source = boot_counting_guest(tmp_path, guest_images, vms)
+    assert_no_content(source.client.patch("/vm", json={"state": "Paused"}))
+    last = max(source.counts())
+    state, mem = source.snapshot(tmp_path, "full")
+    source.kill()
+
+    restored = load(tmp_path, vms, "restored", state, mem)
+
+    after = restored.wait_count_past(last + 2)
+    text = restored.proc.console.text
+    assert "FAIL" not in text, text
+    assert min(restored.counts()) in (last, last + 1), (last, restored.counts()[:3])
+    assert after > last + 2
+    info = restored.client.get("/").json()
+    assert info["state"] == "Running"
+
+
+def test_load_without_resume_stays_paused_until_resumed(tmp_path, guest_images, vms):
+    source = boot_counting_guest(tmp_path, guest_images, vms)
+    assert_no_content(source.client.patch("/vm", json={"state": "Paused"}))
+    last = max(source.counts())
+    state, mem = source.snapshot(tmp_path, "paused")
+    source.kill()
+
+    restored = load(tmp_path, vms, "restored", state, mem, resume_vm=False)
+
+    assert restored.client.get("/").json()["state"] == "Paused"
+    assert restored.counts() == []
+    assert_no_content(restored.client.patch("/vm", json={"state": "Resumed"}))
+    restored.wait_count_past(last + 1)
+    assert "FAIL" not in restored.proc.console.text
+
+
+def test_after_a_load_boot_resources_and_a_second_load_are_refused(tmp_path, guest_images, vms):
+    source = boot_counting_guest(tmp_path, guest_images, vms)
+    assert_no_content(source.client.patch("/vm", json={"state": "Paused"}))
+    state, mem = source.snapshot(tmp_path, "once")
+    source.kill()
+    restored = load(tmp_path, vms, "restored", state, mem)
+
+    boot = {"kernel_image_path": str(guest_images.elf)}
+    assert "not supported after starting" in fault(restored.client.put("/boot-source", json=boot))
+    body = {"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}}
+    assert "not supported after starting" in fault(restored.client.put("/snapshot/load", json=body))
+
+
+def test_load_into_a_configured_process_is_refused(tmp_path, guest_images, vms):
+    source = boot_counting_guest(tmp_path, guest_images, vms)
+    assert_no_content(source.client.patch("/vm", json={"state": "Paused"}))
+    state, mem = source.snapshot(tmp_path, "s")
+    target = Vm(tmp_path, "configured")
+    vms.append(target)
+    assert_no_content(target.client.put("/machine-config", json={"vcpu_count": 1, "mem_size_mib": 32}))
+    body = {"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}}
+
+    message = fault(target.client.put("/snapshot/load", json=body))
+
+    assert message == "Loading a microVM snapshot not allowed after configuring boot-specific resources."
+
+
+def test_source_resumes_after_a_snapshot(tmp_path, guest_images, vms):
+    source = boot_counting_guest(tmp_path, guest_images, vms)
+    assert_no_content(source.client.patch("/vm", json={"state": "Paused"}))
+    last = max(source.counts())
+    source.snapshot(tmp_path, "s")
+
+    assert_no_content(source.client.patch("/vm", json={"state": "Resumed"}))
+
+    source.wait_count_past(last + 1)
+    assert "FAIL" not in source.proc.console.text
+
+
+def test_diff_snapshots_on_a_base_restore_the_last_snapshot_byte_for_byte(tmp_path, guest_images, vms):
+    """Full, then two Diffs; base + diff1 + diff2 (merged as Firecracker's rebase-snap does)
+    equals a Full taken at the same point, byte for byte, and restores to a counting guest."""
+    from shared.snapshot_memory import apply_diff
+
+    source = boot_counting_guest(tmp_path, guest_images, vms, track_dirty=True)
+    assert_no_content(source.client.patch("/vm", json={"state": "Paused"}))
+    _, base_mem = source.snapshot(tmp_path, "base")
+    diffs = []
+    for i in range(2):
+        last = max(source.counts())
+        assert_no_content(source.client.patch("/vm", json={"state": "Resumed"}))
+        source.wait_count_past(last + 1)
+        assert_no_content(source.client.patch("/vm", json={"state": "Paused"}))
+        diffs.append(source.snapshot(tmp_path, f"diff{i}", "Diff"))
+    last = max(source.counts())
+    # A Full at the same instant is the reference (it also clears the dirty log: harmless here).
+    _, full_mem = source.snapshot(tmp_path, "reference")
+    source.kill()
+    merged = tmp_path / "merged.mem"
+    shutil.copyfile(base_mem, merged)
+    size = MEM_MIB << 20
+    with open(merged, "r+b") as base:
+        for _, diff_mem in diffs:
+            with open(diff_mem, "rb") as diff:
+                apply_diff(base.fileno(), diff.fileno(), size)
+    diff_bytes = sum(os.stat(m).st_blocks * 512 for _, m in diffs)
+
+    assert Path(merged).read_bytes() == Path(full_mem).read_bytes()
+    assert diff_bytes < os.stat(full_mem).st_blocks * 512  # sparse: only the dirty pages
+    restored = load(tmp_path, vms, "restored", diffs[-1][0], str(merged))
+    restored.wait_count_past(last + 1)
+    assert "FAIL" not in restored.proc.console.text
