@@ -37,7 +37,8 @@ class Vm:
     def wait_count_past(self, count: int, timeout: float = 20.0) -> int:
         ok = wait_until(lambda: any(c > count for c in self.counts()), timeout=timeout)
         assert ok, (
-            f"no count past {count}; console:\n{self.proc.console.text[-2000:]}\nstderr:\n{self.proc.stderr.text[-4000:]}"
+            f"no count past {count}; console:\n{self.proc.console.text[-2000:]}\n"
+            f"stderr:\n{self.proc.stderr.text[-4000:]}"
         )
         return max(self.counts())
 
