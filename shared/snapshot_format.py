@@ -5,7 +5,7 @@ Layout (little endian):
     0   8  magic b"EMBERSNP"
     8   2  format major, 2 minor, 2 patch, 2 reserved (0)
     16  8  payload length
-    24  4  crc32 of the payload, 4 reserved (0)
+    24  4  crc32 of the header (this field as 0) and the payload, 4 reserved (0)
     32  payload: one msgpack map (`SnapshotState.to_payload`)
 
 A reader checks, in this order, and refuses with `SnapshotFormatError` saying which: the
@@ -105,10 +105,19 @@ class SnapshotState:
         return cls(**{name: payload[name] for name in expected})
 
 
+def _crc(header: bytes, payload: bytes) -> int:
+    blank = header[:24] + b"\0\0\0\0" + header[28 : HEADER.size]
+    return zlib.crc32(payload, zlib.crc32(blank))
+
+
+def seal(payload: bytes) -> bytes:
+    """The file for a msgpack payload: header with its crc, then the payload."""
+    header = HEADER.pack(MAGIC, *VERSION, 0, len(payload), 0, 0)
+    return HEADER.pack(MAGIC, *VERSION, 0, len(payload), _crc(header, payload), 0) + payload
+
+
 def encode(state: SnapshotState) -> bytes:
-    payload = msgpack.packb(state.to_payload(), use_bin_type=True)
-    header = HEADER.pack(MAGIC, *VERSION, 0, len(payload), zlib.crc32(payload), 0)
-    return header + payload
+    return seal(msgpack.packb(state.to_payload(), use_bin_type=True))
 
 
 def decode(data: bytes) -> SnapshotState:
@@ -129,7 +138,7 @@ def decode(data: bytes) -> SnapshotState:
             f"header says {length})"
         )
     payload = data[HEADER.size :]
-    if zlib.crc32(payload) != crc:
+    if _crc(data[: HEADER.size], payload) != crc:
         raise SnapshotFormatError("the snapshot file is corrupted (checksum mismatch)")
     try:
         body = msgpack.unpackb(payload, raw=False, strict_map_key=True)

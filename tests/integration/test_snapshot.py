@@ -212,3 +212,94 @@ def test_diff_snapshots_on_a_base_restore_the_last_snapshot_byte_for_byte(tmp_pa
     restored = load(tmp_path, vms, "restored", diffs[-1][0], str(merged))
     restored.wait_count_past(last + 1)
     assert "FAIL" not in restored.proc.console.text
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process under `pid` (the zygote and, while a microVM runs, its workers)."""
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        current = todo.pop()
+        for task in Path(f"/proc/{current}/task").glob("*"):
+            try:
+                children = (task / "children").read_text().split()
+            except OSError:
+                continue
+            for child in map(int, children):
+                if child not in found:
+                    found.add(child)
+                    todo.append(child)
+    return found
+
+
+def crafted_state(state: str, **changes: object) -> bytes:
+    """The state file with payload fields replaced, resealed with a valid checksum."""
+    import msgpack
+
+    from shared import snapshot_format as fmt
+
+    payload = fmt.read(state).to_payload()
+    payload.update(changes)
+    return fmt.seal(msgpack.packb(payload, use_bin_type=True))
+
+
+def test_bad_snapshots_are_refused_with_nothing_left_running(tmp_path, guest_images, vms):
+    source = boot_counting_guest(tmp_path, guest_images, vms)
+    assert_no_content(source.client.patch("/vm", json={"state": "Paused"}))
+    last = max(source.counts())
+    state, mem = source.snapshot(tmp_path, "good")
+    source.kill()
+    good = Path(state).read_bytes()
+    (tmp_path / "truncated.state").write_bytes(good[: len(good) // 2])
+    corrupted = bytearray(good)
+    corrupted[len(good) // 3] ^= 0x40
+    (tmp_path / "corrupted.state").write_bytes(bytes(corrupted))
+    (tmp_path / "v9.state").write_bytes(good[:8] + (9).to_bytes(2, "little") + good[10:])
+    (tmp_path / "short.mem").write_bytes(Path(mem).read_bytes()[: 1 << 20])
+    (tmp_path / "badregs.state").write_bytes(crafted_state(state, vm_state=b"\x81\xa7version\x01"))
+    target = Vm(tmp_path, "target")
+    vms.append(target)
+    before = descendants(target.proc.proc.pid)
+    cases = [
+        ("truncated.state", mem, "truncated"),
+        ("corrupted.state", mem, "corrupted (checksum mismatch)"),
+        ("v9.state", mem, "format version v9.0.0 is not supported"),
+        ("good.state", str(tmp_path / "short.mem"), "holds 1048576 bytes"),
+        ("good.state", str(tmp_path / "missing.mem"), "cannot open the memory file"),
+        ("badregs.state", mem, "Load snapshot error"),
+    ]
+    for name, memory, says in cases:
+        body = {"snapshot_path": str(tmp_path / name), "mem_backend": {"backend_type": "File", "backend_path": memory}}
+
+        message = fault(target.client.put("/snapshot/load", json=body))
+
+        assert says in message, (name, message)
+        assert message.startswith("Load snapshot error"), message
+        assert descendants(target.proc.proc.pid) == before, name
+        assert target.client.get("/").json()["state"] == "Not started"
+    os.rename(tmp_path / "disk.img", tmp_path / "gone.img")
+    body = {"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}, "resume_vm": True}
+    message = fault(target.client.put("/snapshot/load", json=body))
+    assert "disk" in message and "cannot open the backing file" in message, message
+    assert descendants(target.proc.proc.pid) == before
+
+    os.rename(tmp_path / "gone.img", tmp_path / "disk.img")
+    assert_no_content(target.client.put("/snapshot/load", json=body))
+    target.wait_count_past(last + 1)
+    assert "FAIL" not in target.proc.console.text
+
+
+def test_network_override_of_an_unknown_interface_is_refused(tmp_path, guest_images, vms):
+    source = boot_counting_guest(tmp_path, guest_images, vms)
+    assert_no_content(source.client.patch("/vm", json={"state": "Paused"}))
+    state, mem = source.snapshot(tmp_path, "s")
+    source.kill()
+    target = Vm(tmp_path, "target")
+    vms.append(target)
+    body = {
+        "snapshot_path": state,
+        "mem_backend": {"backend_type": "File", "backend_path": mem},
+        "network_overrides": [{"iface_id": "eth9", "host_dev_name": "tap9"}],
+    }
+
+    assert "unknown interface 'eth9'" in fault(target.client.put("/snapshot/load", json=body))
