@@ -32,7 +32,7 @@ from controlplane.models import BodyError, CpuConfig, VmmConfigFile, parse_body,
 from controlplane.periodic import Periodic
 from controlplane.state import EMBERVM_VERSION, FIRECRACKER_API_VERSION, ApiError, LauncherLike, RuntimeOptions, Vmm
 from controlplane.uds import SocketInUseError
-from shared import exitcodes
+from shared import exitcodes, snapshot_format
 
 if TYPE_CHECKING:
     from controlplane.server import ApiServer
@@ -86,6 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--enable-fault-injection", action="store_true", help="Allow fault injection (tests).")
     p.add_argument(
+        "--snapshot-version",
+        action="version",
+        version=snapshot_format.version_string(),
+        help="Print the snapshot data format version this embervm writes, and exit.",
+    )
+    p.add_argument("--describe-snapshot", metavar="FILE", help="Print the data format version of a snapshot, and exit.")
+    p.add_argument(
         "--version", action="version", version=f"Firecracker v{FIRECRACKER_API_VERSION}\nembervm v{EMBERVM_VERSION}"
     )
     return p
@@ -106,6 +113,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The `embervm` console script."""
     args = parse_args(argv)
+    if args.describe_snapshot is not None:
+        try:
+            print(snapshot_format.describe(args.describe_snapshot))
+        except snapshot_format.SnapshotFormatError as err:
+            print(f"Error: {err}", file=sys.stderr)
+            sys.exit(exitcodes.BAD_CONFIGURATION)
+        sys.exit(exitcodes.OK)
     from controlplane.microvm import Launcher  # the zygote forks first, before any thread exists
     from controlplane.policy import confine_supervisor
 

@@ -124,6 +124,24 @@ def test_full_snapshot_restores_in_a_new_process_and_goes_on_counting(tmp_path, 
     assert info["state"] == "Running"
 
 
+def test_cli_describes_a_snapshot_and_prints_the_format_version(tmp_path, guest_images, vms):
+    import subprocess
+    import sys
+
+    source = boot_counting_guest(tmp_path, guest_images, vms)
+    assert_no_content(source.client.patch("/vm", json={"state": "Paused"}))
+    state, _ = source.snapshot(tmp_path, "described")
+    command = [sys.executable, "-c", "import sys; from controlplane.cli import main; main(sys.argv[1:])"]
+
+    described = subprocess.run([*command, "--describe-snapshot", state], capture_output=True, text=True, timeout=60)
+    version = subprocess.run([*command, "--snapshot-version"], capture_output=True, text=True, timeout=60)
+    bad = subprocess.run([*command, "--describe-snapshot", str(tmp_path / "disk.img")], capture_output=True, timeout=60)
+
+    assert described.returncode == 0 and described.stdout.strip() == "v1.0.0"
+    assert version.returncode == 0 and version.stdout.strip() == "v1.0.0"
+    assert bad.returncode != 0
+
+
 def test_load_without_resume_stays_paused_until_resumed(tmp_path, guest_images, vms):
     source = boot_counting_guest(tmp_path, guest_images, vms)
     assert_no_content(source.client.patch("/vm", json={"state": "Paused"}))
