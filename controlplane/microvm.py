@@ -60,7 +60,13 @@ from controlplane.faults import (
     RestartPolicy,
     RestartTracker,
 )
-from controlplane.snapshot_restore import PreparedLoad, SnapshotReplies, restore_microvm, seed_state_area
+from controlplane.snapshot_restore import (
+    LazyLoad,
+    PreparedLoad,
+    SnapshotReplies,
+    restore_microvm,
+    seed_state_area,
+)
 from controlplane.vm_spec import VmSpec
 from controlplane.worker_handle import (
     VCPU_GROUPS,
@@ -288,6 +294,7 @@ class MicroVm:
         self._pidfds: dict[int, WorkerHandle] = {}
         self._stderrs: dict[int, WorkerStderr] = {}
         self.snapshots = SnapshotReplies()  # answers to controlplane.snapshot's questions
+        self.lazy: LazyLoad | None = None  # a restored microVM's memory being loaded (page server)
 
     # --- start-up -------------------------------------------------------------------------
     def _start(
@@ -395,6 +402,7 @@ class MicroVm:
             restore=restore,
             needs_reset=needs_reset,
             dirty_fd=slot.dirty_fd if slot is not None else -1,
+            uffd_dev=self.lazy.worker_fd() if self.lazy is not None else -1,
         )
         try:
             try:
@@ -402,6 +410,8 @@ class MicroVm:
             except ValueError as e:
                 raise VmStartError(f"cannot start the {device.what}: {e}") from None
             handle = self._spawn(device.kind, device.name, args, fds, device.what)
+            if args.get("uffd_dev") and self.lazy is not None:
+                self.lazy.receive(mine, handle, READY_TIMEOUT_S)
         except VmStartError:
             mine.close()
             mmio_vcpu.close()
@@ -441,10 +451,13 @@ class MicroVm:
             channel_theirs.fileno(),
             [VcpuDevice(d.name, d.base, d.gsi, mmio[d.name].fileno(), d.queue_fds, d.irqfd) for d in devices],
             {**vcpu_args, "control_endpoint": self._endpoint},
+            uffd_dev=self.lazy.worker_fd() if self.lazy is not None else -1,
         )
         args, fds = spawn.to_zygote()
         try:
             handle = self._spawn("vcpu", VCPU, args, fds, "vCPU worker")
+            if spawn.uffd_dev >= 0 and self.lazy is not None:
+                self.lazy.receive(channel_mine, handle, READY_TIMEOUT_S)
         except VmStartError:
             channel_mine.close()
             raise
@@ -1392,4 +1405,6 @@ class MicroVm:
             with contextlib.suppress(OSError):
                 os.close(self._memfd)
             self._memfd = -1
+        if self.lazy is not None:
+            self.lazy.close()
         remove_vsock_socket(self.spec)  # the listening socket at uds_path is the supervisor's

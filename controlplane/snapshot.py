@@ -40,6 +40,7 @@ NOT_PAUSED = "Create snapshot error: Operation not allowed: save/restore unavail
 DIFF_WITHOUT_TRACKING = "Diff snapshots are not allowed on uVMs with dirty page tracking disabled."
 LOAD_AFTER_CONFIG = "Loading a microVM snapshot not allowed after configuring boot-specific resources."
 ASK_TIMEOUT_S = 10.0
+LOAD_WAIT_S = 60.0  # a snapshot of a restored microVM waits for its memory to be loaded
 
 
 class SnapshotError(Exception):
@@ -117,6 +118,8 @@ def _dirty_bitmap(vm: MicroVm) -> bytes:
 
 
 def _write_memory(vm: MicroVm, request: CreateRequest, dirty: bytes | None) -> None:
+    if vm.lazy is not None and not vm.lazy.server.wait_complete(LOAD_WAIT_S):  # the memfd is not whole yet
+        raise SnapshotError("Create snapshot error: guest memory is still being loaded from the last snapshot")
     memfd, size = vm.memfd, vm.spec.mem_size
     if request.snapshot_type == "Diff" and dirty is not None and vm.has_snapshot_base:
 

@@ -14,22 +14,28 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import select
+import socket
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from controlplane.builder import GuestPlan, close_plans, plan_devices, remove_vsock_socket
+from controlplane.page_server import PageServer
 from controlplane.snapshot import PreparedLoad, SnapshotError, check_devices
+from shared import fdpass, uffd
 from shared import protocol as p
 from shared.boot.errors import BootError
 from shared.devstate import StateArea
 from shared.kvm import Kvm, KvmError, open_kvm
-from shared.snapshot_memory import load_memory
+from shared.memory import create_guest_memfd
 
 if TYPE_CHECKING:
     from collections.abc import Callable
 
     from controlplane.microvm import DeviceSlot, Launcher, MicroVm
+    from controlplane.worker_handle import WorkerHandle
 
-__all__ = ["PreparedLoad", "SnapshotReplies", "restore_microvm", "seed_state_area"]
+__all__ = ["LazyLoad", "PreparedLoad", "SnapshotReplies", "restore_microvm", "seed_state_area"]
 
 log = logging.getLogger("embervm.snapshot")
 
@@ -81,6 +87,44 @@ class SnapshotReplies:
         return merged
 
 
+@dataclass
+class LazyLoad:
+    """A restored microVM whose memory the page server is still filling (shared.uffd)."""
+
+    server: PageServer
+    device_fd: int  # /dev/userfaultfd, handed to each worker spawned meanwhile
+
+    def worker_fd(self) -> int:
+        """What a new worker gets: the device while memory is loading, else nothing (-1)."""
+        return -1 if self.server.complete.is_set() else self.device_fd
+
+    def receive(self, channel: socket.socket, handle: WorkerHandle, timeout: float) -> None:
+        """The new worker's userfaultfd, on its fd channel, for the page server; VmStartError
+        when it does not come (or is not one fd with LazyMemory)."""
+        from controlplane.microvm import VmStartError
+
+        ready = select.select([channel.fileno(), handle.pidfd], [], [], timeout)[0]
+        if channel.fileno() not in ready:
+            raise VmStartError(f"the {handle.name} worker did not register its guest memory mapping")
+        try:
+            received = fdpass.recv_message(channel)
+        except (fdpass.FdChannelError, OSError) as e:
+            raise VmStartError(f"the {handle.name} worker sent a bad memory registration: {e}") from None
+        if received is None:
+            raise VmStartError(f"the {handle.name} worker ended before it registered its guest memory")
+        msg, fds = received
+        if not isinstance(msg, p.LazyMemory) or len(fds) != 1:
+            for fd in fds:
+                os.close(fd)
+            raise VmStartError(f"the {handle.name} worker sent {msg.TYPE!r} instead of its memory registration")
+        self.server.add(fds[0], msg.address)
+
+    def close(self) -> None:
+        self.server.stop()
+        with contextlib.suppress(OSError):
+            os.close(self.device_fd)
+
+
 def seed_state_area(state_fd: int, saved: dict[str, Any]) -> None:
     """Write a snapshot's device state into a fresh state area (its transport part only:
     the counters start again at zero, as in a new process)."""
@@ -105,14 +149,18 @@ def restore_microvm(
     except KvmError as e:
         raise VmStartError(str(e)) from None
     devices = []
-    memfd = -1
+    memfd = device_fd = -1
     try:
         Kvm(kvm_fd).check()
         devices = plan_devices(spec)
         restored = check_devices(prepared, [(d.name, d.kind) for d in devices])
-        memfd = load_memory(prepared.mem_file, spec.mem_size, f"embervm-{spec.vm_id}-mem")
+        memfd = create_guest_memfd(spec.mem_size, f"embervm-{spec.vm_id}-mem")  # empty: filled lazily
+        device_fd = uffd.open_device()
     except (KvmError, BootError, OSError, ValueError, SnapshotError) as e:
         os.close(kvm_fd)
+        for fd in (memfd, device_fd):
+            if fd >= 0:
+                os.close(fd)
         close_plans(devices)
         if any(d.kind == "vsock" for d in devices):
             remove_vsock_socket(spec)
@@ -125,6 +173,7 @@ def restore_microvm(
         "track_dirty_pages": spec.track_dirty_pages,
     }
     vm = MicroVm(launcher, spec, console_out, on_exit, f"{launcher.run_dir}/vm{launcher._count}")
+    vm.lazy = LazyLoad(PageServer(prepared.mem_file, spec.mem_size), device_fd)
     try:
         vm._start(kvm_fd, GuestPlan(memfd, vcpu_args, ""), devices, restored)
     finally:

@@ -60,11 +60,13 @@ from shared.devstate import StateArea, StateAreaError
 from shared.dirty import DirtyLog
 from shared.eventloop import EventLoop
 from shared.faultinject import Fault, FaultInjector
+from shared.kvm import host_address_of as host_address
 from shared.memlimit import limit_memory
 from shared.process import die_with_parent
 from shared.ratelimit import BucketConfig, RateLimiter
 from shared.seccomp import COMMON, Filter
 from shared.spawn import DeviceSpawn
+from shared.uffd import hand_over_mapping
 from shared.virtio import constants as c
 from shared.virtio.mmio import MmioTransport, TransportError
 
@@ -114,6 +116,7 @@ class Channels:
     needs_reset: bool = False  # ... and set DEVICE_NEEDS_RESET instead of serving
     isolation: dict[str, Any] = field(default_factory=dict)  # from the zygote: namespaces, host_pid
     dirty_fd: int = -1  # the dirty page log (shared.dirty); -1: dirty pages are not tracked
+    uffd_dev: int = -1  # /dev/userfaultfd: guest memory is being loaded lazily (shared.uffd)
 
 
 def irq_trigger(irqfd: int) -> Callable[[], None]:
@@ -537,6 +540,7 @@ def run_device_worker(kind: DeviceKind, args: dict[str, Any], fds: list[int], bu
         needs_reset=spawn.needs_reset,
         isolation=spawn.isolation,
         dirty_fd=spawn.dirty_fd,
+        uffd_dev=spawn.uffd_dev,
     )
     return run_device(channels, lambda: build(spawn), SeccompSettings.from_args(args), policy)
 
@@ -565,6 +569,9 @@ def run_device(
         try:
             enter_confinement(ctx, channels.isolation)
             transport, hooks = build()
+            if channels.uffd_dev >= 0:  # before anything reads guest memory
+                mapping = transport.mem.host_mapping
+                hand_over_mapping(channels.uffd_dev, host_address(mapping), len(mapping), channels.fd_channel)
             if channels.dirty_fd >= 0:
                 transport.mem.dirty = DirtyLog(channels.dirty_fd)
             worker = DeviceWorker(transport, hooks, channels, control)

@@ -157,6 +157,15 @@ class CollectDirtyPages(Message):
 
 # --- worker -> supervisor --------------------------------------------------------------
 @message
+class LazyMemory(Message):
+    """On a worker's fd channel, with one fd: the userfaultfd covering its mapping of a
+    lazily restored guest memory, which starts at `address` (shared.uffd)."""
+
+    TYPE = "lazy_memory"
+    address: int
+
+
+@message
 class VmState(Message):
     """The answer to SaveVmState: msgpack of the VM's state, or `error` saying why not."""
 

@@ -17,6 +17,8 @@ worker's `run(args, fds)` gets them back with `DeviceSpawn.from_zygote` (through
                   what a replacement worker restores (args "restore", "needs_reset")
     dirty         only with args["dirty_fd"]: the device's dirty page log (shared.dirty),
                   when the microVM tracks dirty pages (Diff snapshots)
+    uffd_dev      only with args["uffd_dev"]: /dev/userfaultfd, while a restored microVM's
+                  memory is loaded lazily (shared.uffd): the worker registers its mapping
 
 The args are the kind's own (drive_id, ...) plus mem_size, control_endpoint and name, and
 from the zygote "isolation" and "seccomp".
@@ -46,14 +48,16 @@ class DeviceSpawn:
     restore: bool = False  # a replacement worker: restore the state area's snapshot
     needs_reset: bool = False  # ... and set DEVICE_NEEDS_RESET instead of serving
     dirty_fd: int = -1  # the dirty page log (shared.dirty); -1: no dirty tracking
+    uffd_dev: int = -1  # /dev/userfaultfd while memory is loaded lazily (shared.uffd); -1: not
 
     @staticmethod
-    def roles(kind: DeviceKind, state: bool, dirty: bool = False) -> tuple[str, ...]:
+    def roles(kind: DeviceKind, state: bool, dirty: bool = False, uffd_dev: bool = False) -> tuple[str, ...]:
         """The fds' roles in order (what an error message lists)."""
         return (
             ("memfd", "irqfd", *kind.queues, *kind.backends, "fd_channel", "mmio_channel")
             + (("state",) if state else ())
             + (("dirty",) if dirty else ())
+            + (("uffd_dev",) if uffd_dev else ())
         )
 
     def to_zygote(self) -> tuple[dict[str, Any], list[int]]:
@@ -71,13 +75,16 @@ class DeviceSpawn:
         if self.dirty_fd >= 0:
             args["dirty_fd"] = True
             fds.append(self.dirty_fd)
+        if self.uffd_dev >= 0:
+            args["uffd_dev"] = True
+            fds.append(self.uffd_dev)
         return args, fds
 
     @classmethod
     def from_zygote(cls, kind: DeviceKind, args: dict[str, Any], fds: list[int]) -> DeviceSpawn:
         """What `to_zygote` built, back in the worker; ValueError when the fds do not match."""
-        state, dirty = bool(args.get("state_fd")), bool(args.get("dirty_fd"))
-        roles = cls.roles(kind, state, dirty)
+        state, dirty, lazy = bool(args.get("state_fd")), bool(args.get("dirty_fd")), bool(args.get("uffd_dev"))
+        roles = cls.roles(kind, state, dirty, lazy)
         if len(fds) != len(roles):
             raise ValueError(f"the {kind.name} worker takes {len(roles)} fds ({', '.join(roles)}), got {len(fds)}")
         queues_end = 2 + kind.num_queues
@@ -92,7 +99,8 @@ class DeviceSpawn:
             mmio_channel=fds[backends_end + 1],
             args=args,
             state_fd=fds[backends_end + 2] if state else -1,
-            dirty_fd=fds[-1] if dirty else -1,
+            dirty_fd=fds[backends_end + 2 + state] if dirty else -1,
+            uffd_dev=fds[-1] if lazy else -1,
             restore=bool(args.get("restore", False)),
             needs_reset=bool(args.get("needs_reset", False)),
         )
@@ -140,6 +148,7 @@ class VcpuSpawn:
     fd_channel: int
     devices: list[VcpuDevice] = field(default_factory=list)
     args: dict[str, Any] = field(default_factory=dict)
+    uffd_dev: int = -1  # /dev/userfaultfd while memory is loaded lazily (args["uffd_dev"]: its index)
 
     def to_zygote(self) -> tuple[dict[str, Any], list[int]]:
         fds = [self.kvm, self.memfd, self.console, self.fd_channel]
@@ -153,7 +162,11 @@ class VcpuSpawn:
             entry["irqfd"] = len(fds)
             fds.append(device.irqfd)
             entries.append(entry)
-        return {**self.args, "virtio_devices": entries}, fds
+        extra: dict[str, Any] = {}
+        if self.uffd_dev >= 0:
+            extra["uffd_dev"] = len(fds)
+            fds.append(self.uffd_dev)
+        return {**self.args, "virtio_devices": entries, **extra}, fds
 
     @classmethod
     def from_zygote(cls, args: dict[str, Any], fds: list[int]) -> VcpuSpawn:
@@ -177,4 +190,5 @@ class VcpuSpawn:
             )
             for raw in args.get("virtio_devices") or []
         ]
-        return cls(fds[0], fds[1], fds[2], fds[3], devices, args)
+        uffd_dev = fd(args["uffd_dev"]) if args.get("uffd_dev") is not None else -1
+        return cls(fds[0], fds[1], fds[2], fds[3], devices, args, uffd_dev)

@@ -9,6 +9,7 @@ state the 64-bit Linux boot protocol asks for.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -56,8 +57,11 @@ def configure_vcpu(vcpu: Vcpu, state: BootCpuState, msrs: list[tuple[int, int]])
     vcpu.set_lapic(lapic)
 
 
-def build_machine(kvm_fd: int, memfd: int, args: dict[str, Any]) -> Machine:
-    """Create the VM, its memory slots, irqchip, PIT and configured vCPUs."""
+def build_machine(
+    kvm_fd: int, memfd: int, args: dict[str, Any], on_mapped: Callable[[GuestMemory], None] | None = None
+) -> Machine:
+    """Create the VM, its memory slots, irqchip, PIT and configured vCPUs; `on_mapped` runs
+    once guest memory is mapped, before anything touches it (lazy restore: shared.uffd)."""
     kvm = Kvm(kvm_fd)
     kvm.check()
     vcpu_count = int(args["vcpu_count"])
@@ -69,6 +73,8 @@ def build_machine(kvm_fd: int, memfd: int, args: dict[str, Any]) -> Machine:
     vm.create_irqchip()
     vm.create_pit2()
     mem = GuestMemory.map(memfd, int(args["mem_size"]))
+    if on_mapped is not None:
+        on_mapped(mem)
     base = host_address_of(mem.host_mapping)
     for region in mem.regions:
         vm.add_memory(region.guest_addr, region.size, base + region.file_offset)

@@ -31,8 +31,11 @@ from shared import exitcodes, fdpass, layout, redteam
 from shared import protocol as p
 from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, install_filter
 from shared.devworker import connect_control, enter_confinement, wait_for_zmq_threads
+from shared.kvm import host_address_of
 from shared.memlimit import limit_memory, vcpu_headroom
+from shared.memory import GuestMemory
 from shared.spawn import VcpuSpawn
+from shared.uffd import hand_over_mapping
 from vcpu_worker import vm_state
 from vcpu_worker.bus import Bus
 from vcpu_worker.i8042 import I8042
@@ -296,7 +299,14 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
     try:
         try:
             enter_confinement(ctx, isolation_args)
-            machine = build_machine(kvm_fd, memfd, args)
+            on_mapped = None
+            if spawn.uffd_dev >= 0:
+
+                def on_mapped(mem: GuestMemory) -> None:
+                    mapping = mem.host_mapping
+                    hand_over_mapping(spawn.uffd_dev, host_address_of(mapping), len(mapping), fd_channel)
+
+            machine = build_machine(kvm_fd, memfd, args, on_mapped)
             worker = VcpuWorker(machine, console_fd, ctl, fd_channel)
             worker.virtio = attach_virtio_devices(machine.vm, worker.mmio, spawn.devices, worker._log_warning)
             worker.seccomp = seccomp
