@@ -7,7 +7,7 @@ UFFDIO_COPY of that page from the memory file (UFFDIO_ZEROPAGE for a hole), whic
 page in the memfd's page cache for every process at once. Between faults the thread copies
 the memory file's remaining data extents in 2 MiB steps the same way (never over a page
 that exists: UFFDIO_COPY fails with EEXIST there), so the restore costs no copy up front.
-Once every data extent is in, the userfaultfds are unregistered (the faults left would be
+The fill starts once the restore is done (`start_filling`). Once every data extent is in, the userfaultfds are unregistered (the faults left would be
 holes, which the memfd fills with zeros by itself) and the thread ends.
 
 A worker's userfaultfd is kernel state, not worker data: what a hostile worker can do with
@@ -53,6 +53,7 @@ class PageServer:
         self._stopping = False
         self._fill_extent, self._fill_offset = 0, self._extents[0][0] if self._extents else 0
         self.complete = threading.Event()
+        self.filling = threading.Event()  # set by `start_filling` once the microVM runs
         self.faults = 0
         self.filled_bytes = 0
         self.started_at = time.monotonic()
@@ -69,6 +70,12 @@ class PageServer:
                 os.close(fd)
                 return
             self._new.append((fd, base))
+        self._wake()
+
+    def start_filling(self) -> None:
+        """Begin the background fill (after the restore: until then only faults are served,
+        so the fill does not slow the workers' start)."""
+        self.filling.set()
         self._wake()
 
     def wait_complete(self, timeout: float | None = None) -> bool:
@@ -115,8 +122,9 @@ class PageServer:
             for fd, base in new:
                 self._uffds[fd] = base
                 poller.register(fd, select.POLLIN)
-            filling = self._fill_extent < len(self._extents)
-            if not filling and self._uffds:
+            left = self._fill_extent < len(self._extents)
+            filling = left and self.filling.is_set()
+            if not left and self._uffds:
                 self.completed_in_s = time.monotonic() - self.started_at
                 log.info("guest memory loaded: %d faults served, %d bytes filled", self.faults, self.filled_bytes)
                 return
@@ -129,6 +137,7 @@ class PageServer:
                     poller.unregister(fd)  # its process is gone (dropped here or while filling)
             if filling and self._uffds:
                 self._fill_step()
+                time.sleep(0)  # let the supervisor's other threads have the GIL between steps
 
     def _faults(self, fd: int) -> bool:
         """Serve the faults waiting on `fd`; False when its process is gone."""

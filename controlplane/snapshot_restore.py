@@ -181,6 +181,7 @@ def restore_microvm(
         os.close(memfd)
         close_plans(devices)
     vm.snapshots.has_base = True
+    vm.lazy.server.start_filling()
     if not prepared.resume:
         with vm._cond:
             vm.state = "Paused"

@@ -86,9 +86,10 @@ def test_pages_load_on_first_touch_in_any_process_and_the_fill_completes(memory_
     server = PageServer(memory_file, SIZE)
     vcpu, device = Worker(memfd, server), Worker(memfd, server)
     try:
-        seen_by_device = device.read(LAST)  # far ahead of the background fill
+        seen_by_device = device.read(LAST)  # before the background fill starts
         hole = vcpu.read(LAST + 1)
         vcpu.write(6, b"new!")  # the guest writes; the fill passes by later
+        server.start_filling()
 
         assert seen_by_device == expected(LAST)
         assert vcpu.read(LAST) == expected(LAST)
@@ -111,6 +112,7 @@ def test_a_process_that_dies_does_not_stop_the_others(memory_file):
     doomed, survivor = Worker(memfd, server), Worker(memfd, server)
     try:
         doomed.close()  # its userfaultfd's process is gone
+        server.start_filling()
 
         assert survivor.read(LAST - 3) == expected(LAST - 3)
         assert server.wait_complete(30)
