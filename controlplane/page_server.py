@@ -7,8 +7,9 @@ UFFDIO_COPY of that page from the memory file (UFFDIO_ZEROPAGE for a hole), whic
 page in the memfd's page cache for every process at once. Between faults the thread copies
 the memory file's remaining data extents in 2 MiB steps the same way (never over a page
 that exists: UFFDIO_COPY fails with EEXIST there), so the restore costs no copy up front.
-The fill starts once the restore is done (`start_filling`). Once every data extent is in, the userfaultfds are unregistered (the faults left would be
-holes, which the memfd fills with zeros by itself) and the thread ends.
+The fill starts once the restore is done (`start_filling`). Once every data extent is in,
+the userfaultfds are unregistered (the faults left would be holes, which the memfd fills
+with zeros by itself) and the thread ends.
 
 A worker's userfaultfd is kernel state, not worker data: what a hostile worker can do with
 its own is to leave its own faults unserved (it hangs) or point the server at another
