@@ -167,7 +167,7 @@ class PageServer:
         i = bisect.bisect_right(self._starts, offset) - 1
         return i >= 0 and offset < self._extents[i][0] + self._extents[i][1]
 
-    def _load(self, fd: int, base: int, offset: int, length: int, fault: bool) -> None:
+    def _load(self, fd: int, base: int, offset: int, length: int, fault: bool, tries: int = 100) -> None:
         """Put [offset, +length) of the memory file into guest memory through `fd`."""
         try:
             if fault and not self._in_data(offset):
@@ -181,19 +181,18 @@ class PageServer:
             uffd.copy(fd, base + offset, self._buf_addr, length)
             self.filled_bytes += length
         except OSError as e:
-            if e.errno == errno.EEXIST:  # loaded meanwhile (or written): wake whoever waits
-                if fault:
-                    with contextlib.suppress(OSError):
-                        uffd.wake(fd, base + offset, length)
-                elif length > PAGE:  # part of the step exists: the rest page by page
-                    for page in range(offset, offset + length, PAGE):
-                        self._load(fd, base, page, PAGE, fault=False)
-            elif e.errno == errno.EAGAIN:
-                if fault:
-                    self._load(fd, base, offset, length, fault)
+            if e.errno == errno.EEXIST and fault:  # loaded meanwhile: wake whoever waits
+                with contextlib.suppress(OSError):
+                    uffd.wake(fd, base + offset, length)
+            elif e.errno in (errno.EEXIST, errno.EAGAIN, errno.EINTR) and length > PAGE:
+                for page in range(offset, offset + length, PAGE):  # part of it is in: the rest page by page
+                    self._load(fd, base, page, PAGE, fault)
+            elif e.errno in (errno.EAGAIN, errno.EINTR) and tries > 0:  # the target mm was busy: again
+                time.sleep(0.001)
+                self._load(fd, base, offset, length, fault, tries - 1)
             elif e.errno in (errno.ESRCH, errno.ENOENT, errno.EBADF):
                 self._drop(fd)
-            else:
+            elif e.errno != errno.EEXIST:
                 raise
 
     def _fill_step(self) -> None:
@@ -203,6 +202,8 @@ class PageServer:
         step = min(FILL_STEP, end - self._fill_offset)
         fd = next(iter(self._uffds))
         self._load(fd, self._uffds[fd], self._fill_offset, step, fault=False)
+        if fd not in self._uffds:  # its process is gone: the step again, through another one
+            return
         self._fill_offset += step
         if self._fill_offset >= end:
             self._fill_extent += 1
