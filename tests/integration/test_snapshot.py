@@ -321,3 +321,45 @@ def test_network_override_of_an_unknown_interface_is_refused(tmp_path, guest_ima
     }
 
     assert "unknown interface 'eth9'" in fault(target.client.put("/snapshot/load", json=body))
+
+
+def test_a_loaded_microvm_survives_its_block_worker_being_killed(tmp_path, guest_images, vms):
+    """The replacement worker restores from the state area the load seeded (and registers its
+    mapping with the page server if memory is still being loaded)."""
+    source = boot_counting_guest(tmp_path, guest_images, vms)
+    assert_no_content(source.client.patch("/vm", json={"state": "Paused"}))
+    state, mem = source.snapshot(tmp_path, "s")
+    source.kill()
+    restored = load(tmp_path, vms, "restored", state, mem)
+    now = restored.wait_count_past(max(restored.counts(), default=0))
+    workers = restored.client.get("/").json()["embervm"]["workers"]
+    victim = next(w for w in workers if w["kind"] == "block")
+
+    os.kill(int(victim["pid"]), signal.SIGKILL)
+
+    restored.wait_count_past(now + 3)
+    assert "FAIL" not in restored.proc.console.text
+    block = next(w for w in restored.client.get("/").json()["embervm"]["workers"] if w["kind"] == "block")
+    assert block["restarts"] == 1 and block["alive"]
+
+
+def test_a_diff_of_a_loaded_microvm_is_against_the_loaded_snapshot(tmp_path, guest_images, vms):
+    """Load with track_dirty_pages: the dirty log starts at the load, so base + a Diff taken
+    after it equals a Full taken at the same instant."""
+    from shared.snapshot_memory import apply_diff
+
+    source = boot_counting_guest(tmp_path, guest_images, vms)
+    assert_no_content(source.client.patch("/vm", json={"state": "Paused"}))
+    state, base_mem = source.snapshot(tmp_path, "base")
+    source.kill()
+    restored = load(tmp_path, vms, "restored", state, base_mem, track_dirty_pages=True)
+    restored.wait_count_past(max(restored.counts(), default=0) + 2)
+    assert_no_content(restored.client.patch("/vm", json={"state": "Paused"}))
+    _, diff_mem = restored.snapshot(tmp_path, "diff", "Diff")
+    _, full_mem = restored.snapshot(tmp_path, "full")
+    merged = tmp_path / "merged.mem"
+    shutil.copyfile(base_mem, merged)
+    with open(merged, "r+b") as base, open(diff_mem, "rb") as diff:
+        apply_diff(base.fileno(), diff.fileno(), MEM_MIB << 20)
+
+    assert merged.read_bytes() == Path(full_mem).read_bytes()
