@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgpack
 
+from controlplane.uffd_backend import ExternalUffdHandler
 from shared import protocol as p
 from shared import snapshot_format as fmt
 from shared import snapshot_memory
@@ -118,6 +119,11 @@ def _dirty_bitmap(vm: MicroVm) -> bytes:
 
 
 def _write_memory(vm: MicroVm, request: CreateRequest, dirty: bytes | None) -> None:
+    if vm.lazy is not None and isinstance(vm.lazy.server, ExternalUffdHandler):
+        raise SnapshotError(
+            "Create snapshot error: the memory of a microVM loaded with the Uffd backend is its page-fault "
+            "handler's; embervm cannot snapshot it yet."
+        )
     if vm.lazy is not None and not vm.lazy.server.wait_complete(LOAD_WAIT_S):  # the memfd is not whole yet
         raise SnapshotError("Create snapshot error: guest memory is still being loaded from the last snapshot")
     memfd, size = vm.memfd, vm.spec.mem_size
@@ -157,7 +163,7 @@ def spec_from_dict(values: dict[str, Any]) -> VmSpec:
 @dataclass
 class LoadRequest:
     snapshot_path: str
-    backend_type: str  # "File" (Uffd is refused by the API for now)
+    backend_type: str  # "File" or "Uffd" (controlplane.uffd_backend)
     backend_path: str
     track_dirty_pages: bool
     resume_vm: bool
@@ -171,8 +177,9 @@ class PreparedLoad:
     state: fmt.SnapshotState
     spec: VmSpec
     vm_state: dict[str, Any]
-    mem_file: int
+    mem_file: int  # -1 with the Uffd backend
     resume: bool
+    uffd_socket: str | None = None  # the Uffd backend's page-fault handler
 
     def close(self) -> None:
         if self.mem_file >= 0:
@@ -195,10 +202,6 @@ def load_request(body: Any) -> LoadRequest:
         backend_type, backend_path = body.mem_backend.backend_type, body.mem_backend.backend_path
     else:
         backend_type, backend_path = "File", body.mem_file_path
-    if backend_type == "Uffd":
-        raise SnapshotError(
-            "Load snapshot error: the Uffd memory backend is not implemented by embervm yet (use File)."
-        )
     track = bool(body.track_dirty_pages if body.track_dirty_pages is not None else body.enable_diff_snapshots)
     overrides = [{"iface_id": o.iface_id, "host_dev_name": o.host_dev_name} for o in body.network_overrides]
     return LoadRequest(body.snapshot_path, backend_type, backend_path, track, body.resume_vm, overrides)
@@ -226,6 +229,8 @@ def prepare_load(request: LoadRequest, options: dict[str, Any], vm_id: str) -> P
         raise SnapshotError(f"Load snapshot error: the snapshot's VM state cannot be decoded: {e}") from None
     if not isinstance(vm_state, dict):
         raise SnapshotError("Load snapshot error: the snapshot's VM state is not a map")
+    if request.backend_type == "Uffd":  # the handler owns the memory file (and its size)
+        return PreparedLoad(state, spec, vm_state, -1, request.resume_vm, request.backend_path)
     try:
         mem_file = os.open(request.backend_path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as e:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from controlplane.builder import GuestPlan, close_plans, plan_devices, remove_vsock_socket
 from controlplane.page_server import PageServer
 from controlplane.snapshot import PreparedLoad, SnapshotError, check_devices
+from controlplane.uffd_backend import ExternalUffdHandler, UffdBackendError
 from shared import fdpass, uffd
 from shared import protocol as p
 from shared.boot.errors import BootError
@@ -91,7 +92,7 @@ class SnapshotReplies:
 class LazyLoad:
     """A restored microVM whose memory the page server is still filling (shared.uffd)."""
 
-    server: PageServer
+    server: PageServer | ExternalUffdHandler
     device_fd: int  # /dev/userfaultfd, handed to each worker spawned meanwhile
 
     def worker_fd(self) -> int:
@@ -117,7 +118,10 @@ class LazyLoad:
             for fd in fds:
                 os.close(fd)
             raise VmStartError(f"the {handle.name} worker sent {msg.TYPE!r} instead of its memory registration")
-        self.server.add(fds[0], msg.address)
+        try:
+            self.server.add(fds[0], msg.address)
+        except UffdBackendError as e:
+            raise VmStartError(str(e)) from None
 
     def close(self) -> None:
         self.server.stop()
@@ -173,7 +177,12 @@ def restore_microvm(
         "track_dirty_pages": spec.track_dirty_pages,
     }
     vm = MicroVm(launcher, spec, console_out, on_exit, f"{launcher.run_dir}/vm{launcher._count}")
-    vm.lazy = LazyLoad(PageServer(prepared.mem_file, spec.mem_size), device_fd)
+    server: PageServer | ExternalUffdHandler
+    if prepared.uffd_socket is not None:
+        server = ExternalUffdHandler(prepared.uffd_socket, spec.mem_size)
+    else:
+        server = PageServer(prepared.mem_file, spec.mem_size)
+    vm.lazy = LazyLoad(server, device_fd)
     try:
         vm._start(kvm_fd, GuestPlan(memfd, vcpu_args, ""), devices, restored)
     finally:

@@ -363,3 +363,57 @@ def test_a_diff_of_a_loaded_microvm_is_against_the_loaded_snapshot(tmp_path, gue
         apply_diff(base.fileno(), diff.fileno(), MEM_MIB << 20)
 
     assert merged.read_bytes() == Path(full_mem).read_bytes()
+
+
+def test_uffd_backend_with_the_example_handler(tmp_path, guest_images, vms):
+    """backend_type Uffd: embervm hands each worker's userfaultfd and regions to an external
+    handler (Firecracker's protocol; examples/uffd_handler.py), which serves every fault."""
+    import subprocess
+    import sys
+
+    source = boot_counting_guest(tmp_path, guest_images, vms)
+    assert_no_content(source.client.patch("/vm", json={"state": "Paused"}))
+    last = max(source.counts())
+    state, mem = source.snapshot(tmp_path, "s")
+    source.kill()
+    handler_sock = str(tmp_path / "uffd.sock")
+    handler = subprocess.Popen(
+        [sys.executable, "examples/uffd_handler.py", handler_sock, mem], stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert handler.stdout is not None and handler.stdout.readline().strip() == "uffd handler ready"
+        restored = Vm(tmp_path, "restored")
+        vms.append(restored)
+        body = {
+            "snapshot_path": state,
+            "mem_backend": {"backend_type": "Uffd", "backend_path": handler_sock},
+            "resume_vm": True,
+        }
+        assert_no_content(restored.client.put("/snapshot/load", json=body))
+
+        restored.wait_count_past(last + 2)
+        assert "FAIL" not in restored.proc.console.text
+        assert_no_content(restored.client.patch("/vm", json={"state": "Paused"}))
+        again = {"snapshot_type": "Full", "snapshot_path": str(tmp_path / "s2"), "mem_file_path": str(tmp_path / "m2")}
+        assert "Uffd backend" in fault(restored.client.put("/snapshot/create", json=again))
+    finally:
+        handler.kill()
+        handler.wait()
+        if handler.stdout is not None:
+            handler.stdout.close()
+
+
+def test_uffd_backend_without_a_handler_is_refused(tmp_path, guest_images, vms):
+    source = boot_counting_guest(tmp_path, guest_images, vms)
+    assert_no_content(source.client.patch("/vm", json={"state": "Paused"}))
+    state, _ = source.snapshot(tmp_path, "s")
+    source.kill()
+    target = Vm(tmp_path, "target")
+    vms.append(target)
+    before = descendants(target.proc.proc.pid)
+    body = {"snapshot_path": state, "mem_backend": {"backend_type": "Uffd", "backend_path": str(tmp_path / "none")}}
+
+    message = fault(target.client.put("/snapshot/load", json=body))
+
+    assert "page-fault handler" in message, message
+    assert descendants(target.proc.proc.pid) == before

@@ -38,11 +38,6 @@ def test_load_of_a_missing_snapshot_says_so_and_starts_nothing(api, tmp_path):
     assert api.client.get("/").json()["state"] == "Not started"
 
 
-def test_uffd_backend_is_refused_with_a_reason(api):
-    body = {"snapshot_path": "s", "mem_backend": {"backend_type": "Uffd", "backend_path": "/run/uffd.sock"}}
-    assert "Uffd memory backend is not implemented" in fault(api.client.put(LOAD, json=body))
-
-
 def test_load_after_configuration_is_refused(api):
     api.client.put("/machine-config", json={"vcpu_count": 2, "mem_size_mib": 256})
     body = {"snapshot_path": "s", "mem_file_path": "m"}
