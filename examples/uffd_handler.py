@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from shared import uffd  # noqa: E402
+from shared import uffd
 
 PAGE = 4096
 
