@@ -122,6 +122,9 @@ def test_full_snapshot_restores_in_a_new_process_and_goes_on_counting(tmp_path, 
     assert after > last + 2
     info = restored.client.get("/").json()
     assert info["state"] == "Running"
+    config = restored.client.get("/vm/config").json()
+    assert [d["drive_id"] for d in config["drives"]] == ["disk"]
+    assert config["machine-config"]["mem_size_mib"] == MEM_MIB
 
 
 def test_cli_describes_a_snapshot_and_prints_the_format_version(tmp_path, guest_images, vms):
