@@ -44,7 +44,7 @@ class DeviceSlot:
     """What the supervisor keeps of one device for its whole life, to restart its worker.
 
     Only the monitor thread changes a slot, once the microVM runs: API threads post their
-    changes to it (`MicroVm._post`), so a replacement worker is spawned from a plan nobody
+    changes to it (`CommandInbox.post`), so a replacement worker is spawned from a plan nobody
     changes under it."""
 
     plan: DevicePlan  # with the supervisor's own copies of the fds
