@@ -104,7 +104,8 @@ class MonitorLoop:
         for fd in [fd for fd in watch.stderrs if fd in events]:
             sup.guarded("reading a worker's stderr", lambda fd=fd: watch.read_stderr(fd), None)  # type: ignore[misc]
         for fd in [fd for fd in watch.pidfds if fd in events]:
-            outcome = self._guarded_death(watch.died(fd)) or outcome
+            death = self._guarded_death(watch.died(fd), outcome or self._deferred_outcome)
+            outcome = outcome or death  # an Exited read in this round says why, not the death
         if outcome is None:
             sup.guarded("running timers", self.run_timers, None)
         outcome, self._deferred_outcome = outcome or self._deferred_outcome, None
@@ -144,14 +145,15 @@ class MonitorLoop:
         self._restarts.run_timers(now)
 
     # --- deaths ------------------------------------------------------------------------------
-    def _guarded_death(self, handle: WorkerHandle) -> Outcome:
-        """A worker died. Whatever goes wrong in handling it, a dead vCPU worker ends the
-        microVM and a dead device worker is replaced."""
+    def _guarded_death(self, handle: WorkerHandle, read: Outcome) -> Outcome:
+        """A worker died (`read`: the vCPU worker's Exited, if read already). Whatever goes
+        wrong in handling it, a dead vCPU worker ends the microVM and a dead device worker is
+        replaced."""
         sup = self._sup
         outcome: list[Outcome] = []
 
         def handle_death() -> bool:
-            outcome.append(self._worker_died(handle))
+            outcome.append(self._worker_died(handle, read))
             return True
 
         if sup.guarded(f"handling the {handle.name} worker's death", handle_death, False):
@@ -167,7 +169,7 @@ class MonitorLoop:
             sup.guarded("scheduling a restart", lambda: self._restarts.schedule(slot, handle, "exit", "died"), None)
         return None
 
-    def _worker_died(self, handle: WorkerHandle) -> Outcome:
+    def _worker_died(self, handle: WorkerHandle, read: Outcome = None) -> Outcome:
         sup = self._sup
         slot = sup.slots.get(handle.name)
         if slot is not None and slot.state_fd >= 0 and not handle.broken:
@@ -175,7 +177,7 @@ class MonitorLoop:
         elif handle.name != VCPU:
             sup.send(VCPU.encode(), p.DeviceDown(handle.name))  # its window answers at once from now on
         self.pump_console()
-        outcome = self.drain_messages()  # messages sent just before the exit
+        outcome = self.drain_messages() or read  # messages sent just before the exit
         status = sup.reap(handle)
         self._updates.forget(handle)
         how = sup.how(handle, status)
