@@ -120,7 +120,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
             print(f"Error: {err}", file=sys.stderr)
             sys.exit(exitcodes.BAD_CONFIGURATION)
         sys.exit(exitcodes.OK)
-    from controlplane.microvm import Launcher  # the zygote forks first, before any thread exists
+    from controlplane.launcher import Launcher  # the zygote forks first, before any thread exists
     from controlplane.policy import confine_supervisor
 
     console_in = _take_stdin()  # before the zygote forks: its workers keep fds 0-2

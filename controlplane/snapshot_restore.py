@@ -33,59 +33,13 @@ from shared.memory import create_guest_memfd
 if TYPE_CHECKING:
     from collections.abc import Callable
 
-    from controlplane.microvm import DeviceSlot, Launcher, MicroVm
+    from controlplane.launcher import Launcher
+    from controlplane.microvm import MicroVm
     from controlplane.worker_handle import WorkerHandle
 
-__all__ = ["LazyLoad", "PreparedLoad", "SnapshotReplies", "restore_microvm", "seed_state_area"]
+__all__ = ["LazyLoad", "PreparedLoad", "restore_microvm", "seed_state_area"]
 
 log = logging.getLogger("embervm.snapshot")
-
-
-class SnapshotReplies:
-    """The answers the snapshot code waits for, one question per worker at a time (the
-    monitor thread files them, under the MicroVm's condition). An answer nobody asked for
-    is hostile (the monitor kills its sender); a late one, after its question timed out,
-    is dropped."""
-
-    def __init__(self) -> None:
-        self._expected: dict[str, type[p.Message]] = {}
-        self._late: dict[str, type[p.Message]] = {}
-        self._answers: dict[str, p.Message] = {}
-        self.has_base = False  # a snapshot was taken or loaded: a Diff can be against it
-
-    def expect(self, worker: str, reply: type[p.Message]) -> None:
-        self._answers.pop(worker, None)
-        self._expected[worker] = reply
-
-    def answer(self, worker: str, msg: p.Message) -> bool:
-        """File `msg` from `worker`; False when nobody asked for it."""
-        if self._expected.get(worker) is type(msg):
-            del self._expected[worker]
-            self._answers[worker] = msg
-            return True
-        if self._late.get(worker) is type(msg):
-            del self._late[worker]
-            return True
-        return False
-
-    def has(self, worker: str) -> bool:
-        return worker in self._answers
-
-    def take(self, worker: str) -> p.Message | None:
-        expected = self._expected.pop(worker, None)
-        if expected is not None:
-            self._late[worker] = expected
-        return self._answers.pop(worker, None)
-
-    def take_device_dirty(self, slots: dict[str, DeviceSlot]) -> int:
-        """The pages the device workers wrote since the last call (see docs/snapshots.md)."""
-        from shared.dirty import take_dirty
-
-        merged = 0
-        for slot in slots.values():
-            if slot.dirty_fd >= 0:
-                merged |= take_dirty(slot.dirty_fd)
-        return merged
 
 
 @dataclass
@@ -182,18 +136,17 @@ def restore_microvm(
         server = ExternalUffdHandler(prepared.uffd_socket, spec.mem_size)
     else:
         server = PageServer(prepared.mem_file, spec.mem_size)
-    vm.lazy = LazyLoad(server, device_fd)
+    vm.set_lazy(LazyLoad(server, device_fd))
     try:
         vm._start(kvm_fd, GuestPlan(memfd, vcpu_args, ""), devices, restored)
     finally:
         os.close(kvm_fd)
         os.close(memfd)
         close_plans(devices)
-    vm.snapshots.has_base = True
-    vm.lazy.server.start_filling()
+    vm.snapshot_taken()  # the loaded snapshot is the base of the next Diff
+    server.start_filling()
     if not prepared.resume:
-        with vm._cond:
-            vm.state = "Paused"
+        vm.started_paused()
     if any(d.kind == "vsock" for d in devices):
         with contextlib.suppress(Exception):  # a guest whose driver never set up vsock: nothing to reset
             vm.vsock_transport_reset()
