@@ -194,10 +194,11 @@ def run(
     )
     vmm.spec_types = spec_types
     flusher = Periodic(FLUSH_INTERVAL_S, metrics.flush, "fc_metrics")
+    vmm.on_started.append(flusher.start)  # every 60 s from the start of the VM, as Firecracker
     try:
         _setup(args, vmm)
-        log.info("Running embervm v%s (Firecracker API v%s)", EMBERVM_VERSION, FIRECRACKER_API_VERSION)
-        flusher.start()
+        log.info("Running Firecracker v%s", FIRECRACKER_API_VERSION)
+        log.info("embervm v%s", EMBERVM_VERSION)
         if not args.no_api:
             # Imported here: FastAPI and uvicorn take most of a cold start, and --no-api needs neither.
             from controlplane.api import create_app
@@ -229,6 +230,7 @@ def run(
                 server.close()
             flusher.stop()
             _stop_vm(vmm)
+            vmm.close_backends()
         finally:
             if console is not None:
                 console.close()  # after the VM: a forwarder still writing to it is released

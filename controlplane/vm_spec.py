@@ -55,6 +55,10 @@ class VmSpec:
     # restart policy of every device worker (controlplane.faults.RestartPolicy fields).
     enable_fault_injection: bool = False
     restart_policy: dict[str, Any] | None = None  # RestartPolicy fields, and per device id: {id: {fields}}
+    # Backends opened when the API configured them (controlplane.backends: "block:<id>",
+    # "net:<id>", "vsock:vsock" -> fd, owned by the caller): the planners use duplicates of
+    # these rather than opening the paths again; a device without an entry is opened at start.
+    backend_fds: dict[str, int] = field(default_factory=dict)
 
     @property
     def mem_size(self) -> int:

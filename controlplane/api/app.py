@@ -12,6 +12,7 @@ from controlplane.api import (
     boot_source,
     cpu_config,
     drives,
+    embervm,
     entropy,
     faults,
     instance,
@@ -43,6 +44,7 @@ _ROUTERS = (
     mmds,
     faults,
     restart_policy,
+    embervm,
     unsupported,
 )
 

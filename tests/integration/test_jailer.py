@@ -133,7 +133,7 @@ def test_jailed_microvm_runs_as_uid_gid_in_its_chroot_cgroup_and_netns(
         with jailed(tmp_path, vm_id, "--cgroup", setting, "--cgroup-version", str(version), "--netns", str(netns)) as j:
             with boot(j, guest_images.elf) as api:
                 j.console.wait_for("echo ready")
-                workers = api.get("/").json()["embervm"]["workers"]
+                workers = api.get("/embervm").json()["workers"]
             pid = j.supervisor_pid()
             processes = [pid, *(int(w["pid"]) for w in workers)]
 

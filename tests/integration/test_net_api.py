@@ -79,7 +79,7 @@ def test_patch_rate_limiters_and_mmds_after_boot(api, guest_images: GuestImages)
     boot(client, guest_images, "test=loop ticks_every=20000")
     proc.console.wait_for("tick 1\n")
 
-    workers = [w for w in client.get("/").json()["embervm"]["workers"] if w["kind"] == "net"]
+    workers = [w for w in client.get("/embervm").json()["workers"] if w["kind"] == "net"]
     assert [(w["name"], w["iface_id"], w["alive"]) for w in workers] == [("net_eth0", "eth0", True)]
     limiter = {"bandwidth": {"size": 100000, "refill_time": 100}, "ops": {"size": 100, "refill_time": 100}}
     patch = {"iface_id": "eth0", "rx_rate_limiter": limiter, "tx_rate_limiter": limiter}

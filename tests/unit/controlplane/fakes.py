@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any, BinaryIO
@@ -33,6 +34,7 @@ class FakeMicroVm:
         self.console_input = bytearray()
         self.refuse_updates: str | None = None  # a worker's refusal, raised by the update calls
         self.mmds_pushes: list[dict[str, Any] | None] = []
+        self.backend_inodes: dict[str, int] = {}
 
     def pause(self) -> None:
         self.calls.append("pause")
@@ -112,6 +114,8 @@ class FakeLauncher:
         if self.fail_with is not None:
             raise FakeStartError(self.fail_with)
         vm = FakeMicroVm(spec, console_out, on_exit)
+        # What the real planners would duplicate: the backends opened at PUT time, by inode.
+        vm.backend_inodes = {key: os.fstat(fd).st_ino for key, fd in spec.backend_fds.items()}
         self.vms.append(vm)
         return vm
 

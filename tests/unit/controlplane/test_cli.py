@@ -167,7 +167,7 @@ def test_api_mode_serves_until_the_guest_exits_then_removes_the_socket(tmp_path:
     cli.launcher.vms[0].finish(0, "guest reset")
     assert cli.exit_code() == 0
     assert not os.path.exists(sock)
-    assert "[vm-1:main] Running embervm" in log_path.read_text()
+    assert "[vm-1:main] Running Firecracker v1.12.1" in log_path.read_text()
     lines = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     assert len(lines) >= 2, "a line when configured and one at exit"
     assert sum(line["put_api_requests"]["actions_count"] for line in lines) == 1
