@@ -231,7 +231,17 @@ class Vmm:
         self._configure(lambda: self.resources.update_machine(body))
 
     def put_cpu_config(self, body: CpuConfig) -> None:
-        self._configure(lambda: setattr(self.resources, "cpu_config", body))
+        def apply() -> None:
+            from shared.boot.cpu_template import check_template_caps
+            from shared.boot.errors import BootError
+
+            try:
+                check_template_caps(body.model_dump(by_alias=True, exclude_none=True))
+            except BootError as err:
+                raise ConfigError(f"The requested operation is not supported: {err}") from None
+            self.resources.cpu_config = body
+
+        self._configure(apply)
 
     def put_drive(self, body: Drive) -> None:
         self._configure(lambda: self.resources.set_drive(body))

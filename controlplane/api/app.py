@@ -49,8 +49,12 @@ _ROUTERS = (
 )
 
 
+_REASONS = {400: "Bad Request", 413: "Payload too large"}
+
+
 def fault(message: str, status: int = 400) -> JSONResponse:
-    log.error("Received Error. Status code: %d. Message: %s", status, message)
+    """Firecracker's error answer, and its log line."""
+    log.error("Received Error. Status code: %d %s. Message: %s", status, _REASONS.get(status, ""), message)
     return JSONResponse({"fault_message": message}, status_code=status)
 
 

@@ -91,6 +91,17 @@ class Resources:
                 f"The requested operation is not supported: static CPU template "
                 f"`{config.cpu_template}`; use PUT /cpu-config with a custom CPU template instead."
             )
+        # Accepted values embervm cannot honour are refused, never stored and ignored.
+        if config.huge_pages != "None":
+            raise ConfigError(
+                f"The requested operation is not supported: huge_pages `{config.huge_pages}`: embervm backs guest "
+                "memory with a sealed memfd of normal pages (no MFD_HUGETLB or THP yet); use `None`."
+            )
+        if config.track_dirty_pages:
+            raise ConfigError(
+                "The requested operation is not supported: track_dirty_pages: embervm has no snapshots yet, so "
+                "nothing would read the dirty page bitmap; use false."
+            )
         self.machine = config
 
     def update_machine(self, update: MachineConfigUpdate) -> None:
@@ -102,6 +113,11 @@ class Resources:
             raise ConfigError("The requested operation is not supported: vhost-user block devices (`socket`).")
         if drive.path_on_host is None:
             raise ConfigError("Drive config error: `path_on_host` is required for a virtio-block drive.")
+        if drive.io_engine == "Async":
+            raise ConfigError(
+                "The requested operation is not supported: io_engine `Async` (io_uring): embervm's block worker "
+                "does synchronous I/O (preadv/pwritev); use `Sync`."
+            )
         if drive.is_root_device and any(
             d.is_root_device and d.drive_id != drive.drive_id for d in self.drives.values()
         ):
@@ -137,10 +153,14 @@ class Resources:
             if iface.guest_mac and other.guest_mac and iface.guest_mac.lower() == other.guest_mac.lower():
                 raise ConfigError(f"Network config error: The MAC address is already in use: {iface.guest_mac}")
         key = backend_key("net", iface.iface_id)
-        if self.net.pop(iface.iface_id, None) is not None:
-            self.backends.release(key)
-        self.backends.put(key, _opened(open_tap_device, iface.host_dev_name))
-        self.net[iface.iface_id] = iface
+        self.backends.release(key)
+        try:
+            fd = _opened(open_tap_device, iface.host_dev_name)
+        except ConfigError:
+            self.net.pop(iface.iface_id, None)  # as Firecracker: the old interface is gone already
+            raise
+        self.backends.put(key, fd)
+        self.net[iface.iface_id] = iface  # a replaced interface keeps its place (and MMIO slot)
 
     def set_vsock(self, vsock: Vsock) -> None:
         """Firecracker's VsockBuilder::insert: the old socket goes, the new one is bound now."""

@@ -269,7 +269,7 @@ def test_garbage_to_the_mmds_address_never_stops_the_worker(mmds_worker: NetWork
 
 
 def test_tap_names_and_busy_taps_get_firecrackers_errors(ns: netns.NetNs) -> None:
-    with pytest.raises(TapError, match="^Open tap device failed: Invalid interface name$"):
+    with pytest.raises(TapError, match=r"^Open tap device failed: Invalid interface name$"):
         ns.open_tap("x" * 16)  # IFNAMSIZ - 1 bytes at most
     created = ns.open_tap("nosuchtap0")  # as root the kernel creates a missing TAP, as for Firecracker
     os.close(created)

@@ -115,7 +115,7 @@ class FakeLauncher:
             raise FakeStartError(self.fail_with)
         vm = FakeMicroVm(spec, console_out, on_exit)
         # What the real planners would duplicate: the backends opened at PUT time, by inode.
-        vm.backend_inodes = {key: os.fstat(fd).st_ino for key, fd in spec.backend_fds.items()}
+        vm.backend_inodes = {key: os.fstat(fd).st_ino for key, fd in getattr(spec, "backend_fds", {}).items()}
         self.vms.append(vm)
         return vm
 

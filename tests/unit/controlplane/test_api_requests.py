@@ -80,7 +80,11 @@ def test_path_and_body_ids_must_match(api, files):
     )
     iface = {"iface_id": "eth1", "host_dev_name": "tap0"}
     assert fault(api.client.put("/network-interfaces/eth0", json=iface)) == (
-        "The id from the path does not match the id from the body!"
+        "The id from the path [eth0] does not match the id from the body [eth1]!"
+    )
+    update = {"iface_id": "eth1"}
+    assert fault(api.client.patch("/network-interfaces/eth0", json=update)) == (
+        "The id from the path [eth0] does not match the id from the body [eth1]!"
     )
 
 

@@ -23,7 +23,7 @@ def configure(api, files) -> None:
                 "is_root_device": True,
                 "is_read_only": True,
                 "partuuid": "abcd-01",
-                "io_engine": "Async",
+                "io_engine": "Sync",
             },
         )
     )
