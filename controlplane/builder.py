@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -215,7 +216,7 @@ def plan_devices(spec: VmSpec, kinds: tuple[str, ...] | None = None) -> list[Dev
             if kinds is None or kind in kinds:
                 plans += PLANNERS[kind](spec)
         for index, plan in enumerate(plans):
-            plan.base, plan.gsi = layout.virtio_mmio_window(index)
+            plan.base, plan.gsi = layout.virtio_mmio_window(index, spec.boot_timer)
             plan.queue_fds = [_new_eventfd() for _ in range(plan.num_queues)]
             plan.irqfd = _new_eventfd()
     except BaseException:
@@ -294,4 +295,6 @@ def build_guest(spec: VmSpec, devices: list[DevicePlan] | None = None) -> GuestP
         "cpu_template": spec.cpu_config or {},
         "cpuid_clear": [list(c) for c in spec.cpuid_clear],
     }
+    if spec.boot_timer:  # Firecracker's request_ts: when InstanceStart builds the microVM
+        vcpu_args["boot_timer"] = {"base": layout.BOOT_TIMER_BASE, "start_ns": time.monotonic_ns()}
     return GuestPlan(memfd, vcpu_args, cmdline)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -193,3 +194,17 @@ def test_a_cpu_template_kvm_cannot_honour_fails_the_start(launcher, guest_images
 
     with pytest.raises(VmStartError, match=message):
         launcher.start_vm(spec, ConsoleCapture(), lambda c, r: None)
+
+
+def test_boot_timer_logs_the_guest_boot_time(launcher, guest_images: GuestImages, caplog: pytest.LogCaptureFixture):
+    caplog.set_level("INFO")
+    vm, out = boot_to_exit(launcher, guest_images.elf, "test=boottimer", boot_timer=True)
+
+    assert vm.exit_code == exitcodes.OK and "boot timer signalled" in out
+    [line] = [r.getMessage() for r in caplog.records if "Guest-boot-time" in r.getMessage()]
+    assert re.search(r"Guest-boot-time = +\d+ us \d+ ms, +\d+ CPU us \d+ CPU ms", line), line
+
+
+def test_boot_timer_takes_the_first_mmio_window_and_no_interrupt():
+    assert layout.virtio_mmio_window(0, boot_timer=True) == (layout.BOOT_TIMER_BASE + layout.VIRTIO_MMIO_SIZE, 5)
+    assert layout.virtio_mmio_window(0) == (layout.BOOT_TIMER_BASE, 5)
