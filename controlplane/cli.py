@@ -31,9 +31,11 @@ from controlplane.metrics import FLUSH_INTERVAL_S, METRICS, Metrics, MetricsErro
 from controlplane.mmds_store import MmdsError, MmdsStore
 from controlplane.models import BodyError, CpuConfig, VmmConfigFile, parse_body, parse_value
 from controlplane.periodic import Periodic
-from controlplane.state import EMBERVM_VERSION, FIRECRACKER_API_VERSION, ApiError, LauncherLike, RuntimeOptions, Vmm
+from controlplane.state import ApiError, LauncherLike, RuntimeOptions, Vmm
 from controlplane.uds import SocketInUseError
 from shared import exitcodes
+from shared.versions import EMBERVM_VERSION
+from shared.versions import FIRECRACKER_VERSION as FIRECRACKER_API_VERSION
 
 if TYPE_CHECKING:
     from controlplane.server import ApiServer
@@ -330,7 +332,10 @@ def _report_startup(args: argparse.Namespace, metrics: Metrics) -> None:
         elapsed_us = time.monotonic_ns() // 1000 - args.start_time_us
     else:
         elapsed_us = (time.monotonic_ns() - START_NS) // 1000
-    cpu_us = time.process_time_ns() // 1000 + (args.parent_cpu_time_us or 0)
+    # Firecracker's ProcessTimeReporter: CPU time since --start-time-cpu-us (the jailer's CPU
+    # clock at exec; it continues in this process), plus what the jailer's processes that
+    # forked us used (--parent-cpu-time-us).
+    cpu_us = time.process_time_ns() // 1000 - (args.start_time_cpu_us or 0) + (args.parent_cpu_time_us or 0)
     metrics.store("api_server", "process_startup_time_us", max(0, elapsed_us))
     metrics.store("api_server", "process_startup_time_cpu_us", cpu_us)
 

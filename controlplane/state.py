@@ -37,12 +37,12 @@ from controlplane.models import (
 )
 from controlplane.models.resources import ConfigError, Resources
 from controlplane.models.restart_policy import RestartPolicyBody
+from shared.versions import EMBERVM_VERSION, FIRECRACKER_VERSION
 
 NOT_SUPPORTED_PRE_BOOT = "The requested operation is not supported before starting the microVM."
 NOT_SUPPORTED_POST_BOOT = "The requested operation is not supported after starting the microVM."
 APP_NAME = "Firecracker"
-FIRECRACKER_API_VERSION = "1.12.1"
-EMBERVM_VERSION = "0.1.0"
+FIRECRACKER_API_VERSION = FIRECRACKER_VERSION
 
 log = fclog.get("vmm")
 
