@@ -134,6 +134,10 @@ class CliRun:
         return self.result[0]
 
 
+def metrics_writers() -> int:
+    return sum(thread.name == "fc_metrics" and thread.is_alive() for thread in threading.enumerate())
+
+
 def config_file(tmp_path: Path, files: dict[str, str], **extra: object) -> str:
     config = {
         "boot-source": {"kernel_image_path": files["vmlinux"], "boot_args": "console=ttyS0"},
@@ -174,11 +178,16 @@ def test_api_mode_serves_until_the_guest_exits_then_removes_the_socket(tmp_path:
         assert client.get("/").json()["id"] == "vm-1"
         assert client.get("/mmds").json() == {"latest": {"hostname": "vm-1"}}
         assert_no_content(client.put("/boot-source", json={"kernel_image_path": files["vmlinux"]}))
+        flushers = metrics_writers()
         assert_no_content(client.put("/actions", json={"action_type": "InstanceStart"}))
+        # The 60 s metrics writer starts with the microVM, as Firecracker's PeriodicMetrics.
+        assert metrics_writers() == flushers + 1
     cli.launcher.vms[0].finish(0, "guest reset")
     assert cli.exit_code() == 0
     assert not os.path.exists(sock)
-    assert "[vm-1:main] Running Firecracker v1.12.1" in log_path.read_text()
+    log = log_path.read_text()
+    assert "[vm-1:main] Running Firecracker v1.12.1" in log
+    assert "API server started." in log
     lines = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     assert len(lines) >= 2, "a line when configured and one at exit"
     assert sum(line["put_api_requests"]["actions_count"] for line in lines) == 1
