@@ -115,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     snapshot_code = snapshot_cli.handle(args)
     if snapshot_code is not None:
         sys.exit(snapshot_code)
-    from controlplane.microvm import Launcher  # the zygote forks first, before any thread exists
+    from controlplane.launcher import Launcher  # the zygote forks first, before any thread exists
     from controlplane.policy import confine_supervisor
 
     console_in = _take_stdin()  # before the zygote forks: its workers keep fds 0-2
