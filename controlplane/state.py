@@ -76,7 +76,11 @@ class MicroVmLike(Protocol):
     def metrics(self) -> dict[str, dict[str, int]]: ...
     def workers(self) -> list[dict[str, Any]]: ...
     def update_drive(
-        self, drive_id: str, path_on_host: str | None = None, rate_limiter: dict[str, Any] | None = None
+        self,
+        drive_id: str,
+        path_on_host: str | None = None,
+        rate_limiter: dict[str, Any] | None = None,
+        backing_fd: int | None = None,
     ) -> None: ...
     def update_net(
         self,
@@ -367,11 +371,11 @@ class Vmm:
         with self.lock:
             vm = self._post_boot()
             try:
-                changes = self.resources.update_drive(body)
+                changes, fd = self.resources.update_drive(body)
             except ConfigError as err:
                 raise ApiError(str(err)) from None
-            with self._device_update("drive", body.drive_id):
-                vm.update_drive(body.drive_id, changes.get("path_on_host"), changes.get("rate_limiter"))
+            with self._device_update("drive", body.drive_id):  # the fd is the microVM's from here on
+                vm.update_drive(body.drive_id, changes.get("path_on_host"), changes.get("rate_limiter"), backing_fd=fd)
 
     def patch_network_interface(self, body: PartialNetworkInterface) -> None:
         with self.lock:

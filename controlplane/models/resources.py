@@ -130,18 +130,21 @@ class Resources:
         ordered = sorted(self.drives.values(), key=lambda d: not d.is_root_device)
         self.drives = {d.drive_id: d for d in ordered}
 
-    def update_drive(self, update: PartialDrive) -> dict[str, Any]:
-        """Post-boot drive change: validated and stored; returns the changes to forward."""
+    def update_drive(self, update: PartialDrive) -> tuple[dict[str, Any], int | None]:
+        """Post-boot drive change: validated and stored; returns the changes to forward and,
+        for a new `path_on_host`, the file opened now (the caller owns it), as Firecracker
+        opens it at PATCH time."""
         drive = self.drives.get(update.drive_id)
         if drive is None:
             raise ConfigError(f"Drive config error: Invalid block device ID: `{update.drive_id}`.")
         changes = update.model_dump(exclude_none=True, exclude={"drive_id"})
         if not changes:
             raise ConfigError("Drive config error: nothing to update; give `path_on_host` and/or `rate_limiter`.")
+        fd = None
         if update.path_on_host is not None:
-            os.close(_opened(open_drive_file, update.path_on_host, bool(drive.is_read_only), True))
+            fd = _opened(open_drive_file, update.path_on_host, bool(drive.is_read_only), True)
         self.drives[drive.drive_id] = drive.model_copy(update=_given(update))
-        return changes
+        return changes, fd
 
     def set_net(self, iface: NetworkInterface) -> None:
         """Firecracker's NetBuilder::build: the MAC must be free; the interface it replaces is

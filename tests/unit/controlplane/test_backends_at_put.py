@@ -145,3 +145,16 @@ def test_instancestart_releases_the_fds_opened_at_put(api, files, tmp_path: Path
     assert set(api.vm.backend_inodes) == {"block:rootfs", "net:eth0", "vsock:vsock"}
     assert open_fds() == before  # the planners took duplicates; the fake microVM keeps none
     assert (tmp_path / "v.sock").is_socket()  # the running microVM's now: it removes it when it ends
+
+
+def test_patch_drive_hands_over_the_file_it_opened(api, files, tmp_path: Path):
+    assert_no_content(api.client.put("/boot-source", json={"kernel_image_path": files["vmlinux"]}))
+    drive = {"drive_id": "scratch", "path_on_host": files["scratch"], "is_root_device": False, "is_read_only": False}
+    assert_no_content(api.client.put("/drives/scratch", json=drive))
+    assert_no_content(api.client.put("/actions", json={"action_type": "InstanceStart"}))
+    new = tmp_path / "new.img"
+    new.write_bytes(b"\0" * 512)
+    before = open_fds()
+    assert_no_content(api.client.patch("/drives/scratch", json={"drive_id": "scratch", "path_on_host": str(new)}))
+    assert api.vm.patched_inodes == [new.stat().st_ino]  # one open, at PATCH time, and that fd is used
+    assert open_fds() == before  # the microVM owns it now (the fake closed it)
