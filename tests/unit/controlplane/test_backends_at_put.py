@@ -158,3 +158,44 @@ def test_patch_drive_hands_over_the_file_it_opened(api, files, tmp_path: Path):
     assert_no_content(api.client.patch("/drives/scratch", json={"drive_id": "scratch", "path_on_host": str(new)}))
     assert api.vm.patched_inodes == [new.stat().st_ino]  # one open, at PATCH time, and that fd is used
     assert open_fds() == before  # the microVM owns it now (the fake closed it)
+
+
+@needs_root
+def test_an_unprivileged_embervm_gets_the_kernels_error_for_a_missing_tap(tmp_path: Path):
+    """Under the jailer the TAP is made in advance: embervm (not root) cannot create one. As
+    there, /dev/net/tun is a node the jail's uid owns (in a mount namespace of the child's own)."""
+    import stat
+
+    from devices.net.tap import TapError, open_tap
+    from jailer import jail
+
+    node = tmp_path / "tun"
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        message = b"opened"
+        try:
+            jail.unshare(jail.CLONE_NEWNS | jail.CLONE_NEWNET)  # the child exits: no way back needed
+            jail.mount("none", "/", None, jail.MS_REC | jail.MS_PRIVATE)
+            os.mknod(node, stat.S_IFCHR | 0o600, os.makedev(10, 200))
+            os.chown(node, 65534, 65534)
+            jail.mount(str(node), "/dev/net/tun", None, jail.MS_BIND)
+            os.setgid(65534)
+            os.setuid(65534)  # no capabilities left
+            try:
+                os.close(open_tap("embernopriv0"))
+            except TapError as err:
+                message = str(err).encode()
+        except BaseException as err:
+            message = repr(err).encode()
+        finally:
+            os.write(write, message)
+            os._exit(0)
+    os.close(write)
+    os.waitpid(pid, 0)
+    with os.fdopen(read, "rb") as pipe:
+        message = pipe.read().decode()
+    assert message == (
+        "Open tap device failed: Error while creating ifreq structure: Operation not permitted (os error 1). "
+        "Invalid TUN/TAP Backend provided by embernopriv0. Check our documentation on setting up the network devices."
+    )
