@@ -105,6 +105,12 @@ def kvm_stats() -> dict[str, int]:
     return out
 
 
+def tcpext() -> dict[str, int]:
+    """The outer kernel's TcpExt counters (delayed ACKs, zero windows...), for --verbose."""
+    lines = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines() if line.startswith("TcpExt:")]
+    return dict(zip(lines[0][1:], map(int, lines[1][1:]), strict=False)) if len(lines) >= 2 else {}
+
+
 class Peer:
     """The outer VM's servers (threads), shared by both VMMs; the vsock ends per VMM."""
 
@@ -242,6 +248,7 @@ def run_guest(side: str, command: list[str], peer: Peer, args: argparse.Namespac
     sel = selectors.DefaultSelector()
     sel.register(proc.stdout, selectors.EVENT_READ)
     pending, tail = b"", b""
+    tcpext_before: dict[str, int] = {}
     deadline = time.monotonic() + args.guest_timeout
     try:
         while time.monotonic() < deadline:
@@ -259,10 +266,16 @@ def run_guest(side: str, command: list[str], peer: Peer, args: argparse.Namespac
                     print(f"bench: {side}: {line}", flush=True)
                 if m := re.match(r"GIO-BEGIN (\w+)", line):
                     begin[m.group(1)] = kvm_stats()
+                    tcpext_before = tcpext()
                     if m.group(1) == "vsock_rx" and listener is not None:
                         peer.vsock_send(side, args.vsock_mib << 20)
                 elif m := re.match(r"GIO-END (\w+)", line):
                     end[m.group(1)] = kvm_stats()
+                    if args.verbose and m.group(1).startswith("tcp"):
+                        moved = {
+                            k: v - tcpext_before.get(k, 0) for k, v in tcpext().items() if v != tcpext_before.get(k, 0)
+                        }
+                        print(f"bench: {side}: outer TcpExt during {m.group(1)}: {moved}", flush=True)
                 elif m := re.match(r"GIO-RESULT (\w+) (.*)", line):
                     name = m.group(1)
                     figures: dict[str, Any] = {k: float(v) for k, v in re.findall(r"(\w+)=([\d.]+)", m.group(2))}

@@ -165,17 +165,23 @@ gio_irqs() { awk '/virtio/ { for (i = 2; i <= NF; i++) { if ($i !~ /^[0-9]+$/) b
 gio_stat() { cat "/sys/class/net/eth0/statistics/$1" 2>/dev/null || echo 0; }
 gio_outsegs() { awk '/^Tcp:/ { if (seen) print $12; seen = 1 }' /proc/net/snmp; }
 gio_sample() { echo "$(cut -d' ' -f1 /proc/uptime) $(gio_irqs) $(gio_stat tx_packets) $(gio_stat tx_bytes) $(gio_stat rx_packets) $(gio_stat rx_bytes) $(gio_outsegs)"; }
+gio_tcpext() { # the TcpExt counters that moved between the two netstat snapshots
+    cat /tmp/gio.netstat0 /tmp/gio.netstat1 | awk '/^TcpExt:/ { n++; if (n % 2) { for (i = 2; i <= NF; i++) k[i] = $i } else if (n == 2) { for (i = 2; i <= NF; i++) a[i] = $i } else if (n == 4) { for (i = 2; i <= NF; i++) if ($i != a[i]) printf "%s=%d ", k[i], $i - a[i] } }'
+}
 gio_measure() { # gio_measure NAME BYTES COMMAND...: prints GIO-RESULT; the command's output is in /tmp/gio.out
     name=$1 bytes=$2
     shift 2
     echo "GIO-BEGIN $name"
     sleep 0.5
+    cat /proc/net/netstat >/tmp/gio.netstat0 2>/dev/null
     before=$(gio_sample)
     "$@" >/tmp/gio.out 2>&1
     rc=$?
     after=$(gio_sample)
+    cat /proc/net/netstat >/tmp/gio.netstat1 2>/dev/null
     echo "GIO-END $name"
     sleep 0.5
+    case $name in tcp_*) echo "GIO-INFO $name tcpext $(gio_tcpext)" ;; esac
     set -- $before $after
     echo "GIO-RESULT $name rc=$rc bytes=$bytes $(awk -v a="$*" 'BEGIN { split(a, v, " ");
         printf "secs=%.2f irqs=%d tx_packets=%d tx_bytes=%d rx_packets=%d rx_bytes=%d outsegs=%d",
@@ -188,6 +194,7 @@ gio_result() { # the check's PASS/FAIL line from gio_measure's status
 
 check_gio_tcp_tx() { # gio_tcp_tx:<peer>:<port>:<MiB>: send MiB zeros to a sink on the peer (busybox nc)
     set -- $(echo "$1" | tr ':' ' ')
+    echo "GIO-INFO eth0 virtio features $(cat /sys/class/net/eth0/device/features 2>/dev/null)"
     gio_measure tcp_tx $(($3 << 20)) sh -c "dd if=/dev/zero bs=65536 count=$(($3 * 16)) 2>/dev/null | nc -w 10 $1 $2"
     gio_result gio_tcp_tx $?
 }
