@@ -75,25 +75,29 @@ TESTS = {  # name -> (group, unit)
 }
 
 
-def checks(groups: set[str], tcp_mib: int, vsock_mib: int) -> list[str]:
+def checks(args: argparse.Namespace) -> list[str]:
+    """The inner /init's checks for the chosen groups (and, with --tests, only those tests)."""
+    peer, wanted = HOST_IP, args.tests
+
+    def pick(test: str, check: str) -> list[str]:
+        return [check] if not wanted or test in wanted else []
+
     out = []
-    if "blk" in groups:
+    if "blk" in args.groups and (not wanted or wanted & {t for t, (g, _) in TESTS.items() if g == "blk"}):
         out.append("gio_blk:vda")
-    if "net" in groups:
-        peer = HOST_IP
-        out += [
-            f"net:{GUEST_IP}/24@{peer}",
-            f"gio_ping:{peer}:20",
-            f"gio_tcp_tx:{peer}:{TCP_SINK_PORT}:{tcp_mib}",
-            f"gio_tcp_rx:{peer}:{HTTP_PORT}:{tcp_mib}",
-        ]
-    if "vsock" in groups:
-        out += [f"gio_vsock_tx:{VSOCK_TX_PORT}:{vsock_mib}", f"gio_vsock_rx:{VSOCK_RX_PORT}"]
+    if "net" in args.groups:
+        out.append(f"net:{GUEST_IP}/24@{peer}")
+        out += pick("ping", f"gio_ping:{peer}:20")
+        out += pick("tcp_tx", f"gio_tcp_tx:{peer}:{TCP_SINK_PORT}:{args.tcp_mib}")
+        out += pick("tcp_rx", f"gio_tcp_rx:{peer}:{HTTP_PORT}:{args.tcp_mib}")
+    if "vsock" in args.groups:
+        out += pick("vsock_tx", f"gio_vsock_tx:{VSOCK_TX_PORT}:{args.vsock_mib}")
+        out += pick("vsock_rx", f"gio_vsock_rx:{VSOCK_RX_PORT}")
     return out
 
 
-def boot_args(groups: set[str], tcp_mib: int, vsock_mib: int) -> str:
-    return "console=ttyS0 reboot=k panic=1 pci=off quiet e2e.checks=" + ",".join(checks(groups, tcp_mib, vsock_mib))
+def boot_args(args: argparse.Namespace) -> str:
+    return "console=ttyS0 reboot=k panic=1 pci=off quiet e2e.checks=" + ",".join(checks(args))
 
 
 # --- inside the outer VM ------------------------------------------------------------------------
@@ -184,7 +188,7 @@ def embervm_command(args: argparse.Namespace) -> list[str]:
         "boot-source": {
             "kernel_image_path": str(GUEST / "vmlinux"),
             "initrd_path": str(GUEST / "initramfs"),
-            "boot_args": boot_args(args.groups, args.tcp_mib, args.vsock_mib),
+            "boot_args": boot_args(args),
         },
         "machine-config": {"vcpu_count": 1, "mem_size_mib": args.mem},
         "drives": [{"drive_id": "scratch", "path_on_host": str(WORK / "disk.img"), "is_root_device": False}],
@@ -225,7 +229,7 @@ def qemu_command(args: argparse.Namespace) -> list[str]:
         qemu, "-M", "microvm,x-option-roms=off,rtc=on", "-enable-kvm", "-cpu", "host", "-smp", "1",
         "-m", str(args.mem), "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
         "-no-reboot", "-kernel", str(GUEST / "vmlinux"), "-initrd", str(GUEST / "initramfs"),
-        "-append", boot_args(args.groups, args.tcp_mib, args.vsock_mib),
+        "-append", boot_args(args),
         "-drive", f"id=scratch,file={WORK / 'disk.img'},format=raw,if=none",
         "-device", "virtio-blk-device,drive=scratch",
         "-netdev", f"tap,id=n0,ifname={TAP},script=no,downscript=no,vhost=off",
@@ -433,30 +437,39 @@ def table(runs: dict[str, list[dict[str, Any]]], verbose: bool) -> list[str]:
     return lines
 
 
-def host(args: argparse.Namespace) -> int:
+def measure(args: argparse.Namespace) -> tuple[Any, dict[str, list[dict[str, Any]]] | None]:
+    """One outer-VM run; (the OuterRun, {"embervm": [figures per run], "qemu": [...]} or None)."""
     from tests.e2e.environment import prepare
     from tests.e2e.outer import run_outer
 
     env = prepare()
-    groups = ",".join(sorted(args.groups))
     job = (
         '#!/bin/sh\ncd "$E2E_REPO" || exit 1\n'
-        f'exec "$E2E_PYTHON" bench/guest_io.py --inside --runs {args.runs} --only {groups} --mem {args.mem}'
-        f" --tcp-mib {args.tcp_mib} --vsock-mib {args.vsock_mib} --guest-timeout {args.guest_timeout}"
+        f'exec "$E2E_PYTHON" bench/guest_io.py --inside --runs {args.runs} --only {",".join(sorted(args.groups))}'
+        f" --mem {args.mem} --tcp-mib {args.tcp_mib} --vsock-mib {args.vsock_mib} --guest-timeout {args.guest_timeout}"
+        + (f" --tests {','.join(sorted(args.tests))}" if args.tests else "")
         + (" --verbose" if args.verbose else "")
         + "\n"
     )
-    timeout = 120 + args.runs * 2 * args.guest_timeout
+    timeout = 180 + args.runs * 2 * args.guest_timeout
     run = run_outer(job, timeout, env=env, extra=outer_archive(), echo=sys.stderr if args.verbose else None)
     lines = [line for line in run.console.splitlines() if line.startswith(RESULT_MARK)]
     if not run.ok or not lines:
+        return run, None
+    return run, json.loads(lines[-1][len(RESULT_MARK) :])
+
+
+def host(args: argparse.Namespace) -> int:
+    from tests.e2e.environment import prepare
+
+    run, runs = measure(args)
+    if runs is None:
         print(run.console[-5000:], file=sys.stderr)
         print(f"benchmark failed: {run.describe()}; console log {run.log}", file=sys.stderr)
         return 1
-    runs = json.loads(lines[-1][len(RESULT_MARK) :])
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1))
-    print(f"Linux {env.kernel.version} (vmlinux), {args.mem} MiB, 1 vCPU, one level down (outer VM: QEMU TCG)")
+    print(f"Linux {prepare().kernel.version} (vmlinux), {args.mem} MiB, 1 vCPU, one level down (outer VM: QEMU TCG)")
     print(f"embervm vs qemu -M microvm (virtio-mmio, vhost off for net), {args.runs} run(s) each, interleaved")
     print("ratio: embervm ÷ QEMU of MiB/s, IOPS or pings/s (higher is better), median (range) of the runs")
     for line in table(runs, args.verbose):
@@ -465,10 +478,11 @@ def host(args: argparse.Namespace) -> int:
     return 0
 
 
-def main() -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=2)
     parser.add_argument("--only", default="blk,net,vsock", help="comma-separated groups: blk, net, vsock")
+    parser.add_argument("--tests", default="", help=f"comma-separated tests of those groups: {', '.join(TESTS)}")
     parser.add_argument("--mem", type=int, default=256, help="guest memory in MiB")
     parser.add_argument("--tcp-mib", type=int, default=8)
     parser.add_argument("--vsock-mib", type=int, default=8)
@@ -476,10 +490,18 @@ def main() -> int:
     parser.add_argument("--json", help="also write the raw figures to this file")
     parser.add_argument("--verbose", action="store_true", help="absolute figures, the outer VM's console")
     parser.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     args.groups = {g for g in args.only.split(",") if g}
+    args.tests = {t for t in args.tests.split(",") if t}
     if unknown := args.groups - {"blk", "net", "vsock"}:
         parser.error(f"unknown groups {sorted(unknown)}")
+    if unknown := args.tests - set(TESTS):
+        parser.error(f"unknown tests {sorted(unknown)}")
+    return args
+
+
+def main() -> int:
+    args = parse_args()
     return inside(args) if args.inside else host(args)
 
 
