@@ -49,14 +49,14 @@ def tcp_tx() -> dict[str, dict[str, Any]]:
     return results
 
 
-def test_guest_to_host_tcp_stays_within_a_floor_of_qemus(tcp_tx: dict[str, dict[str, Any]]):
+def test_guest_to_host_tcp_stays_within_a_floor_of_qemus(tcp_tx: dict[str, dict[str, Any]]) -> None:
     ours, theirs = guest_io.rate("tcp_tx", tcp_tx["embervm"]), guest_io.rate("tcp_tx", tcp_tx["qemu"])
     assert ours is not None and theirs is not None, tcp_tx
 
     assert ours / theirs >= TCP_TX_FLOOR, f"embervm {ours:.3f} MiB/s, QEMU {theirs:.3f} MiB/s: {tcp_tx}"
 
 
-def test_one_interrupt_carries_the_tx_completions_and_the_peers_ack(tcp_tx: dict[str, dict[str, Any]]):
+def test_one_interrupt_carries_the_tx_completions_and_the_peers_ack(tcp_tx: dict[str, dict[str, Any]]) -> None:
     figures = tcp_tx["embervm"]
 
     assert figures["irqs"] / figures["tx_packets"] <= MAX_IRQS_PER_TX_FRAME, figures
