@@ -401,7 +401,7 @@ def table(runs: dict[str, list[dict[str, Any]]], verbose: bool) -> list[str]:
     ours, theirs = runs["embervm"], runs["qemu"]
     lines = [
         f"{'test':14} {'ratio emb/qemu':>16} {'range':>12}  {'irq/MiB emb/qemu':>17}  {'exits/MiB emb/qemu':>19}"
-        f"  {'mmio exits/MiB':>15}  {'tx frame B emb/qemu':>19}"
+        f"  {'mmio exits/MiB':>15}  {'eth0 frame B emb/qemu':>21}"
         + (f"  {'embervm':>10} {'qemu':>10} unit" if verbose else "")
     ]
     for test, (_, unit) in TESTS.items():
