@@ -26,7 +26,7 @@ interrupts it took (/proc/interrupts) and eth0's frame counters, and the outer s
 the outer KVM's exit counters (debugfs) at each marker. Printed per test: the ratio
 embervm ÷ QEMU of throughput (of 1/rtt for ping; higher is better), median over the runs,
 with interrupts and VM exits (all / MMIO) per MiB on each side, and for TCP the average
-frame size the guest handed the device (a TSO frame counts once). The absolute figures
+size of eth0's frames (sent for tcp_tx, received for tcp_rx; a TSO/GSO frame counts once). The absolute figures
 are those of a guest one level down under an emulator (shown with --verbose): only the
 ratios mean anything.
 """
