@@ -7,7 +7,9 @@ added to it, and there boots Debian's cloud kernel with the e2e inner initramfs 
 times each way, interleaved: embervm (`--config-file --no-api`) and `qemu-system-x86_64 -M
 microvm` (virtio-mmio devices, vhost off for net; QEMU has only vhost-vsock), same kernel,
 initramfs, command line, memory (256 MiB), one vCPU, a 64 MiB scratch disk (a file in the
-outer VM's tmpfs) and one TAP with the outer VM's end at 172.16.0.1.
+outer VM's tmpfs) and one TAP with the outer VM's end at 172.16.0.1. QEMU's virtio-mmio is
+made modern (`force-legacy=false`; its default is the legacy version 1 transport, without
+VERSION_1), as embervm's is.
 
 The guest programs are the `gio_*` checks of tests/e2e/guest/inner_init.sh (busybox dd, nc,
 wget, ping; `vsock-e2e send/sink`); the outer ends are tests/e2e/guest/io_peer.py:
@@ -228,7 +230,8 @@ def qemu_command(args: argparse.Namespace) -> list[str]:
     command = [
         qemu, "-M", "microvm,x-option-roms=off,rtc=on", "-enable-kvm", "-cpu", "host", "-smp", "1",
         "-m", str(args.mem), "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
-        "-no-reboot", "-kernel", str(GUEST / "vmlinux"), "-initrd", str(GUEST / "initramfs"),
+        "-no-reboot", "-global", "virtio-mmio.force-legacy=false",
+        "-kernel", str(GUEST / "vmlinux"), "-initrd", str(GUEST / "initramfs"),
         "-append", boot_args(args),
         "-drive", f"id=scratch,file={WORK / 'disk.img'},format=raw,if=none",
         "-device", "virtio-blk-device,drive=scratch",
