@@ -141,7 +141,9 @@ def _write_memory(vm: MicroVm, request: CreateRequest, dirty: bytes | None) -> N
 
 
 def spec_to_dict(spec: VmSpec) -> dict[str, Any]:
+    """The VmSpec as plain data; fds (backend_fds: this process's open backends) stay out."""
     values = dataclasses.asdict(spec)
+    values.pop("backend_fds", None)
     values["cpuid_clear"] = [list(c) for c in spec.cpuid_clear]
     return values
 
@@ -152,7 +154,7 @@ def spec_from_dict(values: dict[str, Any]) -> VmSpec:
 
     try:
         fields = {f.name for f in dataclasses.fields(VmSpec)}
-        known = {k: v for k, v in values.items() if k in fields}
+        known = {k: v for k, v in values.items() if k in fields and k != "backend_fds"}  # backends reopen
         known["drives"] = [DriveSpec(**d) for d in values.get("drives") or []]
         known["cpuid_clear"] = [tuple(c) for c in values.get("cpuid_clear") or []]
         return VmSpec(**known)

@@ -297,9 +297,9 @@ class Vcpu:
             entries.append(CpuidEntry(raw.function, raw.index, raw.flags, raw.eax, raw.ebx, raw.ecx, raw.edx))
         return entries
 
-    def get_msrs(self, indices: list[int]) -> list[tuple[int, int]]:
-        """The values of the MSRs in `indices` that KVM reads (it stops at the first it refuses:
-        that one is dropped and the rest read again)."""
+    def read_msrs(self, indices: list[int]) -> list[tuple[int, int]]:
+        """(index, value) of each MSR in `indices` that KVM reads (it stops at the first it
+        refuses: that one is dropped and the rest read again); a snapshot's MSRs."""
         result: list[tuple[int, int]] = []
         pending = list(indices)
         header = ctypes.sizeof(abi.kvm_msrs_header)
@@ -315,6 +315,20 @@ class Vcpu:
                 result.append((int(entry.index), int(entry.data)))
             pending = pending[read + 1 :]
         return result
+
+    def get_msrs(self, indices: Iterable[int]) -> list[int]:
+        """The values of MSRs `indices` (KVM_GET_MSRS), in that order."""
+        wanted = list(indices)
+        header = ctypes.sizeof(abi.kvm_msrs_header)
+        size = ctypes.sizeof(abi.kvm_msr_entry)
+        buf = bytearray(header + len(wanted) * size)
+        abi.kvm_msrs_header.from_buffer(buf).nmsrs = len(wanted)
+        for i, index in enumerate(wanted):
+            abi.kvm_msr_entry.from_buffer(buf, header + i * size).index = index
+        read = _ioctl(self.fd, abi.KVM_GET_MSRS, buf)
+        if read != len(wanted):
+            raise KvmError(f"KVM_GET_MSRS read {read} of {len(wanted)} MSRs (MSR {wanted[read]:#x} refused)")
+        return [int(abi.kvm_msr_entry.from_buffer(buf, header + i * size).data) for i in range(len(wanted))]
 
     def get_lapic(self) -> bytearray:
         state = bytearray(ctypes.sizeof(abi.kvm_lapic_state))

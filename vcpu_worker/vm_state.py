@@ -47,7 +47,7 @@ def save_vcpu(kvm: Kvm, vcpu: Vcpu, msr_indices: list[int]) -> dict[str, Any]:
     return {
         "id": vcpu.id,
         "cpuid": [[e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx] for e in vcpu.get_cpuid()],
-        "msrs": [list(m) for m in vcpu.get_msrs(msr_indices)],
+        "msrs": [list(m) for m in vcpu.read_msrs(msr_indices)],
         "regs": bytes(vcpu.get_regs()),
         "sregs": bytes(vcpu.get_sregs()),
         "fpu": bytes(vcpu.get_fpu()),

@@ -335,14 +335,14 @@ def test_a_loaded_microvm_survives_its_block_worker_being_killed(tmp_path, guest
     source.kill()
     restored = load(tmp_path, vms, "restored", state, mem)
     now = restored.wait_count_past(max(restored.counts(), default=0))
-    workers = restored.client.get("/").json()["embervm"]["workers"]
+    workers = restored.client.get("/embervm").json()["workers"]
     victim = next(w for w in workers if w["kind"] == "block")
 
     os.kill(int(victim["pid"]), signal.SIGKILL)
 
     restored.wait_count_past(now + 3)
     assert "FAIL" not in restored.proc.console.text
-    block = next(w for w in restored.client.get("/").json()["embervm"]["workers"] if w["kind"] == "block")
+    block = next(w for w in restored.client.get("/embervm").json()["workers"] if w["kind"] == "block")
     assert block["restarts"] == 1 and block["alive"]
 
 
