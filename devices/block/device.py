@@ -87,6 +87,7 @@ class BlockDevice:
         queue_size: int = c.DEFAULT_QUEUE_SIZE,
     ) -> None:
         self.backend = backend
+        self._capacity = backend.size >> SECTOR_SHIFT  # read once per backing file, as Firecracker
         self.drive_id = drive_id
         self.read_only = read_only
         self.cache_type = cache_type
@@ -118,8 +119,9 @@ class BlockDevice:
 
     @property
     def capacity(self) -> int:
-        """Disk size in 512-byte sectors (a trailing partial sector is not exposed)."""
-        return self.backend.size >> SECTOR_SHIFT
+        """Disk size in 512-byte sectors (a trailing partial sector is not exposed), as it was
+        when the backing file was opened (a new file comes with `set_backend`)."""
+        return self._capacity
 
     @property
     def serial(self) -> bytes:
@@ -141,6 +143,7 @@ class BlockDevice:
     def set_backend(self, backend: BlockBackend) -> None:
         """Swap the disk at run time (Firecracker's PATCH /drives path_on_host)."""
         self.backend = backend
+        self._capacity = backend.size >> SECTOR_SHIFT
         if self._interrupt is not None:
             self._interrupt.signal_config_change()
 
@@ -268,7 +271,7 @@ class BlockDevice:
         return [self._mem.slice(s.addr, s.length) for s in request.data]
 
     def _in_range(self, request: Request) -> bool:
-        if request.offset + request.data_len <= self.capacity << SECTOR_SHIFT:
+        if (request.sector << SECTOR_SHIFT) + request.data_len <= self._capacity << SECTOR_SHIFT:
             return True
         _log.warning("Guest accessed sectors past the end of drive %s (sector %d)", self.drive_id, request.sector)
         self.metrics["invalid_reqs_count"] += 1

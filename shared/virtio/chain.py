@@ -13,8 +13,9 @@ device needs. It fails that one request; the queue itself stays usable.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from shared.memory import GuestMemory, GuestMemoryError
 from shared.virtio.constants import (
@@ -37,30 +38,20 @@ class ChainError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class Descriptor:
-    """One validated buffer: [addr, addr+length) lies in guest RAM."""
+class Descriptor(NamedTuple):
+    """One validated buffer: [addr, addr+length) lies in guest RAM. (A NamedTuple, not a
+    dataclass: one is made per buffer on the data path, and tuples are the cheapest.)"""
 
     addr: int
     length: int
     writable: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(NamedTuple):
     """A guest address range, part of a descriptor's buffer."""
 
     addr: int
     length: int
-
-
-def _read_raw(mem: GuestMemory, table: int, index: int, head: int) -> tuple[int, int, int, int]:
-    try:
-        raw = mem.read(table + index * DESC_SIZE, DESC_SIZE)
-    except GuestMemoryError as e:
-        raise ChainError(head, f"descriptor {index} lies outside guest memory") from e
-    addr, length, flags, nxt = _DESC.unpack(raw)
-    return addr, length, flags, nxt
 
 
 @dataclass
@@ -95,15 +86,28 @@ def walk_chain(mem: GuestMemory, table: int, queue_size: int, head: int, *, indi
     descriptors: list[Descriptor] = []
     total = 0
     index = head
+    view, offset_of, unpack_from = mem.view, mem.offset_of, _DESC.unpack_from
+    last_writable = False
     while True:
-        addr, length, flags, nxt = _read_raw(mem, walk.table, index, head)
+        try:
+            addr, length, flags, nxt = unpack_from(view, offset_of(walk.table + index * DESC_SIZE, DESC_SIZE))
+        except GuestMemoryError as e:
+            raise ChainError(head, f"descriptor {index} lies outside guest memory") from e
         if flags & VIRTQ_DESC_F_INDIRECT:
             if not indirect_ok:
                 raise ChainError(head, "indirect descriptor but VIRTIO_F_INDIRECT_DESC was not negotiated")
             _enter_indirect(mem, walk, head, addr, length, flags)
             index = 0
             continue
-        descriptors.append(_checked(mem, head, descriptors, addr, length, flags))
+        writable = bool(flags & VIRTQ_DESC_F_WRITE)
+        if last_writable and not writable:
+            raise ChainError(head, "device-readable descriptor after a device-writable one")
+        try:
+            offset_of(addr, length)
+        except GuestMemoryError:
+            raise ChainError(head, f"buffer [{addr:#x}, +{length:#x}) is outside guest memory") from None
+        descriptors.append(Descriptor(addr, length, writable))
+        last_writable = writable
         total += length
         if total > MAX_CHAIN_BYTES:
             raise ChainError(head, "chain is longer than 2^32 bytes")
@@ -116,17 +120,6 @@ def walk_chain(mem: GuestMemory, table: int, queue_size: int, head: int, *, indi
         index = nxt
 
 
-def _checked(
-    mem: GuestMemory, head: int, previous: Sequence[Descriptor], addr: int, length: int, flags: int
-) -> Descriptor:
-    writable = bool(flags & VIRTQ_DESC_F_WRITE)
-    if not writable and previous and previous[-1].writable:
-        raise ChainError(head, "device-readable descriptor after a device-writable one")
-    if not mem.contains(addr, length):
-        raise ChainError(head, f"buffer [{addr:#x}, +{length:#x}) is outside guest memory")
-    return Descriptor(addr, length, writable)
-
-
 class DescriptorChain:
     """A popped, validated chain: readable descriptors first, then writable ones."""
 
@@ -134,6 +127,13 @@ class DescriptorChain:
         self.mem = mem
         self.head = head
         self.descriptors = descriptors
+        # Readable descriptors come first (walk_chain checks it): split once.
+        split = len(descriptors)
+        for i, desc in enumerate(descriptors):
+            if desc.writable:
+                split = i
+                break
+        self._split = split
 
     def __iter__(self) -> Iterator[Descriptor]:
         return iter(self.descriptors)
@@ -146,11 +146,11 @@ class DescriptorChain:
 
     @property
     def readable(self) -> list[Descriptor]:
-        return [d for d in self.descriptors if not d.writable]
+        return list(self.descriptors[: self._split])
 
     @property
     def writable(self) -> list[Descriptor]:
-        return [d for d in self.descriptors if d.writable]
+        return list(self.descriptors[self._split :])
 
     @property
     def readable_len(self) -> int:
