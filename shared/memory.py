@@ -12,12 +12,9 @@ import contextlib
 import fcntl
 import mmap
 import os
-import struct
 from collections.abc import Sequence
 
 from shared.layout import MemoryRegion, ram_regions
-
-_U16, _U32, _U64 = struct.Struct("H"), struct.Struct("I"), struct.Struct("Q")  # native: one access each
 
 F_ADD_SEALS = 1033
 F_GET_SEALS = 1034
@@ -57,6 +54,11 @@ class GuestMemory:
     def __init__(self, mapping: mmap.mmap, regions: Sequence[MemoryRegion]) -> None:
         self._map = mapping
         self._view = memoryview(mapping)
+        # Word views for fields the guest reads while we write them (ring indices): an item
+        # store is one aligned store. (struct.pack_into is not: it zeroes the field first.)
+        self._view16 = self._view.cast("H") if len(mapping) % 8 == 0 else None
+        self._view32 = self._view.cast("I") if len(mapping) % 8 == 0 else None
+        self._view64 = self._view.cast("Q") if len(mapping) % 8 == 0 else None
         self.regions = tuple(regions)
         # The first region starts at guest address 0 at file offset 0 (shared.layout): the
         # data path's addresses mostly fall in it, and there the offset is the address.
@@ -67,6 +69,20 @@ class GuestMemory:
     def view(self) -> memoryview:
         """The whole mapping (memfd offsets, see `offset_of`), for `struct.unpack_from`."""
         return self._view
+
+    @property
+    def view16(self) -> memoryview:
+        """The whole mapping as u16 words: item offset // 2 is one aligned load or store."""
+        if self._view16 is None:
+            raise GuestMemoryError(0, len(self._map))
+        return self._view16
+
+    @property
+    def view32(self) -> memoryview:
+        """The whole mapping as u32 words (item offset // 4)."""
+        if self._view32 is None:
+            raise GuestMemoryError(0, len(self._map))
+        return self._view32
 
     @classmethod
     def map(cls, memfd: int, mem_size: int) -> GuestMemory:
@@ -92,6 +108,9 @@ class GuestMemory:
         return self._map
 
     def close(self) -> None:
+        for view in (self._view16, self._view32, self._view64):
+            if view is not None:
+                view.release()
         self._view.release()
         self._map.close()
 
@@ -138,30 +157,51 @@ class GuestMemory:
         view = self.slice(addr, length)
         view[:] = bytes([byte]) * length
 
-    # Fixed-size fields use native-order struct formats: one load or store of the field's
-    # width (x86-64 is little endian, as virtio is), so an aligned u16 ring index is never
-    # seen half-written by the guest.
+    # Fixed-size fields: an aligned one is read or written as one word of its width through
+    # the word views (x86-64 is little endian, as virtio is), so the guest never sees a
+    # ring index half-written; an unaligned one is copied as bytes.
 
     def read_u8(self, addr: int) -> int:
         return self._view[self.offset_of(addr, 1)]
 
     def read_u16(self, addr: int) -> int:
-        return int(_U16.unpack_from(self._view, self.offset_of(addr, 2))[0])
+        offset = self.offset_of(addr, 2)
+        if offset & 1 or self._view16 is None:
+            return int.from_bytes(self._view[offset : offset + 2], "little")
+        return int(self._view16[offset >> 1])
 
     def read_u32(self, addr: int) -> int:
-        return int(_U32.unpack_from(self._view, self.offset_of(addr, 4))[0])
+        offset = self.offset_of(addr, 4)
+        if offset & 3 or self._view32 is None:
+            return int.from_bytes(self._view[offset : offset + 4], "little")
+        return int(self._view32[offset >> 2])
 
     def read_u64(self, addr: int) -> int:
-        return int(_U64.unpack_from(self._view, self.offset_of(addr, 8))[0])
+        offset = self.offset_of(addr, 8)
+        if offset & 7 or self._view64 is None:
+            return int.from_bytes(self._view[offset : offset + 8], "little")
+        return int(self._view64[offset >> 3])
 
     def write_u8(self, addr: int, value: int) -> None:
         self._view[self.offset_of(addr, 1)] = value
 
     def write_u16(self, addr: int, value: int) -> None:
-        _U16.pack_into(self._view, self.offset_of(addr, 2), value)
+        offset = self.offset_of(addr, 2)
+        if offset & 1 or self._view16 is None:
+            self._view[offset : offset + 2] = value.to_bytes(2, "little")
+        else:
+            self._view16[offset >> 1] = value
 
     def write_u32(self, addr: int, value: int) -> None:
-        _U32.pack_into(self._view, self.offset_of(addr, 4), value)
+        offset = self.offset_of(addr, 4)
+        if offset & 3 or self._view32 is None:
+            self._view[offset : offset + 4] = value.to_bytes(4, "little")
+        else:
+            self._view32[offset >> 2] = value
 
     def write_u64(self, addr: int, value: int) -> None:
-        _U64.pack_into(self._view, self.offset_of(addr, 8), value)
+        offset = self.offset_of(addr, 8)
+        if offset & 7 or self._view64 is None:
+            self._view[offset : offset + 8] = value.to_bytes(8, "little")
+        else:
+            self._view64[offset >> 3] = value

@@ -186,11 +186,16 @@ class BlockDevice:
             interrupt.signal_used_queue()
 
     def _drain(self, queue: Queue) -> None:
+        """Serve every available chain (and those that arrive meanwhile) before sleeping; the
+        interrupt comes at the end, or earlier when the driver's used_event asks for it."""
         self._throttled = False
+        interrupt = self._interrupt
         while True:
             while (chain := self._pop(queue)) is not None:
                 if not self._serve(queue, chain):
                     return
+                if queue.notify_due() and interrupt is not None:
+                    interrupt.signal_used_queue()
             if not queue.enable_notification():
                 return
 

@@ -25,7 +25,6 @@ the next one. A port to a weakly ordered CPU must revisit this.
 
 from __future__ import annotations
 
-import struct
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -42,13 +41,12 @@ from shared.virtio.constants import (
     VIRTQ_USED_F_NO_NOTIFY,
 )
 
-_USED_ELEM = struct.Struct("II")  # native order (x86-64: little endian, as virtio)
-_U16 = struct.Struct("H")
 _U16_MASK = 0xFFFF
+MID_BATCH_CHECK = 8  # completions between two looks at used_event while a batch is drained
 
 
 class _RingOffsets(NamedTuple):
-    """memfd offsets of one queue's ring fields."""
+    """Where one queue's ring fields are in guest memory, as word indices."""
 
     avail_flags: int
     avail_idx: int
@@ -56,7 +54,7 @@ class _RingOffsets(NamedTuple):
     used_event: int
     used_flags: int
     used_idx: int
-    used_ring: int
+    used_ring32: int  # in u32 words: element i is at used_ring32 + 2 * i
     avail_event: int
 
 
@@ -78,15 +76,17 @@ def is_valid_size(size: int) -> bool:
 class Queue:
     """One split virtqueue: the driver's configuration plus the device's ring positions.
 
-    The ring fields are accessed at memfd offsets computed once per set-up (`_rings`), with
-    native-order structs: one load or store per field, as the driver's own accesses.
+    The ring fields are accessed at word indices computed once per set-up (`_rings`),
+    through guest memory's word views: one aligned load or store per field, as the
+    driver's own accesses (a torn u16 index would make the guest see the ring run back).
     """
 
     def __init__(self, mem: GuestMemory, max_size: int = DEFAULT_QUEUE_SIZE) -> None:
         if not is_valid_size(max_size):
             raise ValueError(f"queue max size {max_size} is not a power of two <= {MAX_QUEUE_SIZE}")
         self.mem = mem
-        self._view = mem.view
+        self._w16 = mem.view16  # ring fields: one aligned load or store each (memory.py)
+        self._w32 = mem.view32
         self._offsets: _RingOffsets | None = None
         self.max_size = max_size
         # Called with the new `next_avail` after each pop (a restartable worker records it in
@@ -150,7 +150,8 @@ class Queue:
         self._event_idx, self._offsets = value, None
 
     def _rings(self) -> _RingOffsets:
-        """memfd offsets of the rings' fields; QueueError when a ring is not in guest memory."""
+        """Word indices of the rings' fields (u16 words; the used elements in u32 words);
+        QueueError when a ring is not in guest memory or not aligned."""
         offsets = self._offsets
         if offsets is None:
             try:
@@ -158,16 +159,19 @@ class Queue:
                 used = self.mem.offset_of(self._used_addr, self._used_len())
             except GuestMemoryError as e:
                 raise QueueError("Guest moved a ring outside guest memory") from e
+            if avail % AVAIL_RING_ALIGN or used % USED_RING_ALIGN:
+                raise QueueError("Guest placed a ring at an unaligned address")
             size = self._size
+            avail, used = avail >> 1, used >> 1
             offsets = self._offsets = _RingOffsets(
                 avail_flags=avail,
-                avail_idx=avail + 2,
-                avail_ring=avail + 4,
-                used_event=avail + 4 + 2 * size,
+                avail_idx=avail + 1,
+                avail_ring=avail + 2,
+                used_event=avail + 2 + size,
                 used_flags=used,
-                used_idx=used + 2,
-                used_ring=used + 4,
-                avail_event=used + 4 + 8 * size,
+                used_idx=used + 1,
+                used_ring32=(used >> 1) + 1,
+                avail_event=used + 2 + 4 * size,
             )
         return offsets
 
@@ -196,7 +200,7 @@ class Queue:
     # --- ring field access -------------------------------------------------------------
 
     def avail_idx(self) -> int:
-        return int(_U16.unpack_from(self._view, self._rings().avail_idx)[0])
+        return int(self._w16[self._rings().avail_idx])
 
     def _load16(self, addr: int) -> int:
         try:
@@ -219,7 +223,7 @@ class Queue:
 
         Raises QueueError when the driver's index ran more than a queue ahead of ours.
         """
-        count = (_U16.unpack_from(self._view, self._rings().avail_idx)[0] - self.next_avail) & _U16_MASK
+        count = (self._w16[self._rings().avail_idx] - self.next_avail) & _U16_MASK
         if count > self._size:
             raise QueueError(
                 f"Guest moved the available index {count} entries ahead of the device (queue size {self._size})"
@@ -234,7 +238,7 @@ class Queue:
         if not self.ready or self.pending() == 0:
             return None
         size = self._size
-        head = _U16.unpack_from(self._view, self._rings().avail_ring + 2 * (self.next_avail % size))[0]
+        head = self._w16[self._rings().avail_ring + self.next_avail % size]
         if head >= size:
             raise QueueError(f"Guest put head index {head} in the available ring (queue size {size})")
         self.next_avail = (self.next_avail + 1) & _U16_MASK
@@ -259,9 +263,11 @@ class Queue:
         if not 0 <= head < self._size:
             raise ValueError(f"head {head} is not a descriptor index of this queue")
         rings = self._rings()
-        _USED_ELEM.pack_into(self._view, rings.used_ring + 8 * (self.next_used % self._size), head, length)
+        element = rings.used_ring32 + 2 * (self.next_used % self._size)
+        self._w32[element] = head
+        self._w32[element + 1] = length & 0xFFFFFFFF
         self.next_used = (self.next_used + 1) & _U16_MASK
-        _U16.pack_into(self._view, rings.used_idx, self.next_used)
+        self._w16[rings.used_idx] = self.next_used
         self._num_added += 1
 
     def needs_notification(self) -> bool:
@@ -275,12 +281,25 @@ class Queue:
             return False
         rings = self._rings()
         if not self._event_idx:
-            return not _U16.unpack_from(self._view, rings.avail_flags)[0] & VIRTQ_AVAIL_F_NO_INTERRUPT
+            return not self._w16[rings.avail_flags] & VIRTQ_AVAIL_F_NO_INTERRUPT
         if added > _U16_MASK:
             return True
         new = self.next_used
-        used_event = int(_U16.unpack_from(self._view, rings.used_event)[0])
+        used_event = int(self._w16[rings.used_event])
         return vring_need_event(used_event, new, (new - added) & _U16_MASK)
+
+    def notify_due(self) -> bool:
+        """Mid-batch: whether to interrupt now, while the device keeps draining.
+
+        With VIRTIO_F_EVENT_IDX, every `MID_BATCH_CHECK` completions, True when they passed
+        the driver's `used_event`: a driver that consumed everything and asked for the next
+        entry hears of the first ones at once and can refill the ring while the device
+        works (a pipeline, not lock-step), and still gets one interrupt per `used_event` it
+        sets. Without EVENT_IDX, False: the interrupt waits for the end of the batch.
+        """
+        if not self._event_idx or self._num_added < MID_BATCH_CHECK:
+            return False
+        return self.needs_notification()
 
     def enable_notification(self) -> bool:
         """Ask the driver to notify us of new chains; True if some arrived meanwhile.
@@ -290,16 +309,16 @@ class Queue:
         """
         rings = self._rings()
         if self._event_idx:
-            _U16.pack_into(self._view, rings.avail_event, self.next_avail)
+            self._w16[rings.avail_event] = self.next_avail
         else:
-            _U16.pack_into(self._view, rings.used_flags, 0)
+            self._w16[rings.used_flags] = 0
         return self.pending() > 0
 
     def disable_notification(self) -> None:
         """Tell the driver it need not notify (a hint; without EVENT_IDX only: with it, not
         moving `avail_event` is what suppresses notifications)."""
         if not self._event_idx:
-            _U16.pack_into(self._view, self._rings().used_flags, VIRTQ_USED_F_NO_NOTIFY)
+            self._w16[self._rings().used_flags] = VIRTQ_USED_F_NO_NOTIFY
 
     # --- persistence -------------------------------------------------------------------
 
