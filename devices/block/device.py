@@ -37,6 +37,7 @@ from shared.virtio.device import DeviceError, Interrupt, config_slice
 from shared.virtio.queue import Queue, QueueError
 
 _log = RateLimitedLog(logging.getLogger(__name__))
+_IN, _OUT, _FLUSH, _GET_ID = (int(t) for t in (RequestType.IN, RequestType.OUT, RequestType.FLUSH, RequestType.GET_ID))
 
 # Feature bits (spec 5.2.3).
 VIRTIO_BLK_F_SIZE_MAX = 1
@@ -254,18 +255,17 @@ class BlockDevice:
 
     def _execute(self, request: Request) -> Status:
         try:
-            match request.type:
-                case RequestType.IN:
-                    return self._read(request)
-                case RequestType.OUT:
-                    return self._write(request)
-                case RequestType.FLUSH:
-                    return self._flush()
-                case RequestType.GET_ID:
-                    return self._get_id(request)
-                case _:
-                    self.metrics["invalid_reqs_count"] += 1
-                    return Status.UNSUPP
+            kind = request.type
+            if kind == _IN:
+                return self._read(request)
+            if kind == _OUT:
+                return self._write(request)
+            if kind == _FLUSH:
+                return self._flush()
+            if kind == _GET_ID:
+                return self._get_id(request)
+            self.metrics["invalid_reqs_count"] += 1
+            return Status.UNSUPP
         except BackendError as e:
             _log.error("drive %s: %s", self.drive_id, str(e))
             self.metrics["io_errors"] += 1
@@ -273,7 +273,8 @@ class BlockDevice:
 
     def _views(self, request: Request) -> list[memoryview]:
         assert self._mem is not None
-        return [self._mem.slice(s.addr, s.length) for s in request.data]
+        mem_slice = self._mem.slice
+        return [mem_slice(addr, length) for addr, length in request.data]
 
     def _in_range(self, request: Request) -> bool:
         if (request.sector << SECTOR_SHIFT) + request.data_len <= self._capacity << SECTOR_SHIFT:

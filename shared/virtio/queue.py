@@ -42,7 +42,7 @@ from shared.virtio.constants import (
 )
 
 _U16_MASK = 0xFFFF
-MID_BATCH_CHECK = 8  # completions between two looks at used_event while a batch is drained
+MID_BATCH_CHECK = 16  # completions between two looks at used_event while a batch is drained
 
 
 class _RingOffsets(NamedTuple):
