@@ -248,13 +248,16 @@ class MockDriver:
             return vring_need_event(self.avail_event(), self.avail_idx, old)
         return not self.used_flags() & c.VIRTQ_USED_F_NO_NOTIFY
 
-    def enable_interrupts(self) -> bool:
+    def enable_interrupts(self, *, delayed: bool = False) -> bool:
         """Ask for an interrupt at the next used entry after those consumed (Linux's
-        virtqueue_enable_cb): `used_event` = last_used, or clear NO_INTERRUPT. False when
-        entries were used meanwhile: the device may have passed `used_event` before it was
-        written, so no interrupt comes for them; consume them now (then call this again)."""
+        virtqueue_enable_cb): `used_event` = last_used, or clear NO_INTERRUPT; `delayed`,
+        only once 3/4 of the chains in flight are used (virtqueue_enable_cb_delayed, what
+        Linux's virtio-net does for tx). False when entries were used meanwhile: the device
+        may have passed `used_event` before it was written, so no interrupt comes for them;
+        consume them now (then call this again)."""
         if self.event_idx:
-            self.set_used_event(self.last_used)
+            in_flight = (self.avail_idx - self.last_used) & 0xFFFF
+            self.set_used_event((self.last_used + (in_flight * 3 // 4 if delayed else 0)) & 0xFFFF)
         else:
             self.set_avail_flags(0)
         return self.used_idx == self.last_used
