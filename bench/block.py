@@ -164,6 +164,15 @@ class Bench:
             samples.append(time.perf_counter() - start)
         return samples
 
+    def forwarded_writes(self, rounds: int) -> list[float]:
+        """A register write that needs the device (QueueSel, as in queue set-up): still synchronous."""
+        samples = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            self.harness.mmio.write(c.MMIO_QUEUE_SEL, 4, 0)
+            samples.append(time.perf_counter() - start)
+        return samples
+
     def local_status_reads(self, rounds: int) -> list[float]:
         """InterruptStatus as the vCPU worker reads it: from the register page."""
         samples = []
@@ -253,6 +262,7 @@ def main() -> None:
         try:
             notify, mmio = bench.notify_round_trips(opts.rounds), bench.mmio_reads(opts.rounds)
             forwarded, local = bench.forwarded_status_reads(opts.rounds), bench.local_status_reads(opts.rounds)
+            writes = bench.forwarded_writes(opts.rounds)
         finally:
             bench.close()
         print(f"\nround trips, {opts.rounds} samples (µs)              median      p99")
@@ -260,6 +270,7 @@ def main() -> None:
             ("ioeventfd -> worker -> irqfd (FLUSH)", notify),
             ("plain eventfd ping-pong, 2 processes", ping_pong),
             ("Status read over the MMIO channel", mmio),
+            ("QueueSel write over the MMIO channel", writes),
             ("InterruptStatus read, forwarded (before)", forwarded),
             ("InterruptStatus read, register page (now)", local),
         ):
