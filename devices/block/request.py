@@ -91,7 +91,7 @@ def _segments(descriptors: Sequence[Descriptor], skip: int, take: int) -> list[S
 
 def parse_request(chain: DescriptorChain) -> Request:
     """Parse `chain`; raises RequestError (the guest's fault)."""
-    readable, writable = chain.readable, chain.writable
+    readable, writable = chain.readable_descs, chain.writable_descs
     status_addr = None
     for desc in reversed(writable):
         if desc.length:
@@ -99,8 +99,7 @@ def parse_request(chain: DescriptorChain) -> Request:
             break
     if status_addr is None:
         raise RequestError("no writable byte for the status", None)
-    readable_len = sum(d.length for d in readable)
-    writable_len = sum(d.length for d in writable)
+    readable_len, writable_len = chain.readable_len, chain.writable_len
     if readable and readable[0].length >= HEADER.size:  # the usual layout: one header buffer
         kind, _reserved, sector = HEADER.unpack(chain.mem.read(readable[0].addr, HEADER.size))
     else:

@@ -13,7 +13,7 @@ device needs. It fails that one request; the queue itself stays usable.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -127,13 +127,17 @@ class DescriptorChain:
         self.mem = mem
         self.head = head
         self.descriptors = descriptors
-        # Readable descriptors come first (walk_chain checks it): split once.
+        # Readable descriptors come first (walk_chain checks it): split and sum once; the
+        # tuples are for the data path (`readable`/`writable` hand out lists to change).
         split = len(descriptors)
         for i, desc in enumerate(descriptors):
             if desc.writable:
                 split = i
                 break
-        self._split = split
+        self.readable_descs = descriptors[:split]
+        self.writable_descs = descriptors[split:]
+        self.readable_len = sum(d.length for d in self.readable_descs)
+        self.writable_len = sum(d.length for d in self.writable_descs)
 
     def __iter__(self) -> Iterator[Descriptor]:
         return iter(self.descriptors)
@@ -146,19 +150,11 @@ class DescriptorChain:
 
     @property
     def readable(self) -> list[Descriptor]:
-        return list(self.descriptors[: self._split])
+        return list(self.readable_descs)
 
     @property
     def writable(self) -> list[Descriptor]:
-        return list(self.descriptors[self._split :])
-
-    @property
-    def readable_len(self) -> int:
-        return sum(d.length for d in self.readable)
-
-    @property
-    def writable_len(self) -> int:
-        return sum(d.length for d in self.writable)
+        return list(self.writable_descs)
 
     def reader(self) -> ChainReader:
         return ChainReader(self)
@@ -170,13 +166,13 @@ class DescriptorChain:
 class _Cursor:
     """A position in a list of buffers; hands out the next n bytes as segments."""
 
-    def __init__(self, chain: DescriptorChain, buffers: list[Descriptor]) -> None:
+    def __init__(self, chain: DescriptorChain, buffers: Sequence[Descriptor], total: int) -> None:
         self._chain = chain
         self._buffers = buffers
         self._index = 0
         self._offset = 0
         self.consumed = 0
-        self.remaining = sum(d.length for d in buffers)
+        self.remaining = total
 
     def take(self, n: int) -> list[Segment]:
         """The next `n` bytes as segments; ChainError (guest's fault) if fewer remain."""
@@ -203,14 +199,15 @@ class _Cursor:
             self._offset = 0
 
     def views(self, n: int) -> list[memoryview]:
-        return [self._chain.mem.slice(s.addr, s.length) for s in self.take(n)]
+        mem_slice = self._chain.mem.slice
+        return [mem_slice(addr, length) for addr, length in self.take(n)]
 
 
 class ChainReader:
     """Reads the chain's device-readable buffers front to back."""
 
     def __init__(self, chain: DescriptorChain) -> None:
-        self._cursor = _Cursor(chain, chain.readable)
+        self._cursor = _Cursor(chain, chain.readable_descs, chain.readable_len)
 
     @property
     def remaining(self) -> int:
@@ -240,7 +237,7 @@ class ChainWriter:
     """Writes into the chain's device-writable buffers front to back."""
 
     def __init__(self, chain: DescriptorChain) -> None:
-        self._cursor = _Cursor(chain, chain.writable)
+        self._cursor = _Cursor(chain, chain.writable_descs, chain.writable_len)
 
     @property
     def remaining(self) -> int:
