@@ -39,6 +39,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.procstats import cpu_seconds  # noqa: E402
 from controlplane.zygote import Zygote  # noqa: E402
 from devices.block.request import HEADER, RequestType  # noqa: E402
 from devices.block.testing import FEATURES, BlockWorkerHarness, header  # noqa: E402
@@ -119,6 +120,7 @@ class Bench:
 
         done = 0
         drv.enable_interrupts()
+        cpu = cpu_seconds(h.pid)
         start = time.perf_counter()
         submit(heads)
         idle = True  # nothing used that we have not seen: wait for the interrupt
@@ -136,6 +138,7 @@ class Bench:
             done += len(used)
             submit(used)
         elapsed = time.perf_counter() - start
+        self.worker_cpu = cpu_seconds(h.pid) - cpu
         in_flight = (drv.avail_idx - drv.last_used) & 0xFFFF
         while in_flight:  # let the worker finish before it is stopped
             if not h.wait_interrupt(5.0):
@@ -201,11 +204,17 @@ def raw(fd: int, write: bool, size: int, sector: Callable[[int], int], seconds: 
     buf = [memoryview(bytearray(size))]
     op = os.pwritev if write else os.preadv
     n = 0
+    global raw_cpu
+    cpu = time.process_time()
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         op(fd, buf, sector(n) * 512)
         n += 1
+    raw_cpu = time.process_time() - cpu
     return n, time.perf_counter() - start
+
+
+raw_cpu = 0.0  # CPU seconds of the last raw() run
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -235,6 +244,7 @@ def main() -> None:
     try:
         rows = []
         rates = []
+        cpu_rows = []
         for name, kind, size, sector, write in (
             ("seq read 128 KiB", RequestType.IN, big, seq, False),
             ("seq write 128 KiB", RequestType.OUT, big, seq, True),
@@ -246,8 +256,10 @@ def main() -> None:
             finally:
                 bench.close()
             rates.append((name, bench.kicks / max(done, 1), bench.interrupts / max(done, 1)))
+            cpu_rows.append((name, bench.worker_cpu / max(done, 1)))
             raw_done, raw_elapsed = raw(fd, write, size, sector, opts.seconds)
             rows.append((name, done / elapsed, raw_done / raw_elapsed, size))
+            cpu_rows[-1] += (raw_cpu / max(raw_done, 1),)
         print(f"block worker vs raw syscalls, depth {opts.depth}, {opts.seconds:g} s each (page-cached file)")
         print(f"{'workload':20} {'worker':>14} {'raw':>14} {'ratio':>7}")
         for name, ops, raw_ops, size in rows:
@@ -258,6 +270,10 @@ def main() -> None:
         print(f"\n{'workload':20} {'kicks/request':>14} {'interrupts/request':>19}")
         for name, kicks, interrupts in rates:
             print(f"{name:20} {kicks:14.3f} {interrupts:19.3f}")
+        print("\nCPU time per request (what the machine's load does not inflate)")
+        print(f"{'workload':20} {'worker µs':>10} {'raw µs':>8} {'ratio':>6}")
+        for name, worker_cpu, raw_op_cpu in cpu_rows:
+            print(f"{name:20} {worker_cpu * 1e6:10.1f} {raw_op_cpu * 1e6:8.1f} {raw_op_cpu / worker_cpu:6.2f}")
         bench = Bench(zygote, run_dir, disk, opts.depth)
         try:
             notify, mmio = bench.notify_round_trips(opts.rounds), bench.mmio_reads(opts.rounds)
