@@ -76,12 +76,65 @@ def _enter_indirect(mem: GuestMemory, walk: _Walk, head: int, addr: int, length:
     walk.table, walk.entries, walk.indirect = addr, length // DESC_SIZE, True
 
 
-def walk_chain(mem: GuestMemory, table: int, queue_size: int, head: int, *, indirect_ok: bool) -> DescriptorChain:
+def walk_chain(
+    mem: GuestMemory,
+    table: int,
+    queue_size: int,
+    head: int,
+    *,
+    indirect_ok: bool,
+    table_offset: int | None = None,
+) -> DescriptorChain:
     """Copy out and validate the chain starting at descriptor `head`.
 
     At most `queue_size` buffers are accepted (spec: a chain is never longer than the
     queue), which also ends any loop in the `next` links. Raises `ChainError`.
+    `table_offset` is where the queue's descriptor table starts in the memfd, when the
+    caller has checked that the whole table is in guest memory (`Queue` has): then a
+    direct chain is walked without looking its descriptors up one by one.
     """
+    if table_offset is not None and 0 <= head < queue_size:
+        chain = _walk_direct(mem, table_offset, queue_size, head)
+        if chain is not None:
+            return chain
+    return _walk(mem, table, queue_size, head, indirect_ok=indirect_ok)
+
+
+def _walk_direct(mem: GuestMemory, table_offset: int, queue_size: int, head: int) -> DescriptorChain | None:
+    """`walk_chain` for a chain without an indirect descriptor (None when it has one: the
+    caller walks it again the general way, acting only on that second walk)."""
+    view, offset_of, unpack_from = mem.view, mem.offset_of, _DESC.unpack_from
+    descriptors: list[Descriptor] = []
+    total = 0
+    index = head
+    last_writable = False
+    while True:
+        addr, length, flags, nxt = unpack_from(view, table_offset + index * DESC_SIZE)
+        if flags & VIRTQ_DESC_F_INDIRECT:
+            return None
+        writable = bool(flags & VIRTQ_DESC_F_WRITE)
+        if last_writable and not writable:
+            raise ChainError(head, "device-readable descriptor after a device-writable one")
+        try:
+            offset_of(addr, length)
+        except GuestMemoryError:
+            raise ChainError(head, f"buffer [{addr:#x}, +{length:#x}) is outside guest memory") from None
+        descriptors.append(Descriptor(addr, length, writable))
+        last_writable = writable
+        total += length
+        if total > MAX_CHAIN_BYTES:
+            raise ChainError(head, "chain is longer than 2^32 bytes")
+        if not flags & VIRTQ_DESC_F_NEXT:
+            return DescriptorChain(mem, head, tuple(descriptors))
+        if len(descriptors) >= queue_size:
+            raise ChainError(head, f"chain has more than {queue_size} descriptors (a loop?)")
+        if nxt >= queue_size:
+            raise ChainError(head, f"next index {nxt} is out of range (table has {queue_size})")
+        index = nxt
+
+
+def _walk(mem: GuestMemory, table: int, queue_size: int, head: int, *, indirect_ok: bool) -> DescriptorChain:
+    """`walk_chain`, descriptor by descriptor, indirect tables included."""
     walk = _Walk(table, queue_size)
     descriptors: list[Descriptor] = []
     total = 0

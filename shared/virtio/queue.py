@@ -48,6 +48,7 @@ MID_BATCH_CHECK = 16  # completions between two looks at used_event while a batc
 class _RingOffsets(NamedTuple):
     """Where one queue's ring fields are in guest memory, as word indices."""
 
+    desc_table: int | None  # byte offset of the descriptor table, None if not all in guest memory
     avail_flags: int
     avail_idx: int
     avail_ring: int
@@ -163,7 +164,12 @@ class Queue:
                 raise QueueError("Guest placed a ring at an unaligned address")
             size = self._size
             avail, used = avail >> 1, used >> 1
+            try:
+                desc_table: int | None = self.mem.offset_of(self._desc_addr, DESC_SIZE * size)
+            except GuestMemoryError:
+                desc_table = None  # each descriptor is looked up (and fails) on its own
             offsets = self._offsets = _RingOffsets(
+                desc_table=desc_table,
                 avail_flags=avail,
                 avail_idx=avail + 1,
                 avail_ring=avail + 2,
@@ -244,7 +250,9 @@ class Queue:
         self.next_avail = (self.next_avail + 1) & _U16_MASK
         if self.pop_hook is not None:
             self.pop_hook(self.next_avail)
-        return walk_chain(self.mem, self._desc_addr, size, head, indirect_ok=self.indirect)
+        return walk_chain(
+            self.mem, self._desc_addr, size, head, indirect_ok=self.indirect, table_offset=self._rings().desc_table
+        )
 
     def undo_pop(self) -> None:
         """Give back the last popped chain (e.g. the rate limiter said not yet)."""
