@@ -142,6 +142,11 @@ class MonitorLoop:
     def run_timers(self) -> None:
         now = time.monotonic()
         self._updates.expire(now)
+        if self._restarts.any_late(now):
+            # Before calling a worker hung, read what is queued: on a starved host the monitor
+            # itself runs late, and heartbeats that arrived meanwhile wait unread in the socket.
+            self.take_all()
+            now = time.monotonic()
         self._restarts.run_timers(now)
 
     # --- deaths ------------------------------------------------------------------------------

@@ -114,8 +114,35 @@ def _dirty_bitmap(vm: MicroVm) -> bytes:
     size = (pages + 7) // 8
     if len(answer.bitmap) != size:
         raise SnapshotError("Create snapshot error: the vCPU worker's dirty bitmap has the wrong size")
-    merged = int.from_bytes(answer.bitmap, "little") | vm.take_device_dirty_pages()
+    merged = int.from_bytes(answer.bitmap, "little") | vm.take_device_dirty_pages() | _used_ring_pages(vm, pages)
     return merged.to_bytes(size, "little")
+
+
+def _used_ring_pages(vm: MicroVm, pages: int) -> int:
+    """The pages of every active queue's used ring: the device workers store ring fields
+    through word views of guest memory (shared.virtio.queue), which their dirty log does not
+    see, so a Diff always carries them (a few pages)."""
+    from shared.layout import ram_regions
+
+    regions = ram_regions(vm.spec.mem_size)
+    bits = 0
+    for slot in vm.device_slots().values():
+        state = read_state(read_area(slot.state_fd)) if slot.state_fd >= 0 else None
+        transport = (state or {}).get("transport") or {}
+        for queue in transport.get("queues") or []:
+            if not isinstance(queue, dict) or not queue.get("ready"):
+                continue
+            addr, size = int(queue.get("used_addr") or 0), int(queue.get("size") or 0)
+            length = 6 + 8 * size + 2
+            for region in regions:
+                if region.guest_addr <= addr and addr + length <= region.end:
+                    offset = region.file_offset + addr - region.guest_addr
+                    for page in range(
+                        offset // snapshot_memory.PAGE, (offset + length - 1) // snapshot_memory.PAGE + 1
+                    ):
+                        if page < pages:
+                            bits |= 1 << page
+    return bits
 
 
 def _write_memory(vm: MicroVm, request: CreateRequest, dirty: bytes | None) -> None:

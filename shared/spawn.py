@@ -13,6 +13,8 @@ worker's `run(args, fds)` gets them back with `DeviceSpawn.from_zygote` (through
     backends...   the host fds the supervisor opened for it (`DeviceKind.backends`)
     fd_channel    SEQPACKET socket: messages carrying fds (a new disk, ...)
     mmio_channel  SEQPACKET socket to the vCPU worker: register reads and writes
+    regs          only with args["regs_fd"]: the device's register page
+                  (shared.virtio.regpage), shared with the vCPU worker
     state         only with args["state_fd"]: the device's state area (shared.devstate),
                   what a replacement worker restores (args "restore", "needs_reset")
     dirty         only with args["dirty_fd"]: the device's dirty page log (shared.dirty),
@@ -45,16 +47,20 @@ class DeviceSpawn:
     mmio_channel: int
     args: dict[str, Any] = field(default_factory=dict)
     state_fd: int = -1  # -1: no state area (a kind that is not restarted)
+    regs_fd: int = -1  # -1: no register page (InterruptStatus answered over the MMIO channel)
     restore: bool = False  # a replacement worker: restore the state area's snapshot
     needs_reset: bool = False  # ... and set DEVICE_NEEDS_RESET instead of serving
     dirty_fd: int = -1  # the dirty page log (shared.dirty); -1: no dirty tracking
     uffd_dev: int = -1  # /dev/userfaultfd while memory is loaded lazily (shared.uffd); -1: not
 
     @staticmethod
-    def roles(kind: DeviceKind, state: bool, dirty: bool = False, uffd_dev: bool = False) -> tuple[str, ...]:
+    def roles(
+        kind: DeviceKind, state: bool, regs: bool = False, dirty: bool = False, uffd_dev: bool = False
+    ) -> tuple[str, ...]:
         """The fds' roles in order (what an error message lists)."""
         return (
             ("memfd", "irqfd", *kind.queues, *kind.backends, "fd_channel", "mmio_channel")
+            + (("regs",) if regs else ())
             + (("state",) if state else ())
             + (("dirty",) if dirty else ())
             + (("uffd_dev",) if uffd_dev else ())
@@ -69,6 +75,9 @@ class DeviceSpawn:
             )
         args = dict(self.args)
         fds = [self.memfd, self.irqfd, *self.queue_fds, *self.backend_fds, self.fd_channel, self.mmio_channel]
+        if self.regs_fd >= 0:
+            args["regs_fd"] = True
+            fds.append(self.regs_fd)
         if self.state_fd >= 0:
             args.update(state_fd=True, restore=self.restore, needs_reset=self.needs_reset)
             fds.append(self.state_fd)
@@ -83,8 +92,9 @@ class DeviceSpawn:
     @classmethod
     def from_zygote(cls, kind: DeviceKind, args: dict[str, Any], fds: list[int]) -> DeviceSpawn:
         """What `to_zygote` built, back in the worker; ValueError when the fds do not match."""
-        state, dirty, lazy = bool(args.get("state_fd")), bool(args.get("dirty_fd")), bool(args.get("uffd_dev"))
-        roles = cls.roles(kind, state, dirty, lazy)
+        state, regs = bool(args.get("state_fd")), bool(args.get("regs_fd"))
+        dirty, lazy = bool(args.get("dirty_fd")), bool(args.get("uffd_dev"))
+        roles = cls.roles(kind, state, regs, dirty, lazy)
         if len(fds) != len(roles):
             raise ValueError(f"the {kind.name} worker takes {len(roles)} fds ({', '.join(roles)}), got {len(fds)}")
         queues_end = 2 + kind.num_queues
@@ -98,9 +108,10 @@ class DeviceSpawn:
             fd_channel=fds[backends_end],
             mmio_channel=fds[backends_end + 1],
             args=args,
-            state_fd=fds[backends_end + 2] if state else -1,
-            dirty_fd=fds[backends_end + 2 + state] if dirty else -1,
-            uffd_dev=fds[-1] if lazy else -1,
+            regs_fd=fds[backends_end + 2] if regs else -1,
+            state_fd=fds[backends_end + 2 + regs] if state else -1,
+            dirty_fd=fds[backends_end + 2 + regs + state] if dirty else -1,
+            uffd_dev=fds[backends_end + 2 + regs + state + dirty] if lazy else -1,
             restore=bool(args.get("restore", False)),
             needs_reset=bool(args.get("needs_reset", False)),
         )
@@ -134,12 +145,13 @@ class VcpuDevice:
     mmio_channel: int  # the vCPU worker's end of the device's MMIO channel
     queue_fds: list[int]  # registered as ioeventfds on the window's QueueNotify
     irqfd: int  # registered as the irqfd of `gsi`
+    regs: int = -1  # the device's register page (shared.virtio.regpage); -1: none
 
 
 @dataclass
 class VcpuSpawn:
     """The vCPU worker's spawn: fds [kvm, memfd, console socket, fd_channel, then per device
-    its MMIO channel end, queue eventfds and irqfd]; args["virtio_devices"] lists each device
+    its MMIO channel end, queue eventfds, irqfd and register page if any]; args["virtio_devices"] lists each device
     with its fds as indices into that list."""
 
     kvm: int
@@ -161,6 +173,9 @@ class VcpuSpawn:
             fds += device.queue_fds
             entry["irqfd"] = len(fds)
             fds.append(device.irqfd)
+            if device.regs >= 0:
+                entry["regs_fd"] = len(fds)
+                fds.append(device.regs)
             entries.append(entry)
         extra: dict[str, Any] = {}
         if self.uffd_dev >= 0:
@@ -187,6 +202,7 @@ class VcpuSpawn:
                 fd(raw["mmio_fd"]),
                 [fd(i) for i in raw["queue_fds"]],
                 fd(raw["irqfd"]),
+                fd(raw["regs_fd"]) if "regs_fd" in raw else -1,
             )
             for raw in args.get("virtio_devices") or []
         ]
