@@ -154,6 +154,8 @@ class GuestMemory:
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """Copy `data` into guest memory at `addr`."""
         start = self.offset_of(addr, len(data))
+        if self.dirty is not None:
+            self.dirty.mark(start, len(data))
         self._view[start : start + len(data)] = data
 
     def fill(self, addr: int, length: int, byte: int = 0) -> None:
@@ -187,10 +189,15 @@ class GuestMemory:
         return int(self._view64[offset >> 3])
 
     def write_u8(self, addr: int, value: int) -> None:
-        self._view[self.offset_of(addr, 1)] = value
+        offset = self.offset_of(addr, 1)
+        if self.dirty is not None:
+            self.dirty.mark(offset, 1)
+        self._view[offset] = value
 
     def write_u16(self, addr: int, value: int) -> None:
         offset = self.offset_of(addr, 2)
+        if self.dirty is not None:
+            self.dirty.mark(offset, 2)
         if offset & 1 or self._view16 is None:
             self._view[offset : offset + 2] = value.to_bytes(2, "little")
         else:
@@ -198,6 +205,8 @@ class GuestMemory:
 
     def write_u32(self, addr: int, value: int) -> None:
         offset = self.offset_of(addr, 4)
+        if self.dirty is not None:
+            self.dirty.mark(offset, 4)
         if offset & 3 or self._view32 is None:
             self._view[offset : offset + 4] = value.to_bytes(4, "little")
         else:
@@ -205,6 +214,8 @@ class GuestMemory:
 
     def write_u64(self, addr: int, value: int) -> None:
         offset = self.offset_of(addr, 8)
+        if self.dirty is not None:
+            self.dirty.mark(offset, 8)
         if offset & 7 or self._view64 is None:
             self._view[offset : offset + 8] = value.to_bytes(8, "little")
         else:
