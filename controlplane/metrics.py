@@ -27,6 +27,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
     name: tuple(fields.split())
     for name, fields in {
         "api_server": "process_startup_time_us process_startup_time_cpu_us",
+        "balloon": "activate_fails inflate_count stats_updates_count stats_update_fails deflate_count event_fails",
         "block": "activate_fails cfg_fails no_avail_buffer event_fails execute_fails invalid_reqs_count "
         "flush_count queue_event_count rate_limiter_event_count update_count update_fails read_bytes "
         "write_bytes read_count write_count read_agg write_agg rate_limiter_throttled_events "

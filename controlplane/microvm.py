@@ -45,6 +45,7 @@ from typing import Any, BinaryIO, TypeVar
 
 import zmq
 
+from controlplane.balloon import BalloonReport, BalloonView
 from controlplane.builder import (
     DevicePlan,
     GuestPlan,
@@ -72,12 +73,14 @@ from controlplane.worker_handle import (
 from controlplane.worker_log import WorkerLogRelay, escape
 from controlplane.worker_trust import MAX_FRAMES, TrustCounters, admit_metrics, forbidden
 from controlplane.zygote import Zygote, ZygoteError
+from devices.balloon.messages import BalloonStatus, UpdateBalloon, UpdateBalloonStats
+from devices.balloon.pages import MIB_PAGES
 from devices.vsock.messages import VsockConnect, VsockConnected, VsockTransportReset
 from shared import exitcodes, fdpass
 from shared import protocol as p
 from shared.boot.errors import BootError
 from shared.confine import settings_for
-from shared.device_kinds import BLOCK, NET, VSOCK
+from shared.device_kinds import BALLOON, BLOCK, NET, VSOCK
 from shared.devstate import FATAL_CRASH, FATAL_HANG, create_state_memfd, read_area, read_state, take_fatal
 from shared.devworker_client import channel_pair as mmio_channel_pair
 from shared.kvm import Kvm, KvmError, open_kvm
@@ -273,6 +276,7 @@ class MicroVm:
         self._poller = zmq.Poller()
         self._pidfds: dict[int, WorkerHandle] = {}
         self._stderrs: dict[int, WorkerStderr] = {}
+        self._balloon = BalloonView()  # what the balloon worker last reported (controlplane.balloon)
 
     # --- start-up -------------------------------------------------------------------------
     def _start(self, kvm_fd: int, plan: GuestPlan, devices: list[DevicePlan]) -> None:
@@ -498,7 +502,7 @@ class MicroVm:
         with self._cond:
             merged = merge_metrics(list(self._workers.values()))
             merged["embervm_workers"]["vcpu_failed"] = int(self.failed)
-            merged["embervm_monitor"] = self.trust.as_group()
+            merged["embervm_monitor"] = {**self.trust.as_group(), "balloon_status_rejected": self._balloon.rejected}
             return {**merged, "seccomp": {"num_faults": self._seccomp_faults}}
 
     def workers(self) -> list[dict[str, object]]:
@@ -610,6 +614,32 @@ class MicroVm:
         if name not in self._slots:
             raise DeviceUpdateError("no running vsock device in this microVM")
         self._update(name, "vsock worker", VsockTransportReset)
+
+    def update_balloon(self, amount_mib: int) -> None:
+        """PATCH /balloon: a new target; a replacement worker starts with it."""
+        name = BALLOON.worker_name(BALLOON.name)
+        if name not in self._slots:
+            raise DeviceUpdateError("No balloon device found.")
+
+        def keep() -> None:
+            self._slots[name].plan.args["amount_mib"] = amount_mib
+
+        self._update(name, "balloon worker", lambda rid: UpdateBalloon(rid, amount_mib * MIB_PAGES), keep)
+
+    def update_balloon_stats(self, interval_s: int) -> None:
+        """PATCH /balloon/statistics: a new polling interval (Vmm enforces Firecracker's rules)."""
+        name = BALLOON.worker_name(BALLOON.name)
+        if name not in self._slots:
+            raise DeviceUpdateError("No balloon device found.")
+
+        def keep() -> None:
+            self._slots[name].plan.args["stats_polling_interval_s"] = interval_s
+
+        self._update(name, "balloon worker", lambda rid: UpdateBalloonStats(rid, interval_s), keep)
+
+    def balloon_report(self) -> BalloonReport:
+        """The balloon's `actual` and statistics as its worker last reported them."""
+        return self._balloon.report
 
     def update_drive(
         self, drive_id: str, path_on_host: str | None = None, rate_limiter: dict[str, Any] | None = None
@@ -1217,6 +1247,8 @@ class MicroVm:
             self._worker_logs.relay(handle.name, handle.pid, msg.level, msg.text)
         elif isinstance(msg, VsockConnect):
             self._broker_vsock_connect(handle, msg)
+        elif isinstance(msg, BalloonStatus):
+            self._balloon.accept(msg)
         elif isinstance(msg, p.UpdateResult):
             self._answer(handle, msg)
         elif isinstance(msg, p.StateChanged):

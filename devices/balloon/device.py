@@ -135,7 +135,9 @@ class BalloonDevice:
     def write_config(self, offset: int, data: bytes) -> None:
         """Only `actual` is the driver's to write (whole, as Linux's virtio_cwrite_le does)."""
         if offset != _ACTUAL_OFFSET or len(data) != 4:
-            _log.warning("Guest wrote balloon config space at %#x (%d bytes): only actual is writable", offset, len(data))
+            _log.warning(
+                "Guest wrote balloon config space at %#x (%d bytes): only actual is writable", offset, len(data)
+            )
             return
         actual = int.from_bytes(data, "little")
         if actual != self.actual_pages:
@@ -323,7 +325,7 @@ class BalloonDevice:
         if pages and not self._admit(queue, pages):
             return False
         self.metrics["free_page_report_count"] += 1
-        offsets = []
+        offsets: list[int] = []
         for addr, length in pieces:
             offset = self.ram.file_offset(addr, length)
             if offset is None or addr % PAGE_SIZE or length % PAGE_SIZE:
