@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from devices.balloon.device import VIRTIO_BALLOON_F_REPORTING, VIRTIO_BALLOON_F_STATS_VQ
 from devices.balloon.messages import BalloonStatus, UpdateBalloon, UpdateBalloonStats
@@ -132,11 +132,13 @@ class BalloonWorkerHarness(WorkerHarness):
         result: p.UpdateResult = self.expect(p.UpdateResult)
         return result
 
-    def last_status(self, timeout: float = 5.0) -> BalloonStatus:
-        """The newest BalloonStatus, waiting for one if none came yet."""
+    def wait_status(self, check: Callable[[BalloonStatus], bool], timeout: float = 5.0) -> BalloonStatus:
+        """The first BalloonStatus (kept or still to come) for which `check` holds."""
         deadline = time.monotonic() + timeout
-        while not self.statuses and time.monotonic() < deadline:
+        while True:
+            for status in self.statuses:
+                if check(status):
+                    return status
+            if time.monotonic() >= deadline:
+                raise TimeoutError(f"no matching BalloonStatus from the balloon worker; got {self.statuses[-3:]}")
             self.serve(0.05)
-        if not self.statuses:
-            raise TimeoutError("no BalloonStatus from the balloon worker")
-        return self.statuses[-1]
