@@ -84,6 +84,7 @@ from shared.device_kinds import BALLOON, BLOCK, NET, VSOCK
 from shared.devstate import FATAL_CRASH, FATAL_HANG, create_state_memfd, read_area, read_state, take_fatal
 from shared.devworker_client import channel_pair as mmio_channel_pair
 from shared.kvm import Kvm, KvmError, open_kvm
+from shared.memory import resident_bytes
 from shared.ratelimit import TokenBucket
 from shared.seccomp import Filter, PolicyError, SeccompKillLog, load_filter_file
 from shared.spawn import DeviceSpawn, VcpuDevice, VcpuSpawn
@@ -503,7 +504,16 @@ class MicroVm:
             merged = merge_metrics(list(self._workers.values()))
             merged["embervm_workers"]["vcpu_failed"] = int(self.failed)
             merged["embervm_monitor"] = {**self.trust.as_group(), "balloon_status_rejected": self._balloon.rejected}
+            merged["embervm_memory"] = self._memory_figures()
             return {**merged, "seccomp": {"num_faults": self._seccomp_faults}}
+
+    def _memory_figures(self) -> dict[str, int]:
+        """Guest RAM as configured and as the host holds it (the memfd's allocated pages)."""
+        figures = {"guest_memory_bytes": self.spec.mem_size, "guest_memory_resident_bytes": 0}
+        if self._memfd >= 0:
+            with contextlib.suppress(OSError):
+                figures["guest_memory_resident_bytes"] = resident_bytes(self._memfd)
+        return figures
 
     def workers(self) -> list[dict[str, object]]:
         """Each worker process (the vCPU worker first) with its pid and whether it lives."""
