@@ -68,7 +68,7 @@ SCHEMA: dict[str, tuple[str, ...]] = {
         "killq_resync tx_flush_fails tx_write_fails rx_read_fails",
     }.items()
 }
-_STORE_GROUPS = {"api_server", "latencies_us", "seccomp", "vmm", "signals"}
+_STORE_GROUPS = {"api_server", "latencies_us", "seccomp", "vmm", "signals", "embervm_memory"}
 PER_DEVICE_GROUPS = ("block_", "net_", "entropy_", "vhost_user_block_")
 
 

@@ -49,7 +49,9 @@ def test_inflate_gives_memory_back_and_deflated_pages_are_zeros(launcher, guest_
         console.wait_for(f"balloon: inflated {TARGET_PAGES}", timeout=60)
         wait_actual(vm, TARGET_PAGES)
         after_inflate = resident(vm)
-        assert after_inflate <= MEM_MIB * MiB - TARGET_MIB * MiB, after_inflate  # 16 MiB of 64 were touched, then given back
+        assert after_inflate <= MEM_MIB * MiB - TARGET_MIB * MiB, (
+            after_inflate
+        )  # 16 MiB of 64 were touched, then given back
         metrics = vm.metrics()["balloon"]
         assert metrics["inflated_pages"] == TARGET_PAGES and metrics["released_bytes"] == TARGET_MIB * MiB
         assert metrics["invalid_pfns"] == 0
