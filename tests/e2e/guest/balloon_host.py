@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
-from tests.support.api_client import ApiClient  # noqa: E402
+from tests.support.api_client import ApiClient
 
 RESIDENT_READY = 150 << 20
 STATS_WINDOW_S = 4.0
