@@ -178,6 +178,10 @@ class BalloonDevice:
                 raise DeviceError(f"the driver declined feature bit {bit}, whose queue this balloon has")
         self._mem, self._queues, self._interrupt = mem, queues, interrupt
         self._stats_head = None
+        if self.stats_enabled:
+            # Linux adds its first stats buffer and kicks before it sets DRIVER_OK (init_vqs),
+            # a kick the transport drops, and never kicks for it again: take it now.
+            self.process_queue(self.roles.index(STATS))
 
     def reset(self) -> None:
         self._mem, self._queues, self._interrupt = None, (), None

@@ -238,3 +238,14 @@ def test_corrupt_ring_asks_for_reset(mem: GuestMemory) -> None:
     rig.drivers[0].set_avail_idx(1000)
     rig.device.process_queue(0)
     assert rig.irq.needs_reset and rig.device.metrics["needs_reset_count"] == 1
+
+
+def test_a_stats_buffer_queued_before_driver_ok_is_taken_at_activation(mem: GuestMemory) -> None:
+    """Linux's init_vqs adds the first stats buffer and kicks before DRIVER_OK."""
+    device = BalloonDevice(RecordingBackend(), MEM, stats_interval_s=1)
+    drivers = [MockDriver(mem, size=64, base=0x10000 + i * 0x50000, data_size=0x40000) for i in range(3)]
+    queues = [d.queue() for d in drivers]
+    drivers[2].add_chain([stats_buffer(total_memory=256 << 20)])
+    device.activate(mem, queues, FakeInterrupt(), device.avail_features)
+    assert device.stats == {"total_memory": 256 << 20}
+    assert device.request_stats()  # it is held, and given back at the first poll
