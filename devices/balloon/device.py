@@ -204,6 +204,10 @@ class BalloonDevice:
             if role in (INFLATE, REPORTING):
                 self.process_queue(index)
 
+    def cancel_retry(self) -> None:
+        """Forget throttled chains (the device stopped serving; a reset starts over)."""
+        self._throttled = False
+
     def request_stats(self) -> bool:
         """The polling interval passed: give the held stats buffer back so the driver refills
         it. False when there is none to give (the guest has not returned the last one)."""

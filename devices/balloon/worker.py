@@ -69,7 +69,7 @@ class BalloonHooks:
         if self.transport.serving:
             self.device.retry_throttled()
         else:
-            self.device.reset()  # nothing to retry on a device that stopped serving
+            self.device.cancel_retry()  # nothing to retry on a device that stopped serving
 
     def _report_status(self) -> None:
         self.status_dirty = False
