@@ -27,7 +27,7 @@ CASE = Case(
     before=f"touch metrics.json; {BALLOON_HOST} api.sock metrics.json {TARGET_MIB} >balloon.log 2>&1 &",
     after="sleep 2; cat balloon.log",
     api=True,
-    timeout=420,
+    timeout=600,
 )
 
 

@@ -57,9 +57,24 @@ def wait(what: str, predicate, timeout: float):  # type: ignore[no-untyped-def]
     sys.exit(1)
 
 
+def settled() -> int:
+    """The resident size once it has not grown for two seconds (0 while it still grows)."""
+    samples = []
+    for _ in range(5):
+        samples.append(memfd_resident())
+        time.sleep(0.5)
+    return samples[-1] if samples[-1] - samples[0] < (1 << 20) else 0
+
+
 def flush_metrics(api: ApiClient, path: Path) -> dict:  # type: ignore[type-arg]
+    """The line FlushMetrics writes, and the sum of every balloon counter so far (lines hold deltas)."""
     api.put("/actions", json={"action_type": "FlushMetrics"})
-    return json.loads(path.read_text().splitlines()[-1])
+    lines = [json.loads(text) for text in path.read_text().splitlines() if text.strip()]
+    last = lines[-1]
+    last["balloon_total"] = {
+        key: sum(line.get("balloon", {}).get(key, 0) for line in lines) for key in last.get("balloon", {})
+    }
+    return last
 
 
 def main(sock: str, metrics_path: str, target_mib: int) -> None:
@@ -74,9 +89,8 @@ def main(sock: str, metrics_path: str, target_mib: int) -> None:
         first = wait("balloon statistics", lambda: (s := stats()) and "total_memory" in s and s, 180)
         say("stats_total_memory_mib", first["total_memory"] >> 20)
         say("resident_at_driver_up_mib", memfd_resident() >> 20)
-        wait("guest dirtying memory", lambda: memfd_resident() >= RESIDENT_READY, 120)
-        time.sleep(1.0)
-        before = memfd_resident()
+        wait("guest dirtying memory", lambda: memfd_resident() >= RESIDENT_READY, 180)
+        before = wait("the guest's dirtying to end", settled, 120)
         say("resident_before_mib", before >> 20)
         say("patch_inflate", api.patch("/balloon", json={"amount_mib": target_mib}).status_code)
         start = time.monotonic()
@@ -88,8 +102,9 @@ def main(sock: str, metrics_path: str, target_mib: int) -> None:
         say("resident_drop_mib", (before - after) >> 20)
         line = flush_metrics(api, metrics)
         say("supervisor_resident_after_mib", line["embervm_memory"]["guest_memory_resident_bytes"] >> 20)
-        say("released_mib", line["balloon"].get("released_bytes", 0) >> 20)
-        say("invalid_pfns", line["balloon"].get("invalid_pfns", 0))
+        say("released_mib", line["balloon_total"].get("released_bytes", 0) >> 20)
+        say("invalid_pfns", line["balloon_total"].get("invalid_pfns", 0))
+        say("inflate_count", line["balloon_total"].get("inflate_count", 0))
         time.sleep(STATS_WINDOW_S)
         line = flush_metrics(api, metrics)  # deltas: what happened in the window
         say("stats_updates_in_window", line["balloon"]["stats_updates_count"])
