@@ -27,7 +27,7 @@ CASE = Case(
     before=f"touch metrics.json; {BALLOON_HOST} api.sock metrics.json {TARGET_MIB} >balloon.log 2>&1 &",
     after="sleep 2; cat balloon.log",
     api=True,
-    timeout=600,
+    timeout=720,
 )
 
 
@@ -65,7 +65,7 @@ def test_balloon_inflates_deflates_and_gives_memory_back_to_the_host(nested: Nes
 
 def test_balloon_statistics_arrive_at_the_polling_interval_and_stay_on(nested: NestedRun):
     got = facts(nested)
-    assert 2 <= int(got["stats_updates_in_window"]) <= 6, got  # a 1 s interval over a 4 s window
+    assert 4 <= int(got["stats_changes_in_window"]) <= 12, got  # a 1 s interval over an 8 s window
     assert {"free_memory", "total_memory", "available_memory"} <= set(got["stats_fields"].split(",")), got
     assert got["stats_off_status"] == "400", got
 
