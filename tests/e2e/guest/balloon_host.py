@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import httpx
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[3]))
 from tests.support.api_client import ApiClient
 
@@ -83,7 +85,11 @@ def main(sock: str, metrics_path: str, target_mib: int) -> None:
     with ApiClient(sock, timeout=60) as api:
 
         def stats() -> dict | None:  # type: ignore[type-arg]
-            r = api.get("/balloon/statistics")
+            try:
+                r = api.get("/balloon/statistics")
+            except httpx.TransportError as e:  # the server may still be starting (seen: a reset)
+                say("api_retry", type(e).__name__)
+                return None
             return r.json() if r.status_code == 200 else None
 
         first = wait("balloon statistics", lambda: (s := stats()) and "total_memory" in s and s, 180)
