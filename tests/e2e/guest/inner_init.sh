@@ -169,7 +169,9 @@ check_balloon() { # balloon:<MiB>: dirty RAM, let the host inflate by MiB, see i
     total0=$(mib MemTotal)
     avail0=$(mib MemAvailable)
     mkdir -p /mnt/balloon && mount -t tmpfs -o size=90% tmpfs /mnt/balloon
-    dd if=/dev/zero of=/mnt/balloon/dirty bs=1M count=128 2>/dev/null
+    # touch nearly every free page (32 MiB spare), so whichever pages the balloon takes, the
+    # host holds them: their release must show in the host's resident memory
+    dd if=/dev/zero of=/mnt/balloon/dirty bs=1M count=$((avail0 - 32)) 2>/dev/null
     rm -f /mnt/balloon/dirty # free again, but the host holds those pages now
     echo "E2E-BALLOON dirtied MemTotal=$total0 MemAvailable=$avail0"
     i=0
