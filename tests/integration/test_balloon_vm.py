@@ -9,7 +9,8 @@ import re
 import signal
 import time
 
-from controlplane.microvm import Launcher, MicroVm
+from controlplane.launcher import Launcher
+from controlplane.microvm import MicroVm
 from controlplane.vm_spec import VmSpec
 from guest.build import GuestImages
 from shared import exitcodes
