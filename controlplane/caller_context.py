@@ -40,6 +40,25 @@ NAMESPACE_FLAGS = {  # user first: entering it gives the capabilities the others
     "time": CLONE_NEWTIME,
 }
 RLIMITS = {name: getattr(resource, name) for name in dir(resource) if name.startswith("RLIMIT_")}
+# /proc/<pid>/limits rows (world-readable; prlimit on another uid's process needs CAP_SYS_RESOURCE)
+LIMITS_ROWS = {
+    "Max cpu time": "RLIMIT_CPU",
+    "Max file size": "RLIMIT_FSIZE",
+    "Max data size": "RLIMIT_DATA",
+    "Max stack size": "RLIMIT_STACK",
+    "Max core file size": "RLIMIT_CORE",
+    "Max resident set": "RLIMIT_RSS",
+    "Max processes": "RLIMIT_NPROC",
+    "Max open files": "RLIMIT_NOFILE",
+    "Max locked memory": "RLIMIT_MEMLOCK",
+    "Max address space": "RLIMIT_AS",
+    "Max file locks": "RLIMIT_LOCKS",
+    "Max pending signals": "RLIMIT_SIGPENDING",
+    "Max msgqueue size": "RLIMIT_MSGQUEUE",
+    "Max nice priority": "RLIMIT_NICE",
+    "Max realtime priority": "RLIMIT_RTPRIO",
+    "Max realtime timeout": "RLIMIT_RTTIME",
+}
 _libc = ctypes.CDLL(None, use_errno=True)
 SYS_SETNS = 308
 
@@ -70,7 +89,7 @@ class CallerContext:
         return f"/proc/{self.pid}/root"
 
 
-def _status(pid: int) -> dict[str, str]:
+def _status(pid: int | str) -> dict[str, str]:
     with open(f"/proc/{pid}/status") as f:
         return {k: v.strip() for k, _, v in (line.partition(":") for line in f)}
 
@@ -90,6 +109,20 @@ def cgroups_of(pid: int | str) -> list[tuple[str, str]]:
             _, controllers, path = line.rstrip("\n").split(":", 2)
             rows.append((controllers, path))
     return rows
+
+
+def _limits(pid: int) -> dict[str, tuple[int, int]]:
+    found = {}
+    with open(f"/proc/{pid}/limits") as f:
+        for line in f:
+            row = next((r for r in LIMITS_ROWS if line.startswith(r + " ")), None)
+            if row is None or LIMITS_ROWS[row] not in RLIMITS:
+                continue
+            soft, hard = line[len(row) :].split()[:2]
+            found[LIMITS_ROWS[row]] = tuple(
+                resource.RLIM_INFINITY if v == "unlimited" else int(v) for v in (soft, hard)
+            )
+    return found  # type: ignore[return-value]
 
 
 def _lsm_label(pid: int | str) -> str:
@@ -114,7 +147,7 @@ def read_context(pid: int) -> CallerContext:
             umask=int(status.get("Umask", "022"), 8),
             caps={k: int(status[k], 16) for k in ("CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb")},
             no_new_privs=status.get("NoNewPrivs", "0") == "1",
-            rlimits={name: resource.prlimit(pid, number) for name, number in RLIMITS.items()},
+            rlimits=_limits(pid),
             affinity=os.sched_getaffinity(pid),
             nice=os.getpriority(os.PRIO_PROCESS, pid),
             seccomp=int(status.get("Seccomp", "0")),
@@ -239,7 +272,7 @@ def take_on(ctx: CallerContext, root_fd: int, cwd_fd: int) -> None:
 
 def _take_capabilities(wanted: dict[str, int]) -> None:
     """Drop every capability the caller does not hold, set by set (never add one)."""
-    status = _status(os.getpid())
+    status = _status("self")
     have = {k: int(status[k], 16) for k in wanted}
     if have == wanted:
         return
@@ -254,6 +287,6 @@ def _take_capabilities(wanted: dict[str, int]) -> None:
     for field, capset in (("CapInh", prctl.cap_inheritable), ("CapEff", prctl.cap_effective)):
         capset.drop(*[c for c in caps if have[field] >> c & 1 and not wanted[field] >> c & 1])
     prctl.cap_permitted.drop(*[c for c in caps if have["CapPrm"] >> c & 1 and not wanted["CapPrm"] >> c & 1])
-    after = {k: int(v, 16) for k, v in _status(os.getpid()).items() if k in wanted}
+    after = {k: int(v, 16) for k, v in _status("self").items() if k in wanted}
     if after != wanted:
         raise ContextError(f"capabilities {after} differ from the caller's {wanted}")

@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import gc
 import json
 import os
 import select
@@ -71,6 +72,8 @@ def preload() -> None:
             model.model_rebuild(force=True)  # type: ignore[attr-defined]
     read_sources()
     time.localtime()
+    gc.collect()
+    gc.freeze()  # the collector never walks (so never writes to) the preloaded objects: they stay shared
 
 
 class ForkServer:
@@ -356,6 +359,32 @@ def _reopen_stdio() -> None:  # pragma: no cover - runs in the VMM
         except OSError:
             stream = None
         setattr(sys, name, stream)
+
+
+def ensure_running(path: str, log_path: str, timeout: float = 120.0) -> int | None:
+    """Start a detached `embervm-forkserver` at `path` unless one already answers there; its
+    pid once it listens (None: one was running). For ./scripts/demo: later runs start fast."""
+    probe = forkclient.connect(path)
+    if probe is not None:
+        probe.close()
+        return None
+    import subprocess
+
+    with open(log_path, "ab") as log:
+        proc = subprocess.Popen(
+            [os.path.join(os.path.dirname(sys.executable), "embervm-forkserver"), "--socket", path],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + timeout
+    while (probe := forkclient.connect(path)) is None:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise OSError(f"embervm-forkserver did not start (see {log_path})")
+        time.sleep(0.05)
+    probe.close()
+    return proc.pid
 
 
 def build_parser() -> argparse.ArgumentParser:
