@@ -59,7 +59,7 @@ HOST_PACKAGES = {  # Debian package -> a command it provides
 OUTER_MODULES = ["irqbypass", "kvm", "kvm_amd", "kvm_intel", "tun"]  # one of kvm_amd/kvm_intel loads
 INNER_MODULES = ["virtio_mmio", "virtio_blk", "virtio_net", "vsock", "vmw_vsock_virtio_transport"]
 # Repository folders copied into the outer VM (Python files only), at their host paths.
-REPO_PACKAGES = ["controlplane", "vcpu_worker", "devices", "jailer", "shared", "guest", "tests", "bench"]
+REPO_PACKAGES = ["controlplane", "vcpu_worker", "devices", "jailer", "shared", "guest", "tests", "bench", "scripts"]
 # Parts of the standard library nothing here imports.
 STDLIB_SKIP = (
     "test", "tests", "idle_test", "site-packages", "idlelib", "tkinter", "turtledemo", "ensurepip",
@@ -67,7 +67,7 @@ STDLIB_SKIP = (
     "_tkinter*.so", "_test*.so", "_ctypes_test*.so", "xxlimited*.so", "_xxtestfuzz*.so",
 )  # fmt: skip
 # Host tools the outer VM's jobs use besides busybox (with the libraries `ldd` finds).
-OUTER_TOOLS = ["debugfs"]  # read back files a guest wrote to an ext4 image, without mounting it
+OUTER_TOOLS = ["debugfs", "e2fsck"]  # read back and check what a guest wrote to an ext4 image, without mounting it
 # Shared libraries that Python code may dlopen by name (ctypes), taken when the host has them.
 EXTRA_LIBS = ["libseccomp.so.2", "libcap.so.2"]
 ROOTFS_MIB = 32
@@ -107,7 +107,8 @@ def _run(args: list[str], **kwargs: object) -> str:
 
 
 @contextmanager
-def _locked() -> Iterator[None]:
+def locked() -> Iterator[None]:
+    """The cache lock: one process builds or prunes cached files at a time."""
     cache_root().mkdir(parents=True, exist_ok=True)
     with (cache_root() / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -368,20 +369,26 @@ def rootfs_image(kernel: KernelFiles, modules: ModuleIndex) -> Path:
     archive.file("sbin/init", (GUEST_DIR / "inner_init.sh").read_bytes(), 0o755)
     archive.file("e2e/hello", b"hello from the ext4 root image\n")
     archive.file("e2e/rootfs", b"")
-    digest = hashlib.sha256(f"{FORMAT_VERSION}\0{ROOTFS_MIB}\0{archive.digest()}".encode()).hexdigest()[:16]
-    dest = cache_root() / f"rootfs-{digest}.ext4"
+    return ext4_image("rootfs", archive, ROOTFS_MIB, "e2e-root")
+
+
+def ext4_image(kind: str, archive: Archive, size_mib: int, label: str) -> Path:
+    """`archive` as an ext4 image of `size_mib` (mkfs.ext4 -d), cached by its contents as
+    <cache>/<kind>-<digest>.ext4. Call with the cache lock held (`locked()`)."""
+    digest = hashlib.sha256(f"{FORMAT_VERSION}\0{size_mib}\0{label}\0{archive.digest()}".encode()).hexdigest()[:16]
+    dest = cache_root() / f"{kind}-{digest}.ext4"
     if dest.is_file():
         os.utime(dest)
         return dest
-    with tempfile.TemporaryDirectory(dir=cache_root(), prefix=".rootfs-") as tmp_name:
+    with tempfile.TemporaryDirectory(dir=cache_root(), prefix=f".{kind}-") as tmp_name:
         staging = Path(tmp_name) / "root"
         _extract(archive, staging)
-        image = Path(tmp_name) / "rootfs.ext4"
+        image = Path(tmp_name) / "image.ext4"
         mkfs = shutil.which("mkfs.ext4") or "/sbin/mkfs.ext4"
-        options = ["-q", "-F", "-L", "e2e-root", "-E", "root_owner=0:0"]
-        _run([mkfs, *options, "-d", str(staging), str(image), f"{ROOTFS_MIB}M"])
+        options = ["-q", "-F", "-L", label, "-E", "root_owner=0:0"]
+        _run([mkfs, *options, "-d", str(staging), str(image), f"{size_mib}M"])
         image.rename(dest)
-    _prune("rootfs-*.ext4", dest)
+    _prune(f"{kind}-*.ext4", dest)
     return dest
 
 
@@ -544,7 +551,7 @@ def prepare() -> Environment:
     kernel = debian_kernel()
     if kernel.config is None:
         raise EnvironmentError_(f"the kernel cache for {kernel.version} has no config file")
-    with _locked():
+    with locked():
         modules = ModuleIndex(modules_dir(kernel))
         inner = inner_initramfs(kernel, modules)
         rootfs = rootfs_image(kernel, modules)

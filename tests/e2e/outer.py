@@ -76,9 +76,13 @@ def accelerator() -> list[str]:
     return ["-accel", "tcg,tb-size=512", "-cpu", "max"]
 
 
-def qemu_command(env: Environment, initrd: Path, timeout_s: float, cmdline_extra: str = "") -> list[str]:
+def qemu_command(
+    env: Environment, initrd: Path, timeout_s: float, cmdline_extra: str = "", interactive: bool = False
+) -> list[str]:
+    # --foreground keeps QEMU in the terminal's foreground process group, so that it may read it.
+    foreground = ["--foreground"] if interactive else []
     return [
-        "timeout", "--kill-after=10", str(int(timeout_s)),
+        "timeout", *foreground, "--kill-after=10", str(int(timeout_s)),
         env.qemu,
         "-M", MACHINE,
         *accelerator(),
@@ -131,8 +135,10 @@ def run_outer(
     extra: Archive | None = None,
     echo: TextIO | None = None,
     log_path: Path | None = None,
+    interactive: bool = False,
 ) -> OuterRun:
-    """Boot the outer VM with `job` (a shell script) as /e2e/job; wait for it to end."""
+    """Boot the outer VM with `job` (a shell script) as /e2e/job; wait for it to end.
+    `interactive`: our stdin is the outer VM's serial input (the job's stdin)."""
     env = env or prepare()
     work = Path(tempfile.mkdtemp(prefix="embervm-e2e-"))
     try:
@@ -146,8 +152,8 @@ def run_outer(
         chunks: list[bytes] = []
         with log.open("wb") as log_file:
             proc = subprocess.Popen(
-                qemu_command(env, initrd, timeout_s),
-                stdin=subprocess.DEVNULL,
+                qemu_command(env, initrd, timeout_s, interactive=interactive),
+                stdin=None if interactive else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
             )

@@ -17,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.microvm import DeviceUpdateError, Launcher, MicroVm, VmStartError
+from controlplane.launcher import Launcher
+from controlplane.microvm import DeviceUpdateError, MicroVm, VmStartError
 from controlplane.vm_spec import VmSpec
 from devices.vsock.testing import read_line
 from guest.build import GuestImages

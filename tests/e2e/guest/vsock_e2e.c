@@ -2,6 +2,8 @@
  *
  *   vsock-e2e connect CID PORT MESSAGE   connect, send "MESSAGE\n", print the reply line
  *   vsock-e2e echo PORT                  accept one connection, print "got:<line>", reply "echo:<line>\n"
+ *   vsock-e2e send CID PORT BYTES        connect, send BYTES zeros, close, wait for the peer's close
+ *   vsock-e2e sink PORT                  accept one connection, read to its end, print "bytes=<n>"
  *
  * Freestanding (no libc, raw system calls), built by tests/e2e/environment.py with
  * gcc -static -nostdlib. Exit status 0 on success; on failure it prints
@@ -16,6 +18,7 @@
 #define SYS_accept 43
 #define SYS_bind 49
 #define SYS_listen 50
+#define SYS_shutdown 48
 #define SYS_exit 60
 
 #define AF_VSOCK 40
@@ -124,6 +127,56 @@ static int do_echo(unsigned int port) {
     return 0;
 }
 
+static char bulk[65536];
+
+static void out_number(unsigned long v) {
+    char digits[24];
+    int i = 23;
+    digits[i] = 0;
+    do {
+        digits[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v && i > 0);
+    out(digits + i);
+}
+
+static int do_send(unsigned int cid, unsigned int port, unsigned long bytes) {
+    struct sockaddr_vm addr = {AF_VSOCK, 0, port, cid, {0}};
+    long fd = sys3(SYS_socket, AF_VSOCK, SOCK_STREAM, 0), r;
+    if (fd < 0) return fail("socket", fd);
+    if ((r = sys3(SYS_connect, fd, (long)&addr, sizeof addr)) < 0) return fail("connect", r);
+    while (bytes) {
+        unsigned long n = bytes < sizeof bulk ? bytes : sizeof bulk;
+        if ((r = send_all(fd, bulk, n)) < 0) return fail("write", r);
+        bytes -= n;
+    }
+    if ((r = sys3(SYS_shutdown, fd, 1, 0)) < 0) return fail("shutdown", r);
+    while ((r = sys3(SYS_read, fd, (long)bulk, sizeof bulk)) > 0) {
+    }
+    if (r < 0) return fail("read", r);
+    sys3(SYS_close, fd, 0, 0);
+    out("sent\n");
+    return 0;
+}
+
+static int do_sink(unsigned int port) {
+    struct sockaddr_vm addr = {AF_VSOCK, 0, port, VMADDR_CID_ANY, {0}};
+    unsigned long total = 0;
+    long fd = sys3(SYS_socket, AF_VSOCK, SOCK_STREAM, 0), conn, r;
+    if (fd < 0) return fail("socket", fd);
+    if ((r = sys3(SYS_bind, fd, (long)&addr, sizeof addr)) < 0) return fail("bind", r);
+    if ((r = sys3(SYS_listen, fd, 1, 0)) < 0) return fail("listen", r);
+    if ((conn = sys3(SYS_accept, fd, 0, 0)) < 0) return fail("accept", conn);
+    while ((r = sys3(SYS_read, conn, (long)bulk, sizeof bulk)) > 0) total += (unsigned long)r;
+    if (r < 0) return fail("read", r);
+    sys3(SYS_close, conn, 0, 0);
+    sys3(SYS_close, fd, 0, 0);
+    out("bytes=");
+    out_number(total);
+    out("\n");
+    return 0;
+}
+
 static int streq(const char *a, const char *b) {
     while (*a && *a == *b) a++, b++;
     return *a == *b;
@@ -134,7 +187,9 @@ int cmain(long *sp) {
     char **argv = (char **)(sp + 1);
     if (argc == 5 && streq(argv[1], "connect")) return do_connect(number(argv[2]), number(argv[3]), argv[4]);
     if (argc == 3 && streq(argv[1], "echo")) return do_echo(number(argv[2]));
-    out("usage: vsock-e2e connect CID PORT MESSAGE | vsock-e2e echo PORT\n");
+    if (argc == 5 && streq(argv[1], "send")) return do_send(number(argv[2]), number(argv[3]), number(argv[4]));
+    if (argc == 3 && streq(argv[1], "sink")) return do_sink(number(argv[2]));
+    out("usage: vsock-e2e connect CID PORT MESSAGE | echo PORT | send CID PORT BYTES | sink PORT\n");
     return 2;
 }
 
