@@ -35,6 +35,7 @@ from shared.boot.loader import load_boot
 from shared.boot.mptable import write_mptable
 from shared.device_kinds import DEVICE_KINDS, DeviceKind
 from shared.memory import GuestMemory, create_guest_memfd
+from shared.virtio.regpage import create_regpage_memfd
 
 
 @dataclass
@@ -55,6 +56,7 @@ class DevicePlan:
     gsi: int = 0
     queue_fds: list[int] = field(default_factory=list)
     irqfd: int = -1
+    regs_fd: int = -1  # the register page it shares with the vCPU worker (shared.virtio.regpage)
     name: str = ""  # worker name and ZeroMQ identity (`DeviceKind.worker_name`)
 
     def __post_init__(self) -> None:
@@ -74,11 +76,11 @@ class DevicePlan:
         return self.device_kind.describe(self.device_id)
 
     def close(self) -> None:
-        for fd in (*self.backend_fds, *self.queue_fds, self.irqfd):
+        for fd in (*self.backend_fds, *self.queue_fds, self.irqfd, self.regs_fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self.backend_fds, self.queue_fds, self.irqfd = [], [], -1
+        self.backend_fds, self.queue_fds, self.irqfd, self.regs_fd = [], [], -1, -1
 
 
 # A planner turns one kind of a spec's devices into plans with their backends opened (no
@@ -219,6 +221,7 @@ def plan_devices(spec: VmSpec, kinds: tuple[str, ...] | None = None) -> list[Dev
             plan.base, plan.gsi = layout.virtio_mmio_window(index, spec.boot_timer)
             plan.queue_fds = [_new_eventfd() for _ in range(plan.num_queues)]
             plan.irqfd = _new_eventfd()
+            plan.regs_fd = create_regpage_memfd(plan.name)
     except BaseException:
         close_plans(plans)
         raise

@@ -66,6 +66,7 @@ from shared.seccomp import COMMON, Filter
 from shared.spawn import DeviceSpawn
 from shared.virtio import constants as c
 from shared.virtio.mmio import MmioTransport, TransportError
+from shared.virtio.regpage import DeviceRegisters
 
 CONTROL, MMIO, FD_CHANNEL, QUEUE = 0, 1, 2, 16
 METRICS_INTERVAL_S = 5.0
@@ -109,6 +110,7 @@ class Channels:
     name: str = "device"
     extra: dict[str, Any] = field(default_factory=dict)
     state_fd: int = -1  # the device's state area (shared.devstate); -1: none
+    regs_fd: int = -1  # the device's register page (shared.virtio.regpage); -1: none
     restore: bool = False  # a replacement worker: restore the state area's snapshot
     needs_reset: bool = False  # ... and set DEVICE_NEEDS_RESET instead of serving
     isolation: dict[str, Any] = field(default_factory=dict)  # from the zygote: namespaces, host_pid
@@ -169,6 +171,8 @@ class DeviceWorker:
         self.mmio_requests = 0
         self.bad_messages = 0
         self.state = StateArea(channels.state_fd) if channels.state_fd >= 0 else None
+        if channels.regs_fd >= 0:  # InterruptStatus and the config copy the vCPU worker answers from
+            transport.attach_registers(DeviceRegisters(channels.regs_fd))
         self._persisted: tuple[Any, ...] | None = None
         self.faults = FaultInjector(self._record_fatal, lambda kind, left: self.send(p.FaultFired(kind, left)))
         # A device that checks faults per request has a `faults` attribute; others are checked per kick.
@@ -293,6 +297,7 @@ class DeviceWorker:
             self.recover()
         else:
             self.persist_state()
+        self.transport.publish_registers()
         self.send(p.Ready(os.getpid()))
         self.loop.run()
         self._flush_logs()
@@ -314,6 +319,7 @@ class DeviceWorker:
             log.error("device worker error (token %d):\n%s", token, traceback.format_exc())
         if token < QUEUE:
             self.persist_state()  # a register write, an update: the durable part may have changed
+            self.transport.publish_registers()  # ... and config space (a new disk's size)
         else:  # queue work changes no set-up, at most the status (NEEDS_RESET); counters every 10 ms
             now = time.monotonic()
             save_counters = now >= self._next_counters_save
@@ -441,6 +447,8 @@ class DeviceWorker:
         logging.getLogger().handlers = self._inherited_handlers
         if self.state is not None:
             self.state.close()
+        if self.transport.registers is not None:
+            self.transport.registers.close()
         self.loop.close()
         self.mmio.close()
         self.control.close()
@@ -518,6 +526,7 @@ def run_device_worker(kind: DeviceKind, args: dict[str, Any], fds: list[int], bu
         irqfd=spawn.irqfd,
         name=spawn.name,
         state_fd=spawn.state_fd,
+        regs_fd=spawn.regs_fd,
         restore=spawn.restore,
         needs_reset=spawn.needs_reset,
         isolation=spawn.isolation,

@@ -130,6 +130,9 @@ class VcpuWorker:
                 "console_dropped_bytes": self.console_dropped,
                 "virtio_mmio_timeouts": sum(d.timeouts for d in self.virtio),
                 "virtio_mmio_unanswered": sum(d.skipped for d in self.virtio),
+                # answered from the register page (shared.virtio.regpage), no round trip
+                "virtio_mmio_local_reads": sum(d.registers.local_reads for d in self.virtio if d.registers),
+                "virtio_mmio_local_writes": sum(d.registers.local_writes for d in self.virtio if d.registers),
             },
         }
 

@@ -173,6 +173,12 @@ class VsockDevice:
                 return
             self._serve_tx(chain)
             queue.add_used(chain.head, 0)
+            self._signal_if_due(queue)
+
+    def _signal_if_due(self, queue: Queue) -> None:
+        """Mid-batch: interrupt now if the driver's used_event asks for it (`Queue.notify_due`)."""
+        if queue.notify_due() and self._interrupt is not None:
+            self._interrupt.signal_used_queue()
 
     def _serve_tx(self, chain: DescriptorChain) -> None:
         try:
@@ -209,6 +215,7 @@ class VsockDevice:
                 return
             queue.add_used(chain.head, length)
             self.metrics["rx_packets_count"] += 1
+            self._signal_if_due(queue)
 
     # --- event queue -------------------------------------------------------------------------------
     def _process_event_queue(self) -> None:
