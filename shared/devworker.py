@@ -52,7 +52,7 @@ from typing import Any, Protocol
 
 import zmq
 
-from shared import exitcodes, fdpass, isolation, ratelimited_log, redteam
+from shared import exitcodes, fdpass, isolation, ratelimited_log
 from shared import protocol as p
 from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, install_filter
 from shared.device_kinds import DeviceKind
@@ -432,6 +432,8 @@ class DeviceWorker:
             with contextlib.suppress(zmq.ZMQError):
                 self.control.send_multipart(msg.frames, zmq.NOBLOCK)
         elif isinstance(msg, p.RedTeam) and self.test_hooks:
+            from shared import redteam  # loaded before the filter by confine's test hooks
+
             send = lambda frames: self.control.send_multipart(frames, zmq.NOBLOCK)  # noqa: E731
             self.send(p.Log("warning", redteam.run(msg, redteam.Context(self.channels.name, send))))
         else:
