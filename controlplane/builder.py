@@ -7,7 +7,7 @@ is everything the vCPU worker needs, as msgpack-friendly values plus the memfd.
 Devices (`plan_devices`): one `DevicePlan` per virtio device, whatever its kind. Each
 kind registers a planner (`@planner("block")`) that opens its backends here (workers open
 no host paths): drives (the root device first, then as configured), then network
-interfaces, then vsock, in Firecracker's order. Each device then gets the next
+interfaces, then vsock, in Firecracker's order, then the balloon and the entropy device. Each device then gets the next
 virtio-mmio window, one eventfd per queue and an irqfd. The windows go into the ACPI
 DSDT and onto the command line (`virtio_mmio.device=4K@<base>:<gsi>`), and the root
 drive adds `root=` and `ro`/`rw`, as Firecracker does.
@@ -200,6 +200,28 @@ def plan_vsock_backend(spec: VmSpec) -> list[DevicePlan]:
             raise BootError(str(e)) from None
     args = {"guest_cid": guest_cid, "uds_path": uds_path}
     return [DevicePlan("vsock", "vsock", args, [fd], spec.vsock)]
+
+
+@planner("balloon")
+def plan_balloon(spec: VmSpec) -> list[DevicePlan]:
+    """The balloon device, if configured: no backend, its worker punches holes in the memfd."""
+    if spec.balloon is None:
+        return []
+    args = {
+        "amount_mib": int(spec.balloon["amount_mib"]),
+        "deflate_on_oom": bool(spec.balloon["deflate_on_oom"]),
+        "stats_polling_interval_s": int(spec.balloon.get("stats_polling_interval_s") or 0),
+        "free_page_reporting": bool(spec.balloon.get("free_page_reporting") or False),
+    }
+    return [DevicePlan("balloon", "balloon", args, [], spec.balloon)]
+
+
+@planner("entropy")
+def plan_entropy(spec: VmSpec) -> list[DevicePlan]:
+    """The entropy device, if configured (PUT /entropy): no backend, getrandom(2) in its worker."""
+    if spec.entropy is None:
+        return []
+    return [DevicePlan("entropy", "entropy", {"rate_limiter": spec.entropy.get("rate_limiter")}, [], spec.entropy)]
 
 
 def remove_vsock_socket(spec: VmSpec) -> None:

@@ -27,6 +27,7 @@ from controlplane.worker_handle import WorkerHandle
 from controlplane.worker_log import escape
 from controlplane.worker_trust import admit_metrics
 from controlplane.worker_watch import WorkerWatch
+from devices.balloon.messages import BalloonStatus
 from devices.vsock.messages import VsockConnect, VsockConnected
 from shared import exitcodes, fdpass
 from shared import protocol as p
@@ -284,6 +285,8 @@ class MonitorLoop:
             sup.worker_logs.relay(handle.name, handle.pid, msg.level, msg.text)
         elif isinstance(msg, VsockConnect):
             self._broker_vsock_connect(handle, msg)
+        elif isinstance(msg, BalloonStatus):
+            sup.balloon.accept(msg)
         elif isinstance(msg, p.UpdateResult):
             self._updates.answer(handle, msg)
         elif isinstance(msg, p.VmState | p.DeviceHeld | p.DirtyPages):

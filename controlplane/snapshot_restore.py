@@ -84,13 +84,13 @@ class LazyLoad:
 
 
 def seed_state_area(state_fd: int, saved: dict[str, Any]) -> None:
-    """Write a snapshot's device state into a fresh state area (its transport part only:
-    the counters start again at zero, as in a new process)."""
+    """Write a snapshot's device state into a fresh state area (the transport and the
+    device's own state; the counters start again at zero, as in a new process)."""
     if state_fd < 0:
         return
     area = StateArea(state_fd)
     try:
-        area.write({"transport": saved.get("transport")})
+        area.write({k: v for k, v in saved.items() if k != "metrics"})
     finally:
         area.close()
 

@@ -52,7 +52,7 @@ from typing import Any, Protocol
 
 import zmq
 
-from shared import exitcodes, fdpass, isolation, ratelimited_log, redteam
+from shared import exitcodes, fdpass, isolation, ratelimited_log
 from shared import protocol as p
 from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, install_filter
 from shared.device_kinds import DeviceKind
@@ -243,7 +243,13 @@ class DeviceWorker:
             (q.size, q.ready, q.desc_addr, q.avail_addr, q.used_addr, q.event_idx, q.indirect) for q in t.queues
         )
         sels = (t.queue_sel, t.device_features_sel, t.driver_features_sel)
-        return (t.status, t.driver_features, t.config_generation, t.activated, sels, queues)
+        return (t.status, t.driver_features, t.config_generation, t.activated, sels, queues, self._device_state())
+
+    def _device_state(self) -> Any:
+        """The device's own durable state (`save_state()`, e.g. the balloon's actual pages), if
+        it has any beyond its transport and rings; a replacement gets it back (`load_state`)."""
+        save = getattr(self.transport.device, "save_state", None)
+        return save() if save is not None else None
 
     def persist_state(self, force: bool = False) -> None:
         """Write the transport snapshot (and the counters) to the state area if the durable
@@ -254,7 +260,10 @@ class DeviceWorker:
         if key == self._persisted and not force:
             return
         try:
-            self.state.write({"transport": self.transport.snapshot(), "metrics": self.metrics()})
+            state = {"transport": self.transport.snapshot(), "metrics": self.metrics()}
+            if key[-1] is not None:
+                state["device"] = key[-1]
+            self.state.write(state)
         except StateAreaError as e:
             log.error("%s", e)
         self._persisted = key
@@ -262,6 +271,12 @@ class DeviceWorker:
     def recover(self) -> None:
         """A replacement worker: load the dead worker's state, then serve what it left."""
         snapshot = self.state.read() if self.state is not None else None
+        load = getattr(self.transport.device, "load_state", None)
+        if snapshot is not None and load is not None and "device" in snapshot:
+            try:
+                load(snapshot["device"])  # before the transport re-activates the device
+            except (KeyError, TypeError, ValueError) as e:
+                log.error("cannot restore the device's own state: %s", e)
         if snapshot is not None:
             try:
                 self.transport.restore(snapshot["transport"], resync=True)
@@ -424,6 +439,8 @@ class DeviceWorker:
             with contextlib.suppress(zmq.ZMQError):
                 self.control.send_multipart(msg.frames, zmq.NOBLOCK)
         elif isinstance(msg, p.RedTeam) and self.test_hooks:
+            from shared import redteam  # loaded before the filter by confine's test hooks
+
             send = lambda frames: self.control.send_multipart(frames, zmq.NOBLOCK)  # noqa: E731
             self.send(p.Log("warning", redteam.run(msg, redteam.Context(self.channels.name, send))))
         else:
@@ -532,10 +549,19 @@ def enter_confinement(ctx: zmq.Context, isolation_args: dict[str, Any]) -> None:
 Build = Callable[[DeviceSpawn], tuple[MmioTransport, DeviceHooks]]
 
 
-def run_device_worker(kind: DeviceKind, args: dict[str, Any], fds: list[int], build: Build, policy: Filter) -> int:
+def run_device_worker(
+    kind: DeviceKind,
+    args: dict[str, Any],
+    fds: list[int],
+    build: Build,
+    policy: Filter | Callable[[DeviceSpawn], Filter],
+) -> int:
     """A device worker's `run(args, fds)`: parse the spawn contract (`shared.spawn`), then
-    `run_device` with the device `build(spawn)` makes and its kind's seccomp `policy`."""
+    `run_device` with the device `build(spawn)` makes and its kind's seccomp `policy` (or
+    `policy(spawn)`, for a policy whose argument filters name one of the worker's fds)."""
     spawn = DeviceSpawn.from_zygote(kind, args, fds)
+    if not isinstance(policy, Filter):
+        policy = policy(spawn)
     channels = Channels(
         control_endpoint=spawn.control_endpoint,
         mmio_fd=spawn.mmio_channel,

@@ -49,6 +49,12 @@ def create_guest_memfd(size: int, name: str = "embervm-guest-mem") -> int:
     return fd
 
 
+def resident_bytes(memfd: int) -> int:
+    """Bytes of the guest-memory memfd that hold pages now (what the host really spends on
+    guest RAM: pages never touched, or given back by the balloon, cost nothing)."""
+    return os.fstat(memfd).st_blocks * 512
+
+
 class GuestMemory:
     """Bounds-checked access to guest RAM through a shared mapping of the memfd."""
 

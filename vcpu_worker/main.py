@@ -27,7 +27,7 @@ from typing import Any
 import msgpack
 import zmq
 
-from shared import exitcodes, fdpass, layout, redteam
+from shared import exitcodes, fdpass, layout
 from shared import protocol as p
 from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, install_filter
 from shared.devworker import connect_control, enter_confinement, wait_for_zmq_threads
@@ -173,6 +173,8 @@ class VcpuWorker:
         elif isinstance(msg, p.TestSyscall) and self.seccomp.test_hooks:
             self.send(p.Log("warning", f"test syscall survived: {attempt_forbidden(msg.what)}"))
         elif isinstance(msg, p.RedTeam) and self.seccomp.test_hooks:
+            from shared import redteam  # loaded before the filter by confine's test hooks
+
             self.send(p.Log("warning", redteam.run(msg, redteam.Context("vcpu", self.ctl.send_multipart))))
         return None
 
