@@ -72,7 +72,8 @@ from controlplane.worker_handle import (
 from controlplane.worker_log import WorkerLogRelay, escape
 from controlplane.worker_trust import MAX_FRAMES, TrustCounters, admit_metrics, forbidden
 from controlplane.zygote import Zygote, ZygoteError
-from devices.vsock.messages import VsockConnect, VsockConnected, VsockTransportReset
+from controlplane.vsock_sockets import KeptSockets
+from devices.vsock.messages import VsockConnect, VsockConnected, VsockRelease, VsockTransportReset
 from shared import exitcodes, fdpass
 from shared import protocol as p
 from shared.boot.errors import BootError
@@ -132,9 +133,12 @@ class DeviceSlot:
     history: RestartHistory = dataclasses.field(default_factory=RestartHistory)
     restart_at: float | None = None
     exhausted: bool = False  # the next worker only sets DEVICE_NEEDS_RESET
+    kept_sockets: KeptSockets | None = None  # vsock: host sockets its connections survive on
 
     def close(self) -> None:
         self.plan.close()
+        if self.kept_sockets is not None:
+            self.kept_sockets.close()
         if self.state_fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.state_fd)
@@ -305,6 +309,8 @@ class MicroVm:
         state_fd = create_state_memfd(device.name) if device.device_kind.restartable else -1
         policy = RestartPolicy.from_dict(self.spec.restart_policy, device.device_id)
         self._slots[device.name] = DeviceSlot(kept, state_fd, RestartTracker(policy))
+        if device.kind == "vsock":
+            self._slots[device.name].kept_sockets = KeptSockets()
 
     def _spawn(self, kind: str, name: str, args: dict[str, Any], fds: list[int], what: str) -> WorkerHandle:
         namespaces = not self.spec.no_namespaces
@@ -384,6 +390,11 @@ class MicroVm:
         finally:
             theirs.close()
             mmio_device.close()  # only the worker holds it: its death closes the channel
+        if restore and slot is not None and slot.kept_sockets is not None:
+            try:
+                slot.kept_sockets.hand_over(mine)  # the connections it resumes
+            except OSError as e:
+                log.error("cannot hand the %s its kept host sockets: %s", device.what, e)
         handle.device_id, handle.fd_channel = device.device_id, mine
         handle.metric_groups = device.device_kind.metric_groups(device.device_id, device.args)
         if device.kind == NET.name and device.args.get("mmds"):
@@ -1217,6 +1228,10 @@ class MicroVm:
             self._worker_logs.relay(handle.name, handle.pid, msg.level, msg.text)
         elif isinstance(msg, VsockConnect):
             self._broker_vsock_connect(handle, msg)
+        elif isinstance(msg, VsockRelease):
+            slot = self._slots.get(handle.name)
+            if slot is not None and slot.kept_sockets is not None:
+                slot.kept_sockets.release(msg.sock_ids)
         elif isinstance(msg, p.UpdateResult):
             self._answer(handle, msg)
         elif isinstance(msg, p.StateChanged):
@@ -1250,18 +1265,25 @@ class MicroVm:
         if handle.connect_budget is None:
             handle.connect_budget = TokenBucket(VSOCK_CONNECTS_PER_S)
         sock: socket.socket | None = None
+        sock_id = 0
         if handle.connect_budget.reduce(1):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
             try:
                 sock.connect(f"{slot.plan.args['uds_path']}_{msg.port & 0xFFFFFFFF}")
+                if slot.kept_sockets is not None:  # so the connection survives the worker
+                    sock_id = slot.kept_sockets.keep(sock)
+                    if not sock_id:
+                        raise OSError("too many host sockets kept for the vsock worker")
             except OSError:  # nobody listens there (or its backlog is full): the guest gets RST
                 sock.close()
                 sock = None
-        answer = VsockConnected(msg.port, msg.guest_port, sock is not None)
+        answer = VsockConnected(msg.port, msg.guest_port, sock is not None, sock_id)
         try:
             fdpass.send_message(handle.fd_channel, answer, [] if sock is None else [sock.fileno()])
         except OSError as e:
             log.error("cannot answer the vsock worker's connect request: %s", e)
+            if sock_id and slot.kept_sockets is not None:
+                slot.kept_sockets.release([sock_id])
         finally:
             if sock is not None:
                 sock.close()
