@@ -61,6 +61,7 @@ from controlplane.faults import (
     RestartTracker,
 )
 from controlplane.vm_spec import VmSpec
+from controlplane.vsock_sockets import KeptSockets
 from controlplane.worker_handle import (
     VCPU_GROUPS,
     Groups,
@@ -72,7 +73,7 @@ from controlplane.worker_handle import (
 from controlplane.worker_log import WorkerLogRelay, escape
 from controlplane.worker_trust import MAX_FRAMES, TrustCounters, admit_metrics, forbidden
 from controlplane.zygote import Zygote, ZygoteError
-from controlplane.vsock_sockets import KeptSockets
+from devices.vsock.durable import RESUME_CONNECTIONS
 from devices.vsock.messages import VsockConnect, VsockConnected, VsockRelease, VsockTransportReset
 from shared import exitcodes, fdpass
 from shared import protocol as p
@@ -309,7 +310,7 @@ class MicroVm:
         state_fd = create_state_memfd(device.name) if device.device_kind.restartable else -1
         policy = RestartPolicy.from_dict(self.spec.restart_policy, device.device_id)
         self._slots[device.name] = DeviceSlot(kept, state_fd, RestartTracker(policy))
-        if device.kind == "vsock":
+        if device.kind == "vsock" and RESUME_CONNECTIONS:
             self._slots[device.name].kept_sockets = KeptSockets()
 
     def _spawn(self, kind: str, name: str, args: dict[str, Any], fds: list[int], what: str) -> WorkerHandle:

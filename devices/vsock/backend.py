@@ -365,7 +365,7 @@ class UnixMuxer:
             self._remove(conn)
             return False
         if conn.state is State.DEAD:
-            return  # its RST is on the way
+            return False  # its RST is on the way
         conn.update_peer_credit(h.buf_alloc, h.fwd_cnt)
         match h.op:
             case Op.REQUEST:
@@ -435,9 +435,7 @@ class UnixMuxer:
             return None
         return sock
 
-    def guest_connected(
-        self, host_port: int, guest_port: int, sock: socket.socket | None, sock_id: int = 0
-    ) -> bool:
+    def guest_connected(self, host_port: int, guest_port: int, sock: socket.socket | None, sock_id: int = 0) -> bool:
         """The answer to a guest's REQUEST: the connected socket (RESPONSE), or None (RST).
         False, and `sock` closed, when no REQUEST waits for it any more (the guest reset it,
         it timed out, the device was reset) or it is no stream socket."""
@@ -590,7 +588,14 @@ class UnixMuxer:
             conn = None
             if sock is not None:
                 conn = Connection(
-                    sock, self.guest_cid, local, peer, State.DEAD, self.counters, clock=self.clock, budget=self.tx_budget
+                    sock,
+                    self.guest_cid,
+                    local,
+                    peer,
+                    State.DEAD,
+                    self.counters,
+                    clock=self.clock,
+                    budget=self.tx_budget,
                 )
                 conn.load_record(fields)
                 if record.intent == RX_INTENT:

@@ -17,6 +17,7 @@ import logging
 import socket
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 from devices.vsock.backend import VsockBackend
 from devices.vsock.packet import EVENT, EVENT_TRANSPORT_RESET, HEADER_SIZE, HOST_CID, PacketError, parse_tx
@@ -223,15 +224,15 @@ class VsockDevice:
         """After the transport's restore (devworker): rebuild the dead worker's connections
         from the table and the kept host sockets (`UnixMuxer.resume`)."""
         kept, self.kept_sockets = self.kept_sockets, None
-        muxer = getattr(self.backend, "table", None) and self.backend
-        if kept is None or muxer is None:
+        muxer: Any = self.backend
+        table = getattr(muxer, "table", None)
+        if kept is None or table is None:
             return
-        table = muxer.table  # type: ignore[attr-defined]
         if not serving or not self.active:  # nothing to resume into: the host sockets go
-            muxer.resume({}, kept, 0)  # type: ignore[attr-defined]
+            muxer.resume({}, kept, 0)
             table.clear()
             return
-        resumed = muxer.resume(table.records(), kept, self._queues[RX].next_used)  # type: ignore[attr-defined]
+        resumed = muxer.resume(table.records(), kept, self._queues[RX].next_used)
         _log.warning("vsock: %d connection(s) resumed after a worker restart", resumed)
 
     def recover_in_flight(self, index: int, count: int) -> None:

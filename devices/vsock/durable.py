@@ -31,6 +31,11 @@ import struct
 import zlib
 from dataclasses import dataclass
 
+# Work in progress (issue 18): resuming connections after a worker restart is off until
+# tests/integration/test_restart_vsock.py passes; off, a replacement resets every
+# connection (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET) and the supervisor keeps no host socket.
+RESUME_CONNECTIONS = False
+
 MAX_RECORDS = 1024
 HEADER_BYTES = 64
 _TX_APPLIED = struct.Struct("<I")
@@ -101,7 +106,14 @@ class ConnTable:
         self._free.append(index)
 
     # --- writing -------------------------------------------------------------------------
-    def write(self, index: int, post: tuple[int, ...], intent: int = NO_INTENT, arg: int = 0, pre: tuple[int, ...] | None = None) -> None:
+    def write(
+        self,
+        index: int,
+        post: tuple[int, ...],
+        intent: int = NO_INTENT,
+        arg: int = 0,
+        pre: tuple[int, ...] | None = None,
+    ) -> None:
         body = _INTENT_ARG.pack(arg & 0xFFFFFFFF) + STATE.pack(*(pre if pre is not None else post)) + STATE.pack(*post)
         self._gens[index] += 1
         generation = self._gens[index]

@@ -26,7 +26,7 @@ from typing import Any
 
 from devices.vsock.backend import COUNTER_NAMES, UnixMuxer
 from devices.vsock.device import VsockDevice
-from devices.vsock.durable import ConnTable
+from devices.vsock.durable import RESUME_CONNECTIONS, ConnTable
 from devices.vsock.messages import VsockConnect, VsockConnected, VsockKept, VsockRelease, VsockTransportReset
 from devices.vsock.policy import POLICY
 from shared import fdpass
@@ -154,7 +154,7 @@ def build(spawn: DeviceSpawn) -> tuple[MmioTransport, VsockHooks]:
     muxer = UnixMuxer(int(args["guest_cid"]), str(args["uds_path"]), listener, table=table)
     device = VsockDevice(int(args["guest_cid"]), muxer)
     if spawn.restore:
-        kept = receive_kept(spawn.fd_channel) if table is not None else None
+        kept = receive_kept(spawn.fd_channel) if table is not None and RESUME_CONNECTIONS else None
         if kept is None:
             # nothing to resume from: the guest's connections are gone; tell it once the
             # restored device is active
