@@ -1,6 +1,6 @@
 """Boot the demo Linux on this machine's KVM through embervm's API, then clean up.
 
-    python -m scripts.linux_demo --kernel vmlinux --initrd initramfs --rootfs rootfs.ext4 [--check]
+    python -m scripts.linux_demo --kernel vmlinux [--initrd initramfs] --rootfs rootfs.ext4 --boot-args ... [--check]
 
 It makes a TAP for the guest's eth0, starts `embervm --api-sock`, configures a root drive
 (a copy of the image), the NIC with MMDS V2 and a sample document, and a vsock through the
@@ -95,7 +95,7 @@ def embervm_command() -> list[str]:
 @dataclass
 class Guest:
     kernel: Path
-    initrd: Path
+    initrd: Path | None
     rootfs: Path
     boot_args: str
     mem_mib: int = 256
@@ -103,12 +103,12 @@ class Guest:
 
 def api_calls(guest: Guest, work: Path, tap: str) -> list[tuple[str, object]]:
     """The requests a Firecracker client makes for this VM, in order."""
+    boot: dict[str, str] = {"kernel_image_path": str(guest.kernel), "boot_args": guest.boot_args}
+    if guest.initrd is not None:
+        boot["initrd_path"] = str(guest.initrd)
     return [
         ("/machine-config", {"vcpu_count": 1, "mem_size_mib": guest.mem_mib}),
-        (
-            "/boot-source",
-            {"kernel_image_path": str(guest.kernel), "initrd_path": str(guest.initrd), "boot_args": guest.boot_args},
-        ),
+        ("/boot-source", boot),
         (
             "/drives/rootfs",
             {
@@ -220,6 +220,7 @@ def run(guest: Guest, check: bool, timeout: float) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     work = Path(tempfile.mkdtemp(prefix="embervm-demo-"))
+    print(f"demo: work folder {work}", file=sys.stderr, flush=True)
     shutil.copyfile(guest.rootfs, work / "rootfs.ext4")  # the guest writes to its disk
     sock = work / "api.sock"
     status = 1
@@ -266,7 +267,7 @@ def _interrupt(signum: int, _frame: object) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--kernel", type=Path, required=True)
-    parser.add_argument("--initrd", type=Path, required=True)
+    parser.add_argument("--initrd", type=Path)
     parser.add_argument("--rootfs", type=Path, required=True)
     parser.add_argument("--boot-args", required=True)
     parser.add_argument("--check", action="store_true", help="run the motd's commands, then reboot; 0 if all worked")

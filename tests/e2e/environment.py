@@ -67,7 +67,7 @@ STDLIB_SKIP = (
     "_tkinter*.so", "_test*.so", "_ctypes_test*.so", "xxlimited*.so", "_xxtestfuzz*.so",
 )  # fmt: skip
 # Host tools the outer VM's jobs use besides busybox (with the libraries `ldd` finds).
-OUTER_TOOLS = ["debugfs"]  # read back files a guest wrote to an ext4 image, without mounting it
+OUTER_TOOLS = ["debugfs", "e2fsck"]  # read back and check what a guest wrote to an ext4 image, without mounting it
 # Shared libraries that Python code may dlopen by name (ctypes), taken when the host has them.
 EXTRA_LIBS = ["libseccomp.so.2", "libcap.so.2"]
 ROOTFS_MIB = 32

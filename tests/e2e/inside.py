@@ -93,6 +93,8 @@ def api_requests(config: dict[str, Any], metadata: Any) -> list[tuple[str, Any]]
         calls.append(("/vsock", config["vsock"]))
     if "mmds-config" in config:
         calls.append(("/mmds/config", config["mmds-config"]))
+    if "restart-policy" in config:
+        calls.append(("/restart-policy", config["restart-policy"]))
     if metadata is not None:
         calls.append(("/mmds", metadata))
     return [*calls, ("/actions", {"action_type": "InstanceStart"})]

@@ -98,7 +98,33 @@ API_CASE = Case(
     api=True,
     timeout=180,
 )
-CASES = {c.name: c for c in [*BOOT_CASES, *DEVICE_CASES, API_CASE]}
+FAULT_DRIVER = '"$E2E_PYTHON" "$E2E_REPO/tests/e2e/guest/fault_driver.py"'
+BLK_FAULTS_CASE = Case(
+    # Fault containment under load (docs/faults.md): the guest writes, fsyncs, reads back and
+    # checksums files on its ext4 root for 90 s while the outer VM SIGKILLs the block worker 5
+    # times at random moments, then has it crash and hang through /faults. Every checksum must
+    # match, the guest's kernel must log no I/O error or timeout, and the image must pass e2fsck.
+    "blk-faults",
+    checks=["boot", "blkstress:90"],
+    extra_args="e2e.root=vda",
+    copy={"rootfs.ext4": "/e2e/guest/rootfs.ext4"},
+    config={
+        "drives": [ROOT_DRIVE],
+        "restart-policy": {"max_restarts": 20, "window_s": 600, "hang_timeout_s": 3},
+    },
+    args=["--enable-fault-injection"],
+    before=(
+        f"{FAULT_DRIVER} api.sock embervm-block rootfs --start 25 --kills 5 --faults crash,hang >faults.log 2>&1 &"
+        " echo $! >driver.pid"
+    ),
+    after=(
+        "i=0; while kill -0 $(cat driver.pid) 2>/dev/null && [ $i -lt 50 ]; do sleep 1; i=$((i + 1)); done;"
+        " cat faults.log; e2fsck -fn rootfs.ext4 >fsck.log 2>&1; echo fsck=$?"
+    ),
+    api=True,
+    timeout=300,
+)
+CASES = {c.name: c for c in [*BOOT_CASES, *DEVICE_CASES, API_CASE, BLK_FAULTS_CASE]}
 
 
 @pytest.fixture(scope="module")
@@ -212,4 +238,20 @@ def test_the_api_configures_and_starts_a_guest_using_every_device(nested: Nested
         assert result.check(check) == (True, detail), result.explain()
     assert result.check("net")[0], result.explain()
     assert result.after == ["written by the guest", "served ping", "reply echo:hello", "status=0"], result.explain()
+    assert (result.failures, result.status) == (0, 0), result.explain()
+
+
+def test_block_worker_killed_crashed_and_hung_under_load_loses_nothing(nested: NestedRun):
+    result = nested["blk-faults"]
+    events = [line for line in result.after if line.startswith("FAULT ")]
+    kills = [line for line in events if line.startswith("FAULT kill ")]
+
+    ok, detail = result.check("blkstress")
+    assert ok, result.explain()
+    assert "bad=0 bad_at_end=0 kernel_errors=0" in detail, result.explain()
+    assert len(kills) == 5 and all("replaced_by=None" not in k for k in kills), (events, result.explain())
+    assert any(e.startswith("FAULT crash status=204") for e in events), events
+    assert any(e.startswith("FAULT hang status=204") for e in events), events
+    assert "FAULT done replaced=7 restarts=7" in events, events
+    assert "fsck=0" in result.after, result.after
     assert (result.failures, result.status) == (0, 0), result.explain()

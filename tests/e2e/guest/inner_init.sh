@@ -153,6 +153,53 @@ check_vsock_listen() { # vsock_listen:<port>: serve one connection from the host
     esac
 }
 
+STRESS_LINES=32 # each stress file holds its own path, once per line, this many times
+
+stress_write() { # stress_write DIR ROUND COUNT: files DIR/r<ROUND>-<i> of known contents
+    awk -v d="$1" -v r="$2" -v n="$3" -v lines=$STRESS_LINES \
+        'BEGIN { for (i = 1; i <= n; i++) { f = d "/r" r "-" i; for (j = 0; j < lines; j++) print f > f; close(f) } }'
+}
+
+stress_bad() { # stress_bad FILE...: how many of the files do not hold exactly their known contents
+    awk -v lines=$STRESS_LINES '
+        FNR == 1 && NR > 1 && last != lines { bad++ }
+        FNR == 1 { seen++ }
+        $0 != FILENAME { wrong[FILENAME] = 1 }
+        { last = FNR }
+        END { if (last != lines) bad++; for (f in wrong) bad++; print bad + 0 }' "$@"
+}
+
+check_blkstress() { # blkstress:<seconds>: write files of known contents, fsync, drop the page cache,
+    # read them back through the device and check them, round after round, for <seconds>; then
+    # once more for every file, and the kernel log must show no I/O error or timeout
+    dir=/e2e/stress
+    per_round=200
+    mkdir -p "$dir"
+    end=$(($(cut -d. -f1 /proc/uptime) + ${1:-60}))
+    round=0 files=0 bad=0
+    while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
+        round=$((round + 1))
+        stress_write "$dir" "$round" "$per_round"
+        sync
+        echo 3 >/proc/sys/vm/drop_caches
+        found=$(ls "$dir" | grep -c "^r$round-")
+        bad=$((bad + per_round - found + $(stress_bad "$dir/r$round-"*)))
+        files=$((files + per_round))
+    done
+    echo 3 >/proc/sys/vm/drop_caches
+    final=$((files - $(ls "$dir" | grep -c '^r')))
+    for r in $(seq 1 "$round"); do final=$((final + $(stress_bad "$dir/r$r-"*))); done
+    pattern='I/O error|blk_update_request|timed? ?out|EXT4-fs (error|warning)|Buffer I/O'
+    errors=$(dmesg | grep -ciE "$pattern")
+    dmesg | grep -iE "$pattern" | sed 's/^/E2E-DMESG /'
+    detail="rounds=$round files=$files bad=$bad bad_at_end=$final kernel_errors=$errors"
+    if [ "$files" -gt 0 ] && [ "$bad" -eq 0 ] && [ "$final" -eq 0 ] && [ "$errors" -eq 0 ]; then
+        pass blkstress "$detail"
+    else
+        fail blkstress "$detail"
+    fi
+}
+
 check_dmesg() { # diagnostics: the kernel log, or the lines matching the argument (a regex)
     dmesg | grep -E "${1:-.}" | sed 's/^/E2E-DMESG /'
     pass dmesg "lines=$(dmesg | wc -l)"

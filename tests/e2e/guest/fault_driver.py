@@ -1,0 +1,129 @@
+"""Break a device worker again and again while the inner guest uses it (runs in the outer VM).
+
+    python fault_driver.py API_SOCK WORKER_PREFIX DEVICE_ID [--start S] [--kills N] [--faults crash,hang]
+
+Once GET / says the instance is Running, it waits `--start` seconds more (the guest boots
+and starts its load: a worker killed during InstanceStart fails the start, by design), then SIGKILLs the worker
+whose process name starts with WORKER_PREFIX `--kills` times, at random moments 2-5 s
+apart, each time waiting until a replacement (a new pid) runs. Then it injects each of
+`--faults` through the API (`PUT /faults/DEVICE_ID`, embervm started with
+--enable-fault-injection) and waits for the replacement after each. It prints one line per
+event ("FAULT kill pid=... replaced_by=... after_s=...") and finally "FAULT done ..." with
+the restarts embervm reports for the device in GET /.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+WAIT_S = 60
+
+
+def worker_pid(prefix: str) -> int | None:
+    for comm in Path("/proc").glob("[0-9]*/comm"):
+        try:
+            if comm.read_text().startswith(prefix):
+                return int(comm.parent.name)
+        except OSError:
+            continue
+    return None
+
+
+def replacement(prefix: str, old: int | None) -> int | None:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        pid = worker_pid(prefix)
+        if pid is not None and pid != old:
+            return pid
+        time.sleep(0.05)
+    return None
+
+
+def api(sock_path: str, method: str, path: str, body: object = None) -> tuple[int, str]:
+    """One HTTP/1.1 request over the API socket (the outer VM has no curl)."""
+    data = b"" if body is None else json.dumps(body).encode()
+    request = f"{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: {len(data)}\r\n"
+    request += "Content-Type: application/json\r\nConnection: close\r\n\r\n"
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(sock_path)
+        sock.sendall(request.encode() + data)
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    head, _, rest = reply.partition(b"\r\n\r\n")
+    return int(head.split()[1]), rest.decode(errors="replace")
+
+
+def wait_running(sock_path: str) -> bool:
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            status, body = api(sock_path, "GET", "/")
+            if status == 200 and json.loads(body).get("state") == "Running":
+                return True
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.5)
+    return False
+
+
+def restarts_reported(sock_path: str, device_id: str) -> int | None:
+    status, body = api(sock_path, "GET", "/")
+    if status != 200:
+        return None
+    for worker in json.loads(body).get("embervm", {}).get("workers", []):
+        if device_id in (worker.get("drive_id"), worker.get("iface_id")) or worker.get("kind") == device_id:
+            return int(worker.get("restarts", 0))
+    return None
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("api_sock")
+    parser.add_argument("prefix")
+    parser.add_argument("device_id")
+    parser.add_argument("--start", type=float, default=20)
+    parser.add_argument("--kills", type=int, default=5)
+    parser.add_argument("--faults", default="")
+    args = parser.parse_args()
+    if not wait_running(args.api_sock):
+        print("FAULT the instance never ran", flush=True)
+        return 1
+    time.sleep(args.start)
+    done = 0
+    for _ in range(args.kills):
+        time.sleep(random.uniform(2, 5))
+        pid = worker_pid(args.prefix)
+        if pid is None:
+            print(f"FAULT no {args.prefix} worker to kill", flush=True)
+            continue
+        start = time.monotonic()
+        os.kill(pid, signal.SIGKILL)
+        new = replacement(args.prefix, pid)
+        print(f"FAULT kill pid={pid} replaced_by={new} after_s={time.monotonic() - start:.2f}", flush=True)
+        done += new is not None
+    for kind in filter(None, args.faults.split(",")):
+        time.sleep(random.uniform(2, 5))
+        pid = worker_pid(args.prefix)
+        start = time.monotonic()
+        status, body = api(args.api_sock, "PUT", f"/faults/{args.device_id}", {"kind": kind})
+        new = replacement(args.prefix, pid) if status == 204 else None
+        why = "" if status == 204 else f" {body.strip()}"
+        print(f"FAULT {kind} status={status} pid={pid} replaced_by={new} after_s={time.monotonic() - start:.2f}{why}")
+        sys.stdout.flush()
+        done += new is not None
+    print(f"FAULT done replaced={done} restarts={restarts_reported(args.api_sock, args.device_id)}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
