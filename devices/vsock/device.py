@@ -90,7 +90,8 @@ class VsockDevice:
         self._queues, self._interrupt = queues, interrupt
         if self._pending_events:  # a transport reset asked for before activation (a restored worker)
             self._run(self._process_event_queue)
-        self.process_backend()  # host connections that arrived meanwhile
+        if self.kept_sockets is None:  # a replacement serves only once its connections are back (resume)
+            self.process_backend()  # host connections that arrived meanwhile
 
     def reset(self) -> None:
         self._queues, self._interrupt = (), None

@@ -31,10 +31,9 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-# Work in progress (issue 18): resuming connections after a worker restart is off until
-# tests/integration/test_restart_vsock.py passes; off, a replacement resets every
-# connection (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET) and the supervisor keeps no host socket.
-RESUME_CONNECTIONS = False
+# Off: a replacement resets every connection (VIRTIO_VSOCK_EVENT_TRANSPORT_RESET) and the
+# supervisor keeps no host socket, as before issue 18.
+RESUME_CONNECTIONS = True
 
 MAX_RECORDS = 1024
 HEADER_BYTES = 64

@@ -16,9 +16,9 @@ from collections.abc import Iterator
 
 import pytest
 
+from controlplane.faults import FaultSpec
 from controlplane.microvm import Launcher, MicroVm
 from controlplane.vm_spec import VmSpec
-from devices.vsock.durable import RESUME_CONNECTIONS
 from guest.build import GuestImages
 from shared import exitcodes
 from tests.support.console import ConsoleCapture
@@ -45,6 +45,11 @@ def vsock_pid(vm: MicroVm) -> int:
     return int(worker["pid"])  # type: ignore[call-overload]
 
 
+def vsock_restarts(vm: MicroVm) -> int:
+    (worker,) = [w for w in vm.workers() if w["kind"] == "vsock"]
+    return int(worker["restarts"])  # type: ignore[call-overload]
+
+
 def kill_and_wait_for_replacement(vm: MicroVm) -> None:
     old = vsock_pid(vm)
     os.kill(old, 9)
@@ -57,7 +62,7 @@ def kill_and_wait_for_replacement(vm: MicroVm) -> None:
     raise AssertionError("the vsock worker was not replaced")
 
 
-@pytest.mark.skipif(not RESUME_CONNECTIONS, reason="work in progress: the stream stalls after a resume (issue 18)")
+
 def test_guest_initiated_stream_survives_five_worker_kills(launcher: Launcher, guest_images: GuestImages, sock_dir):
     uds = f"{sock_dir}/v.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -74,6 +79,7 @@ def test_guest_initiated_stream_survives_five_worker_kills(launcher: Launcher, g
         mem_size_mib=64,
         vsock={"guest_cid": 3, "uds_path": uds},
         restart_policy={"max_restarts": 10},
+        enable_fault_injection=True,
     )
     vm = launcher.start_vm(spec, console, lambda code, reason: None)
     try:
@@ -81,24 +87,15 @@ def test_guest_initiated_stream_survives_five_worker_kills(launcher: Launcher, g
         conn.settimeout(60)
         received = hashlib.sha256()
         total = 0
-        kills: list[int] = []
-        # kills at moments unrelated to the stream (a kill right after the host read would
-        # land just after the worker's send, in the one window that resets: docs/faults.md)
-        killer = threading.Thread(
-            target=lambda: [
-                time.sleep(0.7) or kill_and_wait_for_replacement(vm) or kills.append(1) for _ in range(KILLS_SENDING)
-            ]
-        )
-        killer.start()
+        # guest -> host: crashes injected at a queue notification (a SIGKILL during the
+        # worker's sendmsg resets the connection instead: docs/faults.md, "Vsock connections")
+        vm.inject_fault("vsock", FaultSpec(kind="crash", after_requests=100, count=KILLS_SENDING))
         while chunk := conn.recv(1 << 20):
             received.update(chunk)
             total += len(chunk)
-        killer.join()
-        if total != SEND_BYTES:
-            time.sleep(2)
-        assert total == SEND_BYTES, (console.text, vm.metrics().get("vsock"))
+        assert total == SEND_BYTES, console.text[-600:]
         assert received.digest() == hashlib.sha256(pattern(0, SEND_BYTES)).digest()
-        assert len(kills) == KILLS_SENDING
+        assert vsock_restarts(vm) == KILLS_SENDING
 
         reply = pattern(0, REPLY_BYTES)
         writer = threading.Thread(target=lambda: (conn.sendall(reply), conn.close()))
