@@ -278,6 +278,7 @@ class MicroVm:
         self._poller = zmq.Poller()
         self._pidfds: dict[int, WorkerHandle] = {}
         self._stderrs: dict[int, WorkerStderr] = {}
+        self._vsock_listeners: dict[int, tuple[DeviceSlot, socket.socket]] = {}  # fd -> its slot, our dup
 
     # --- start-up -------------------------------------------------------------------------
     def _start(self, kvm_fd: int, plan: GuestPlan, devices: list[DevicePlan]) -> None:
@@ -846,6 +847,11 @@ class MicroVm:
         poller.register(self._console.fileno(), zmq.POLLIN)
         for handle in self._workers.values():
             self._watch(handle)
+        for slot in self._slots.values():
+            if slot.kept_sockets is not None:  # vsock: the supervisor accepts host connections
+                listener = socket.socket(fileno=os.dup(slot.plan.backend_fds[0]))
+                self._vsock_listeners[listener.fileno()] = (slot, listener)
+                poller.register(listener.fileno(), zmq.POLLIN)
         outcome: tuple[int, str] | None = None
         while outcome is None:
             outcome = self._guarded("monitoring", self._monitor_round, None)
@@ -873,6 +879,8 @@ class MicroVm:
             outcome = self._guarded("reading worker messages", self._drain_messages, None)
         for fd in [fd for fd in self._stderrs if fd in events]:
             self._guarded("reading a worker's stderr", lambda fd=fd: self._read_stderr(fd), None)  # type: ignore[misc]
+        for fd in [fd for fd in self._vsock_listeners if fd in events]:
+            self._guarded("accepting vsock host connections", lambda fd=fd: self._accept_vsock(fd), None)  # type: ignore[misc]
         for fd in [fd for fd in self._pidfds if fd in events]:
             outcome = self._guarded_death(self._pidfds.pop(fd)) or outcome
         if outcome is None:
@@ -1255,6 +1263,14 @@ class MicroVm:
             handle.exit_reason = escape(msg.reason[:MAX_REASON])
         return None
 
+    def _accept_vsock(self, fd: int) -> None:
+        """Host connections at uds_path: kept, and handed to the vsock worker (controlplane.vsock_sockets)."""
+        slot, listener = self._vsock_listeners[fd]
+        assert slot.kept_sockets is not None
+        handle = self._workers.get(slot.plan.name.encode())
+        channel = handle.fd_channel if handle is not None and handle.alive else None
+        slot.kept_sockets.accept(listener, channel)
+
     def _broker_vsock_connect(self, handle: WorkerHandle, msg: VsockConnect) -> None:
         """Connect to `<uds_path>_<port>` for the vsock worker, which has no filesystem and
         may create no socket, and hand it the connected socket (or a refusal) on its fd
@@ -1322,6 +1338,9 @@ class MicroVm:
 
     def _finish(self, code: int, reason: str) -> None:
         self._guarded("removing the vsock socket", lambda: remove_vsock_socket(self.spec), None)  # before "Exited"
+        for _, listener in self._vsock_listeners.values():
+            listener.close()
+        self._vsock_listeners.clear()
         with self._cond:
             self.exit_code, self.exit_reason = code, reason
             vcpu = self._workers[VCPU.encode()]

@@ -1,8 +1,9 @@
 """The supervisor's copies of a vsock device's host stream sockets, so connections survive its worker.
 
 As it keeps the TAP for net, the supervisor keeps every host socket it hands the vsock
-worker (today: the ones it connects for guest-initiated connections, `VsockConnect`): the
-worker gets one fd and an id, the supervisor keeps the other fd under that id. A worker
+worker: the ones it connects for guest-initiated connections (`VsockConnect`) and the
+ones it accepts at uds_path for host-initiated ones (`VsockAccepted`): the worker gets
+one fd and an id, the supervisor keeps the other fd under that id. A worker
 that dies takes only its own fd with it, so the host peer sees nothing, and its
 replacement gets the kept sockets back (`VsockKept`, on its fd channel before it starts)
 to resume the connections its connection table describes (`devices.vsock.durable`).
@@ -20,8 +21,10 @@ import contextlib
 import socket
 
 from devices.vsock.backend import MAX_CONNECTIONS, MAX_GUEST_CONNECTING, SO_PEEK_OFF
-from devices.vsock.messages import VsockKept
+from devices.vsock.messages import VsockAccepted, VsockKept
 from shared import fdpass
+
+MAX_ACCEPTS_PER_TURN = 64
 
 MAX_KEPT = MAX_CONNECTIONS + MAX_GUEST_CONNECTING  # a worker holds at most this many
 HAND_OVER_TIMEOUT_S = 5.0
@@ -33,6 +36,7 @@ class KeptSockets:
     def __init__(self, limit: int = MAX_KEPT) -> None:
         self.limit = limit
         self._socks: dict[int, socket.socket] = {}
+        self._accepted: set[int] = set()  # host-initiated (their CONNECT line may be unread)
         self._next_id = 1
 
     def __len__(self) -> int:
@@ -57,8 +61,31 @@ class KeptSockets:
     def release(self, sock_ids: list[int]) -> None:
         for sock_id in sock_ids:
             sock = self._socks.pop(sock_id, None)
+            self._accepted.discard(sock_id)
             if sock is not None:
                 sock.close()
+
+    def accept(self, listener: socket.socket, channel: socket.socket | None) -> int:
+        """Accept host connections at uds_path and hand each to the worker (`VsockAccepted`,
+        on its fd channel; with no live worker its replacement gets them with the rest).
+        Over the limit a connection is closed at once. Returns how many were accepted."""
+        count = 0
+        for _ in range(MAX_ACCEPTS_PER_TURN):
+            try:
+                sock, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                break
+            with sock:
+                sock.setblocking(False)
+                sock_id = self.keep(sock)
+                if not sock_id:
+                    continue
+                self._accepted.add(sock_id)
+                count += 1
+                if channel is not None:
+                    with contextlib.suppress(OSError):  # a dying worker: its replacement gets the socket
+                        fdpass.send_message(channel, VsockAccepted(sock_id), [sock.fileno()])
+        return count
 
     def hand_over(self, channel: socket.socket) -> None:
         """Send every kept socket to a replacement worker on its fd channel (it waits for
@@ -69,7 +96,8 @@ class KeptSockets:
         channel.settimeout(HAND_OVER_TIMEOUT_S)
         try:
             for n, chunk in enumerate(chunks):
-                msg = VsockKept([sock_id for sock_id, _ in chunk], n == len(chunks) - 1)
+                ids = [sock_id for sock_id, _ in chunk]
+                msg = VsockKept(ids, [i for i in ids if i in self._accepted], n == len(chunks) - 1)
                 fdpass.send_message(channel, msg, [sock.fileno() for _, sock in chunk])
         finally:
             channel.settimeout(timeout)

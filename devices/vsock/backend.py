@@ -161,9 +161,11 @@ class _GuestConnecting:
 class _Pending:
     """An accepted host connection whose CONNECT line has not arrived yet."""
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, deadline: float, sock_id: int = 0) -> None:
         self.sock = sock
         self.deadline = deadline
+        self.sock_id = sock_id  # the supervisor's copy (0: none)
+        self.line = bytearray()
 
 
 def parse_connect_line(line: bytes) -> int | None:
@@ -287,24 +289,43 @@ class UnixMuxer:
         with contextlib.suppress(OSError):
             self.epoll.unregister(fd)
         pending.sock.close()
+        self._release(pending.sock_id)
+
+    def adopt_accepted(self, sock: socket.socket, sock_id: int) -> None:
+        """A host connection the supervisor accepted at uds_path (it keeps a copy under
+        `sock_id`): wait for its CONNECT line, as for one accepted here."""
+        if not _nonblocking_stream(sock) or len(self.conns) + len(self.pending) >= self.max_connections:
+            self.counters["host_connect_refused"] += 1
+            sock.close()
+            self._release(sock_id)
+            return
+        self.pending[sock.fileno()] = _Pending(sock, self.clock() + CONNECT_TIMEOUT_S, sock_id)
+        self.epoll.register(sock.fileno(), EPOLLIN)
 
     def _read_connect_line(self, pending: _Pending) -> None:
+        """Read the CONNECT line a byte at a time: nothing past its newline is taken (that is
+        stream data), and no peek moves the socket's peek offset (devices.vsock.durable)."""
         fd = pending.sock.fileno()
-        try:
-            peek = pending.sock.recv(CONNECT_LINE_MAX, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._drop_pending(fd)
-            return
-        end = peek.find(b"\n")
-        if end < 0:
-            if not peek or len(peek) >= CONNECT_LINE_MAX:  # closed, or no line where one must be
+        while len(pending.line) < CONNECT_LINE_MAX:
+            try:
+                byte = pending.sock.recv(1, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._drop_pending(fd)
+                return
+            if not byte:  # closed before its line ended
                 self.counters["host_connect_bad_lines"] += 1
                 self._drop_pending(fd)
+                return
+            if byte == b"\n":
+                break
+            pending.line += byte
+        else:  # no line where one must be
+            self.counters["host_connect_bad_lines"] += 1
+            self._drop_pending(fd)
             return
-        pending.sock.recv(end + 1, socket.MSG_DONTWAIT)  # the line only: what follows is stream data
-        port = parse_connect_line(peek[:end].rstrip(b"\r"))
+        port = parse_connect_line(bytes(pending.line).rstrip(b"\r"))
         if port is None:
             self.counters["host_connect_bad_lines"] += 1
             self._drop_pending(fd)
@@ -322,6 +343,7 @@ class UnixMuxer:
             clock=self.clock,
             budget=self.tx_budget,
         )
+        conn.sock_id = pending.sock_id
         self.counters["host_connects"] += 1
         self._add(conn)
 
@@ -571,10 +593,17 @@ class UnixMuxer:
             self.table.set_tx_applied(position)
 
     # --- a replacement worker -----------------------------------------------------------------
-    def resume(self, records: dict[int, Record], sockets: dict[int, socket.socket], rx_used: int) -> int:
+    def resume(
+        self,
+        records: dict[int, Record],
+        sockets: dict[int, socket.socket],
+        rx_used: int,
+        accepted: frozenset[int] = frozenset(),
+    ) -> int:
         """Rebuild the dead worker's connections from its table and the supervisor's copies
         of their host sockets (`sockets`, by id); `rx_used` is the rx queue's used index in
-        guest memory. A connection that cannot go on exactly (no host socket, guest bytes
+        guest memory; `accepted`: ids of host connections accepted by the supervisor (those
+        not in the table wait for their CONNECT line again). A connection that cannot go on exactly (no host socket, guest bytes
         that may or may not have reached the host, guest bytes lost with the dead worker's
         buffer) gets RST, and its host socket is closed. Returns how many survived."""
         assert self.table is not None
@@ -628,6 +657,9 @@ class UnixMuxer:
             self._after(conn)
             resumed += 1
         for sock_id, sock in sockets.items():  # not in the table: nothing the guest knows
+            if sock_id in accepted:  # a host connection whose CONNECT line may still come
+                self.adopt_accepted(sock, sock_id)
+                continue
             sock.close()
             self._release(sock_id)
         return resumed

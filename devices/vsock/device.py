@@ -68,7 +68,7 @@ class VsockDevice:
         self._queues: Sequence[Queue] = ()
         self._interrupt: Interrupt | None = None
         self._pending_events = 0  # TRANSPORT_RESET events waiting for an event buffer
-        self.kept_sockets: dict[int, socket.socket] | None = None  # a replacement's, until `resume`
+        self.kept_sockets: tuple[dict[int, socket.socket], frozenset[int]] | None = None  # until `resume`
 
     # --- identity and configuration ------------------------------------------------------
     @property
@@ -229,11 +229,12 @@ class VsockDevice:
         table = getattr(muxer, "table", None)
         if kept is None or table is None:
             return
+        sockets, accepted = kept
         if not serving or not self.active:  # nothing to resume into: the host sockets go
-            muxer.resume({}, kept, 0)
+            muxer.resume({}, sockets, 0)
             table.clear()
             return
-        resumed = muxer.resume(table.records(), kept, self._queues[RX].next_used)
+        resumed = muxer.resume(table.records(), sockets, self._queues[RX].next_used, accepted)
         _log.warning("vsock: %d connection(s) resumed after a worker restart", resumed)
 
     def recover_in_flight(self, index: int, count: int) -> None:

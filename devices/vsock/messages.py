@@ -55,4 +55,14 @@ class VsockKept(Message):
 
     TYPE = "vsock_kept"
     sock_ids: list[int]
+    accepted: list[int]  # those accepted at uds_path (host-initiated)
     last: bool
+
+
+@message
+class VsockAccepted(Message):
+    """Supervisor -> vsock worker, on the fd channel: a host connection it accepted at
+    uds_path (the worker reads its CONNECT line), with the id of the supervisor's copy."""
+
+    TYPE = "vsock_accepted"
+    sock_id: int

@@ -27,7 +27,14 @@ from typing import Any
 from devices.vsock.backend import COUNTER_NAMES, UnixMuxer
 from devices.vsock.device import VsockDevice
 from devices.vsock.durable import RESUME_CONNECTIONS, ConnTable
-from devices.vsock.messages import VsockConnect, VsockConnected, VsockKept, VsockRelease, VsockTransportReset
+from devices.vsock.messages import (
+    VsockAccepted,
+    VsockConnect,
+    VsockConnected,
+    VsockKept,
+    VsockRelease,
+    VsockTransportReset,
+)
 from devices.vsock.policy import POLICY
 from shared import fdpass
 from shared import protocol as p
@@ -98,6 +105,10 @@ class VsockHooks:
         return None
 
     def handle_fds(self, msg: p.Message, fds: list[int]) -> p.Message | None:
+        if isinstance(msg, VsockAccepted) and len(fds) == 1:
+            accepted = socket.socket(fileno=fds[0])
+            self._guarded(lambda: self._accepted(accepted, msg.sock_id))
+            return None
         if isinstance(msg, VsockConnected) and len(fds) == int(msg.ok) <= 1:
             sock = socket.socket(fileno=fds[0]) if msg.ok else None
             self._guarded(lambda: self._connected(msg, sock))
@@ -107,17 +118,25 @@ class VsockHooks:
         log.warning("vsock worker ignored fd-channel message %r with %d fds", msg.TYPE, len(fds))
         return None
 
+    def _accepted(self, sock: socket.socket, sock_id: int) -> None:
+        self.muxer.adopt_accepted(sock, sock_id)
+        self.device.process_backend(self.transport.serving)
+
     def _connected(self, msg: VsockConnected, sock: socket.socket | None) -> None:
         """The supervisor's answer to a guest-initiated connect: RESPONSE or RST to the guest."""
         self.muxer.guest_connected(msg.port, msg.guest_port, sock, msg.sock_id)
         self.device.process_backend(self.transport.serving)
 
 
-def receive_kept(channel_fd: int, timeout_s: float = KEPT_TIMEOUT_S) -> dict[int, socket.socket] | None:
-    """A replacement's host sockets, by id, from the supervisor's VsockKept messages (None
-    if the list did not arrive whole: then nothing can be resumed)."""
+def receive_kept(
+    channel_fd: int, timeout_s: float = KEPT_TIMEOUT_S
+) -> tuple[dict[int, socket.socket], frozenset[int]] | None:
+    """A replacement's host sockets, by id, and the ids of those accepted at uds_path, from
+    the supervisor's VsockKept messages (None if the list did not arrive whole: then
+    nothing can be resumed)."""
     channel = socket.socket(fileno=channel_fd)
     kept: dict[int, socket.socket] = {}
+    accepted: set[int] = set()
     deadline = time.monotonic() + timeout_s
     try:
         while (left := deadline - time.monotonic()) > 0:
@@ -134,8 +153,9 @@ def receive_kept(channel_fd: int, timeout_s: float = KEPT_TIMEOUT_S) -> dict[int
                 continue
             for sock_id, fd in zip(msg.sock_ids, fds, strict=True):
                 kept[sock_id] = socket.socket(fileno=fd)
+            accepted.update(msg.accepted)
             if msg.last:
-                return kept
+                return kept, frozenset(accepted)
     except (fdpass.FdChannelError, OSError) as e:
         log.warning("vsock worker: cannot receive its kept sockets: %s", e)
     finally:
@@ -149,8 +169,11 @@ def build(spawn: DeviceSpawn) -> tuple[MmioTransport, VsockHooks]:
     """The device behind its transport, from the spawn contract."""
     args = spawn.args
     mem = GuestMemory.map(spawn.memfd, spawn.mem_size)
-    listener = socket.socket(fileno=spawn.backend_fds[0])
+    listener: socket.socket | None = socket.socket(fileno=spawn.backend_fds[0])
     table = ConnTable(StateArea(spawn.state_fd).ext()) if spawn.state_fd >= 0 else None
+    if table is not None and RESUME_CONNECTIONS and listener is not None:
+        listener.close()  # the supervisor accepts (VsockAccepted), so that it keeps every host socket
+        listener = None
     muxer = UnixMuxer(int(args["guest_cid"]), str(args["uds_path"]), listener, table=table)
     device = VsockDevice(int(args["guest_cid"]), muxer)
     if spawn.restore:

@@ -62,7 +62,6 @@ def kill_and_wait_for_replacement(vm: MicroVm) -> None:
     raise AssertionError("the vsock worker was not replaced")
 
 
-
 def test_guest_initiated_stream_survives_five_worker_kills(launcher: Launcher, guest_images: GuestImages, sock_dir):
     uds = f"{sock_dir}/v.sock"
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
