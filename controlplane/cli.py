@@ -106,7 +106,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The `embervm` console script."""
     args = parse_args(argv)
-    from controlplane.microvm import Launcher  # the zygote forks first, before any thread exists
+    from controlplane.launcher import Launcher  # the zygote forks first, before any thread exists
     from controlplane.policy import confine_supervisor
 
     console_in = _take_stdin()  # before the zygote forks: its workers keep fds 0-2

@@ -42,7 +42,8 @@ RESTORING_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
 class ConsoleTarget(Protocol):
     """What the forwarding thread writes to (a running MicroVm)."""
 
-    state: str
+    @property
+    def state(self) -> str: ...
 
     def send_console_input(self, data: bytes) -> None: ...
 

@@ -60,9 +60,12 @@ class MicroVmLike(Protocol):
     """What `Vmm` calls on a running microVM (`controlplane.microvm.MicroVm`), typed: no
     getattr bridges, one method per run-time update."""
 
-    state: str
-    failed: bool  # the vCPU worker died (not a guest exit)
-    exit_reason: str | None
+    @property
+    def state(self) -> str: ...
+    @property
+    def failed(self) -> bool: ...  # the vCPU worker died (not a guest exit)
+    @property
+    def exit_reason(self) -> str | None: ...
 
     def pause(self) -> None: ...
     def resume(self) -> None: ...

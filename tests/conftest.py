@@ -20,7 +20,7 @@ def guest_images() -> GuestImages:
 def launcher() -> Iterator[object]:
     """One worker zygote for the session, forked at the very start, before any test starts
     threads of its own (the zygote refuses to fork from a threaded process)."""
-    from controlplane.microvm import Launcher
+    from controlplane.launcher import Launcher
 
     launcher = Launcher.start()
     yield launcher

@@ -603,12 +603,12 @@ class UnixMuxer:
         """Rebuild the dead worker's connections from its table and the supervisor's copies
         of their host sockets (`sockets`, by id); `rx_used` is the rx queue's used index in
         guest memory; `accepted`: ids of host connections accepted by the supervisor (those
-        not in the table wait for their CONNECT line again). A connection that cannot go on exactly (no host socket, guest bytes
-        that may or may not have reached the host, guest bytes lost with the dead worker's
-        buffer) gets RST, and its host socket is closed. Returns how many survived."""
+        not in the table wait for their CONNECT line again). A connection that cannot go on
+        exactly (no host socket, guest bytes that may or may not have reached the host, guest
+        bytes lost with the dead worker's buffer) gets RST, and its host socket is closed.
+        Returns how many survived."""
         assert self.table is not None
         resumed = 0
-        _glog.warning("vsock: resume %d records, %d kept sockets", len(records), len(sockets))
         for index, record in records.items():
             published = record.intent == RX_INTENT and (rx_used & 0xFFFF) != (record.arg & 0xFFFF)
             fields = record.post if record.intent != RX_INTENT or published else record.pre

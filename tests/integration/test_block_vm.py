@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.microvm import DeviceUpdateError, Launcher, MicroVm, VmStartError
+from controlplane.launcher import Launcher
+from controlplane.microvm import DeviceUpdateError, MicroVm, VmStartError
 from controlplane.vm_spec import DriveSpec, VmSpec
 from guest.build import GuestImages
 from shared import exitcodes

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.microvm import Launcher, MicroVm, VmStartError
+from controlplane.launcher import Launcher
+from controlplane.microvm import MicroVm, VmStartError
 from controlplane.vm_spec import VmSpec
 from guest.build import GuestImages
 from shared import exitcodes, layout

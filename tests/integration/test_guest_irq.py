@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from controlplane.microvm import Launcher
+from controlplane.launcher import Launcher
 from controlplane.vm_spec import VmSpec
 from guest.build import GuestImages
 from shared import exitcodes

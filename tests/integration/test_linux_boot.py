@@ -9,7 +9,7 @@ import re
 
 import pytest
 
-from controlplane.microvm import Launcher
+from controlplane.launcher import Launcher
 from controlplane.vm_spec import VmSpec
 from shared import layout
 from shared.boot.cpuid import PVM_UNSAFE_FEATURES

@@ -12,7 +12,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from controlplane.microvm import DeviceUpdateError, Launcher, MicroVm, VmStartError
+from controlplane.launcher import Launcher
+from controlplane.microvm import DeviceUpdateError, MicroVm, VmStartError
 from controlplane.vm_spec import VmSpec
 from devices.net import packets as pk
 from guest.build import GuestImages
@@ -148,7 +149,7 @@ def test_mmds_update_pushed_at_run_time_and_patch_rate_limiters(
             vm.update_net("eth9", rx_rate_limiter={})
         net = vm.metrics()["net_eth0"]
         assert (net["update_count"], net["update_fails"], net["mmds_updates"]) == (1, 1, 1)
-        kept = vm._slots["net_eth0"].plan.args  # what a replacement worker would start with
+        kept = vm._sup.slots["net_eth0"].plan.args  # what a replacement worker would start with
         assert json.loads(kept["mmds"]["document"]) == {"latest": {"k": "v"}}
         assert kept["rx_rate_limiter"] == {"bandwidth": {"size": 1000, "refill_time": 100}}
     finally:

@@ -18,7 +18,8 @@ from pathlib import Path
 import pytest
 
 from controlplane.faults import FaultSpec
-from controlplane.microvm import Launcher, MicroVm
+from controlplane.launcher import Launcher
+from controlplane.microvm import MicroVm
 from controlplane.vm_spec import DriveSpec, VmSpec
 from guest.build import GuestImages
 from shared import exitcodes
@@ -218,7 +219,7 @@ def test_a_replacement_worker_gets_the_patched_disk_and_rate_limiter(launcher, g
 
     targets = {os.readlink(f"/proc/{new['pid']}/fd/{fd}") for fd in os.listdir(f"/proc/{new['pid']}/fd")}
     assert str(second) in targets and str(first) not in targets
-    assert vm._slots["block_rootfs"].plan.args["rate_limiter"] == {"ops": {"size": 100, "refill_time": 1000}}
+    assert vm._sup.slots["block_rootfs"].plan.args["rate_limiter"] == {"ops": {"size": 100, "refill_time": 1000}}
     vm.stop()
 
 

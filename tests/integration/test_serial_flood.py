@@ -3,7 +3,7 @@ and keeps the microVM running (it used to die of a TypeError once the receive FI
 
 from __future__ import annotations
 
-from controlplane.microvm import Launcher
+from controlplane.launcher import Launcher
 from guest.build import GuestImages
 from shared import exitcodes
 from tests.integration.test_boot import start

@@ -4,7 +4,6 @@ Unix sockets on the host side (guest/README.md, test=vsock)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -18,7 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.microvm import DeviceUpdateError, Launcher, MicroVm, VmStartError
+from controlplane.launcher import Launcher
+from controlplane.microvm import DeviceUpdateError, MicroVm, VmStartError
 from controlplane.vm_spec import VmSpec
 from devices.vsock.testing import read_line
 from guest.build import GuestImages

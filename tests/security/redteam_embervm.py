@@ -22,7 +22,8 @@ import traceback
 from typing import Any
 
 from controlplane import cli
-from controlplane.microvm import Launcher, MicroVm
+from controlplane.launcher import Launcher
+from controlplane.microvm import MicroVm
 from controlplane.vm_spec import VmSpec
 from shared import protocol as p
 

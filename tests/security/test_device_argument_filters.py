@@ -11,7 +11,8 @@ from collections.abc import Iterator
 
 import pytest
 
-from controlplane.microvm import Launcher, MicroVm
+from controlplane.launcher import Launcher
+from controlplane.microvm import MicroVm
 from controlplane.vm_spec import VmSpec
 from guest.build import GuestImages
 from tests.integration.test_net_vm import iface, ns  # noqa: F401  (ns: fixture)

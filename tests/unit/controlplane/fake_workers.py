@@ -261,7 +261,7 @@ class FakeVm:
                     w["name"] == name and w["pid"] != old_pid and w["alive"] and not w.get("broken")
                     for w in self.vm.workers()
                 )
-                and self.vm._workers[name.encode()].pidfd in self.vm._pidfds
+                and self.vm._sup.workers[name.encode()].pidfd in self.vm._watch.pidfds
             ),
             timeout,
             f"a new {name} worker",
@@ -318,7 +318,7 @@ def fake_vm(
         yield FakeVm(vm, zygote, exits, logged, str(disk))
     finally:
         if not monitor:
-            vm._thread = threading.Thread(target=vm._monitor, name="vm-monitor", daemon=True)
+            vm._thread = threading.Thread(target=vm._run, name="vm-monitor", daemon=True)
             vm._thread.start()
         vm.stop()
         zygote.shutdown()

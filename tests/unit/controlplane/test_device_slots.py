@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane import microvm
+from controlplane import device_updates
 from controlplane.microvm import DeviceUpdateError
 from shared import protocol as p
 from tests.unit.controlplane.fake_workers import FakeVm, SpawnRecord, fake_vm, fd_identity, wait_until
@@ -81,7 +81,7 @@ def test_a_drive_patch_during_a_worker_replacement_waits_for_it_and_closes_nothi
         new = fv.replaced("block_rootfs", old.pid)
         wanted = file_identity(new_disk)
         assert new.received_fds == [(p.ReplaceBackingFile(new.got(p.ReplaceBackingFile)[0].request_id), wanted)]
-        slot = fv.vm._slots["block_rootfs"]
+        slot = fv.vm._sup.slots["block_rootfs"]
         assert fd_identity(slot.plan.backend_fds[0]) == wanted  # what the next replacement gets
         assert slot.plan.args["rate_limiter"] == limiter
 
@@ -103,7 +103,7 @@ def test_an_mmds_update_during_a_replacement_reaches_the_new_worker() -> None:
             return spawned_with or any(m.document == document for m in new.got(p.MmdsData))
 
         wait_until(delivered, what="the new document at the new worker")
-        assert fv.vm._slots["net_eth0"].plan.args["mmds"]["document"] == document
+        assert fv.vm._sup.slots["net_eth0"].plan.args["mmds"]["document"] == document
 
 
 def test_a_worker_that_dies_right_after_accepting_a_new_disk_is_replaced_consistently(tmp_path: Path) -> None:
@@ -114,7 +114,7 @@ def test_a_worker_that_dies_right_after_accepting_a_new_disk_is_replaced_consist
         for i in range(6):
             disk = tmp_path / f"disk-{i}"
             disk.write_bytes(bytes([i]) * 4096)
-            before = fd_identity(fv.vm._slots["block_rootfs"].plan.backend_fds[0])
+            before = fd_identity(fv.vm._sup.slots["block_rootfs"].plan.backend_fds[0])
             old = fv.worker("block_rootfs")
             try:
                 fv.vm.update_drive("rootfs", str(disk))
@@ -126,7 +126,7 @@ def test_a_worker_that_dies_right_after_accepting_a_new_disk_is_replaced_consist
             record = [r for r in fv.zygote.spawns if r.name == "block_rootfs"][-1]
             assert record.at_exit == record.at_entry
             wanted = file_identity(disk) if ok else before
-            assert fd_identity(fv.vm._slots["block_rootfs"].plan.backend_fds[0]) == wanted
+            assert fd_identity(fv.vm._sup.slots["block_rootfs"].plan.backend_fds[0]) == wanted
             assert wanted in record.at_entry  # the replacement was spawned with it
             assert new.alive
 
@@ -136,13 +136,13 @@ def test_device_slots_change_only_in_the_monitor_thread(tmp_path: Path) -> None:
     new_disk.write_bytes(b"\1" * 4096)
     with fake_vm() as fv:
         threads: list[str] = []
-        keep = fv.vm._keep_backend
+        keep = fv.vm._updates.keep_backend
 
         def recording(name: str, fd: int) -> None:
             threads.append(threading.current_thread().name)
             keep(name, fd)
 
-        fv.vm._keep_backend = recording  # type: ignore[method-assign]
+        fv.vm._updates.keep_backend = recording  # type: ignore[method-assign]
         fv.vm.update_drive("rootfs", str(new_disk))
         assert threads == ["vm-monitor"]
 
@@ -150,20 +150,20 @@ def test_device_slots_change_only_in_the_monitor_thread(tmp_path: Path) -> None:
 def test_an_unanswered_update_fails_closes_its_fd_and_a_late_answer_is_not_hostile(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(microvm, "UPDATE_TIMEOUT_S", 0.3)
+    monkeypatch.setattr(device_updates, "UPDATE_TIMEOUT_S", 0.3)
     new_disk = tmp_path / "new-disk"
     new_disk.write_bytes(b"\1" * 4096)
     with fake_vm() as fv:
         worker = fv.worker("block_rootfs")
         worker.answer_updates = False
-        before = fd_identity(fv.vm._slots["block_rootfs"].plan.backend_fds[0])
+        before = fd_identity(fv.vm._sup.slots["block_rootfs"].plan.backend_fds[0])
         with pytest.raises(DeviceUpdateError, match="the block worker of drive rootfs did not answer"):
             fv.vm.update_drive("rootfs", str(new_disk))
-        assert fd_identity(fv.vm._slots["block_rootfs"].plan.backend_fds[0]) == before
-        pending = list(fv.vm._requests.values())
+        assert fd_identity(fv.vm._sup.slots["block_rootfs"].plan.backend_fds[0]) == before
+        pending = list(fv.vm._updates.requests.values())
         assert len(pending) == 1 and pending[0].fd == -1  # its copy of the new file is closed
         worker.send(p.UpdateResult(worker.got(p.ReplaceBackingFile)[0].request_id, True, ""))
-        wait_until(lambda: not fv.vm._requests, what="the late answer")
+        wait_until(lambda: not fv.vm._updates.requests, what="the late answer")
         assert fv.vm.trust.workers_killed == 0 and worker.alive
 
 
@@ -178,7 +178,7 @@ def test_an_update_whose_worker_dies_fails_at_once() -> None:
         worker.kill()
         thread.join(timeout=10)
         assert len(outcome) == 1 and "the block worker of drive rootfs died" in str(outcome[0])
-        assert "rate_limiter" not in fv.vm._slots["block_rootfs"].plan.args
+        assert "rate_limiter" not in fv.vm._sup.slots["block_rootfs"].plan.args
 
 
 def test_a_devices_restart_history_has_one_home() -> None:
@@ -193,7 +193,7 @@ def test_a_devices_restart_history_has_one_home() -> None:
         second.kill()
         third = fv.replaced("block_rootfs", second.pid)
         third.metrics = {"block_rootfs": {"read_count": 1}}
-        slot, handle = fv.vm._slots["block_rootfs"], fv.vm._workers[b"block_rootfs"]
+        slot, handle = fv.vm._sup.slots["block_rootfs"], fv.vm._sup.workers[b"block_rootfs"]
         assert handle.history is slot.history
         assert (slot.history.restarts, slot.history.causes) == (2, {"signal": 2})
         merged = fv.vm.metrics()

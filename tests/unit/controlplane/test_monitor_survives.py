@@ -47,45 +47,45 @@ def still_serves(fv: FakeVm) -> None:
 
 # Each step of the loop, how to make it run, and what it is patched on.
 def _poll(fv: FakeVm) -> tuple[Any, str, Callable[[], None]]:
-    return fv.vm._poller, "poll", lambda: None  # it runs all the time
+    return fv.vm._watch.poller, "poll", lambda: None  # it runs all the time
 
 
 def _console(fv: FakeVm) -> tuple[Any, str, Callable[[], None]]:
     console = fv.worker("vcpu").console
     assert console is not None
-    return fv.vm, "_pump_console", lambda: console.sendall(b"guest output\n")
+    return fv.vm._monitor, "pump_console", lambda: console.sendall(b"guest output\n")
 
 
 def _inbox(fv: FakeVm) -> tuple[Any, str, Callable[[], None]]:
-    return fv.vm, "_run_inbox", fv.vm.send_ctrl_alt_del
+    return fv.vm._monitor, "run_inbox", fv.vm.send_ctrl_alt_del
 
 
 def _messages(fv: FakeVm) -> tuple[Any, str, Callable[[], None]]:
-    return fv.vm, "_drain_messages", lambda: fv.worker("block_rootfs").send(p.Heartbeat())
+    return fv.vm._monitor, "drain_messages", lambda: fv.worker("block_rootfs").send(p.Heartbeat())
 
 
 def _decode(fv: FakeVm) -> tuple[Any, str, Callable[[], None]]:
-    return fv.vm, "_recv", lambda: fv.worker("block_rootfs").send(p.Heartbeat())
+    return fv.vm._sup, "recv", lambda: fv.worker("block_rootfs").send(p.Heartbeat())
 
 
 def _apply(fv: FakeVm) -> tuple[Any, str, Callable[[], None]]:
-    return fv.vm, "_apply_locked", lambda: fv.worker("block_rootfs").send(p.Heartbeat())
+    return fv.vm._monitor, "_apply_locked", lambda: fv.worker("block_rootfs").send(p.Heartbeat())
 
 
 def _log(fv: FakeVm) -> tuple[Any, str, Callable[[], None]]:
-    return fv.vm._worker_logs, "relay", lambda: fv.worker("block_rootfs").send(p.Log("info", "hello"))
+    return fv.vm._sup.worker_logs, "relay", lambda: fv.worker("block_rootfs").send(p.Log("info", "hello"))
 
 
 def _timers(fv: FakeVm) -> tuple[Any, str, Callable[[], None]]:
-    return fv.vm, "_run_timers", lambda: None  # every round
+    return fv.vm._monitor, "run_timers", lambda: None  # every round
 
 
 def _death(fv: FakeVm) -> tuple[Any, str, Callable[[], None]]:
-    return fv.vm, "_worker_died", fv.worker("block_rootfs").kill
+    return fv.vm._monitor, "_worker_died", fv.worker("block_rootfs").kill
 
 
 def _restart(fv: FakeVm) -> tuple[Any, str, Callable[[], None]]:
-    return fv.vm, "_restart", fv.worker("block_rootfs").kill
+    return fv.vm._restarts, "_restart", fv.worker("block_rootfs").kill
 
 
 STEPS = [_poll, _console, _inbox, _messages, _decode, _apply, _log, _timers, _death, _restart]
@@ -105,7 +105,7 @@ def test_the_monitor_survives_an_exception_in_each_step(step: Callable[[FakeVm],
 
 def test_a_failure_handling_the_vcpu_workers_death_still_ends_the_microvm() -> None:
     with fake_vm() as fv:
-        fail_once(fv.vm, "_worker_died")
+        fail_once(fv.vm._monitor, "_worker_died")
         fv.worker("vcpu").kill()
         wait_until(lambda: fv.exits, what="the microVM's end")
         assert fv.exits[0][1] == "vCPU worker died" and fv.vm.state == "Exited"
@@ -117,7 +117,7 @@ def test_a_step_that_always_fails_is_logged_at_a_bounded_rate() -> None:
         def always(*args: Any) -> None:
             raise Boom("always")
 
-        fv.vm._run_timers = always  # type: ignore[method-assign]
+        fv.vm._monitor.run_timers = always  # type: ignore[method-assign]
         for _ in range(50):
             fv.worker("block_rootfs").send(p.Heartbeat())  # each wakes the loop
         wait_until(lambda: errors(fv) >= 50, what="many failures")

@@ -9,7 +9,7 @@ import time
 import msgpack
 import zmq
 
-from controlplane.microvm import MESSAGES_PER_WORKER_ROUND
+from controlplane.monitor_loop import MESSAGES_PER_WORKER_ROUND
 from shared import protocol as p
 from tests.unit.controlplane.fake_workers import FakeVm, fake_vm, wait_until
 
@@ -95,7 +95,7 @@ def test_a_reply_to_another_workers_request_kills_the_replier_not_the_request() 
         block.send(p.UpdateResult(request_id, True, ""))
         thread.join(timeout=10)
         assert not errors and not thread.is_alive()
-        assert fv.vm._slots["block_rootfs"].plan.args["rate_limiter"] == {"ops": {"size": 10, "refill_time": 100}}
+        assert fv.vm._sup.slots["block_rootfs"].plan.args["rate_limiter"] == {"ops": {"size": 10, "refill_time": 100}}
 
 
 def test_messages_from_an_unknown_identity_are_dropped_and_counted() -> None:
@@ -209,17 +209,17 @@ def test_a_flooding_worker_cannot_starve_the_others() -> None:
         quiet.send(p.StateChanged("Paused"))
         wait_until(quiet._outbox.empty, what="the quiet worker's message to be sent")
         applied: list[str] = []
-        original = vm._apply
+        original = vm._monitor.apply
 
         def record(handle, msg):  # type: ignore[no-untyped-def]
             applied.append(handle.name)
             return original(handle, msg)
 
-        vm._apply = record  # type: ignore[method-assign]
+        vm._monitor.apply = record  # type: ignore[method-assign]
         time.sleep(0.2)  # ipc delivery
-        vm._drain_messages()
+        vm._monitor.drain_messages()
         first_round = list(applied)
         assert first_round.count("block_rootfs") == MESSAGES_PER_WORKER_ROUND
         assert "vcpu" in first_round and vm.state == "Paused"
-        vm._drain_messages()
+        vm._monitor.drain_messages()
         assert len(applied) > len(first_round)  # the flood was not all read in one round
