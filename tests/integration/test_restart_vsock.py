@@ -17,7 +17,8 @@ from collections.abc import Iterator
 import pytest
 
 from controlplane.faults import FaultSpec
-from controlplane.microvm import Launcher, MicroVm
+from controlplane.launcher import Launcher
+from controlplane.microvm import MicroVm
 from controlplane.vm_spec import VmSpec
 from guest.build import GuestImages
 from shared import exitcodes
