@@ -124,7 +124,35 @@ BLK_FAULTS_CASE = Case(
     api=True,
     timeout=300,
 )
-CASES = {c.name: c for c in [*BOOT_CASES, *DEVICE_CASES, API_CASE, BLK_FAULTS_CASE]}
+VSOCK_FAULTS_UDS = "/tmp/e2e-vsock-faults/v.sock"
+VSOCK_STREAM_BYTES = 24 << 20
+VSOCK_FAULTS_CASE = Case(
+    # vsock connections survive their worker (docs/faults.md, "Vsock connections"): the guest
+    # streams 24 MiB of a pattern to the host (CID 2 port 5001), half-closes, and reads 24 MiB
+    # of the same pattern back, on one connection, while the outer VM SIGKILLs the vsock worker
+    # 5 times at random moments and then crashes it through /faults. Every byte must arrive
+    # once, in order, both ways.
+    "vsock-faults",
+    checks=["boot", f"vsockstream:{VSOCK_STREAM_BYTES}"],
+    config={
+        "vsock": {"guest_cid": 3, "uds_path": VSOCK_FAULTS_UDS},
+        "restart-policy": {"max_restarts": 20, "window_s": 600, "hang_timeout_s": 3},
+    },
+    args=["--enable-fault-injection"],
+    before=(
+        f"mkdir -p /tmp/e2e-vsock-faults; {VSOCK_HOST} stream {VSOCK_FAULTS_UDS}_5001 {VSOCK_STREAM_BYTES}"
+        " >stream.log 2>&1 &"
+        f" {FAULT_DRIVER} api.sock embervm-vsock vsock --start 8 --kills 5 --faults crash >faults.log 2>&1 &"
+        " echo $! >driver.pid"
+    ),
+    after=(
+        "i=0; while kill -0 $(cat driver.pid) 2>/dev/null && [ $i -lt 50 ]; do sleep 1; i=$((i + 1)); done;"
+        " cat faults.log stream.log"
+    ),
+    api=True,
+    timeout=300,
+)
+CASES = {c.name: c for c in [*BOOT_CASES, *DEVICE_CASES, API_CASE, BLK_FAULTS_CASE, VSOCK_FAULTS_CASE]}
 
 
 @pytest.fixture(scope="module")

@@ -153,6 +153,14 @@ check_vsock_listen() { # vsock_listen:<port>: serve one connection from the host
     esac
 }
 
+check_vsockstream() { # vsockstream:<bytes>: a stream to the host (CID 2 port 5001) and back, pattern-checked
+    got=$(timeout 600 vsock-e2e stream 2 5001 "$1" 2>&1)
+    case $got in
+    "stream sent=$1 received="*" bad=0") pass vsockstream "$got" ;;
+    *) fail vsockstream "'$got'" ;;
+    esac
+}
+
 STRESS_LINES=32 # each stress file holds its own path, once per line, this many times
 
 stress_write() { # stress_write DIR ROUND COUNT: files DIR/r<ROUND>-<i> of known contents

@@ -2,6 +2,9 @@
  *
  *   vsock-e2e connect CID PORT MESSAGE   connect, send "MESSAGE\n", print the reply line
  *   vsock-e2e echo PORT                  accept one connection, print "got:<line>", reply "echo:<line>\n"
+ *   vsock-e2e stream CID PORT BYTES      connect, send BYTES of the pattern (byte o is o % 251),
+ *                                        half-close, read the host's pattern until it closes;
+ *                                        print "stream sent=N received=M bad=K"
  *
  * Freestanding (no libc, raw system calls), built by tests/e2e/environment.py with
  * gcc -static -nostdlib. Exit status 0 on success; on failure it prints
@@ -16,7 +19,9 @@
 #define SYS_accept 43
 #define SYS_bind 49
 #define SYS_listen 50
+#define SYS_shutdown 48
 #define SYS_exit 60
+#define SHUT_WR 1
 
 #define AF_VSOCK 40
 #define SOCK_STREAM 1
@@ -124,6 +129,51 @@ static int do_echo(unsigned int port) {
     return 0;
 }
 
+static void put_number(unsigned long v) {
+    char digits[24];
+    int i = 23;
+    digits[i] = 0;
+    do {
+        digits[--i] = (char)('0' + v % 10);
+        v /= 10;
+    } while (v && i > 0);
+    out(digits + i);
+}
+
+static char chunk[65536];
+
+static int do_stream(unsigned int cid, unsigned int port, unsigned long total) {
+    struct sockaddr_vm addr = {AF_VSOCK, 0, port, cid, {0}};
+    unsigned long sent = 0, received = 0, bad = 0;
+    long fd = sys3(SYS_socket, AF_VSOCK, SOCK_STREAM, 0), r;
+    if (fd < 0) return fail("socket", fd);
+    if ((r = sys3(SYS_connect, fd, (long)&addr, sizeof addr)) < 0) return fail("connect", r);
+    while (sent < total) {
+        unsigned long n = total - sent < sizeof chunk ? total - sent : sizeof chunk;
+        for (unsigned long i = 0; i < n; i++) chunk[i] = (char)((sent + i) % 251);
+        if ((r = send_all(fd, chunk, n)) < 0) return fail("write", r);
+        sent += n;
+    }
+    if ((r = sys3(SYS_shutdown, fd, SHUT_WR, 0)) < 0) return fail("shutdown", r);
+    for (;;) {
+        long got = sys3(SYS_read, fd, (long)chunk, sizeof chunk);
+        if (got < 0) return fail("read", got);
+        if (got == 0) break;
+        for (long i = 0; i < got; i++)
+            if ((unsigned char)chunk[i] != (received + (unsigned long)i) % 251) bad++;
+        received += (unsigned long)got;
+    }
+    sys3(SYS_close, fd, 0, 0);
+    out("stream sent=");
+    put_number(sent);
+    out(" received=");
+    put_number(received);
+    out(" bad=");
+    put_number(bad);
+    out("\n");
+    return 0;
+}
+
 static int streq(const char *a, const char *b) {
     while (*a && *a == *b) a++, b++;
     return *a == *b;
@@ -134,7 +184,8 @@ int cmain(long *sp) {
     char **argv = (char **)(sp + 1);
     if (argc == 5 && streq(argv[1], "connect")) return do_connect(number(argv[2]), number(argv[3]), argv[4]);
     if (argc == 3 && streq(argv[1], "echo")) return do_echo(number(argv[2]));
-    out("usage: vsock-e2e connect CID PORT MESSAGE | vsock-e2e echo PORT\n");
+    if (argc == 5 && streq(argv[1], "stream")) return do_stream(number(argv[2]), number(argv[3]), number(argv[4]));
+    out("usage: vsock-e2e connect CID PORT MESSAGE | vsock-e2e echo PORT | vsock-e2e stream CID PORT BYTES\n");
     return 2;
 }
 
