@@ -153,10 +153,13 @@ check_vsock_listen() { # vsock_listen:<port>: serve one connection from the host
     esac
 }
 
-check_vsockstream() { # vsockstream:<bytes>: a stream to the host (CID 2 port 5001) and back, pattern-checked
-    got=$(timeout 600 vsock-e2e stream 2 5001 "$1" 2>&1)
+check_vsockstream() { # vsockstream:<send>/<receive>: one connection to the host (CID 2 port 5001):
+    # send <send> bytes of the pattern, half-close, read the host's pattern until it closes
+    send=${1%/*}
+    receive=${1#*/}
+    got=$(timeout 600 vsock-e2e stream 2 5001 "$send" 2>&1)
     case $got in
-    "stream sent=$1 received="*" bad=0") pass vsockstream "$got" ;;
+    "stream sent=$send received=$receive bad=0") pass vsockstream "$got" ;;
     *) fail vsockstream "'$got'" ;;
     esac
 }

@@ -52,7 +52,7 @@ def stream(path: str, reply_bytes: int) -> int:
     half-close, then send `reply_bytes` of the same pattern and close."""
     if os.path.exists(path):
         os.unlink(path)
-    pattern = bytes(range(251)) * 262
+    pattern = bytes(range(251)) * 263  # any offset (< 251) plus 64 KiB
     received = bad = 0
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(path)
