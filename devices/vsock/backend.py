@@ -627,8 +627,9 @@ class UnixMuxer:
                     budget=self.tx_budget,
                 )
                 conn.load_record(fields)
-                if record.intent == RX_INTENT:
-                    _settle_peek(sock, published)
+                # always: a worker killed between its peek and the intent record peeked bytes
+                # it never published (and no record says so)
+                _settle_peek(sock, published)
             exact = record.intent != TX_INTENT and fields[14] == 0  # no send in doubt, no lost tx_buf
             if conn is None or not exact or conn.state is State.DEAD or (local, peer) in self.conns:
                 _glog.warning(

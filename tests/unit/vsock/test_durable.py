@@ -83,6 +83,22 @@ def test_an_rx_packet_in_flight_at_the_crash_reaches_the_guest_once(published: b
     m.close()
 
 
+def test_bytes_peeked_before_the_intent_was_recorded_are_read_again() -> None:
+    table, released = new_table(), []
+    host, ours = kept_pair()
+    host.sendall(b"hello world")
+    index = table.allocate()
+    assert index is not None
+    table.write(index, conn_record(ours, 9, rx_cnt=0))  # no intent: the worker died right after its peek
+    assert ours.recv(5, socket.MSG_PEEK) == b"hello"
+    m = muxer(table, released)
+    assert m.resume(table.records(), {9: ours}, 3) == 1
+    assert ours.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF) == 0
+    assert ours.recv(5, socket.MSG_PEEK) == b"hello"  # from the start again: nothing skipped
+    host.close()
+    m.close()
+
+
 def test_a_send_in_doubt_resets_that_connection_and_no_other() -> None:
     table, released = new_table(), []
     host_a, ours_a = kept_pair()
