@@ -18,14 +18,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from controlplane.backends import VSOCK_KEY, BackendError, backend_key, bind_vsock, open_tap_device, take
 from controlplane.vm_spec import DriveSpec, VmSpec
-from devices.net.tap import TapError, open_tap
 from shared import layout
 from shared.boot.acpi import write_acpi_tables
 from shared.boot.cmdline import Cmdline
@@ -35,8 +35,6 @@ from shared.boot.loader import load_boot
 from shared.boot.mptable import write_mptable
 from shared.device_kinds import DEVICE_KINDS, DeviceKind
 from shared.memory import GuestMemory, create_guest_memfd
-
-VSOCK_MAX_UDS_PATH = 107  # sun_path is 108 bytes with its NUL
 
 
 @dataclass
@@ -136,7 +134,10 @@ def plan_block_backends(spec: VmSpec) -> list[DevicePlan]:
                 "cache_type": drive.cache_type,
                 "rate_limiter": drive.rate_limiter,
             }
-            plans.append(DevicePlan("block", drive.drive_id, args, [open_backing_file(drive)], drive))
+            fd = take(spec.backend_fds, backend_key("block", drive.drive_id))  # opened at PUT time
+            if fd is None:
+                fd = open_backing_file(drive)
+            plans.append(DevicePlan("block", drive.drive_id, args, [fd], drive))
     except BaseException:
         close_plans(plans)
         raise
@@ -153,10 +154,12 @@ def plan_net_backends(spec: VmSpec) -> list[DevicePlan]:
     try:
         for iface in spec.network_interfaces:
             iface_id = str(iface["iface_id"])
-            try:
-                tap_fd = open_tap(str(iface["host_dev_name"]))
-            except (TapError, OSError) as e:
-                raise BootError(f"network interface {iface_id}: {e}") from None
+            tap_fd = take(spec.backend_fds, backend_key("net", iface_id))  # attached at PUT time
+            if tap_fd is None:
+                try:
+                    tap_fd = open_tap_device(str(iface["host_dev_name"]))
+                except BackendError as e:
+                    raise BootError(f"network interface {iface_id}: {e}") from None
             args = {
                 "iface_id": iface_id,
                 "guest_mac": iface.get("guest_mac"),
@@ -181,23 +184,20 @@ def plan_net_backends(spec: VmSpec) -> list[DevicePlan]:
 @planner("vsock")
 def plan_vsock_backend(spec: VmSpec) -> list[DevicePlan]:
     """The vsock device, if configured: the supervisor creates the socket listening at
-    `uds_path` (as Firecracker, it refuses a path that exists) and hands the worker its fd;
+    `uds_path` (as Firecracker, it refuses a path that exists; the API bound it at PUT time)
+    and hands the worker its fd;
     `remove_vsock_socket` unlinks it when the microVM ends."""
     if not spec.vsock:
         return []
     guest_cid, uds_path = int(spec.vsock["guest_cid"]), str(spec.vsock["uds_path"])
-    if len(f"{uds_path}_4294967295".encode()) > VSOCK_MAX_UDS_PATH:
-        raise BootError(f"vsock: uds_path {uds_path} is too long (<uds_path>_<port> must fit a Unix socket address)")
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        sock.bind(uds_path)
-        sock.listen(128)
-        os.set_blocking(sock.fileno(), False)
-    except OSError as e:
-        sock.close()
-        raise BootError(f"vsock: cannot listen on {uds_path}: {e.strerror}") from None
+    fd = take(spec.backend_fds, VSOCK_KEY)  # bound at PUT time
+    if fd is None:
+        try:
+            fd = bind_vsock(uds_path)
+        except BackendError as e:
+            raise BootError(str(e)) from None
     args = {"guest_cid": guest_cid, "uds_path": uds_path}
-    return [DevicePlan("vsock", "vsock", args, [sock.detach()], spec.vsock)]
+    return [DevicePlan("vsock", "vsock", args, [fd], spec.vsock)]
 
 
 def remove_vsock_socket(spec: VmSpec) -> None:
@@ -216,7 +216,7 @@ def plan_devices(spec: VmSpec, kinds: tuple[str, ...] | None = None) -> list[Dev
             if kinds is None or kind in kinds:
                 plans += PLANNERS[kind](spec)
         for index, plan in enumerate(plans):
-            plan.base, plan.gsi = layout.virtio_mmio_window(index)
+            plan.base, plan.gsi = layout.virtio_mmio_window(index, spec.boot_timer)
             plan.queue_fds = [_new_eventfd() for _ in range(plan.num_queues)]
             plan.irqfd = _new_eventfd()
     except BaseException:
@@ -295,4 +295,6 @@ def build_guest(spec: VmSpec, devices: list[DevicePlan] | None = None) -> GuestP
         "cpu_template": spec.cpu_config or {},
         "cpuid_clear": [list(c) for c in spec.cpuid_clear],
     }
+    if spec.boot_timer:  # Firecracker's request_ts: when InstanceStart builds the microVM
+        vcpu_args["boot_timer"] = {"base": layout.BOOT_TIMER_BASE, "start_ns": time.monotonic_ns()}
     return GuestPlan(memfd, vcpu_args, cmdline)

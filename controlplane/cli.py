@@ -24,15 +24,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 from controlplane import logger as fclog
+from controlplane import snapshot_cli
 from controlplane.console_input import ConsoleInput, ForwardingLauncher
-from controlplane.logger import LEVELS, LOGGER, FcLogger, SinkError
+from controlplane.logger import LOGGER, FcLogger, SinkError, level_name
 from controlplane.metrics import FLUSH_INTERVAL_S, METRICS, Metrics, MetricsError
 from controlplane.mmds_store import MmdsError, MmdsStore
 from controlplane.models import BodyError, CpuConfig, VmmConfigFile, parse_body, parse_value
 from controlplane.periodic import Periodic
-from controlplane.state import EMBERVM_VERSION, FIRECRACKER_API_VERSION, ApiError, LauncherLike, RuntimeOptions, Vmm
+from controlplane.state import ApiError, LauncherLike, RuntimeOptions, Vmm
 from controlplane.uds import SocketInUseError
 from shared import exitcodes
+from shared.versions import EMBERVM_VERSION
+from shared.versions import FIRECRACKER_VERSION as FIRECRACKER_API_VERSION
 
 if TYPE_CHECKING:
     from controlplane.server import ApiServer
@@ -50,13 +53,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(exitcodes.ARG_PARSING, f"{self.prog}: error: {message}\n")
 
 
-def _level(value: str) -> str:
-    for name in LEVELS:
-        if value.lower() == name.lower():
-            return name
-    raise argparse.ArgumentTypeError(f"invalid level {value!r}: one of {', '.join(LEVELS)}")
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="embervm", description="A Firecracker-compatible microVM monitor.", allow_abbrev=False)
     p.add_argument("--api-sock", default=DEFAULT_API_SOCK, help="Path of the API Unix socket.")
@@ -64,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-api", action="store_true", help="Serve no API (requires --config-file).")
     p.add_argument("--id", default="anonymous-instance", help="MicroVM unique identifier.")
     p.add_argument("--log-path", help="Path to a file or named pipe for the log.")
-    p.add_argument("--level", type=_level, default="Info", help="Log level (Error, Warning, Info, Debug, Trace).")
+    p.add_argument("--level", default="Info", help="Log level (Off, Error, Warn(ing), Info, Debug, Trace).")
     p.add_argument("--show-level", action="store_true", help="Print the level in each log line.")
     p.add_argument("--show-log-origin", action="store_true", help="Print the file and line of each log line.")
     p.add_argument("--module", help="Only log lines from this module.")
@@ -85,6 +81,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="Run the workers in the host's namespaces and filesystem, as embervm's uid (UNSAFE: docs/security.md).",
     )
     p.add_argument("--enable-fault-injection", action="store_true", help="Allow fault injection (tests).")
+    snapshot_cli.add_arguments(p)
     p.add_argument(
         "--version", action="version", version=f"Firecracker v{FIRECRACKER_API_VERSION}\nembervm v{EMBERVM_VERSION}"
     )
@@ -96,6 +93,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.no_api and not args.config_file:
         parser.error("argument --no-api requires --config-file")
+    level = level_name(args.level)
+    if level is None:  # Firecracker: MainError::InvalidLogLevel, exit code BadConfiguration
+        print(
+            f"Invalid value for logger level: Failed to parse string to level filter: {args.level}."
+            "Possible values: [Error, Warning, Info, Debug]",
+            file=sys.stderr,
+        )
+        sys.exit(exitcodes.BAD_CONFIGURATION)
+    args.level = level
     if not _INSTANCE_ID.match(args.id):
         parser.error(f"invalid instance ID {args.id!r}: 1 to 64 characters among letters, digits and '-'")
     if args.http_api_max_payload_size <= 0 or (args.mmds_size_limit is not None and args.mmds_size_limit <= 0):
@@ -106,6 +112,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The `embervm` console script."""
     args = parse_args(argv)
+    snapshot_code = snapshot_cli.handle(args)
+    if snapshot_code is not None:
+        sys.exit(snapshot_code)
     from controlplane.launcher import Launcher  # the zygote forks first, before any thread exists
     from controlplane.policy import confine_supervisor
 
@@ -194,10 +203,11 @@ def run(
     )
     vmm.spec_types = spec_types
     flusher = Periodic(FLUSH_INTERVAL_S, metrics.flush, "fc_metrics")
+    vmm.on_started.append(flusher.start)  # every 60 s from the start of the VM, as Firecracker
     try:
         _setup(args, vmm)
-        log.info("Running embervm v%s (Firecracker API v%s)", EMBERVM_VERSION, FIRECRACKER_API_VERSION)
-        flusher.start()
+        log.info("Running Firecracker v%s", FIRECRACKER_API_VERSION)
+        log.info("embervm v%s", EMBERVM_VERSION)
         if not args.no_api:
             # Imported here: FastAPI and uvicorn take most of a cold start, and --no-api needs neither.
             from controlplane.api import create_app
@@ -229,6 +239,7 @@ def run(
                 server.close()
             flusher.stop()
             _stop_vm(vmm)
+            vmm.close_backends()
         finally:
             if console is not None:
                 console.close()  # after the VM: a forwarder still writing to it is released
@@ -265,11 +276,14 @@ def _setup(args: argparse.Namespace, vmm: Vmm) -> None:
         try:
             vmm.mmds.put(json.loads(Path(args.metadata).read_text()))
         except (OSError, ValueError, MmdsError) as err:
-            raise StartupError(f"Invalid --metadata {args.metadata}: {err}", exitcodes.BAD_CONFIGURATION) from None
+            raise StartupError(f"Invalid --metadata {args.metadata}: {err}", exitcodes.GENERIC_ERROR) from None
 
 
 def apply_config_file(vmm: Vmm, path: str) -> None:
-    """Apply a Firecracker config file, section by section, in Firecracker's order."""
+    """Apply a Firecracker config file, section by section, in Firecracker's order.
+
+    Any failure exits with GenericError (1), as Firecracker v1.12.1 does (its
+    BuildMicroVMFromJson error maps to no other code; BadConfiguration is for --level)."""
     try:
         raw = Path(path).read_bytes()
         config = parse_body(VmmConfigFile, raw)
@@ -301,12 +315,14 @@ def apply_config_file(vmm: Vmm, path: str) -> None:
             vmm.put_restart_policy(config.restart_policy)
         vmm.start()
     except OSError as err:
-        raise StartupError(f"Cannot read the configuration: {err}", exitcodes.BAD_CONFIGURATION) from None
+        raise StartupError(f"Cannot read the configuration: {err}", exitcodes.GENERIC_ERROR) from None
     except (BodyError, ValueError) as err:
-        raise StartupError(f"Invalid configuration file {path}: {err}", exitcodes.BAD_CONFIGURATION) from None
+        raise StartupError(
+            f"Configuration for VMM from one single json failed: {path}: {err}", exitcodes.GENERIC_ERROR
+        ) from None
     except ApiError as err:
         raise StartupError(
-            f"Configuration for VMM from one single json failed: {err}", exitcodes.BAD_CONFIGURATION
+            f"Configuration for VMM from one single json failed: {err}", exitcodes.GENERIC_ERROR
         ) from None
 
 
@@ -316,7 +332,10 @@ def _report_startup(args: argparse.Namespace, metrics: Metrics) -> None:
         elapsed_us = time.monotonic_ns() // 1000 - args.start_time_us
     else:
         elapsed_us = (time.monotonic_ns() - START_NS) // 1000
-    cpu_us = time.process_time_ns() // 1000 + (args.parent_cpu_time_us or 0)
+    # Firecracker's ProcessTimeReporter: CPU time since --start-time-cpu-us (the jailer's CPU
+    # clock at exec; it continues in this process), plus what the jailer's processes that
+    # forked us used (--parent-cpu-time-us).
+    cpu_us = time.process_time_ns() // 1000 - (args.start_time_cpu_us or 0) + (args.parent_cpu_time_us or 0)
     metrics.store("api_server", "process_startup_time_us", max(0, elapsed_us))
     metrics.store("api_server", "process_startup_time_cpu_us", cpu_us)
 

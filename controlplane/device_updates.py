@@ -112,17 +112,26 @@ class DeviceUpdates:
         self._update(name, "vsock worker", VsockTransportReset)
 
     def update_drive(
-        self, drive_id: str, path_on_host: str | None = None, rate_limiter: dict[str, Any] | None = None
+        self,
+        drive_id: str,
+        path_on_host: str | None = None,
+        rate_limiter: dict[str, Any] | None = None,
+        backing_fd: int | None = None,
     ) -> None:
-        """Give drive `drive_id`'s worker a new backing file and/or rate limiter, and wait for it."""
+        """Give drive `drive_id`'s worker a new backing file and/or rate limiter, and wait for it.
+
+        `backing_fd` is `path_on_host` as the API opened it at PATCH time (ours from here on);
+        without it the path is opened here."""
         name = BLOCK.worker_name(drive_id)
         drive = next((d for d in self._spec.drives if d.drive_id == drive_id), None)
         if name not in self._sup.slots or drive is None:
+            if backing_fd is not None:
+                os.close(backing_fd)
             raise DeviceUpdateError(f"no drive {drive_id!r} in this microVM")
         what = f"block worker of drive {drive_id}"
         if path_on_host is not None:
             try:
-                fd = open_backing_file(drive, path_on_host)
+                fd = backing_fd if backing_fd is not None else open_backing_file(drive, path_on_host)
             except BootError as e:
                 raise DeviceUpdateError(str(e)) from None
             self._update(name, what, p.ReplaceBackingFile, fd=fd, on_ok=lambda: self.keep_backend(name, fd))

@@ -29,6 +29,17 @@ LEVELS = {
     "Debug": logging.DEBUG,
     "Trace": TRACE,
 }
+
+
+def level_name(value: str) -> str | None:
+    """The LEVELS name for `value`, as Firecracker parses a level: any case, and "warn" or
+    "warning" alike; None if it is no level."""
+    lowered = value.lower()
+    if lowered == "warn":
+        return "Warning"
+    return next((name for name in LEVELS if name.lower() == lowered), None)
+
+
 _SHOWN = {logging.ERROR: "ERROR", logging.WARNING: "WARN", logging.INFO: "INFO", logging.DEBUG: "DEBUG"}
 _SHOWN[logging.CRITICAL] = "ERROR"
 _SHOWN[TRACE] = "TRACE"

@@ -1,5 +1,9 @@
 """Firecracker's metrics: one JSON object per line, every group always present, as deltas.
 
+The file holds exactly Firecracker v1.12.1's groups and fields (`controlplane.metrics_schema`);
+embervm's own counters live in the same tree but only reach Prometheus and
+GET /embervm/metrics.
+
 Counters are kept cumulative (ours, plus whatever `MicroVm.metrics()` reports for the
 workers); each flush writes what changed since the previous flush, as Firecracker's
 SharedIncMetric does, while "store" metrics (latencies, min/max, startup times) are written
@@ -17,65 +21,18 @@ from collections.abc import Callable
 from typing import Any
 
 from controlplane.logger import LineSink, SinkError
+from controlplane.metrics_schema import AGG_FIELDS, FILE_GROUPS, file_fields, is_store
 
 Nested = dict[str, Any]
 FLUSH_INTERVAL_S = 60.0
 
-_AGG = ("min_us", "max_us", "sum_us")
-# Group -> fields, as Firecracker names them; "x_agg" fields expand to {min_us, max_us, sum_us}.
-SCHEMA: dict[str, tuple[str, ...]] = {
-    name: tuple(fields.split())
-    for name, fields in {
-        "api_server": "process_startup_time_us process_startup_time_cpu_us",
-        "block": "activate_fails cfg_fails no_avail_buffer event_fails execute_fails invalid_reqs_count "
-        "flush_count queue_event_count rate_limiter_event_count update_count update_fails read_bytes "
-        "write_bytes read_count write_count read_agg write_agg rate_limiter_throttled_events "
-        "io_engine_throttled_events remaining_reqs_count",
-        "deprecated_api": "deprecated_http_api_calls",
-        "entropy": "activate_fails entropy_event_fails entropy_event_count entropy_bytes host_rng_fails "
-        "entropy_rate_limiter_throttled rate_limiter_event_count",
-        "get_api_requests": "instance_info_count machine_cfg_count mmds_count vmm_version_count hotplug_memory_count",
-        "i8042": "error_count missed_read_count missed_write_count read_count reset_count write_count",
-        "interrupts": "triggers config_updates",
-        "latencies_us": "full_create_snapshot diff_create_snapshot load_snapshot pause_vm resume_vm "
-        "vmm_full_create_snapshot vmm_diff_create_snapshot vmm_load_snapshot vmm_pause_vm vmm_resume_vm",
-        "logger": "missed_metrics_count metrics_fails missed_log_count",
-        "mmds": "rx_accepted rx_accepted_err rx_accepted_unusual rx_bad_eth rx_invalid_token rx_no_token "
-        "rx_count tx_bytes tx_count tx_errors tx_frames connections_created connections_destroyed",
-        "net": "activate_fails cfg_fails mac_address_updates no_rx_avail_buffer no_tx_avail_buffer "
-        "event_fails rx_queue_event_count rx_event_rate_limiter_count rx_rate_limiter_throttled "
-        "rx_tap_event_count rx_bytes_count rx_packets_count rx_fails rx_count tap_read_fails "
-        "tap_write_fails tap_write_agg tx_bytes_count tx_malformed_frames tx_fails tx_count "
-        "tx_packets_count tx_partial_reads tx_queue_event_count tx_rate_limiter_event_count "
-        "tx_rate_limiter_throttled tx_spoofed_mac_count tx_remaining_reqs_count",
-        "patch_api_requests": "drive_count drive_fails network_count network_fails machine_cfg_count "
-        "machine_cfg_fails mmds_count mmds_fails hotplug_memory_count hotplug_memory_fails",
-        "put_api_requests": "actions_count actions_fails boot_source_count boot_source_fails drive_count "
-        "drive_fails logger_count logger_fails machine_cfg_count machine_cfg_fails cpu_cfg_count "
-        "cpu_cfg_fails metrics_count metrics_fails network_count network_fails mmds_count mmds_fails "
-        "vsock_count vsock_fails pmem_count pmem_fails serial_count serial_fails hotplug_memory_count "
-        "hotplug_memory_fails",
-        "seccomp": "num_faults",
-        "signals": "sigbus sigsegv sigxfsz sigxcpu sigpipe sighup sigill",
-        "uart": "error_count flush_count missed_read_count missed_write_count read_count write_count",
-        "vcpu": "exit_io_in exit_io_out exit_mmio_read exit_mmio_write failures kvmclock_ctrl_fails "
-        "exit_io_in_agg exit_io_out_agg exit_mmio_read_agg exit_mmio_write_agg",
-        "vmm": "panic_count",
-        "vsock": "activate_fails cfg_fails rx_queue_event_fails tx_queue_event_fails ev_queue_event_fails "
-        "muxer_event_fails conn_event_fails rx_queue_event_count tx_queue_event_count rx_bytes_count "
-        "tx_bytes_count rx_packets_count tx_packets_count conns_added conns_killed conns_removed "
-        "killq_resync tx_flush_fails tx_write_fails rx_read_fails",
-    }.items()
+# embervm's own counters beyond Firecracker's groups, zero-filled for Prometheus and
+# GET /embervm/metrics (never written to the file: `file_line`).
+EMBERVM_FIELDS: dict[str, tuple[str, ...]] = {
+    "interrupts": ("triggers", "config_updates"),
+    "mmds": ("rx_invalid_token", "rx_no_token"),
 }
-_STORE_GROUPS = {"api_server", "latencies_us", "seccomp", "vmm", "signals"}
 PER_DEVICE_GROUPS = ("block_", "net_", "entropy_", "vhost_user_block_")
-
-
-def is_store(group: str, key: str) -> bool:
-    """Store metrics hold a value (written as is); the rest are counters (written as deltas)."""
-    if key.endswith(("min_us", "max_us")):
-        return True
-    return group in _STORE_GROUPS and (group, key) != ("signals", "sigpipe")
 
 
 class MetricsError(Exception):
@@ -120,7 +77,9 @@ class Metrics:
 
     def snapshot(self) -> Nested:
         """Cumulative values of every group: the schema zero-filled, then workers, then ours."""
-        tree: Nested = {g: {f: _zero(f) for f in fields} for g, fields in SCHEMA.items()}
+        tree: Nested = {g: {f: _zero(f) for f in fields} for g, fields in FILE_GROUPS.items()}
+        for group, extra in EMBERVM_FIELDS.items():
+            tree.setdefault(group, {}).update(dict.fromkeys(extra, 0))
         source = self.source
         if source is not None:
             try:
@@ -141,7 +100,9 @@ class Metrics:
             if self._properties:
                 line["properties"] = dict(sorted(self._properties.items()))
             for group in sorted(tree):
-                line[group] = self._delta(group, tree[group], (group,))
+                fields = file_fields(group)
+                if fields is not None:
+                    line[group] = self._delta(group, _only(tree[group], fields), (group,))
             sink = self._sink
         if sink is not None and sink.write_line(json.dumps(line, separators=(",", ":"))):
             return True
@@ -167,7 +128,12 @@ class Metrics:
 
 
 def _zero(field: str) -> Any:
-    return dict.fromkeys(_AGG, 0) if field.endswith("_agg") else 0
+    return dict.fromkeys(AGG_FIELDS, 0) if field.endswith("_agg") else 0
+
+
+def _only(values: Nested, fields: tuple[str, ...]) -> Nested:
+    """`values` cut to the file's `fields` (zero-filled), in Firecracker's order."""
+    return {f: values.get(f, _zero(f)) for f in fields}
 
 
 def _merge(tree: Nested, update: Nested) -> None:

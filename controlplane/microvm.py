@@ -243,10 +243,15 @@ class MicroVm:
         self._updates.update_net(iface_id, rx_rate_limiter, tx_rate_limiter)
 
     def update_drive(
-        self, drive_id: str, path_on_host: str | None = None, rate_limiter: dict[str, Any] | None = None
+        self,
+        drive_id: str,
+        path_on_host: str | None = None,
+        rate_limiter: dict[str, Any] | None = None,
+        backing_fd: int | None = None,
     ) -> None:
-        """Give drive `drive_id`'s worker a new backing file and/or rate limiter, and wait for it."""
-        self._updates.update_drive(drive_id, path_on_host, rate_limiter)
+        """Give drive `drive_id`'s worker a new backing file (`backing_fd`, already open, or
+        `path_on_host` opened now) and/or rate limiter, and wait for it."""
+        self._updates.update_drive(drive_id, path_on_host, rate_limiter, backing_fd)
 
     def update_mmds(self, document: dict[str, Any] | None) -> None:
         """Push a new MMDS snapshot to every net worker that serves MMDS."""

@@ -56,7 +56,7 @@ class MmdsStore:
         patch = _object(value)
         with self._lock:
             if self._data is None:
-                raise MmdsError("The MMDS data store is not initialized.")
+                raise MmdsError("MMDS error: The MMDS data store is not initialized.")
             merged = merge_patch(copy.deepcopy(self._data), patch)
             self._check_size(merged)
             self._data = merged
@@ -69,11 +69,7 @@ class MmdsStore:
     def _check_size(self, document: dict[str, Any]) -> None:
         size = len(json.dumps(document, separators=(",", ":")).encode())
         if size > self.size_limit:
-            raise MmdsError(
-                f"MMDS limit exceeded error: the data store would be {size} bytes, over the "
-                f"--mmds-size-limit of {self.size_limit} bytes.",
-                status=413,
-            )
+            raise MmdsError("MMDS limit exceeded error: The MMDS patch request doesn't fit.", status=413)
 
 
 def _object(value: Any) -> dict[str, Any]:

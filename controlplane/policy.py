@@ -21,7 +21,7 @@ import errno
 
 import prctl
 
-from shared.confine import ConfineError, clear_ambient_capabilities, load_process_filter
+from shared.confine import LAST_CAP, ConfineError, clear_ambient_capabilities, load_process_filter
 from shared.seccomp import Filter, Rule, arg_masked
 
 # Namespace flags a clone(2) may carry (linux/sched.h).
@@ -167,15 +167,10 @@ ZYGOTE_DROPPED_CAPABILITIES = {
 }
 
 
-def _last_cap() -> int:
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        return int(f.read())
-
-
 def drop_zygote_capabilities() -> None:
     """Give up ZYGOTE_DROPPED_CAPABILITIES (call while single-threaded). A zygote without
     capabilities (embervm not run as root, or jailed) is left as it is."""
-    dropped = [cap for cap in ZYGOTE_DROPPED_CAPABILITIES if cap <= _last_cap()]
+    dropped = [cap for cap in ZYGOTE_DROPPED_CAPABILITIES if cap <= LAST_CAP]
     try:
         if prctl.cap_effective.setpcap:
             for cap in dropped:
@@ -195,7 +190,7 @@ def drop_supervisor_capabilities(keep: dict[int, str] | None = None) -> None:
     caps = set(SUPERVISOR_CAPABILITIES if keep is None else keep)
     try:
         if prctl.cap_effective.setpcap:  # dropping from the bounding set needs CAP_SETPCAP
-            for cap in range(_last_cap() + 1):
+            for cap in range(LAST_CAP + 1):
                 if cap not in caps and prctl.capbset_read(cap):
                     prctl.capbset_drop(cap)
         clear_ambient_capabilities()

@@ -61,6 +61,7 @@ class ApiServer:
             lifespan="off",
             server_header=False,
             date_header=False,
+            headers=[("Server", "Firecracker API")],  # micro_http's, on every response
             timeout_graceful_shutdown=5,
         )
         self.server = _Server(config)
@@ -72,6 +73,7 @@ class ApiServer:
         connections wait in the backlog.
         """
         log.info('Listening on API socket ("%s").', self.socket_path)
+        log.info("API server started.")  # Firecracker's line (the socket already listens)
         try:
             self.server.run(sockets=[self.sock])
         finally:

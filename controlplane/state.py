@@ -37,12 +37,12 @@ from controlplane.models import (
 )
 from controlplane.models.resources import ConfigError, Resources
 from controlplane.models.restart_policy import RestartPolicyBody
+from shared.versions import EMBERVM_VERSION, FIRECRACKER_VERSION
 
 NOT_SUPPORTED_PRE_BOOT = "The requested operation is not supported before starting the microVM."
 NOT_SUPPORTED_POST_BOOT = "The requested operation is not supported after starting the microVM."
 APP_NAME = "Firecracker"
-FIRECRACKER_API_VERSION = "1.12.0"
-EMBERVM_VERSION = "0.1.0"
+FIRECRACKER_API_VERSION = FIRECRACKER_VERSION
 
 log = fclog.get("vmm")
 
@@ -76,7 +76,11 @@ class MicroVmLike(Protocol):
     def metrics(self) -> dict[str, dict[str, int]]: ...
     def workers(self) -> list[dict[str, Any]]: ...
     def update_drive(
-        self, drive_id: str, path_on_host: str | None = None, rate_limiter: dict[str, Any] | None = None
+        self,
+        drive_id: str,
+        path_on_host: str | None = None,
+        rate_limiter: dict[str, Any] | None = None,
+        backing_fd: int | None = None,
     ) -> None: ...
     def update_net(
         self,
@@ -151,6 +155,8 @@ class Vmm:
         self.resources = Resources()
         self.vm: MicroVmLike | None = None
         self.exit_code: int | None = None
+        # Run once the microVM has started (the 60 s metrics writer starts then, as Firecracker's).
+        self.on_started: list[Callable[[], None]] = []
         self.lock = RLock()
 
     # -- state --------------------------------------------------------------------------------
@@ -192,6 +198,17 @@ class Vmm:
         return self.vm is not None and self.vm.failed
 
     def instance_info(self) -> dict[str, Any]:
+        """GET /: exactly Firecracker's InstanceInfo (a strict client refuses any other field)."""
+        with self.lock:
+            return {
+                "id": self.instance_id,
+                "state": self.state(),
+                "vmm_version": FIRECRACKER_API_VERSION,
+                "app_name": APP_NAME,
+            }
+
+    def embervm_info(self) -> dict[str, Any]:
+        """GET /embervm: embervm's own view (its version, the workers, a failed VM's exit)."""
         with self.lock:
             workers = self.vm.workers() if self.vm is not None else []
             info: dict[str, Any] = {"version": EMBERVM_VERSION, "workers": workers}
@@ -200,13 +217,7 @@ class Vmm:
                 if self.exit_code is not None:
                     info["exit_code"] = self.exit_code
                     info["exit_reason"] = self.vm.exit_reason
-            return {
-                "id": self.instance_id,
-                "state": self.state(),
-                "vmm_version": FIRECRACKER_API_VERSION,
-                "app_name": APP_NAME,
-                "embervm": info,
-            }
+            return info
 
     def machine_config(self) -> dict[str, Any]:
         with self.lock:
@@ -227,7 +238,17 @@ class Vmm:
         self._configure(lambda: self.resources.update_machine(body))
 
     def put_cpu_config(self, body: CpuConfig) -> None:
-        self._configure(lambda: setattr(self.resources, "cpu_config", body))
+        def apply() -> None:
+            from shared.boot.cpu_template import check_template_caps
+            from shared.boot.errors import BootError
+
+            try:
+                check_template_caps(body.model_dump(by_alias=True, exclude_none=True))
+            except BootError as err:
+                raise ConfigError(f"The requested operation is not supported: {err}") from None
+            self.resources.cpu_config = body
+
+        self._configure(apply)
 
     def put_drive(self, body: Drive) -> None:
         self._configure(lambda: self.resources.set_drive(body))
@@ -236,7 +257,7 @@ class Vmm:
         self._configure(lambda: self.resources.set_net(body))
 
     def put_vsock(self, body: Vsock) -> None:
-        self._configure(lambda: setattr(self.resources, "vsock", body))
+        self._configure(lambda: self.resources.set_vsock(body))
 
     def put_entropy(self, body: Entropy) -> None:
         self._configure(lambda: setattr(self.resources, "entropy", body))
@@ -302,10 +323,15 @@ class Vmm:
             except start_error as err:
                 raise ApiError(f"Start microvm error: {err}") from None
             self.vm = vm
+            # The planners took duplicates: the fds opened at PUT time are no longer needed
+            # (the vsock socket's file now belongs to the running microVM).
+            self.resources.backends.close(remove_vsock_socket=False)
             self.metrics.source = vm.metrics
             self.mmds.on_change = vm.update_mmds
             if self.mmds.initialized:
                 vm.update_mmds(self.mmds.get())  # a PUT /mmds may have come in since the spec
+            for hook in self.on_started:
+                hook()
             log.info("Successfully started microvm")
 
     def _vm_exited(self, exit_code: int, reason: str) -> None:
@@ -320,7 +346,10 @@ class Vmm:
             self._post_boot().send_ctrl_alt_del()
 
     def flush_metrics(self) -> None:
+        """FlushMetrics: post-boot only, as in Firecracker (its pre-boot controller refuses it)."""
         with self.lock:
+            if self.vm is None:
+                raise ApiError(NOT_SUPPORTED_PRE_BOOT)
             if self.metrics.configured and not self.metrics.flush():
                 raise ApiError("Metrics error: Failed to write metrics.")
 
@@ -342,11 +371,11 @@ class Vmm:
         with self.lock:
             vm = self._post_boot()
             try:
-                changes = self.resources.update_drive(body)
+                changes, fd = self.resources.update_drive(body)
             except ConfigError as err:
                 raise ApiError(str(err)) from None
-            with self._device_update("drive", body.drive_id):
-                vm.update_drive(body.drive_id, changes.get("path_on_host"), changes.get("rate_limiter"))
+            with self._device_update("drive", body.drive_id):  # the fd is the microVM's from here on
+                vm.update_drive(body.drive_id, changes.get("path_on_host"), changes.get("rate_limiter"), backing_fd=fd)
 
     def patch_network_interface(self, body: PartialNetworkInterface) -> None:
         with self.lock:
@@ -402,3 +431,8 @@ class Vmm:
         with self.lock:
             if self.vm is not None and self.exit_code is None:
                 self.vm.stop()
+
+    def close_backends(self) -> None:
+        """Close the backends opened for a microVM that never started (process exit)."""
+        with self.lock:
+            self.resources.backends.close(remove_vsock_socket=self.vm is None)

@@ -9,7 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-DEFAULT_BOOT_ARGS = "console=ttyS0 reboot=k panic=1 pci=off"
+# Firecracker v1.12.1's DEFAULT_KERNEL_CMDLINE (no serial console: 8250.nr_uarts=0), used when boot_args is unset.
+DEFAULT_BOOT_ARGS = "reboot=k panic=1 pci=off nomodule 8250.nr_uarts=0 i8042.noaux i8042.nomux i8042.dumbkbd"
 
 
 @dataclass
@@ -55,6 +56,12 @@ class VmSpec:
     # restart policy of every device worker (controlplane.faults.RestartPolicy fields).
     enable_fault_injection: bool = False
     restart_policy: dict[str, Any] | None = None  # RestartPolicy fields, and per device id: {id: {fields}}
+    # Backends opened when the API configured them (controlplane.backends: "block:<id>",
+    # "net:<id>", "vsock:vsock" -> fd, owned by the caller): the planners use duplicates of
+    # these rather than opening the paths again; a device without an entry is opened at start.
+    backend_fds: dict[str, int] = field(default_factory=dict)
+    # --boot-timer: the boot timer device (vcpu_worker.boot_timer) at the first MMIO window.
+    boot_timer: bool = False
 
     @property
     def mem_size(self) -> int:

@@ -16,8 +16,11 @@ with one difference in how the program gets into the jail (`jailer.jail` explain
    uid:gid, and hand the root, /run and /tmp to uid:gid;
 8. `--daemonize`: setsid and stdio to /dev/null; `--new-pid-ns`: fork into a new PID
    namespace, the parent writes the child's pid to `<chroot>/<exec_file_name>.pid` and exits;
-9. mount /proc, empty the capability bounding set, become uid:gid, set no_new_privs;
-10. exec `<exec_file> --id <id> --start-time-us <t> --start-time-cpu-us <t> [args after --]`.
+9. mount /proc for embervm's own use (`jail.mount_proc`: only its own processes, pids
+   only), empty the capability bounding set, become uid:gid, set no_new_privs;
+10. exec `<exec_file> --id <id> --start-time-us <t> --start-time-cpu-us <t>
+    --parent-cpu-time-us <t> [args after --]`. The exec file may have any name
+    (orchestrators name it `firecracker`); `--version` prints `Jailer v<Firecracker version>`.
 
 Errors print `embervm-jailer: <reason>` and exit with status 1.
 """
@@ -38,6 +41,7 @@ from typing import NoReturn
 
 from jailer import jail
 from jailer.cgroups import CgroupError, CgroupSetting, setup_v1, setup_v2, v1_mount, v2_mount
+from shared.versions import FIRECRACKER_VERSION
 
 DEFAULT_CHROOT_BASE = "/srv/jailer"
 DEFAULT_NO_FILE = 2048
@@ -64,6 +68,7 @@ class JailerConfig:
     parent_cgroup: str | None = None
     limits: dict[str, int] = field(default_factory=lambda: {"no-file": DEFAULT_NO_FILE})
     extra_args: list[str] = field(default_factory=list)
+    parent_cpu_us: int = 0  # CPU time the jailer's processes used before the last fork (Firecracker's)
 
     @property
     def exec_name(self) -> str:
@@ -97,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cgroup-version", default="1", choices=["1", "2"], help="cgroup hierarchy version.")
     p.add_argument("--parent-cgroup", help="Parent of the microVM's cgroup (default: the exec file's name).")
     p.add_argument("--resource-limit", action="append", default=[], help="fsize=<bytes> or no-file=<n>.")
+    p.add_argument("--version", action="store_true", help="Print the jailer's version (Firecracker's) and exit.")
     return p
 
 
@@ -123,14 +129,15 @@ def parse_args(argv: Sequence[str]) -> JailerConfig:
     if "--" in argv:
         at = argv.index("--")
         argv, extra = argv[:at], argv[at + 1 :]
+    if "--version" in argv:  # alone, as Firecracker's: no other argument is required then
+        print(f"Jailer v{FIRECRACKER_VERSION}\n")
+        sys.exit(0)
     args = build_parser().parse_args(argv)
     if not _ID.match(args.id):
         raise JailerError(f"invalid --id {args.id!r}: 1 to 64 characters among letters, digits and '-'")
     exec_file = Path(args.exec_file)
     if not exec_file.is_absolute() or not exec_file.is_file() or not os.access(exec_file, os.X_OK):
         raise JailerError(f"--exec-file {args.exec_file} is not an absolute path to an executable file")
-    if "embervm" not in exec_file.name:
-        raise JailerError(f"--exec-file {args.exec_file}: the file name must contain 'embervm'")
     base = Path(args.chroot_base_dir)
     if not base.is_absolute():
         raise JailerError(f"--chroot-base-dir {args.chroot_base_dir} must be an absolute path")
@@ -234,8 +241,10 @@ def _daemonize(devnull: int) -> None:
 
 
 def _new_pid_namespace(config: JailerConfig) -> None:
-    """Fork into a new PID namespace; the parent records the child's pid and exits."""
+    """Fork into a new PID namespace; the parent records the child's pid and exits. The CPU
+    time the parent used is passed on (--parent-cpu-time-us): the child's clock restarts."""
     jail.unshare(jail.CLONE_NEWPID)
+    config.parent_cpu_us = time.process_time_ns() // 1000
     pid = os.fork()
     if pid:
         Path(f"/{config.exec_name}.pid").write_text(f"{pid}\n")
@@ -243,10 +252,13 @@ def _new_pid_namespace(config: JailerConfig) -> None:
 
 
 def _exec(config: JailerConfig, start_us: int) -> NoReturn:
-    """Become embervm. --start-time-us is CLOCK_MONOTONIC at the jailer's start, so embervm's
-    start-up time includes the jailer's; --start-time-cpu-us is the CPU time the jailer used."""
+    """Become embervm, with Firecracker's arguments. --start-time-us is CLOCK_MONOTONIC at the
+    jailer's start, so embervm's start-up time includes the jailer's; --start-time-cpu-us is
+    this process's CPU clock now; --parent-cpu-time-us what the processes before the last
+    fork used (0 without one)."""
     argv = [str(config.exec_file), "--id", config.id, "--start-time-us", str(start_us)]
-    argv += ["--start-time-cpu-us", str(time.process_time_ns() // 1000), *config.extra_args]
+    argv += ["--start-time-cpu-us", str(time.process_time_ns() // 1000)]
+    argv += ["--parent-cpu-time-us", str(config.parent_cpu_us), *config.extra_args]
     os.execve(config.exec_file, argv, {})
 
 

@@ -23,6 +23,7 @@ API socket), `/run` and `/tmp` (ZeroMQ's ipc:// endpoints), all owned by uid:gid
 from __future__ import annotations
 
 import ctypes
+import errno
 import importlib.util
 import os
 import stat
@@ -101,7 +102,52 @@ def _bind_readonly(source: Path, chroot: Path) -> None:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.touch(exist_ok=True)
     mount(str(source), str(target), None, MS_BIND | MS_REC)
-    mount("none", str(target), None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+    make_readonly_recursively(target)
+
+
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID, MOUNT_ATTR_NODEV = 0x1, 0x2, 0x4
+AT_RECURSIVE = 0x8000
+SYS_MOUNT_SETATTR = 442
+
+
+class _MountAttr(ctypes.Structure):
+    _fields_ = [
+        ("attr_set", ctypes.c_uint64),
+        ("attr_clr", ctypes.c_uint64),
+        ("propagation", ctypes.c_uint64),
+        ("userns_fd", ctypes.c_uint64),
+    ]
+
+
+def make_readonly_recursively(target: Path) -> None:
+    """Read-only, nosuid, nodev for the bind at `target` and every mount below it.
+
+    A MS_REMOUNT|MS_BIND|MS_RDONLY changes one mount only, even with MS_REC: a submount of a
+    bound tree (a tmpfs under /usr, say) would stay writable in the jail. mount_setattr with
+    AT_RECURSIVE (Linux 5.12) changes the whole tree at once; before it, each mount below
+    `target` (from /proc/self/mountinfo) is remounted in turn.
+    """
+    attr = _MountAttr(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV, 0, 0, 0)
+    AT_FDCWD = -100
+    ret = _libc.syscall(
+        SYS_MOUNT_SETATTR, AT_FDCWD, str(target).encode(), AT_RECURSIVE, ctypes.byref(attr), ctypes.sizeof(attr)
+    )
+    if ret == 0:
+        return
+    if ctypes.get_errno() != errno.ENOSYS:
+        _check(ret, f"mount_setattr {target}")
+    for point in [target, *_mounts_below(target)]:
+        mount("none", str(point), None, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+
+
+def _mounts_below(target: Path) -> list[Path]:
+    below = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = Path(line.split()[4].encode().decode("unicode_escape"))
+            if point != target and point.is_relative_to(target):
+                below.append(point)
+    return below
 
 
 def populate(chroot: Path, paths: list[Path]) -> None:
@@ -154,9 +200,21 @@ def make_writable_dirs(uid: int, gid: int) -> None:
 
 
 def mount_proc() -> None:
-    """embervm reads /proc/self (fds, status, tasks); in a new PID namespace this proc shows it."""
+    """The /proc embervm reads (/proc/self: fds, status, tasks), showing nothing else it can use.
+
+    `subset=pid` leaves only the per-process directories (no /proc/sys, /proc/kcore, ...)
+    and `hidepid=invisible` hides every process of another uid. In the jail's own PID
+    namespace (--new-pid-ns) that is embervm's processes and nothing else. Without one, the
+    kernel mounts the host's PID namespace: the jail then sees only its own uid's processes
+    (Firecracker's guidance is a uid per jail), which docs/jailer.md states as a difference:
+    Firecracker needs no /proc at all, embervm (Python) does.
+    """
     os.makedirs("/proc", exist_ok=True)
-    mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC, "hidepid=2")  # other uids' processes hidden
+    flags = MS_NOSUID | MS_NODEV | MS_NOEXEC
+    try:
+        mount("proc", "/proc", "proc", flags, "subset=pid,hidepid=invisible")
+    except JailError:  # a kernel before 5.8 knows neither option
+        mount("proc", "/proc", "proc", flags, "hidepid=2")
 
 
 def drop_privileges(uid: int, gid: int) -> None:

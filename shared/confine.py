@@ -100,8 +100,18 @@ def settings_for(
 
 # --- step 1: privileges -------------------------------------------------------------------------
 def _last_cap() -> int:
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        return int(f.read())
+    """The highest capability this kernel knows. /proc/sys is absent under the jailer's
+    `subset=pid` /proc: then probe the bounding set, which answers EINVAL past the last one."""
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except OSError:
+        pass
+    pr_capbset_read = 23
+    cap = 0
+    while cap < 63 and _libc.prctl(pr_capbset_read, cap + 1, 0, 0, 0) >= 0:
+        cap += 1
+    return cap
 
 
 LAST_CAP = _last_cap()  # read at import (in the zygote): a worker may have no /proc later

@@ -236,6 +236,20 @@ class Vcpu:
         if written != len(items):
             raise KvmError(f"KVM_SET_MSRS set {written} of {len(items)} MSRs (MSR {items[written][0]:#x} refused)")
 
+    def get_msrs(self, indices: Iterable[int]) -> list[int]:
+        """The values of MSRs `indices` (KVM_GET_MSRS), in that order."""
+        wanted = list(indices)
+        header = ctypes.sizeof(abi.kvm_msrs_header)
+        size = ctypes.sizeof(abi.kvm_msr_entry)
+        buf = bytearray(header + len(wanted) * size)
+        abi.kvm_msrs_header.from_buffer(buf).nmsrs = len(wanted)
+        for i, index in enumerate(wanted):
+            abi.kvm_msr_entry.from_buffer(buf, header + i * size).index = index
+        read = _ioctl(self.fd, abi.KVM_GET_MSRS, buf)
+        if read != len(wanted):
+            raise KvmError(f"KVM_GET_MSRS read {read} of {len(wanted)} MSRs (MSR {wanted[read]:#x} refused)")
+        return [int(abi.kvm_msr_entry.from_buffer(buf, header + i * size).data) for i in range(len(wanted))]
+
     def get_lapic(self) -> bytearray:
         state = bytearray(ctypes.sizeof(abi.kvm_lapic_state))
         _ioctl(self.fd, abi.KVM_GET_LAPIC, state)

@@ -118,9 +118,14 @@ def e820_map(mem_size: int) -> list[tuple[int, int, int]]:
     return entries
 
 
-def virtio_mmio_window(index: int) -> tuple[int, int]:
-    """(MMIO base address, GSI) of the `index`-th virtio-mmio device."""
+BOOT_TIMER_BASE = VIRTIO_MMIO_BASE  # --boot-timer: Firecracker attaches it first, at the first MMIO slot
+
+
+def virtio_mmio_window(index: int, boot_timer: bool = False) -> tuple[int, int]:
+    """(MMIO base address, GSI) of the `index`-th virtio-mmio device. With --boot-timer the
+    boot timer holds the first window (and no interrupt), as in Firecracker, so the devices'
+    windows start one slot later while their GSIs do not move."""
     irq = VIRTIO_IRQ_BASE + index
     if index < 0 or irq > IRQ_MAX:
         raise ValueError(f"no virtio-mmio slot {index}: at most {IRQ_MAX - VIRTIO_IRQ_BASE + 1} devices")
-    return VIRTIO_MMIO_BASE + index * VIRTIO_MMIO_SIZE, irq
+    return VIRTIO_MMIO_BASE + (index + int(boot_timer)) * VIRTIO_MMIO_SIZE, irq

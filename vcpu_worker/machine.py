@@ -15,6 +15,7 @@ from typing import Any
 from shared import layout
 from shared.boot import cpuid
 from shared.boot.cpu_state import BootCpuState, set_lint
+from shared.boot.cpu_template import apply_msr_modifiers, check_kvm_capabilities
 from shared.kvm import Kvm, Vcpu, Vm, host_address_of
 from shared.memory import GuestMemory
 
@@ -59,6 +60,8 @@ def build_machine(kvm_fd: int, memfd: int, args: dict[str, Any]) -> Machine:
     """Create the VM, its memory slots, irqchip, PIT and configured vCPUs."""
     kvm = Kvm(kvm_fd)
     kvm.check()
+    template = args.get("cpu_template") or {}
+    check_kvm_capabilities(kvm, template)
     vcpu_count = int(args["vcpu_count"])
     if not 1 <= vcpu_count <= min(layout.MAX_VCPUS, kvm.max_vcpus()):
         raise ValueError(f"vcpu_count {vcpu_count} is out of range (1..{min(layout.MAX_VCPUS, kvm.max_vcpus())})")
@@ -86,5 +89,6 @@ def build_machine(kvm_fd: int, memfd: int, args: dict[str, Any]) -> Machine:
             entries = cpuid.clear_bits(entries, [tuple(c) for c in args["cpuid_clear"]])
         vcpu.set_cpuid(entries)
         configure_vcpu(vcpu, state, msrs)
+        apply_msr_modifiers(vcpu, template)  # after the boot MSRs, checked by reading back
         vcpus.append(vcpu)
     return Machine(kvm, vm, mem, vcpus)

@@ -32,6 +32,7 @@ from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, 
 from shared.devworker import connect_control, enter_confinement, wait_for_zmq_threads
 from shared.memlimit import limit_memory, vcpu_headroom
 from shared.spawn import VcpuSpawn
+from vcpu_worker.boot_timer import BootTimer
 from vcpu_worker.bus import Bus
 from vcpu_worker.i8042 import I8042
 from vcpu_worker.machine import Machine, build_machine
@@ -59,6 +60,7 @@ class VcpuWorker:
         # Events from vCPU threads for the main thread (ZeroMQ sockets are not thread-safe).
         self._exits: queue.SimpleQueue[tuple[int, str, str]] = queue.SimpleQueue()
         self._warnings: queue.SimpleQueue[str] = queue.SimpleQueue()
+        self._infos: queue.SimpleQueue[str] = queue.SimpleQueue()
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self._console_lock = threading.Lock()
         self.console_dropped = 0
@@ -99,6 +101,12 @@ class VcpuWorker:
 
     def _log_warning(self, text: str) -> None:
         self._warnings.put(text)
+        self._wake()
+
+    def _log_info(self, text: str) -> None:
+        """A guest-triggered info line (the boot timer's): bounded, whatever the guest does."""
+        if self._infos.qsize() < 64:
+            self._infos.put(text)
         self._wake()
 
     # --- main thread -------------------------------------------------------------------------
@@ -196,6 +204,8 @@ class VcpuWorker:
                         break
                 while not self._warnings.empty():
                     self.send(p.Log("warning", self._warnings.get()))
+                while not self._infos.empty():
+                    self.send(p.Log("info", self._infos.get()))
             if self.console_fd in events:
                 try:
                     data = os.read(self.console_fd, self.serial.rx_room())
@@ -265,6 +275,10 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
             enter_confinement(ctx, isolation_args)
             machine = build_machine(kvm_fd, memfd, args)
             worker = VcpuWorker(machine, console_fd, ctl, fd_channel)
+            timer = args.get("boot_timer")
+            if timer:  # --boot-timer: the first MMIO window, before the virtio devices (as Firecracker)
+                boot_timer = BootTimer(int(timer["start_ns"]), worker._log_info)
+                worker.mmio.add(int(timer["base"]), boot_timer.size, boot_timer)
             worker.virtio = attach_virtio_devices(machine.vm, worker.mmio, spawn.devices, worker._log_warning)
             worker.seccomp = seccomp
             if not isolation_args.get("namespaces"):

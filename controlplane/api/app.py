@@ -12,6 +12,7 @@ from controlplane.api import (
     boot_source,
     cpu_config,
     drives,
+    embervm,
     entropy,
     faults,
     instance,
@@ -43,12 +44,17 @@ _ROUTERS = (
     mmds,
     faults,
     restart_policy,
+    embervm,
     unsupported,
 )
 
 
+_REASONS = {400: "Bad Request", 413: "Payload too large"}
+
+
 def fault(message: str, status: int = 400) -> JSONResponse:
-    log.error("Received Error. Status code: %d. Message: %s", status, message)
+    """Firecracker's error answer, and its log line."""
+    log.error("Received Error. Status code: %d %s. Message: %s", status, _REASONS.get(status, ""), message)
     return JSONResponse({"fault_message": message}, status_code=status)
 
 

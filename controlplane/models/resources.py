@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from controlplane.backends import BackendError, OpenedBackends, backend_key, open_drive_file, open_tap_device
 from controlplane.models.boot import MAX_VCPUS, BootSource, CpuConfig, MachineConfig, MachineConfigUpdate
 from controlplane.models.devices import (
     Drive,
@@ -37,13 +38,11 @@ def _check_readable(path: str, what: str) -> None:
     os.close(fd)
 
 
-def _check_backing_file(path: str, read_only: bool, prefix: str) -> None:
+def _opened(open_backend: Any, *args: Any) -> int:
     try:
-        fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
-    except OSError as err:
-        message = f"{prefix}: Error manipulating the backing file: {err.strerror} (os error {err.errno})"
-        raise ConfigError(f"{message} {path}") from None
-    os.close(fd)
+        return int(open_backend(*args))
+    except BackendError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _given(model: Any) -> dict[str, Any]:
@@ -66,6 +65,8 @@ class Resources:
     logger: LoggerConfig | None = None
     metrics: MetricsConfig | None = None
     mmds_config: MmdsConfig | None = None
+    # The backends opened at PUT time (controlplane.backends), handed to InstanceStart.
+    backends: OpenedBackends = field(default_factory=OpenedBackends, repr=False, compare=False)
 
     def set_boot_source(self, source: BootSource) -> None:
         _check_readable(source.kernel_image_path, "Boot source error: The kernel file cannot be opened")
@@ -90,6 +91,17 @@ class Resources:
                 f"The requested operation is not supported: static CPU template "
                 f"`{config.cpu_template}`; use PUT /cpu-config with a custom CPU template instead."
             )
+        # Accepted values embervm cannot honour are refused, never stored and ignored.
+        if config.huge_pages != "None":
+            raise ConfigError(
+                f"The requested operation is not supported: huge_pages `{config.huge_pages}`: embervm backs guest "
+                "memory with a sealed memfd of normal pages (no MFD_HUGETLB or THP yet); use `None`."
+            )
+        if config.track_dirty_pages:
+            raise ConfigError(
+                "The requested operation is not supported: track_dirty_pages: embervm has no snapshots yet, so "
+                "nothing would read the dirty page bitmap; use false."
+            )
         self.machine = config
 
     def update_machine(self, update: MachineConfigUpdate) -> None:
@@ -101,42 +113,66 @@ class Resources:
             raise ConfigError("The requested operation is not supported: vhost-user block devices (`socket`).")
         if drive.path_on_host is None:
             raise ConfigError("Drive config error: `path_on_host` is required for a virtio-block drive.")
-        _check_backing_file(drive.path_on_host, bool(drive.is_read_only), "Drive config error")
+        if drive.io_engine == "Async":
+            raise ConfigError(
+                "The requested operation is not supported: io_engine `Async` (io_uring): embervm's block worker "
+                "does synchronous I/O (preadv/pwritev); use `Sync`."
+            )
         if drive.is_root_device and any(
             d.is_root_device and d.drive_id != drive.drive_id for d in self.drives.values()
         ):
             raise ConfigError("Drive config error: A root block device already exists!")
+        fd = _opened(open_drive_file, drive.path_on_host, bool(drive.is_read_only))
+        self.backends.put(backend_key("block", drive.drive_id), fd)
         drive = drive.model_copy(update={"is_read_only": bool(drive.is_read_only)})
         self.drives[drive.drive_id] = drive
         # Firecracker lists (and attaches) the root device first.
         ordered = sorted(self.drives.values(), key=lambda d: not d.is_root_device)
         self.drives = {d.drive_id: d for d in ordered}
 
-    def update_drive(self, update: PartialDrive) -> dict[str, Any]:
-        """Post-boot drive change: validated and stored; returns the changes to forward."""
+    def update_drive(self, update: PartialDrive) -> tuple[dict[str, Any], int | None]:
+        """Post-boot drive change: validated and stored; returns the changes to forward and,
+        for a new `path_on_host`, the file opened now (the caller owns it), as Firecracker
+        opens it at PATCH time."""
         drive = self.drives.get(update.drive_id)
         if drive is None:
             raise ConfigError(f"Drive config error: Invalid block device ID: `{update.drive_id}`.")
         changes = update.model_dump(exclude_none=True, exclude={"drive_id"})
         if not changes:
             raise ConfigError("Drive config error: nothing to update; give `path_on_host` and/or `rate_limiter`.")
+        fd = None
         if update.path_on_host is not None:
-            _check_backing_file(update.path_on_host, bool(drive.is_read_only), "Drive config error")
+            fd = _opened(open_drive_file, update.path_on_host, bool(drive.is_read_only), True)
         self.drives[drive.drive_id] = drive.model_copy(update=_given(update))
-        return changes
+        return changes, fd
 
     def set_net(self, iface: NetworkInterface) -> None:
+        """Firecracker's NetBuilder::build: the MAC must be free; the interface it replaces is
+        removed (its TAP closed) before the new TAP is attached, and a TAP already attached
+        to another interface is the kernel's EBUSY."""
         for other in self.net.values():
             if other.iface_id == iface.iface_id:
                 continue
             if iface.guest_mac and other.guest_mac and iface.guest_mac.lower() == other.guest_mac.lower():
                 raise ConfigError(f"Network config error: The MAC address is already in use: {iface.guest_mac}")
-            if other.host_dev_name == iface.host_dev_name:
-                raise ConfigError(
-                    f"Network config error: Could not create the network device: the host device "
-                    f"{iface.host_dev_name} is already used by interface {other.iface_id}"
-                )
-        self.net[iface.iface_id] = iface
+        key = backend_key("net", iface.iface_id)
+        self.backends.release(key)
+        try:
+            fd = _opened(open_tap_device, iface.host_dev_name)
+        except ConfigError:
+            self.net.pop(iface.iface_id, None)  # as Firecracker: the old interface is gone already
+            raise
+        self.backends.put(key, fd)
+        self.net[iface.iface_id] = iface  # a replaced interface keeps its place (and MMIO slot)
+
+    def set_vsock(self, vsock: Vsock) -> None:
+        """Firecracker's VsockBuilder::insert: the old socket goes, the new one is bound now."""
+        self.vsock = None
+        try:
+            self.backends.put_vsock(vsock.uds_path)
+        except BackendError as err:
+            raise ConfigError(str(err)) from None
+        self.vsock = vsock
 
     def update_net(self, update: PartialNetworkInterface) -> dict[str, Any]:
         """Post-boot rate limiter change: validated and stored; returns the changes to forward."""
@@ -208,6 +244,7 @@ class Resources:
             "track_dirty_pages": self.machine.track_dirty_pages,
             "huge_pages": self.machine.huge_pages,
             "restart_policy": None if self.restart_policy is None else self.restart_policy.to_spec(),
+            "backend_fds": self.backends.fds(),
         }
 
     def to_spec(self, spec_type: type, drive_type: type, vm_id: str, options: dict[str, Any]) -> Any:

@@ -26,11 +26,13 @@ class LoggerConfig(FcModel):
     def _check_level(cls, value: str | None) -> str | None:
         if value is None:
             return None
+        lowered = value.lower()
+        if lowered == "warn":  # Firecracker's LevelFilter takes "warn" and "warning" alike
+            return "Warning"
         for level in LOG_LEVELS:
-            if value.lower() == level.lower():
+            if lowered == level.lower():
                 return level
-        choices = ", ".join(f"`{level}`" for level in LOG_LEVELS)
-        raise ValueError(f"unknown variant `{value}`, expected one of {choices}")
+        raise ValueError("Invalid LevelFilter")
 
 
 class MetricsConfig(FcModel):

@@ -14,7 +14,11 @@ guest's offloads are mirrored on the TAP with TUNSETOFFLOAD at activation.
 TX (guest -> TAP): each chain's readable buffers go to the TAP with one writev straight
 from guest memory. A chain shorter than the header or longer than header + 65550 bytes is
 malformed (counted, completed with length 0). Frames for the MMDS address go to the stack,
-never to the TAP.
+never to the TAP. After a pass that sent frames the device reads the TAP before raising the
+interrupt: the kernel's tun hands a written frame to the host stack inside the writev, so
+the peer's answer (a TCP ACK, mostly) is often there already and one interrupt carries both.
+With a guest's TCP sending one or two frames per round trip, that halves the interrupts per
+MiB (each costs an InterruptStatus read and an ACK write; docs/net.md, bench/guest_io.py).
 
 RX (TAP -> guest): the device pops enough chains for the largest frame (one chain without
 MRG_RXBUF) and readv()s from the TAP straight into their buffers, then writes
@@ -279,13 +283,20 @@ class NetDevice:
 
     def _tx(self) -> None:
         queue = self._queues[TX]
+        sent = 0
         while True:
             while (chain := self._pop(queue, "tx_malformed_frames")) is not None:
                 if not self._send(queue, chain):
                     return
+                sent += 1
             if not queue.enable_notification():
                 break
-        if self.pending:
+        # The TAP's peer handles a frame inside our writev (tun delivers it synchronously),
+        # so its answer -- a TCP ACK, mostly -- is usually in the TAP already. Delivering it
+        # now lets one interrupt carry both the tx completions and the answer, instead of a
+        # second interrupt a moment later (each costs the guest an InterruptStatus read and
+        # an ACK write, and a guest's TCP sends no more until both have arrived).
+        if self.pending or (sent and self.wants_tap_input()):
             self._rx()
 
     def _send(self, queue: Queue, chain: DescriptorChain) -> bool:

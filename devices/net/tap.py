@@ -1,18 +1,20 @@
 """TAP devices: the supervisor opens one by name, the worker sets its offloads.
 
-`open_tap` runs in the supervisor (workers open no host path): /dev/net/tun, TUNSETIFF
-with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR on an *existing* interface (a missing one is an
-error, not silently created), TUNSETVNETHDRSZ 12 (the virtio 1.0 header, `num_buffers`
-included, so guest buffers and TAP frames share one layout), non-blocking. A TAP another
-process holds answers EBUSY. `set_offload` (TUNSETOFFLOAD) runs in the worker when the
-guest has negotiated its features, mirroring them as Firecracker does.
+`open_tap` runs in the supervisor (workers open no host path) when PUT /network-interfaces
+configures the interface, as Firecracker's `Tap::open_named` does: /dev/net/tun, TUNSETIFF
+with IFF_TAP | IFF_NO_PI | IFF_VNET_HDR (as root on a missing name the kernel creates the
+TAP; an unprivileged process gets the kernel's EPERM), TUNSETVNETHDRSZ 12 (the virtio 1.0
+header, `num_buffers` included, so guest buffers and TAP frames share one layout),
+non-blocking. A TAP another process holds answers EBUSY. Error texts are Firecracker's
+`TapError`/`NetError` ones, so a client matching on them keeps working. `set_offload`
+(TUNSETOFFLOAD) runs in the worker when the guest has negotiated its features, mirroring
+them as Firecracker does.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
-import socket
 import struct
 
 TUNSETIFF = 0x400454CA
@@ -31,29 +33,37 @@ class TapError(Exception):
 
 
 def open_tap(name: str) -> int:
-    """An fd on the existing TAP `name`, attached with a virtio-net header."""
-    if not name or len(name.encode()) >= IFNAMSIZ or "/" in name:
-        raise TapError(f"invalid host device name {name!r}")
+    """An fd on the TAP `name` (created by the kernel if missing and we may), with a virtio-net header."""
+    if len(name.encode()) >= IFNAMSIZ:
+        raise TapError("Open tap device failed: Invalid interface name")
     try:
-        socket.if_nametoindex(name)
-    except OSError:
-        raise TapError(f"host device {name} does not exist (create it first: ip tuntap add {name} mode tap)") from None
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise TapError(f"Open tap device failed: Couldn't open /dev/net/tun: {_io_error(e)}") from None
     try:
         ifr = struct.pack("16sH22x", name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
         try:
             fcntl.ioctl(fd, TUNSETIFF, ifr)
         except OSError as e:
-            if e.errno == 16:  # EBUSY
-                raise TapError(f"host device {name} is busy (another process holds it)") from None
-            if e.errno == 22:  # EINVAL: not a TAP (a TUN, or multi-queue)
-                raise TapError(f"host device {name} is not a single-queue TAP device") from None
-            raise TapError(f"cannot attach host device {name}: {e.strerror}") from None
-        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
+            raise TapError(
+                f"Open tap device failed: Error while creating ifreq structure: {_io_error(e)}. Invalid TUN/TAP "
+                f"Backend provided by {name}. Check our documentation on setting up the network devices."
+            ) from None
+        try:
+            fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", VNET_HDR_SIZE))
+        except OSError as e:
+            raise TapError(
+                f"Setting vnet header size failed: Error while setting size of the vnet header: {_io_error(e)}"
+            ) from None
     except BaseException:
         os.close(fd)
         raise
     return fd
+
+
+def _io_error(err: OSError) -> str:
+    """An OSError as Rust's io::Error displays it."""
+    return f"{err.strerror} (os error {err.errno})"
 
 
 def set_offload(fd: int, flags: int) -> int:

@@ -18,6 +18,15 @@ const struct guest_test *find_test(const char *name)
 static void test_boot(void) { println("embervm-guest: ok"); }
 GUEST_TEST("boot", test_boot);
 
+/* boottimer: signal "boot complete" to Firecracker's boot timer device (--boot-timer), as a
+ * guest's init does: one byte, 123, at the first MMIO window. */
+static void test_boottimer(void)
+{
+	mmio_write8(0xd0000000UL, 123);
+	println("embervm-guest: boot timer signalled");
+}
+GUEST_TEST("boottimer", test_boottimer);
+
 /* echo: echo serial input lines as "echo: <line>" until a line "quit". */
 #define ECHO_LINE_MAX 256
 

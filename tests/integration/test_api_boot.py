@@ -120,7 +120,9 @@ def test_running_guest_pause_resume_metrics_and_post_boot_rules(embervm_api, gue
 
     info = client.get("/").json()
     assert info["state"] == "Running"
-    assert any(worker["name"] == "vcpu" and worker["alive"] for worker in info["embervm"]["workers"])
+    assert set(info) == {"id", "state", "vmm_version", "app_name"}  # exactly Firecracker's InstanceInfo
+    workers = client.get("/embervm").json()["workers"]
+    assert any(worker["name"] == "vcpu" and worker["alive"] for worker in workers)
     assert "after starting the microVM" in fault(client.put("/boot-source", json={"kernel_image_path": "/k"}))
 
     assert_no_content(client.patch("/vm", json={"state": "Paused"}))

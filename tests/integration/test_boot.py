@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
 from pathlib import Path
 
@@ -172,3 +173,39 @@ def test_thirty_two_vcpus_boot(launcher, guest_images: GuestImages):
     vm, _out = boot_to_exit(launcher, guest_images.elf, "test=boot", vcpu_count=32)
 
     assert vm.exit_code == exitcodes.OK
+
+
+def test_a_cpu_template_with_msr_modifiers_boots(launcher, guest_images: GuestImages):
+    low16 = "0b" + "x" * 48 + "0000_0000_0001_0000"  # IA32_SYSENTER_CS: applied and read back by the vCPU worker
+    template = {"msr_modifiers": [{"addr": "0x174", "bitmap": low16}], "kvm_capabilities": ["!9999"]}
+    vm, _out = boot_to_exit(launcher, guest_images.elf, "test=boot", cpu_config=template)
+
+    assert vm.exit_code == exitcodes.OK
+
+
+@pytest.mark.parametrize(
+    ("template", "message"),
+    [
+        ({"kvm_capabilities": ["9999"]}, "Missing KVM capabilities: 9999"),
+        ({"msr_modifiers": [{"addr": "0x400000ff", "bitmap": "0b" + "0" * 64}]}, "KVM_GET_MSRS read 0 of 1"),
+    ],
+)
+def test_a_cpu_template_kvm_cannot_honour_fails_the_start(launcher, guest_images: GuestImages, template, message):
+    spec = VmSpec(kernel_image_path=str(guest_images.elf), mem_size_mib=MEM_MIB, cpu_config=template)
+
+    with pytest.raises(VmStartError, match=message):
+        launcher.start_vm(spec, ConsoleCapture(), lambda c, r: None)
+
+
+def test_boot_timer_logs_the_guest_boot_time(launcher, guest_images: GuestImages, caplog: pytest.LogCaptureFixture):
+    caplog.set_level("INFO")
+    vm, out = boot_to_exit(launcher, guest_images.elf, "test=boottimer", boot_timer=True)
+
+    assert vm.exit_code == exitcodes.OK and "boot timer signalled" in out
+    [line] = [r.getMessage() for r in caplog.records if "Guest-boot-time" in r.getMessage()]
+    assert re.search(r"Guest-boot-time = +\d+ us \d+ ms, +\d+ CPU us \d+ CPU ms", line), line
+
+
+def test_boot_timer_takes_the_first_mmio_window_and_no_interrupt():
+    assert layout.virtio_mmio_window(0, boot_timer=True) == (layout.BOOT_TIMER_BASE + layout.VIRTIO_MMIO_SIZE, 5)
+    assert layout.virtio_mmio_window(0) == (layout.BOOT_TIMER_BASE, 5)

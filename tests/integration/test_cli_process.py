@@ -55,9 +55,9 @@ def test_no_api_requires_a_config_file():
     assert "--no-api requires --config-file" in result.stderr
 
 
-def test_missing_config_file_is_a_bad_configuration(tmp_path: Path):
+def test_missing_config_file_is_a_generic_error_as_in_firecracker(tmp_path: Path):
     result = embervm("--no-api", "--config-file", str(tmp_path / "absent.json"))
-    assert result.returncode == exitcodes.BAD_CONFIGURATION
+    assert result.returncode == exitcodes.GENERIC_ERROR
     assert "Cannot read the configuration" in result.stderr
 
 

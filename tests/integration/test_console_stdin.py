@@ -122,7 +122,7 @@ def test_a_terminal_is_restored_when_embervm_is_stopped_by_a_signal_in_api_mode(
             assert_no_content(client.put("/actions", json={"action_type": "InstanceStart"}))
             proc.console.wait_for("tick 1", timeout=30)
             wait_for(lambda: is_raw(slave), proc)
-            workers = [int(worker["pid"]) for worker in client.get("/").json()["embervm"]["workers"]]
+            workers = [int(worker["pid"]) for worker in client.get("/embervm").json()["workers"]]
         tty = os.ttyname(slave)
         for pid in workers:
             held = {os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")}

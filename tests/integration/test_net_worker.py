@@ -268,12 +268,14 @@ def test_garbage_to_the_mmds_address_never_stops_the_worker(mmds_worker: NetWork
 # --- opening TAPs ------------------------------------------------------------------------------
 
 
-def test_missing_and_busy_taps_are_clear_errors(ns: netns.NetNs) -> None:
-    with pytest.raises(TapError, match="does not exist"):
-        ns.open_tap("nosuchtap0")
+def test_tap_names_and_busy_taps_get_firecrackers_errors(ns: netns.NetNs) -> None:
+    with pytest.raises(TapError, match=r"^Open tap device failed: Invalid interface name$"):
+        ns.open_tap("x" * 16)  # IFNAMSIZ - 1 bytes at most
+    created = ns.open_tap("nosuchtap0")  # as root the kernel creates a missing TAP, as for Firecracker
+    os.close(created)
     fd = ns.open_tap(TAP)
     try:
-        with pytest.raises(TapError, match="busy"):
+        with pytest.raises(TapError, match=r"Device or resource busy \(os error 16\)\. Invalid TUN/TAP Backend"):
             ns.open_tap(TAP)
     finally:
         os.close(fd)

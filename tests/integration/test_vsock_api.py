@@ -30,7 +30,7 @@ def test_put_vsock_then_boot_serves_the_guest_port_on_uds_path(guest_images: Gue
         proc.console.wait_for("vsock: listening on port 52", timeout=30)
         assert "vsock: cid 7" in proc.console.text
 
-        workers = client.get("/").json()["embervm"]["workers"]
+        workers = client.get("/embervm").json()["workers"]
         assert [w["alive"] for w in workers if w["kind"] == "vsock"] == [True]
         host = socket.socket(socket.AF_UNIX)
         host.settimeout(30)

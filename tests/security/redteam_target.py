@@ -208,15 +208,15 @@ class RedTeamVmm:
     # --- what the supervisor says -----------------------------------------------------------------
     def info(self) -> dict[str, Any]:
         assert self.client is not None
-        return self.client.get("/").json()  # type: ignore[no-any-return]
+        return self.client.get("/embervm").json()  # type: ignore[no-any-return]
 
     def _workers_or_empty(self) -> list[dict[str, Any]]:
         with contextlib.suppress(Exception):
-            return list(self.info()["embervm"]["workers"])
+            return list(self.info()["workers"])
         return []
 
     def worker(self, name: str) -> dict[str, Any]:
-        (found,) = [w for w in self.info()["embervm"]["workers"] if w["name"] == name]
+        (found,) = [w for w in self.info()["workers"] if w["name"] == name]
         return found  # type: ignore[no-any-return]
 
     def pid(self, name: str) -> int:
@@ -232,7 +232,7 @@ class RedTeamVmm:
             info = self.info()
         except Exception:
             return False
-        return bool(self.worker("vcpu")["alive"]) and "exit_code" not in info["embervm"]
+        return bool(self.worker("vcpu")["alive"]) and "exit_code" not in info
 
     def log_text(self) -> str:
         """embervm's log so far (read on from where the last call stopped)."""
@@ -281,9 +281,9 @@ class RedTeamVmm:
         info = self.info()
         now = self.worker(worker)
         if worker == "vcpu":
-            if now["alive"] and "exit_code" not in info["embervm"]:
+            if now["alive"] and "exit_code" not in info:
                 return None
-            reason = info["embervm"].get("exit_reason") or now.get("exit_reason")
+            reason = info.get("exit_reason") or now.get("exit_reason")
             if reason is None:
                 return None  # dead, its end not yet recorded
         else:

@@ -76,3 +76,28 @@ class NetNs:
 
     def delete(self) -> None:
         subprocess.run(["ip", "netns", "delete", self.name], check=False, capture_output=True)
+
+
+@contextlib.contextmanager
+def private() -> Iterator[None]:
+    """Move the calling thread into a new, unnamed network namespace until the block ends.
+
+    Threads it starts meanwhile (an in-process API server's) inherit the namespace, so a TAP
+    the control plane attaches by name (and, as root, creates) never touches the host's.
+    Without root the thread stays where it is: TUNSETIFF then fails as it would for
+    an unprivileged embervm.
+    """
+    if os.geteuid() != 0:
+        yield
+        return
+    here = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if _libc.unshare(CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"unshare: {os.strerror(err)}")
+        try:
+            yield
+        finally:
+            _setns(here)
+    finally:
+        os.close(here)

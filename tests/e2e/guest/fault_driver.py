@@ -9,7 +9,7 @@ apart, each time waiting until a replacement (a new pid) runs. Then it injects e
 `--faults` through the API (`PUT /faults/DEVICE_ID`, embervm started with
 --enable-fault-injection) and waits for the replacement after each. It prints one line per
 event ("FAULT kill pid=... replaced_by=... after_s=...") and finally "FAULT done ..." with
-the restarts embervm reports for the device in GET /.
+the restarts embervm reports for the device in GET /embervm.
 """
 
 from __future__ import annotations
@@ -77,10 +77,10 @@ def wait_running(sock_path: str) -> bool:
 
 
 def restarts_reported(sock_path: str, device_id: str) -> int | None:
-    status, body = api(sock_path, "GET", "/")
+    status, body = api(sock_path, "GET", "/embervm")  # embervm's own view; GET / is Firecracker's InstanceInfo
     if status != 200:
         return None
-    for worker in json.loads(body).get("embervm", {}).get("workers", []):
+    for worker in json.loads(body).get("workers", []):
         if device_id in (worker.get("drive_id"), worker.get("iface_id")) or worker.get("kind") == device_id:
             return int(worker.get("restarts", 0))
     return None

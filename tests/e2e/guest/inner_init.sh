@@ -164,6 +164,88 @@ check_vsockstream() { # vsockstream:<send>/<receive>: one connection to the host
     esac
 }
 
+# --- guest-driven I/O measurements (bench/guest_io.py, the TCP floor test) -------------------
+# gio_<test> checks run one guest program between "GIO-BEGIN <name>" and "GIO-END <name>"
+# markers (the outer side samples the outer KVM's exit counters when it reads them; the
+# sleeps let a marker drain through the UART before the program starts), then print
+# "GIO-RESULT <name> rc= bytes= secs= irqs= tx_packets= tx_bytes= rx_packets= rx_bytes=
+# outsegs= <extra>": the program's wall time from the guest's clock, the virtio interrupts
+# (/proc/interrupts), eth0's frame counters (a TSO frame counts once, so tx_bytes/tx_packets
+# is the size of the frames the guest hands the device) and TCP OutSegs (MSS-sized segments).
+gio_irqs() { awk '/virtio/ { for (i = 2; i <= NF; i++) { if ($i !~ /^[0-9]+$/) break; n += $i } } END { print n + 0 }' /proc/interrupts; }
+gio_stat() { cat "/sys/class/net/eth0/statistics/$1" 2>/dev/null || echo 0; }
+gio_outsegs() { awk '/^Tcp:/ { if (seen) print $12; seen = 1 }' /proc/net/snmp; }
+gio_sample() { echo "$(cut -d' ' -f1 /proc/uptime) $(gio_irqs) $(gio_stat tx_packets) $(gio_stat tx_bytes) $(gio_stat rx_packets) $(gio_stat rx_bytes) $(gio_outsegs)"; }
+gio_tcpext() { # the TcpExt counters that moved between the two netstat snapshots
+    cat /tmp/gio.netstat0 /tmp/gio.netstat1 | awk '/^TcpExt:/ { n++; if (n % 2) { for (i = 2; i <= NF; i++) k[i] = $i } else if (n == 2) { for (i = 2; i <= NF; i++) a[i] = $i } else if (n == 4) { for (i = 2; i <= NF; i++) if ($i != a[i]) printf "%s=%d ", k[i], $i - a[i] } }'
+}
+gio_measure() { # gio_measure NAME BYTES COMMAND...: prints GIO-RESULT; the command's output is in /tmp/gio.out
+    name=$1 bytes=$2
+    shift 2
+    echo "GIO-BEGIN $name"
+    sleep 0.5
+    cat /proc/net/netstat >/tmp/gio.netstat0 2>/dev/null
+    before=$(gio_sample)
+    "$@" >/tmp/gio.out 2>&1
+    rc=$?
+    after=$(gio_sample)
+    cat /proc/net/netstat >/tmp/gio.netstat1 2>/dev/null
+    echo "GIO-END $name"
+    sleep 0.5
+    case $name in tcp_*) echo "GIO-INFO $name tcpext $(gio_tcpext)" ;; esac
+    set -- $before $after
+    echo "GIO-RESULT $name rc=$rc bytes=$bytes $(awk -v a="$*" 'BEGIN { split(a, v, " ");
+        printf "secs=%.2f irqs=%d tx_packets=%d tx_bytes=%d rx_packets=%d rx_bytes=%d outsegs=%d",
+            v[8] - v[1], v[9] - v[2], v[10] - v[3], v[11] - v[4], v[12] - v[5], v[13] - v[6], v[14] - v[7] }')"
+    return $rc
+}
+gio_result() { # the check's PASS/FAIL line from gio_measure's status
+    if [ "$2" -eq 0 ]; then pass "$1" "$(tail -n 1 /tmp/gio.out)"; else fail "$1" "rc=$2 $(tail -n 2 /tmp/gio.out | tr '\n' ' ')"; fi
+}
+
+check_gio_tcp_tx() { # gio_tcp_tx:<peer>:<port>:<MiB>: send MiB zeros to a sink on the peer (busybox nc)
+    set -- $(echo "$1" | tr ':' ' ')
+    echo "GIO-INFO eth0 virtio features $(cat /sys/class/net/eth0/device/features 2>/dev/null)"
+    gio_measure tcp_tx $(($3 << 20)) sh -c "dd if=/dev/zero bs=65536 count=$(($3 * 16)) 2>/dev/null | nc -w 10 $1 $2"
+    gio_result gio_tcp_tx $?
+}
+
+check_gio_tcp_rx() { # gio_tcp_rx:<peer>:<port>:<MiB>: fetch MiB from the peer's HTTP source (busybox wget)
+    set -- $(echo "$1" | tr ':' ' ')
+    gio_measure tcp_rx $(($3 << 20)) wget -q -O /dev/null "http://$1:$2/$(($3 << 20))"
+    gio_result gio_tcp_rx $?
+}
+
+check_gio_ping() { # gio_ping:<peer>:<count>: adaptive ping (-A: the next one as soon as the reply is in)
+    set -- $(echo "$1" | tr ':' ' ')
+    gio_measure ping 0 ping -A -q -c "${2:-20}" "$1"
+    rc=$?
+    echo "GIO-INFO ping $(tail -n 1 /tmp/gio.out)"
+    gio_result gio_ping $rc
+}
+
+check_gio_blk() { # gio_blk:<dev>: O_DIRECT reads and writes with busybox dd on a scratch disk
+    dev=/dev/${1:-vda}
+    wait_for "$dev" 5 || { fail gio_blk "no $dev"; return; }
+    rc=0
+    gio_measure blk_seq_read $((32 << 20)) dd if="$dev" of=/dev/null bs=131072 count=256 iflag=direct || rc=$?
+    gio_measure blk_seq_write $((16 << 20)) dd if=/dev/zero of="$dev" bs=131072 count=128 seek=256 oflag=direct || rc=$?
+    gio_measure blk_4k_read $((2 << 20)) dd if="$dev" of=/dev/null bs=4096 count=512 skip=1024 iflag=direct || rc=$?
+    gio_measure blk_4k_write $((2 << 20)) dd if=/dev/zero of="$dev" bs=4096 count=512 seek=1024 oflag=direct || rc=$?
+    gio_result gio_blk $rc
+}
+
+check_gio_vsock_tx() { # gio_vsock_tx:<port>:<MiB>: send MiB to the host (CID 2)
+    set -- $(echo "$1" | tr ':' ' ')
+    gio_measure vsock_tx $(($2 << 20)) vsock-e2e send 2 "$1" $(($2 << 20))
+    gio_result gio_vsock_tx $?
+}
+
+check_gio_vsock_rx() { # gio_vsock_rx:<port>: accept one connection from the host, read to its end
+    gio_measure vsock_rx 0 vsock-e2e sink "$1"
+    gio_result gio_vsock_rx $?
+}
+
 STRESS_LINES=32 # each stress file holds its own path, once per line, this many times
 
 stress_write() { # stress_write DIR ROUND COUNT: files DIR/r<ROUND>-<i> of known contents

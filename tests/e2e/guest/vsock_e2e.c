@@ -2,6 +2,8 @@
  *
  *   vsock-e2e connect CID PORT MESSAGE   connect, send "MESSAGE\n", print the reply line
  *   vsock-e2e echo PORT                  accept one connection, print "got:<line>", reply "echo:<line>\n"
+ *   vsock-e2e send CID PORT BYTES        connect, send BYTES zeros, close, wait for the peer's close
+ *   vsock-e2e sink PORT                  accept one connection, read to its end, print "bytes=<n>"
  *   vsock-e2e stream CID PORT BYTES      connect, send BYTES of the pattern (byte o is o % 251),
  *                                        half-close, read the host's pattern until it closes;
  *                                        print "stream sent=N received=M bad=K"
@@ -21,7 +23,6 @@
 #define SYS_listen 50
 #define SYS_shutdown 48
 #define SYS_exit 60
-#define SHUT_WR 1
 
 #define AF_VSOCK 40
 #define SOCK_STREAM 1
@@ -129,7 +130,9 @@ static int do_echo(unsigned int port) {
     return 0;
 }
 
-static void put_number(unsigned long v) {
+static char bulk[65536];
+
+static void out_number(unsigned long v) {
     char digits[24];
     int i = 23;
     digits[i] = 0;
@@ -140,7 +143,42 @@ static void put_number(unsigned long v) {
     out(digits + i);
 }
 
-static char chunk[65536];
+static int do_send(unsigned int cid, unsigned int port, unsigned long bytes) {
+    struct sockaddr_vm addr = {AF_VSOCK, 0, port, cid, {0}};
+    long fd = sys3(SYS_socket, AF_VSOCK, SOCK_STREAM, 0), r;
+    if (fd < 0) return fail("socket", fd);
+    if ((r = sys3(SYS_connect, fd, (long)&addr, sizeof addr)) < 0) return fail("connect", r);
+    while (bytes) {
+        unsigned long n = bytes < sizeof bulk ? bytes : sizeof bulk;
+        if ((r = send_all(fd, bulk, n)) < 0) return fail("write", r);
+        bytes -= n;
+    }
+    if ((r = sys3(SYS_shutdown, fd, 1, 0)) < 0) return fail("shutdown", r);
+    while ((r = sys3(SYS_read, fd, (long)bulk, sizeof bulk)) > 0) {
+    }
+    if (r < 0) return fail("read", r);
+    sys3(SYS_close, fd, 0, 0);
+    out("sent\n");
+    return 0;
+}
+
+static int do_sink(unsigned int port) {
+    struct sockaddr_vm addr = {AF_VSOCK, 0, port, VMADDR_CID_ANY, {0}};
+    unsigned long total = 0;
+    long fd = sys3(SYS_socket, AF_VSOCK, SOCK_STREAM, 0), conn, r;
+    if (fd < 0) return fail("socket", fd);
+    if ((r = sys3(SYS_bind, fd, (long)&addr, sizeof addr)) < 0) return fail("bind", r);
+    if ((r = sys3(SYS_listen, fd, 1, 0)) < 0) return fail("listen", r);
+    if ((conn = sys3(SYS_accept, fd, 0, 0)) < 0) return fail("accept", conn);
+    while ((r = sys3(SYS_read, conn, (long)bulk, sizeof bulk)) > 0) total += (unsigned long)r;
+    if (r < 0) return fail("read", r);
+    sys3(SYS_close, conn, 0, 0);
+    sys3(SYS_close, fd, 0, 0);
+    out("bytes=");
+    out_number(total);
+    out("\n");
+    return 0;
+}
 
 static int do_stream(unsigned int cid, unsigned int port, unsigned long total) {
     struct sockaddr_vm addr = {AF_VSOCK, 0, port, cid, {0}};
@@ -149,27 +187,27 @@ static int do_stream(unsigned int cid, unsigned int port, unsigned long total) {
     if (fd < 0) return fail("socket", fd);
     if ((r = sys3(SYS_connect, fd, (long)&addr, sizeof addr)) < 0) return fail("connect", r);
     while (sent < total) {
-        unsigned long n = total - sent < sizeof chunk ? total - sent : sizeof chunk;
-        for (unsigned long i = 0; i < n; i++) chunk[i] = (char)((sent + i) % 251);
-        if ((r = send_all(fd, chunk, n)) < 0) return fail("write", r);
+        unsigned long n = total - sent < sizeof bulk ? total - sent : sizeof bulk;
+        for (unsigned long i = 0; i < n; i++) bulk[i] = (char)((sent + i) % 251);
+        if ((r = send_all(fd, bulk, n)) < 0) return fail("write", r);
         sent += n;
     }
-    if ((r = sys3(SYS_shutdown, fd, SHUT_WR, 0)) < 0) return fail("shutdown", r);
+    if ((r = sys3(SYS_shutdown, fd, 1, 0)) < 0) return fail("shutdown", r);
     for (;;) {
-        long got = sys3(SYS_read, fd, (long)chunk, sizeof chunk);
+        long got = sys3(SYS_read, fd, (long)bulk, sizeof bulk);
         if (got < 0) return fail("read", got);
         if (got == 0) break;
         for (long i = 0; i < got; i++)
-            if ((unsigned char)chunk[i] != (received + (unsigned long)i) % 251) bad++;
+            if ((unsigned char)bulk[i] != (received + (unsigned long)i) % 251) bad++;
         received += (unsigned long)got;
     }
     sys3(SYS_close, fd, 0, 0);
     out("stream sent=");
-    put_number(sent);
+    out_number(sent);
     out(" received=");
-    put_number(received);
+    out_number(received);
     out(" bad=");
-    put_number(bad);
+    out_number(bad);
     out("\n");
     return 0;
 }
@@ -184,8 +222,10 @@ int cmain(long *sp) {
     char **argv = (char **)(sp + 1);
     if (argc == 5 && streq(argv[1], "connect")) return do_connect(number(argv[2]), number(argv[3]), argv[4]);
     if (argc == 3 && streq(argv[1], "echo")) return do_echo(number(argv[2]));
+    if (argc == 5 && streq(argv[1], "send")) return do_send(number(argv[2]), number(argv[3]), number(argv[4]));
+    if (argc == 3 && streq(argv[1], "sink")) return do_sink(number(argv[2]));
     if (argc == 5 && streq(argv[1], "stream")) return do_stream(number(argv[2]), number(argv[3]), number(argv[4]));
-    out("usage: vsock-e2e connect CID PORT MESSAGE | vsock-e2e echo PORT | vsock-e2e stream CID PORT BYTES\n");
+    out("usage: vsock-e2e connect CID PORT MESSAGE | echo PORT | send CID PORT BYTES | sink PORT | stream CID PORT BYTES\n");
     return 2;
 }
 

@@ -16,6 +16,7 @@ from controlplane.metrics import Metrics
 from controlplane.mmds_store import MmdsStore
 from controlplane.server import ApiServer
 from controlplane.state import Vmm
+from tests.support import netns
 from tests.support.api_client import ApiClient
 from tests.unit.controlplane.fakes import SPEC_TYPES, FakeLauncher
 
@@ -68,16 +69,18 @@ def make_harness(tmp_path: Path, max_payload: int = 51200, mmds_limit: int = 512
     )
     vmm.spec_types = SPEC_TYPES
     socket_path = str(tmp_path / "api.sock")
-    server, thread = serve(create_app(vmm, max_payload), socket_path)
-    client = ApiClient(socket_path)
-    try:
-        yield Harness(client, vmm, launcher, metrics, logger, tmp_path, exits)
-    finally:
-        client.close()
-        server.stop()
-        thread.join(timeout=10)
-        logger.close()
-        metrics.close()
+    with netns.private():  # the TAPs that PUT /network-interfaces attaches (and creates) stay in it
+        server, thread = serve(create_app(vmm, max_payload), socket_path)
+        client = ApiClient(socket_path)
+        try:
+            yield Harness(client, vmm, launcher, metrics, logger, tmp_path, exits)
+        finally:
+            client.close()
+            server.stop()
+            thread.join(timeout=10)
+            vmm.close_backends()
+            logger.close()
+            metrics.close()
 
 
 @pytest.fixture

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from typing import Any, BinaryIO
@@ -33,6 +34,8 @@ class FakeMicroVm:
         self.console_input = bytearray()
         self.refuse_updates: str | None = None  # a worker's refusal, raised by the update calls
         self.mmds_pushes: list[dict[str, Any] | None] = []
+        self.backend_inodes: dict[str, int] = {}
+        self.patched_inodes: list[int] = []
 
     def pause(self) -> None:
         self.calls.append("pause")
@@ -72,8 +75,15 @@ class FakeMicroVm:
         return [{"name": "vcpu", "pid": 4242, "alive": self.state != "Exited", "exit_reason": None}]
 
     def update_drive(
-        self, drive_id: str, path_on_host: str | None = None, rate_limiter: dict[str, Any] | None = None
+        self,
+        drive_id: str,
+        path_on_host: str | None = None,
+        rate_limiter: dict[str, Any] | None = None,
+        backing_fd: int | None = None,
     ) -> None:
+        if backing_fd is not None:  # ours now, as the real microVM's: record which file it is
+            self.patched_inodes.append(os.fstat(backing_fd).st_ino)
+            os.close(backing_fd)
         self._updated("drive", drive_id, {"path_on_host": path_on_host, "rate_limiter": rate_limiter})
 
     def update_net(
@@ -112,6 +122,8 @@ class FakeLauncher:
         if self.fail_with is not None:
             raise FakeStartError(self.fail_with)
         vm = FakeMicroVm(spec, console_out, on_exit)
+        # What the real planners would duplicate: the backends opened at PUT time, by inode.
+        vm.backend_inodes = {key: os.fstat(fd).st_ino for key, fd in getattr(spec, "backend_fds", {}).items()}
         self.vms.append(vm)
         return vm
 

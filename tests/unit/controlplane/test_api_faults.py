@@ -67,8 +67,8 @@ def test_a_failed_microvm_is_reported_and_the_api_stays_usable(api, files):
 
     api.vm.finish(1, "vCPU worker killed by signal SIGKILL")
 
-    info = api.client.get("/").json()
-    assert info["state"] == "Paused"
-    assert info["embervm"]["vm_state"] == "Failed"
-    assert info["embervm"]["exit_reason"] == "vCPU worker killed by signal SIGKILL"
+    assert api.client.get("/").json()["state"] == "Paused"
+    info = api.client.get("/embervm").json()
+    assert info["vm_state"] == "Failed"
+    assert info["exit_reason"] == "vCPU worker killed by signal SIGKILL"
     assert "already stopped" in fault(api.client.put("/actions", json={"action_type": "SendCtrlAltDel"}))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from tests.support.api_client import assert_no_content, fault
 
 
@@ -23,7 +25,8 @@ def test_instance_info_and_version_before_boot(api):
         "app_name": "Firecracker",
     }
     assert info["vmm_version"] == api.client.get("/version").json()["firecracker_version"]
-    assert info["embervm"]["workers"] == []
+    assert set(info) == {"id", "state", "vmm_version", "app_name"}  # exactly Firecracker's InstanceInfo
+    assert api.client.get("/embervm").json()["workers"] == []
 
 
 def test_boot_source_checks_the_kernel_and_initrd(api, files):
@@ -68,6 +71,40 @@ def test_machine_config_rejects_bad_values_and_keeps_the_old_ones(api):
     assert fault(api.client.patch("/machine-config", json={"mem_size_mib": 129, "huge_pages": "2M"})) == mem_msg
     assert "static CPU template `T2`" in fault(api.client.patch("/machine-config", json={"cpu_template": "T2"}))
     assert api.client.get("/machine-config").json()["vcpu_count"] == 1
+
+
+@pytest.mark.parametrize(
+    ("body", "needle"),
+    [
+        ({"huge_pages": "2M"}, "not supported: huge_pages `2M`"),
+        ({"huge_pages": "Transparent"}, "not supported: huge_pages `Transparent`"),
+        ({"track_dirty_pages": True}, "not supported: track_dirty_pages"),
+    ],
+)
+def test_machine_config_embervm_cannot_honour_is_refused_not_ignored(api, body, needle):
+    assert needle in fault(api.client.put("/machine-config", json={"vcpu_count": 1, "mem_size_mib": 128, **body}))
+    assert needle in fault(api.client.patch("/machine-config", json=body))
+    config = api.client.get("/machine-config").json()
+    assert (config["huge_pages"], config["track_dirty_pages"]) == ("None", False)
+
+
+def test_async_io_engine_is_refused_not_ignored(api, files):
+    drive = {"drive_id": "rootfs", "path_on_host": files["rootfs"], "is_root_device": True, "io_engine": "Async"}
+    assert fault(api.client.put("/drives/rootfs", json=drive)) == (
+        "The requested operation is not supported: io_engine `Async` (io_uring): embervm's block worker does "
+        "synchronous I/O (preadv/pwritev); use `Sync`."
+    )
+    assert_no_content(api.client.put("/drives/rootfs", json={**drive, "io_engine": "Sync"}))
+
+
+def test_cpu_config_cannot_remove_a_capability_embervm_needs(api):
+    from shared.kvm import REQUIRED_CAPS
+
+    irqfd = REQUIRED_CAPS["KVM_CAP_IRQFD"]
+    assert "cannot be removed: embervm requires it" in fault(
+        api.client.put("/cpu-config", json={"kvm_capabilities": [f"!{irqfd}"]})
+    )
+    assert_no_content(api.client.put("/cpu-config", json={"kvm_capabilities": ["!9999", "9998"]}))
 
 
 def test_deprecated_cpu_template_field_sets_the_deprecation_header(api):
@@ -125,7 +162,8 @@ def test_drives_put_update_and_single_root(api, files):
 def test_drive_backing_file_must_open(api, files):
     message = fault(api.client.put("/drives/rootfs", json={**rootfs(files), "path_on_host": "/no/disk"}))
     assert message == (
-        "Drive config error: Error manipulating the backing file: No such file or directory (os error 2) /no/disk"
+        "Drive config error: Unable to create the virtio block device: Virtio backend error: "
+        "Error manipulating the backing file: No such file or directory (os error 2) /no/disk"
     )
     missing = {"drive_id": "rootfs", "is_root_device": True}
     assert "`path_on_host` is required" in fault(api.client.put("/drives/rootfs", json=missing))
@@ -141,7 +179,11 @@ def test_network_interfaces_unique_mac_and_tap(api):
         "Network config error: The MAC address is already in use: 06:00:00:00:00:01"
     )
     eth1 = {"iface_id": "eth1", "host_dev_name": "tap0"}
-    assert "already used by interface eth0" in fault(api.client.put("/network-interfaces/eth1", json=eth1))
+    assert fault(api.client.put("/network-interfaces/eth1", json=eth1)) == (  # the kernel's EBUSY, as Firecracker
+        "Network config error: Could not create the network device: Open tap device failed: Error while creating "
+        "ifreq structure: Device or resource busy (os error 16). Invalid TUN/TAP Backend provided by tap0. Check our "
+        "documentation on setting up the network devices."
+    )
     assert_no_content(
         api.client.put("/network-interfaces/eth1", json={"iface_id": "eth1", "host_dev_name": "tap1", "mtu": 9000})
     )

@@ -80,7 +80,6 @@ def test_every_flag_parses():
         ["--no-api"],
         ["--id", "bad id"],
         ["--id", "x" * 65],
-        ["--level", "loud"],
         ["--no-seccomp", "--seccomp-filter", "f"],
         ["--api-so", "/tmp/s"],
         ["--http-api-max-payload-size", "0"],
@@ -92,6 +91,18 @@ def test_bad_arguments_exit_with_the_arg_parsing_code(argv, capsys):
         parse_args(argv)
     assert exit_info.value.code == exitcodes.ARG_PARSING
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("given", "level"), [("warn", "Warning"), ("Warn", "Warning"), ("WARNING", "Warning")])
+def test_level_warn_is_accepted_like_firecracker(given, level):
+    assert parse_args(["--level", given]).level == level
+
+
+def test_an_invalid_level_exits_with_bad_configuration(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(["--level", "loud"])
+    assert exit_info.value.code == exitcodes.BAD_CONFIGURATION  # Firecracker: MainError::InvalidLogLevel
+    assert "Invalid value for logger level: Failed to parse string to level filter: loud." in capsys.readouterr().err
 
 
 def test_version_prints_the_firecracker_api_version(capsys):
@@ -121,6 +132,10 @@ class CliRun:
         assert not self.thread.is_alive(), "run() did not return"
         self.logger.close()
         return self.result[0]
+
+
+def metrics_writers() -> int:
+    return sum(thread.name == "fc_metrics" and thread.is_alive() for thread in threading.enumerate())
 
 
 def config_file(tmp_path: Path, files: dict[str, str], **extra: object) -> str:
@@ -163,11 +178,16 @@ def test_api_mode_serves_until_the_guest_exits_then_removes_the_socket(tmp_path:
         assert client.get("/").json()["id"] == "vm-1"
         assert client.get("/mmds").json() == {"latest": {"hostname": "vm-1"}}
         assert_no_content(client.put("/boot-source", json={"kernel_image_path": files["vmlinux"]}))
+        flushers = metrics_writers()
         assert_no_content(client.put("/actions", json={"action_type": "InstanceStart"}))
+        # The 60 s metrics writer starts with the microVM, as Firecracker's PeriodicMetrics.
+        assert metrics_writers() == flushers + 1
     cli.launcher.vms[0].finish(0, "guest reset")
     assert cli.exit_code() == 0
     assert not os.path.exists(sock)
-    assert "[vm-1:main] Running embervm" in log_path.read_text()
+    log = log_path.read_text()
+    assert "[vm-1:main] Running Firecracker v1.12.1" in log
+    assert "API server started." in log
     lines = [json.loads(line) for line in metrics_path.read_text().splitlines()]
     assert len(lines) >= 2, "a line when configured and one at exit"
     assert sum(line["put_api_requests"]["actions_count"] for line in lines) == 1
@@ -207,9 +227,10 @@ def test_no_api_boots_from_the_config_and_exits_with_the_guest(tmp_path: Path, f
         ({"bogus": 1}, "unknown field `bogus`"),
     ],
 )
-def test_bad_config_file_exits_with_bad_configuration(tmp_path: Path, files, capsys, extra, needle):
+def test_bad_config_file_exits_with_firecrackers_generic_error(tmp_path: Path, files, capsys, extra, needle):
+    # Firecracker v1.12.1 maps RunWithoutApiError::BuildMicroVMFromJson to FcExitCode::GenericError.
     cli = CliRun(["--no-api", "--config-file", config_file(tmp_path, files, **extra)])
-    assert cli.exit_code() == exitcodes.BAD_CONFIGURATION
+    assert cli.exit_code() == exitcodes.GENERIC_ERROR
     assert needle in capsys.readouterr().err
 
 
@@ -263,3 +284,22 @@ def test_restart_policy_section_in_the_config_file_reaches_the_spec(tmp_path: Pa
     assert cli.launcher.vms[0].spec.restart_policy == {"max_restarts": 1, "rootfs": {"hang_timeout_s": 9.0}}
     cli.launcher.vms[0].finish(0, "guest reset")
     assert cli.exit_code() == 0
+
+
+@pytest.mark.parametrize("argv", [["--snapshot-version"], ["--describe-snapshot", "/tmp/vm.state"]])
+def test_snapshot_flags_exist_and_refuse_loudly_until_snapshots_do(argv, capsys):
+    from controlplane.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == exitcodes.GENERIC_ERROR
+    assert "embervm has no snapshots yet" in capsys.readouterr().err
+
+
+def test_default_boot_args_are_firecrackers(files):
+    from controlplane.builder import kernel_cmdline
+    from controlplane.vm_spec import VmSpec
+
+    cmdline = kernel_cmdline(VmSpec(kernel_image_path=files["vmlinux"]), [])
+    # Firecracker v1.12.1's DEFAULT_KERNEL_CMDLINE (src/vmm/src/vmm_config/boot_source.rs)
+    assert cmdline == "reboot=k panic=1 pci=off nomodule 8250.nr_uarts=0 i8042.noaux i8042.nomux i8042.dumbkbd"

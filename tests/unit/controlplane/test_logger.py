@@ -127,5 +127,10 @@ def test_put_logger_points_the_api_log_at_a_file(api, tmp_path: Path):
 def test_put_logger_errors(api, tmp_path: Path):
     bad_path = {"log_path": str(tmp_path / "no" / "dir.log")}
     assert fault(api.client.put("/logger", json=bad_path)).startswith("Logger error: Failed to open target file:")
-    assert "unknown variant `Loud`" in fault(api.client.put("/logger", json={"level": "Loud"}))
+    assert "Invalid LevelFilter" in fault(api.client.put("/logger", json={"level": "Loud"}))
     assert api.metrics.snapshot()["put_api_requests"]["logger_fails"] == 2
+
+
+def test_put_logger_takes_warn_as_firecracker_does(api):
+    assert_no_content(api.client.put("/logger", json={"level": "warn"}))
+    assert api.client.get("/vm/config").json()["logger"]["level"] == "Warning"

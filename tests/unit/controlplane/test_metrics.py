@@ -7,7 +7,8 @@ import os
 import threading
 from pathlib import Path
 
-from controlplane.metrics import SCHEMA, Metrics
+from controlplane.metrics import Metrics
+from controlplane.metrics_schema import FILE_GROUPS
 from controlplane.periodic import Periodic
 from tests.support.api_client import assert_no_content, fault
 
@@ -22,7 +23,7 @@ def test_configuring_writes_a_first_line_with_every_group(tmp_path: Path):
     metrics.configure(str(path))
     [line] = read_lines(path)
     assert next(iter(line)) == "utc_timestamp_ms"
-    assert set(SCHEMA) <= set(line)
+    assert set(FILE_GROUPS) <= set(line)
     assert line["vcpu"]["exit_io_in_agg"] == {"min_us": 0, "max_us": 0, "sum_us": 0}
     assert line["block"]["read_bytes"] == 0 and line["vsock"]["conns_added"] == 0
     metrics.close()
@@ -58,7 +59,7 @@ def test_per_device_groups_and_properties(tmp_path: Path):
     path = tmp_path / "metrics"
     metrics.configure(str(path), {"customer": "c1"})
     [line] = read_lines(path)
-    assert line["block_rootfs"] == {"read_bytes": 4096}
+    assert line["block_rootfs"]["read_bytes"] == 4096 and line["block_rootfs"]["write_agg"]["sum_us"] == 0
     assert line["properties"] == {"customer": "c1"}
     metrics.close()
 
@@ -97,15 +98,26 @@ def test_put_metrics_then_flushmetrics_shows_counters_moving(api, files, tmp_pat
     for _ in range(3):
         api.client.get("/")
     api.client.put("/drives/bad-id", json={})
+    assert_no_content(api.client.put("/boot-source", json={"kernel_image_path": files["vmlinux"]}))
+    assert_no_content(api.client.put("/actions", json={"action_type": "InstanceStart"}))
     assert_no_content(api.client.put("/actions", json={"action_type": "FlushMetrics"}))
     lines = read_lines(path)
     assert len(lines) == 2
     flushed = lines[1]
     assert flushed["get_api_requests"]["instance_info_count"] == 3
     assert (flushed["put_api_requests"]["drive_count"], flushed["put_api_requests"]["drive_fails"]) == (1, 1)
-    assert flushed["put_api_requests"]["actions_count"] == 1
+    assert flushed["put_api_requests"]["actions_count"] == 2
     assert_no_content(api.client.put("/actions", json={"action_type": "FlushMetrics"}))
     assert read_lines(path)[2]["get_api_requests"]["instance_info_count"] == 0
+
+
+def test_flushmetrics_before_boot_is_refused_as_firecracker_does(api, tmp_path: Path):
+    path = tmp_path / "metrics.json"
+    assert_no_content(api.client.put("/metrics", json={"metrics_path": str(path)}))
+    assert fault(api.client.put("/actions", json={"action_type": "FlushMetrics"})) == (
+        "The requested operation is not supported before starting the microVM."
+    )
+    assert len(read_lines(path)) == 1  # only the line PUT /metrics wrote
 
 
 def test_vm_counters_reach_the_metrics_after_boot(api, files, tmp_path: Path):

@@ -43,7 +43,7 @@ def test_get_returns_a_copy():
 
 def test_mmds_api(api):
     assert api.client.get("/mmds").json() == {}
-    assert fault(api.client.patch("/mmds", json={"a": 1})) == "The MMDS data store is not initialized."
+    assert fault(api.client.patch("/mmds", json={"a": 1})) == "MMDS error: The MMDS data store is not initialized."
     assert_no_content(api.client.put("/mmds", json={"latest": {"meta-data": {"ami-id": "ami-1"}}}))
     assert_no_content(api.client.patch("/mmds", json={"latest": {"meta-data": {"hostname": "vm"}}}))
     assert api.client.get("/mmds").json() == {"latest": {"meta-data": {"ami-id": "ami-1", "hostname": "vm"}}}
@@ -57,4 +57,4 @@ def test_mmds_size_limit_answers_413(tmp_path: Path):
     for harness in make_harness(tmp_path, mmds_limit=32):
         response = harness.client.put("/mmds", json={"k": "v" * 64})
         assert response.status_code == 413
-        assert "--mmds-size-limit of 32 bytes" in fault(response)
+        assert fault(response) == "MMDS limit exceeded error: The MMDS patch request doesn't fit."

@@ -239,3 +239,34 @@ def test_a_flood_of_malformed_frames_logs_a_bounded_number_of_lines(caplog: pyte
     assert rig.device.metrics["tx_malformed_frames"] == 200
     assert len(lines) <= 65  # a burst of 50 + a bucket of 10 (and what refills meanwhile), not 200
     assert ratelimited_log.suppressed_total() - before >= 135
+
+
+class AnsweringTap(FakeTap):
+    """A TAP whose peer answers each frame inside the writev, as the kernel's tun does."""
+
+    def writev(self, buffers: list[memoryview]) -> int:
+        n = super().writev(buffers)
+        self.inbound.append(HDR + b"ack:" + self.sent[-1][len(HDR) :])
+        return n
+
+
+def test_the_peers_answer_to_a_sent_frame_shares_the_tx_completion_interrupt() -> None:
+    rig = Rig()
+    rig.tap = rig.device.backend = AnsweringTap()  # type: ignore[assignment]
+    rig.buffers(4)
+    before = rig.irq.used_queue
+
+    assert rig.send(b"data0001", b"data0002") == [(0, 0), (1, 0)]
+    assert rig.received() == [b"ack:data0001", b"ack:data0002"]
+    assert not rig.tap.inbound  # read in the same pass, before the interrupt
+    assert rig.irq.used_queue == before + 1  # one interrupt for the completions and the answers
+
+
+def test_no_answer_waiting_costs_no_rx_buffer_and_sends_one_interrupt() -> None:
+    rig = Rig()
+    rig.buffers(2)
+    before = rig.irq.used_queue
+
+    assert rig.send(b"x" * 60) == [(0, 0)]
+    assert rig.rx.used() == []  # the rx buffers it looked at went back untouched
+    assert rig.irq.used_queue == before + 1
