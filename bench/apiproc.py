@@ -28,13 +28,17 @@ def wait_accepting(path: str, proc: subprocess.Popen[bytes], timeout: float = 30
     raise RuntimeError(f"{path} did not accept within {timeout} s")
 
 
-def launch(sock: str, vm_id: str = "bench") -> tuple[subprocess.Popen[bytes], float]:
-    """(process, seconds from launch to the API socket accepting)."""
+def launch(
+    sock: str, vm_id: str = "bench", command: list[str] | None = None, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[bytes], float]:
+    """(process, seconds from launch to the API socket accepting); `command` and `env`: a
+    variant of bench/variants.py (default: this tree's `embervm` as it finds itself)."""
     start = time.perf_counter()
     proc = subprocess.Popen(
-        [EMBERVM, "--api-sock", sock, "--id", vm_id],
+        [*(command or [EMBERVM]), "--api-sock", sock, "--id", vm_id],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
+        env=env,
     )
     wait_accepting(sock, proc)
     return proc, time.perf_counter() - start

@@ -9,12 +9,17 @@ same run (so the ratio shows what the worker costs over the syscall itself):
 * random 4 KiB reads (IOPS),
 * the notify -> interrupt round trip: a no-op FLUSH kicked on the queue's ioeventfd,
   the worker wakes, completes it and writes the irqfd (median, p99), next to a plain
-  eventfd ping-pong between two processes and an MMIO register read over the device's MMIO channel (a socketpair).
+  eventfd ping-pong between two processes, a register read over the device's MMIO
+  channel (a socketpair: what Status, queue set-up and feature accesses still cost) and
+  an InterruptStatus read as the vCPU worker answers it now, from the register page
+  (`shared.virtio.regpage`), without leaving the process.
 
-`depth` requests are kept in flight: the chains are built once in guest memory and
-re-published each round (only the header's sector changes), so the host-side mock
-driver costs little. The disk is a temporary file, so reads come from the page cache.
-It prints figures; it asserts nothing.
+`depth` requests are kept in flight, as a Linux driver does: the mock driver negotiates
+VIRTIO_F_EVENT_IDX, re-publishes each chain as soon as it comes back (only the header's
+sector changes; the chains are built once), kicks only when the worker's avail_event
+asks for it and moves used_event to what it consumed. The disk is a temporary file, so
+reads come from the page cache. It prints figures (and kicks and interrupts per request);
+it asserts nothing.
 """
 
 from __future__ import annotations
@@ -34,9 +39,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench.procstats import cpu_seconds  # noqa: E402
 from controlplane.zygote import Zygote  # noqa: E402
 from devices.block.request import HEADER, RequestType  # noqa: E402
-from devices.block.testing import BlockWorkerHarness, header  # noqa: E402
+from devices.block.testing import FEATURES, BlockWorkerHarness, header  # noqa: E402
 from shared.layout import MiB  # noqa: E402
 from shared.virtio import constants as c  # noqa: E402
 
@@ -73,8 +79,11 @@ class Bench:
 
     def __init__(self, zygote: Zygote, run_dir: str, disk: Path, depth: int) -> None:
         self.harness = BlockWorkerHarness(zygote, run_dir, str(disk), mem_size=64 * MiB, queue_size=256)
-        assert self.harness.setup() & c.STATUS_DRIVER_OK
+        self.harness.driver.event_idx = True
+        assert self.harness.setup(FEATURES | c.feature(c.VIRTIO_F_EVENT_IDX)) & c.STATUS_DRIVER_OK
         self.depth = depth
+        self.kicks = 0
+        self.interrupts = 0
 
     def chains(self, kind: int, size: int) -> list[int]:
         drv = self.harness.driver
@@ -94,23 +103,55 @@ class Bench:
         drv.last_used = target
 
     def run(self, heads: list[int], kind: int, sector: Callable[[int], int], seconds: float) -> tuple[int, float]:
-        """(requests done, elapsed seconds) re-publishing `heads` until `seconds` pass."""
-        drv, done, n = self.harness.driver, 0, 0
-        start = time.perf_counter()
-        while time.perf_counter() - start < seconds:
-            for head in heads:
-                drv.mem.write(drv.buffers(head)[0].addr, HEADER.pack(kind, 0, sector(n)))
+        """(requests done, elapsed seconds) keeping `heads` in flight until `seconds` pass."""
+        drv, h = self.harness.driver, self.harness
+        header_addr = {head: drv.buffers(head)[0].addr for head in heads}
+        n = 0
+
+        def submit(batch: list[int]) -> None:
+            nonlocal n
+            for head in batch:
+                drv.mem.write(header_addr[head], HEADER.pack(kind, 0, sector(n)))
                 drv.publish(head)
                 n += 1
-            self.harness.kick()
-            self.wait_used(len(heads))
-            done += len(heads)
-        return done, time.perf_counter() - start
+            if drv.kick_needed():
+                self.kicks += 1
+                h.kick()
+
+        done = 0
+        drv.enable_interrupts()
+        cpu = cpu_seconds(h.pid)
+        start = time.perf_counter()
+        submit(heads)
+        idle = True  # nothing used that we have not seen: wait for the interrupt
+        while time.perf_counter() - start < seconds:
+            if idle:
+                if not h.wait_interrupt(5.0):
+                    raise TimeoutError(
+                        "the block worker stopped completing requests: "
+                        f"avail {drv.avail_idx} used {drv.used_idx} consumed {drv.last_used} "
+                        f"avail_event {drv.avail_event()}, worker logs {h.logs}"
+                    )
+                self.interrupts += 1
+            used = [head for head, _ in drv.used(release=False)]
+            idle = drv.enable_interrupts()
+            done += len(used)
+            submit(used)
+        elapsed = time.perf_counter() - start
+        self.worker_cpu = cpu_seconds(h.pid) - cpu
+        in_flight = (drv.avail_idx - drv.last_used) & 0xFFFF
+        while in_flight:  # let the worker finish before it is stopped
+            if not h.wait_interrupt(5.0):
+                break
+            in_flight -= len(drv.used(release=False))
+            drv.enable_interrupts()
+        return done, elapsed
 
     def notify_round_trips(self, rounds: int) -> list[float]:
         head = self.harness.driver.make_chain([header(RequestType.FLUSH)], [1])
         samples = []
         for _ in range(rounds):
+            self.harness.driver.enable_interrupts()
             self.harness.driver.publish(head)
             start = time.perf_counter()
             self.harness.kick()
@@ -126,6 +167,34 @@ class Bench:
             samples.append(time.perf_counter() - start)
         return samples
 
+    def forwarded_writes(self, rounds: int) -> list[float]:
+        """A register write that needs the device (QueueSel, as in queue set-up): still synchronous."""
+        samples = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            self.harness.mmio.write(c.MMIO_QUEUE_SEL, 4, 0)
+            samples.append(time.perf_counter() - start)
+        return samples
+
+    def local_status_reads(self, rounds: int) -> list[float]:
+        """InterruptStatus as the vCPU worker reads it: from the register page."""
+        samples = []
+        regs = self.harness.regs
+        for _ in range(rounds):
+            start = time.perf_counter()
+            regs.read(c.MMIO_INTERRUPT_STATUS, 4)
+            samples.append(time.perf_counter() - start)
+        return samples
+
+    def forwarded_status_reads(self, rounds: int) -> list[float]:
+        """InterruptStatus over the MMIO channel, as every read was answered before."""
+        samples = []
+        for _ in range(rounds):
+            start = time.perf_counter()
+            self.harness.mmio.read(c.MMIO_INTERRUPT_STATUS, 4)
+            samples.append(time.perf_counter() - start)
+        return samples
+
     def close(self) -> None:
         self.harness.close()
 
@@ -135,11 +204,17 @@ def raw(fd: int, write: bool, size: int, sector: Callable[[int], int], seconds: 
     buf = [memoryview(bytearray(size))]
     op = os.pwritev if write else os.preadv
     n = 0
+    global raw_cpu
+    cpu = time.process_time()
     start = time.perf_counter()
     while time.perf_counter() - start < seconds:
         op(fd, buf, sector(n) * 512)
         n += 1
+    raw_cpu = time.process_time() - cpu
     return n, time.perf_counter() - start
+
+
+raw_cpu = 0.0  # CPU seconds of the last raw() run
 
 
 def percentile(samples: list[float], q: float) -> float:
@@ -168,6 +243,8 @@ def main() -> None:
     rand: Callable[[int], int] = lambda n: rng.randrange(sectors // 8) * 8  # noqa: E731
     try:
         rows = []
+        rates = []
+        cpu_rows = []
         for name, kind, size, sector, write in (
             ("seq read 128 KiB", RequestType.IN, big, seq, False),
             ("seq write 128 KiB", RequestType.OUT, big, seq, True),
@@ -178,8 +255,11 @@ def main() -> None:
                 done, elapsed = bench.run(bench.chains(kind, size), kind, sector, opts.seconds)
             finally:
                 bench.close()
+            rates.append((name, bench.kicks / max(done, 1), bench.interrupts / max(done, 1)))
+            cpu_rows.append((name, bench.worker_cpu / max(done, 1)))
             raw_done, raw_elapsed = raw(fd, write, size, sector, opts.seconds)
             rows.append((name, done / elapsed, raw_done / raw_elapsed, size))
+            cpu_rows[-1] += (raw_cpu / max(raw_done, 1),)
         print(f"block worker vs raw syscalls, depth {opts.depth}, {opts.seconds:g} s each (page-cached file)")
         print(f"{'workload':20} {'worker':>14} {'raw':>14} {'ratio':>7}")
         for name, ops, raw_ops, size in rows:
@@ -187,19 +267,31 @@ def main() -> None:
                 print(f"{name:20} {ops * size / 1e6:9.0f} MB/s {raw_ops * size / 1e6:9.0f} MB/s {ops / raw_ops:7.2f}")
             else:
                 print(f"{name:20} {ops:9.0f} IOPS {raw_ops:9.0f} IOPS {ops / raw_ops:7.2f}")
+        print(f"\n{'workload':20} {'kicks/request':>14} {'interrupts/request':>19}")
+        for name, kicks, interrupts in rates:
+            print(f"{name:20} {kicks:14.3f} {interrupts:19.3f}")
+        print("\nCPU time per request (what the machine's load does not inflate)")
+        print(f"{'workload':20} {'worker µs':>10} {'raw µs':>8} {'ratio':>6}")
+        for name, worker_cpu, raw_op_cpu in cpu_rows:
+            print(f"{name:20} {worker_cpu * 1e6:10.1f} {raw_op_cpu * 1e6:8.1f} {raw_op_cpu / worker_cpu:6.2f}")
         bench = Bench(zygote, run_dir, disk, opts.depth)
         try:
             notify, mmio = bench.notify_round_trips(opts.rounds), bench.mmio_reads(opts.rounds)
+            forwarded, local = bench.forwarded_status_reads(opts.rounds), bench.local_status_reads(opts.rounds)
+            writes = bench.forwarded_writes(opts.rounds)
         finally:
             bench.close()
-        print(f"\nround trips, {opts.rounds} samples (µs)          median      p99")
+        print(f"\nround trips, {opts.rounds} samples (µs)              median      p99")
         for name, samples in (
             ("ioeventfd -> worker -> irqfd (FLUSH)", notify),
             ("plain eventfd ping-pong, 2 processes", ping_pong),
-            ("MMIO register read (socketpair)", mmio),
+            ("Status read over the MMIO channel", mmio),
+            ("QueueSel write over the MMIO channel", writes),
+            ("InterruptStatus read, forwarded (before)", forwarded),
+            ("InterruptStatus read, register page (now)", local),
         ):
             med, p99 = statistics.median(samples) * 1e6, percentile(samples, 0.99) * 1e6
-            print(f"{name:40} {med:8.0f} {p99:8.0f}")
+            print(f"{name:44} {med:8.1f} {p99:8.1f}")
     finally:
         os.close(fd)
         zygote.shutdown()

@@ -1,17 +1,22 @@
 """Boot benchmark: process launch → first guest serial byte → exit, for the test guest.
 
-    .venv/bin/python bench/boot.py [--runs 10]
+    .venv/bin/python bench/boot.py [--runs 10] [--baseline LABEL=PATH ...] [--no-fork-server]
 
 Runs `embervm --config-file … --no-api` on the test guest (which prints its banner and
-resets through the i8042) and reports medians; then boots a guest that keeps running
-and reports RSS and PSS of every embervm process (supervisor, zygote, vCPU worker).
-If qemu-system-x86_64 is installed, the same guest ELF (through its PVH entry note) is
-timed under `qemu-system-x86_64 -M microvm -enable-kvm` and printed side by side.
+resets through the i8042), cold and through a fork server it starts (bench/variants.py),
+plus the cold path of any `--baseline` checkout (e.g. the commit before a change), the
+runs of all variants interleaved so that they share the machine's load; reports medians
+of wall time and the CPU time of every process involved. Then boots a guest that keeps
+running and reports RSS and PSS of every process of that microVM. If qemu-system-x86_64 is
+installed, the same guest ELF (through its PVH entry note) is timed under
+`qemu-system-x86_64 -M microvm -enable-kvm` and printed side by side, with the goal
+(issue 17: first serial byte ≤ 1.0 x QEMU's).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import select
@@ -26,10 +31,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench import variants as v  # noqa: E402
 from bench.procstats import descendants, memory_kib, process_name  # noqa: E402
 from guest.build import build_guest  # noqa: E402
-
-EMBERVM = [str(Path(sys.executable).parent / "embervm")]
 
 
 def write_config(kernel: Path, args: str, directory: Path) -> Path:
@@ -42,33 +46,58 @@ def write_config(kernel: Path, args: str, directory: Path) -> Path:
     return path
 
 
-def time_boot(command: list[str]) -> tuple[float, float]:
-    """(seconds to the first console byte, seconds to process exit) for one run."""
+def time_boot(variant: v.Variant, args: list[str]) -> tuple[float, float, float]:
+    """(seconds to the first console byte, seconds to process exit, CPU seconds) for one run."""
+    cpu_before = v.children_cpu_s() + (variant.server.cpu_s() if variant.server else 0.0)
     start = time.perf_counter()
-    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*variant.command, *(args if variant.takes_args else [])],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        env=variant.environ(),
+    )
     assert proc.stdout is not None
     first = None
     while first is None:
         ready, _, _ = select.select([proc.stdout], [], [], 30)
         if not ready:
             proc.kill()
-            raise RuntimeError(f"no console output from {command[0]} within 30 s")
+            raise RuntimeError(f"no console output from {variant.label} within 30 s")
         if os.read(proc.stdout.fileno(), 1):
             first = time.perf_counter() - start
     proc.stdout.read()
     if proc.wait(30) != 0:
-        raise RuntimeError(f"{command[0]} exited with status {proc.returncode}")
-    return first, time.perf_counter() - start
+        raise RuntimeError(f"{variant.label} exited with status {proc.returncode}")
+    total = time.perf_counter() - start
+    if variant.server:
+        variant.server.settle()
+    cpu_after = v.children_cpu_s() + (variant.server.cpu_s() if variant.server else 0.0)
+    return first, total, cpu_after - cpu_before
 
 
-def measure(command: list[str], runs: int) -> dict[str, float]:
-    firsts, totals = zip(*(time_boot(command) for _ in range(runs)), strict=True)
-    return {"first_byte_ms": statistics.median(firsts) * 1e3, "exit_ms": statistics.median(totals) * 1e3}
+def measure(variants: list[v.Variant], args: list[str], runs: int) -> dict[str, dict[str, float]]:
+    """Median first byte, exit and CPU (ms) per variant; the variants' runs interleaved."""
+    samples: dict[str, list[tuple[float, float, float]]] = {x.label: [] for x in variants}
+    for _ in range(runs):
+        for variant in variants:
+            samples[variant.label].append(time_boot(variant, args))
+    return {
+        label: {
+            "first_byte_ms": statistics.median(s[0] for s in rows) * 1e3,
+            "exit_ms": statistics.median(s[1] for s in rows) * 1e3,
+            "cpu_ms": statistics.median(s[2] for s in rows) * 1e3,
+        }
+        for label, rows in samples.items()
+    }
 
 
-def memory_of_running_vm(config: Path) -> list[tuple[str, int, int]]:
-    """(process name, RSS KiB, PSS KiB) of each embervm process while the guest runs."""
-    proc = subprocess.Popen([*EMBERVM, "--config-file", str(config), "--no-api"], stdout=subprocess.PIPE)
+def memory_of_running_vm(variant: v.Variant, config: Path) -> list[tuple[str, int, int]]:
+    """(process name, RSS KiB, PSS KiB) of each process of one microVM while its guest runs:
+    the started process and its descendants, and with a fork server the reaper and its
+    descendants (the VMM, its zygote and workers)."""
+    proc = subprocess.Popen(
+        [*variant.command, "--config-file", str(config), "--no-api"], stdout=subprocess.PIPE, env=variant.environ()
+    )
     assert proc.stdout is not None
     try:
         seen = b""
@@ -77,13 +106,16 @@ def memory_of_running_vm(config: Path) -> list[tuple[str, int, int]]:
             if not chunk:
                 raise RuntimeError("the looping guest exited early")
             seen += chunk
+        pids = descendants(proc.pid)
+        if variant.server:
+            pids += [pid for reaper in variant.server.children() for pid in descendants(reaper)]
         rows = []
-        for pid in descendants(proc.pid):
+        for pid in pids:
             m = memory_kib(pid)
             rows.append((process_name(pid), m["rss"], m["pss"]))
         return rows
     finally:
-        proc.kill()
+        proc.terminate()
         proc.wait()
 
 
@@ -107,28 +139,43 @@ def qemu_command(kernel: Path) -> list[str] | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=10)
-    runs = parser.parse_args().runs
+    parser.add_argument("--baseline", action="append", default=[], metavar="LABEL=PATH", help="another checkout")
+    parser.add_argument("--no-fork-server", action="store_true", help="measure the cold path only")
+    opts = parser.parse_args()
+    runs = opts.runs
     images = build_guest()
-    with tempfile.TemporaryDirectory() as tmp:
+    stale, total = v.stale_bytecode(REPO)
+    print(f"bytecode: {stale} of {total} embervm modules have no up-to-date .pyc"
+          f"{' (scripts/setup compiles them)' if stale else ''}")  # fmt: skip
+    with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         boot_cfg = write_config(images.elf, "console=ttyS0 test=boot", Path(tmp))
         loop_cfg = write_config(images.elf, "console=ttyS0 test=loop", Path(tmp))
-        ours = measure([*EMBERVM, "--config-file", str(boot_cfg), "--no-api"], runs)
-        print(f"embervm  (median of {runs}): first serial byte {ours['first_byte_ms']:7.1f} ms   "
-              f"exit {ours['exit_ms']:7.1f} ms")  # fmt: skip
+        variants = [v.parse_tree(text) for text in opts.baseline] + [v.cold()]
+        if not opts.no_fork_server:
+            variants.append(stack.enter_context(v.fork_server(tmp)).variant())
         qemu = qemu_command(images.elf)
+        if qemu is not None:
+            variants.append(v.Variant("qemu -M microvm", qemu, takes_args=False))
+        results = measure(variants, ["--config-file", str(boot_cfg), "--no-api"], runs)
+        print(f"launch → first serial byte / exit, median of {runs} interleaved runs:")
+        for label, r in results.items():
+            print(f"  {label:28} first byte {r['first_byte_ms']:7.1f} ms   exit {r['exit_ms']:7.1f} ms   "
+                  f"CPU {r['cpu_ms']:6.0f} ms")  # fmt: skip
         if qemu is None:
-            print("qemu     : not measured (apt-get install qemu-system-x86 to compare)")
+            print("  qemu: not measured (apt-get install qemu-system-x86 to compare)")
         else:
-            theirs = measure(qemu, runs)
-            print(f"qemu     (median of {runs}): first serial byte {theirs['first_byte_ms']:7.1f} ms   "
-                  f"exit {theirs['exit_ms']:7.1f} ms")  # fmt: skip
-            print(f"ratio embervm/qemu: first byte {ours['first_byte_ms'] / theirs['first_byte_ms']:.2f}  "
-                  f"exit {ours['exit_ms'] / theirs['exit_ms']:.2f}")  # fmt: skip
-        rows = memory_of_running_vm(loop_cfg)
-        print("memory of a running microVM (KiB):")
-        for name, rss, pss in rows:
-            print(f"  {name:16} RSS {rss:8d}   PSS {pss:8d}")
-        print(f"  {'total':16} RSS {sum(r[1] for r in rows):8d}   PSS {sum(r[2] for r in rows):8d}")
+            ref = results["qemu -M microvm"]["first_byte_ms"]
+            for label, r in results.items():
+                if label != "qemu -M microvm":
+                    print(f"  ratio {label} / qemu, first byte: {r['first_byte_ms'] / ref:5.2f}  (goal ≤ 1.00)")
+        for variant in variants:
+            if variant.label.startswith("qemu"):
+                continue
+            rows = memory_of_running_vm(variant, loop_cfg)
+            print(f"memory of a running microVM, {variant.label} (KiB):")
+            for name, rss, pss in rows:
+                print(f"  {name:16} RSS {rss:8d}   PSS {pss:8d}")
+            print(f"  {'total':16} RSS {sum(r[1] for r in rows):8d}   PSS {sum(r[2] for r in rows):8d}")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ Everything lives in a throwaway network namespace with two TAPs: one held by the
 one read and written by this process directly, so each figure stands next to what Python
 gets from the same TAP syscalls in the same run.
 
-* guest -> TAP: `depth` frames at a time on the tx queue (1500-byte frames, and 64 KiB
-  TCP GSO frames with a virtio-net header asking for segmentation), kicked on the
-  ioeventfd, waited for on the irqfd; raw: os.writev of the same header + frame.
+* guest -> TAP: `depth` frames in flight on the tx queue (1500-byte frames, and 64 KiB
+  TCP GSO frames with a virtio-net header asking for segmentation); raw: os.writev of
+  the same header + frame.
   The frames are addressed to a MAC nobody has, so the kernel drops them on arrival:
   what is measured is getting them into the TAP.
 * TAP -> guest: a sender process in the namespace floods the TAP's interface through an
@@ -18,7 +18,10 @@ gets from the same TAP syscalls in the same run.
   Frames the reader does not take in time overflow the TAP's queue (kernel drops): the
   figure is what the reader received.
 
-It prints pps and Gbit/s; it asserts nothing. Needs root and iproute2.
+The mock driver behaves as Linux's: it negotiates VIRTIO_F_EVENT_IDX, builds its chains
+once and publishes each again as soon as it comes back, kicks only when the worker's
+avail_event asks for it and moves used_event to what it consumed. It prints pps and
+Gbit/s, and kicks and interrupts per frame; it asserts nothing. Needs root and iproute2.
 """
 
 from __future__ import annotations
@@ -48,6 +51,7 @@ from devices.net.device import (  # noqa: E402
 )
 from devices.net.testing import RX, TX, NetWorkerHarness  # noqa: E402
 from shared.virtio import constants as c  # noqa: E402
+from shared.virtio.testing import MockDriver  # noqa: E402
 from tests.support import netns  # noqa: E402
 
 HOST_IP, GUEST_IP = "169.254.20.1", "169.254.20.2"
@@ -75,18 +79,68 @@ def rate(frames: int, nbytes: int, seconds: float) -> tuple[float, float]:
 # --- guest -> TAP ------------------------------------------------------------------------------
 
 
-def worker_tx(h: NetWorkerHarness, frame: bytes, depth: int, seconds: float) -> tuple[float, float]:
-    header = gso_header(len(frame))
-    sent = 0
-    end = time.perf_counter() + seconds
+class Counts:
+    """Kicks and interrupts of one workload."""
+
+    def __init__(self) -> None:
+        self.kicks = self.interrupts = self.frames = 0
+
+    def per_frame(self) -> str:
+        frames = max(self.frames, 1)
+        return f"kicks/frame {self.kicks / frames:.3f}, interrupts/frame {self.interrupts / frames:.3f}"
+
+
+def keep_in_flight(
+    h: NetWorkerHarness, driver: MockDriver, index: int, heads: list[int], seconds: float, counts: Counts
+) -> tuple[int, int, float]:
+    """Publish `heads` on queue `index` and each again as soon as it is used, for `seconds`:
+    (chains used, bytes the device wrote into them, elapsed). Tx asks for its interrupts
+    delayed, as Linux's virtio-net does."""
+    delayed = index == TX
+    driver.used(release=False)
+    driver.enable_interrupts(delayed=delayed)
+
+    def publish(batch: list[int]) -> None:
+        for head in batch:
+            driver.publish(head)
+        if driver.kick_needed():
+            counts.kicks += 1
+            h.kick(index)
+
+    publish(heads)
+    used = nbytes = 0
+    idle = True
     start = time.perf_counter()
+    end = start + seconds
     while time.perf_counter() < end:
-        for _ in range(depth):
-            h.tx.add_chain([header + frame])
-        h.kick(TX)
-        h.wait_used(h.tx, depth)
-        sent += depth
-    return rate(sent, sent * len(frame), time.perf_counter() - start)
+        if idle:
+            if not h.wait_interrupt(0.2):
+                continue
+            counts.interrupts += 1
+        entries = driver.used(release=False)
+        idle = driver.enable_interrupts(delayed=delayed)
+        used += len(entries)
+        nbytes += sum(length for _, length in entries)
+        publish([head for head, _ in entries])
+    elapsed = time.perf_counter() - start
+    counts.frames += used
+    return used, nbytes, elapsed
+
+
+def settle(h: NetWorkerHarness, driver: MockDriver) -> None:
+    """Wait until the worker gave back every chain in flight (tx), then forget them."""
+    deadline = time.monotonic() + 5
+    while driver.used_idx != driver.avail_idx and time.monotonic() < deadline:
+        h.wait_interrupt(0.1)
+    driver.used(release=False)
+
+
+def worker_tx(h: NetWorkerHarness, frame: bytes, depth: int, seconds: float, counts: Counts) -> tuple[float, float]:
+    header = gso_header(len(frame))
+    heads = [h.tx.make_chain([header + frame]) for _ in range(depth)]
+    sent, _, elapsed = keep_in_flight(h, h.tx, TX, heads, seconds, counts)
+    settle(h, h.tx)
+    return rate(sent, sent * len(frame), elapsed)
 
 
 def raw_tx(fd: int, frame: bytes, seconds: float) -> tuple[float, float]:
@@ -150,30 +204,18 @@ def start_sender(ns: netns.NetNs, tap: str, frame: bytes, seconds: float) -> sub
 
 
 def worker_rx(
-    h: NetWorkerHarness, ns: netns.NetNs, tap: str, frame: bytes, depth: int, seconds: float
+    h: NetWorkerHarness, ns: netns.NetNs, tap: str, frame: bytes, depth: int, seconds: float, counts: Counts
 ) -> tuple[float, float]:
     size = 65562 if len(frame) > 1514 else 2048
-    h.rx.used()
-    for _ in range(depth):
-        h.rx.add_chain([], [size])
-    h.kick(RX)
+    heads = rx_heads.setdefault(size, [h.rx.make_chain([], [size]) for _ in range(depth)])
     sender = start_sender(ns, tap, frame, seconds + 0.3)
     time.sleep(0.3)  # the sender's interpreter starts
-    got = nbytes = 0
-    start = time.perf_counter()
-    end = start + seconds
-    while time.perf_counter() < end:
-        if not h.wait_interrupt(0.2):
-            continue
-        entries = h.rx.used()
-        got += len(entries)
-        nbytes += sum(length - 12 for _, length in entries)
-        for _ in entries:
-            h.rx.add_chain([], [size])
-        h.kick(RX)
-    elapsed = time.perf_counter() - start
+    got, nbytes, elapsed = keep_in_flight(h, h.rx, RX, heads, seconds, counts)
     sender.wait()
-    return rate(got, nbytes, elapsed)
+    return rate(got, nbytes - 12 * got, elapsed)
+
+
+rx_heads: dict[int, list[int]] = {}  # rx chains by buffer size, built once
 
 
 def raw_rx(fd: int, ns: netns.NetNs, tap: str, frame: bytes, seconds: float) -> tuple[float, float]:
@@ -228,22 +270,28 @@ def main() -> None:
             )
         )
         with NetWorkerHarness(zygote, run_dir, ns.open_tap("benchw"), guest_mac=GUEST_MAC.hex(":")) as h:
-            assert h.setup(features) & c.STATUS_DRIVER_OK
+            h.rx.event_idx = h.tx.event_idx = True
+            assert h.setup(features | c.feature(c.VIRTIO_F_EVENT_IDX)) & c.STATUS_DRIVER_OK
+            notes = []
             print(f"net worker vs raw TAP syscalls from Python, depth {opts.depth}, {opts.seconds:g} s each")
             print(f"{'direction / frame':28} {'worker':>22} {'raw TAP':>22} {'ratio':>6}")
             for label, size in (("1500 B", 1500 - 54), ("64 KiB GSO", GSO_PAYLOAD)):
                 out = tcp_frame(NOBODY, GUEST_MAC, size, GUEST_IP, HOST_IP)
                 inbound = tcp_frame(GUEST_MAC, NOBODY, size, HOST_IP, GUEST_IP)
+                tx_counts, rx_counts = Counts(), Counts()
                 runs = (
-                    (f"guest->TAP {label}", worker_tx, (h, out, opts.depth, opts.seconds),
-                     raw_tx, (raw_fd, out, opts.seconds)),
-                    (f"TAP->guest {label}", worker_rx, (h, ns, "benchw", inbound, opts.depth, opts.seconds),
-                     raw_rx, (raw_fd, ns, "benchr", inbound, opts.seconds)),
+                    (f"guest->TAP {label}", worker_tx, (h, out, opts.depth, opts.seconds, tx_counts),
+                     raw_tx, (raw_fd, out, opts.seconds), tx_counts),
+                    (f"TAP->guest {label}", worker_rx, (h, ns, "benchw", inbound, opts.depth, opts.seconds, rx_counts),
+                     raw_rx, (raw_fd, ns, "benchr", inbound, opts.seconds), rx_counts),
                 )  # fmt: skip
-                for name, worker, worker_args, raw, raw_args in runs:
+                for name, worker, worker_args, raw, raw_args, counts in runs:
                     (wp, wg), (rp, rg) = worker(*worker_args), raw(*raw_args)  # type: ignore[operator]
                     ratio = wp / rp if rp else 0.0
                     print(f"{name:28} {wp:9.0f} pps {wg:6.2f} Gb/s {rp:9.0f} pps {rg:6.2f} Gb/s {ratio:6.2f}")
+                    notes.append(f"{name:28} {counts.per_frame()}")
+            print()
+            print("\n".join(notes))
             metrics = h.metrics()[h.name]
             print(
                 f"\nworker counters: tx {metrics['tx_packets_count']} frames, rx {metrics['rx_packets_count']} frames, "

@@ -1,7 +1,8 @@
-"""Memory figures for a process tree, from /proc (RSS and PSS in KiB)."""
+"""Memory and CPU figures for a process tree, from /proc (RSS and PSS in KiB)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 
@@ -34,3 +35,10 @@ def memory_kib(pid: int) -> dict[str, int]:
 
 def process_name(pid: int) -> str:
     return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time `pid` has used so far (a figure the machine's load does not
+    inflate, unlike wall-clock throughput)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")

@@ -7,7 +7,7 @@ is everything the vCPU worker needs, as msgpack-friendly values plus the memfd.
 Devices (`plan_devices`): one `DevicePlan` per virtio device, whatever its kind. Each
 kind registers a planner (`@planner("block")`) that opens its backends here (workers open
 no host paths): drives (the root device first, then as configured), then network
-interfaces, then vsock, in Firecracker's order. Each device then gets the next
+interfaces, then vsock, in Firecracker's order, then the balloon and the entropy device. Each device then gets the next
 virtio-mmio window, one eventfd per queue and an irqfd. The windows go into the ACPI
 DSDT and onto the command line (`virtio_mmio.device=4K@<base>:<gsi>`), and the root
 drive adds `root=` and `ro`/`rw`, as Firecracker does.
@@ -35,6 +35,7 @@ from shared.boot.loader import load_boot
 from shared.boot.mptable import write_mptable
 from shared.device_kinds import DEVICE_KINDS, DeviceKind
 from shared.memory import GuestMemory, create_guest_memfd
+from shared.virtio.regpage import create_regpage_memfd
 
 
 @dataclass
@@ -55,6 +56,7 @@ class DevicePlan:
     gsi: int = 0
     queue_fds: list[int] = field(default_factory=list)
     irqfd: int = -1
+    regs_fd: int = -1  # the register page it shares with the vCPU worker (shared.virtio.regpage)
     name: str = ""  # worker name and ZeroMQ identity (`DeviceKind.worker_name`)
 
     def __post_init__(self) -> None:
@@ -74,11 +76,11 @@ class DevicePlan:
         return self.device_kind.describe(self.device_id)
 
     def close(self) -> None:
-        for fd in (*self.backend_fds, *self.queue_fds, self.irqfd):
+        for fd in (*self.backend_fds, *self.queue_fds, self.irqfd, self.regs_fd):
             if fd >= 0:
                 with contextlib.suppress(OSError):
                     os.close(fd)
-        self.backend_fds, self.queue_fds, self.irqfd = [], [], -1
+        self.backend_fds, self.queue_fds, self.irqfd, self.regs_fd = [], [], -1, -1
 
 
 # A planner turns one kind of a spec's devices into plans with their backends opened (no
@@ -200,6 +202,28 @@ def plan_vsock_backend(spec: VmSpec) -> list[DevicePlan]:
     return [DevicePlan("vsock", "vsock", args, [fd], spec.vsock)]
 
 
+@planner("balloon")
+def plan_balloon(spec: VmSpec) -> list[DevicePlan]:
+    """The balloon device, if configured: no backend, its worker punches holes in the memfd."""
+    if spec.balloon is None:
+        return []
+    args = {
+        "amount_mib": int(spec.balloon["amount_mib"]),
+        "deflate_on_oom": bool(spec.balloon["deflate_on_oom"]),
+        "stats_polling_interval_s": int(spec.balloon.get("stats_polling_interval_s") or 0),
+        "free_page_reporting": bool(spec.balloon.get("free_page_reporting") or False),
+    }
+    return [DevicePlan("balloon", "balloon", args, [], spec.balloon)]
+
+
+@planner("entropy")
+def plan_entropy(spec: VmSpec) -> list[DevicePlan]:
+    """The entropy device, if configured (PUT /entropy): no backend, getrandom(2) in its worker."""
+    if spec.entropy is None:
+        return []
+    return [DevicePlan("entropy", "entropy", {"rate_limiter": spec.entropy.get("rate_limiter")}, [], spec.entropy)]
+
+
 def remove_vsock_socket(spec: VmSpec) -> None:
     """Unlink the vsock listening socket (the microVM ended or did not start)."""
     if spec.vsock:
@@ -219,6 +243,7 @@ def plan_devices(spec: VmSpec, kinds: tuple[str, ...] | None = None) -> list[Dev
             plan.base, plan.gsi = layout.virtio_mmio_window(index, spec.boot_timer)
             plan.queue_fds = [_new_eventfd() for _ in range(plan.num_queues)]
             plan.irqfd = _new_eventfd()
+            plan.regs_fd = create_regpage_memfd(plan.name)
     except BaseException:
         close_plans(plans)
         raise

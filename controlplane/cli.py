@@ -290,8 +290,6 @@ def apply_config_file(vmm: Vmm, path: str) -> None:
         cpu_config = config.cpu_config
         if isinstance(cpu_config, str):  # a path to a custom CPU template
             cpu_config = parse_value(CpuConfig, json.loads(Path(cpu_config).read_text()))
-        if config.balloon is not None:
-            raise ApiError("The requested operation is not supported: the balloon device.")
         if config.logger is not None:
             vmm.put_logger(config.logger)
         if config.metrics is not None:
@@ -309,6 +307,8 @@ def apply_config_file(vmm: Vmm, path: str) -> None:
             vmm.put_vsock(config.vsock)
         if config.entropy is not None:
             vmm.put_entropy(config.entropy)
+        if config.balloon is not None:  # after machine-config: its target is checked against RAM
+            vmm.put_balloon(config.balloon)
         if config.mmds_config is not None:
             vmm.put_mmds_config(config.mmds_config)
         if config.restart_policy is not None:

@@ -1,5 +1,5 @@
-"""Run-time device updates: PATCH /drives, PATCH /network-interfaces, PUT /mmds and the
-vsock transport reset.
+"""Run-time device updates: PATCH /drives, PATCH /network-interfaces, PUT /mmds, PATCH
+/balloon and /balloon/statistics, and the vsock transport reset.
 
 API threads never touch a device's slot or its worker's channels: they post the update to
 the monitor thread (`DeviceUpdates._update`), which sends it, and on the worker's answer
@@ -28,11 +28,13 @@ from controlplane.vm_spec import VmSpec
 from controlplane.worker_handle import WorkerHandle
 from controlplane.worker_log import escape
 from controlplane.worker_spawner import READY_TIMEOUT_S
+from devices.balloon.messages import UpdateBalloon, UpdateBalloonStats
+from devices.balloon.pages import MIB_PAGES
 from devices.vsock.messages import VsockTransportReset
 from shared import fdpass
 from shared import protocol as p
 from shared.boot.errors import BootError
-from shared.device_kinds import BLOCK, NET, VSOCK
+from shared.device_kinds import BALLOON, BLOCK, NET, VSOCK
 
 UPDATE_TIMEOUT_S = 5.0
 # How long an API thread waits for the monitor thread to take its command: the monitor may be
@@ -110,6 +112,28 @@ class DeviceUpdates:
         if name not in self._sup.slots:
             raise DeviceUpdateError("no running vsock device in this microVM")
         self._update(name, "vsock worker", VsockTransportReset)
+
+    def update_balloon(self, amount_mib: int) -> None:
+        """PATCH /balloon: a new target; a replacement worker starts with it."""
+        name = BALLOON.worker_name(BALLOON.name)
+        if name not in self._sup.slots:
+            raise DeviceUpdateError("No balloon device found.")
+
+        def keep() -> None:
+            self._sup.slots[name].plan.args["amount_mib"] = amount_mib
+
+        self._update(name, "balloon worker", lambda rid: UpdateBalloon(rid, amount_mib * MIB_PAGES), keep)
+
+    def update_balloon_stats(self, interval_s: int) -> None:
+        """PATCH /balloon/statistics: a new polling interval (Vmm enforces Firecracker's rules)."""
+        name = BALLOON.worker_name(BALLOON.name)
+        if name not in self._sup.slots:
+            raise DeviceUpdateError("No balloon device found.")
+
+        def keep() -> None:
+            self._sup.slots[name].plan.args["stats_polling_interval_s"] = interval_s
+
+        self._update(name, "balloon worker", lambda rid: UpdateBalloonStats(rid, interval_s), keep)
 
     def update_drive(
         self,

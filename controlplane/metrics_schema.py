@@ -107,9 +107,13 @@ def file_fields(group: str) -> tuple[str, ...] | None:
     return None
 
 
+# embervm's own groups (never in the file) whose fields hold values, not counts.
+EMBERVM_STORE_GROUPS = frozenset({"embervm_memory"})
+
+
 def is_store(group: str, key: str) -> bool:
     """A store metric holds a value (written as is); the rest are counters (written as deltas)."""
-    if key.endswith(("min_us", "max_us")):
+    if key.endswith(("min_us", "max_us")) or group in EMBERVM_STORE_GROUPS:
         return True
     for prefix in PER_DEVICE:
         if group.startswith(prefix):

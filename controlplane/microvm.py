@@ -19,7 +19,8 @@ API threads, read its status under a lock and post commands to it
 - `controlplane.worker_spawner`: spawning workers, keeping the fds a replacement needs;
 - `controlplane.monitor_loop` + `.worker_watch`: the monitor thread and what it polls;
 - `controlplane.restart_supervisor`: replacing dead or hung device workers (docs/faults.md);
-- `controlplane.device_updates`: run-time updates (PATCH /drives, /network-interfaces, /mmds);
+- `controlplane.device_updates`: run-time updates (PATCH /drives, /network-interfaces, /mmds,
+  /balloon);
 - `controlplane.fault_control`: the faults armed through the fault API.
 """
 
@@ -34,6 +35,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, BinaryIO
 
+from controlplane.balloon import BalloonReport
 from controlplane.builder import DevicePlan, GuestPlan, remove_vsock_socket
 from controlplane.command_inbox import CommandInbox
 from controlplane.device_updates import DeviceUpdateError, DeviceUpdates, Limits
@@ -48,6 +50,7 @@ from controlplane.worker_spawner import VmStartError, WorkerSpawner
 from controlplane.worker_trust import TrustCounters
 from controlplane.worker_watch import WorkerWatch
 from shared import protocol as p
+from shared.memory import resident_bytes
 
 if TYPE_CHECKING:
     from controlplane.launcher import Launcher
@@ -212,8 +215,17 @@ class MicroVm:
         with sup.cond:
             merged = merge_metrics(list(sup.workers.values()))
             merged["embervm_workers"]["vcpu_failed"] = int(sup.failed)
-            merged["embervm_monitor"] = sup.trust.as_group()
+            merged["embervm_monitor"] = {**sup.trust.as_group(), "balloon_status_rejected": sup.balloon.rejected}
+            merged["embervm_memory"] = self._memory_figures()
             return {**merged, "seccomp": {"num_faults": sup.seccomp_faults}}
+
+    def _memory_figures(self) -> dict[str, int]:
+        """Guest RAM as configured and as the host holds it (the memfd's allocated pages)."""
+        figures = {"guest_memory_bytes": self.spec.mem_size, "guest_memory_resident_bytes": 0}
+        if self._spawner.memfd >= 0:
+            with contextlib.suppress(OSError):
+                figures["guest_memory_resident_bytes"] = resident_bytes(self._spawner.memfd)
+        return figures
 
     def workers(self) -> list[dict[str, object]]:
         """Each worker process (the vCPU worker first) with its pid and whether it lives."""
@@ -260,6 +272,18 @@ class MicroVm:
     def vsock_transport_reset(self) -> None:
         """Make the vsock worker drop its connections and send the guest a transport reset."""
         self._updates.vsock_transport_reset()
+
+    def update_balloon(self, amount_mib: int) -> None:
+        """PATCH /balloon: a new target for the balloon's worker."""
+        self._updates.update_balloon(amount_mib)
+
+    def update_balloon_stats(self, interval_s: int) -> None:
+        """PATCH /balloon/statistics: a new statistics polling interval."""
+        self._updates.update_balloon_stats(interval_s)
+
+    def balloon_report(self) -> BalloonReport:
+        """The balloon's `actual` and statistics as its worker last reported them."""
+        return self._sup.balloon.report
 
     # --- fault injection (PUT/DELETE/GET /faults, --enable-fault-injection) --------------------
     def inject_fault(self, device_id: str, spec: FaultSpec) -> None:

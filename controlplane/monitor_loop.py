@@ -35,6 +35,7 @@ from controlplane.worker_handle import WorkerHandle
 from controlplane.worker_log import escape
 from controlplane.worker_trust import admit_metrics
 from controlplane.worker_watch import WorkerWatch
+from devices.balloon.messages import BalloonStatus
 from devices.vsock.messages import VsockConnect, VsockConnected, VsockRelease
 from shared import exitcodes, fdpass
 from shared import protocol as p
@@ -161,6 +162,11 @@ class MonitorLoop:
     def run_timers(self) -> None:
         now = time.monotonic()
         self._updates.expire(now)
+        if self._restarts.any_late(now):
+            # Before calling a worker hung, read what is queued: on a starved host the monitor
+            # itself runs late, and heartbeats that arrived meanwhile wait unread in the socket.
+            self.take_all()
+            now = time.monotonic()
         self._restarts.run_timers(now)
 
     # --- deaths ------------------------------------------------------------------------------
@@ -302,6 +308,8 @@ class MonitorLoop:
             slot = sup.slots.get(handle.name)
             if slot is not None and slot.kept_sockets is not None:
                 slot.kept_sockets.release(msg.sock_ids)
+        elif isinstance(msg, BalloonStatus):
+            sup.balloon.accept(msg)
         elif isinstance(msg, p.UpdateResult):
             self._updates.answer(handle, msg)
         elif isinstance(msg, p.StateChanged):

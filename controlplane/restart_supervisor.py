@@ -127,6 +127,15 @@ class RestartSupervisor:
                 due.append(handle.last_heartbeat + self._sup.slots[handle.name].tracker.policy.hang_timeout_s)
         return due
 
+    def any_late(self, now: float) -> bool:
+        """Whether a worker's heartbeat is late by what the monitor has read so far."""
+        for handle in self._sup.workers.values():
+            slot = self._sup.slots.get(handle.name)
+            late = now - handle.last_heartbeat
+            if slot is not None and handle.alive and not handle.hung and late > slot.tracker.policy.hang_timeout_s:
+                return True
+        return False
+
     def run_timers(self, now: float) -> None:
         """Kill the workers whose heartbeat is late (their death brings their restart) and
         start the replacements that are due."""

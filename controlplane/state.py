@@ -21,6 +21,9 @@ from controlplane.logger import LOGGER, FcLogger, SinkError
 from controlplane.metrics import METRICS, Metrics, MetricsError
 from controlplane.mmds_store import MmdsStore
 from controlplane.models import (
+    Balloon,
+    BalloonStatsUpdate,
+    BalloonUpdate,
     BootSource,
     CpuConfig,
     Drive,
@@ -89,6 +92,9 @@ class MicroVmLike(Protocol):
         tx_rate_limiter: dict[str, Any] | None = None,
     ) -> None: ...
     def update_mmds(self, document: dict[str, Any] | None) -> None: ...
+    def update_balloon(self, amount_mib: int) -> None: ...
+    def update_balloon_stats(self, interval_s: int) -> None: ...
+    def balloon_report(self) -> Any: ...  # controlplane.balloon.BalloonReport
     def faults(self) -> list[dict[str, Any]]: ...
     def inject_fault(self, device_id: str, spec: Any) -> None: ...
     def clear_fault(self, device_id: str) -> bool: ...
@@ -261,6 +267,61 @@ class Vmm:
 
     def put_entropy(self, body: Entropy) -> None:
         self._configure(lambda: setattr(self.resources, "entropy", body))
+
+    def put_balloon(self, body: Balloon) -> None:
+        self._configure(lambda: self.resources.set_balloon(body))
+
+    def get_balloon(self) -> dict[str, Any]:
+        """GET /balloon: the configuration, with the target as last set (before or after boot)."""
+        with self.lock:
+            if self.resources.balloon is None:
+                raise ApiError("Balloon config error: No balloon device found.")
+            return self.resources.balloon_config()
+
+    def patch_balloon(self, body: BalloonUpdate) -> None:
+        """PATCH /balloon: a new target for the running balloon (Firecracker: post-boot only)."""
+        with self.lock:
+            vm = self._post_boot()
+            try:
+                updated = self.resources.update_balloon(body.amount_mib)
+            except ConfigError as err:
+                raise ApiError(str(err)) from None
+            with self._balloon_update():
+                vm.update_balloon(body.amount_mib)
+            self.resources.balloon = updated
+
+    def patch_balloon_stats(self, body: BalloonStatsUpdate) -> None:
+        """PATCH /balloon/statistics: a new polling interval (post-boot only, never on/off)."""
+        with self.lock:
+            vm = self._post_boot()
+            try:
+                updated = self.resources.update_balloon_stats(body.stats_polling_interval_s)
+            except ConfigError as err:
+                raise ApiError(str(err)) from None
+            with self._balloon_update():
+                vm.update_balloon_stats(body.stats_polling_interval_s)
+            self.resources.balloon = updated
+
+    def balloon_statistics(self) -> dict[str, Any]:
+        """GET /balloon/statistics: target and actual, and the guest's latest statistics."""
+        from controlplane.balloon import statistics
+
+        with self.lock:
+            vm = self._post_boot()
+            balloon = self.resources.balloon
+            if balloon is None:
+                raise ApiError("Balloon config error: No balloon device found.")
+            if balloon.stats_polling_interval_s == 0:
+                raise ApiError("Balloon config error: Statistics for the balloon device are not enabled")
+            return statistics(balloon.amount_mib, vm.balloon_report())
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _balloon_update() -> Iterator[None]:
+        try:
+            yield
+        except Exception as err:
+            raise ApiError(f"Balloon config error: {err}") from None
 
     def put_restart_policy(self, body: RestartPolicyBody) -> None:
         """embervm extension: how device workers are restarted (docs/faults.md)."""

@@ -20,6 +20,7 @@ from typing import TypeVar
 
 import zmq
 
+from controlplane.balloon import BalloonView
 from controlplane.builder import DevicePlan
 from controlplane.faults import RestartTracker
 from controlplane.vsock_sockets import KeptSockets
@@ -103,6 +104,7 @@ class Supervision:
         self.trust = TrustCounters()  # what workers sent that was refused (embervm_monitor)
         self.worker_logs = WorkerLogRelay(log, self.trust)
         self.seccomp_faults = 0
+        self.balloon = BalloonView()  # what the balloon worker last reported (controlplane.balloon)
         self._error_log_bucket = TokenBucket(10, 10, 1000)  # the monitor's own error lines
 
     def send(self, identity: bytes, msg: p.Message) -> None:

@@ -42,6 +42,10 @@ class VmSpec:
     mmds_data: dict[str, Any] | None = None
     # PUT /vsock's body ({guest_cid, uds_path}): the supervisor listens at uds_path (builder).
     vsock: dict[str, Any] | None = None
+    # PUT /balloon's body ({amount_mib, deflate_on_oom, stats_polling_interval_s,
+    # free_page_reporting}) and PUT /entropy's ({rate_limiter}): one device each (builder).
+    balloon: dict[str, Any] | None = None
+    entropy: dict[str, Any] | None = None
     vm_id: str = "anonymous-instance"
     # (leaf, subleaf | None, register, mask) CPUID bits to clear, e.g. shared.boot.cpuid.PVM_UNSAFE_FEATURES.
     cpuid_clear: list[tuple[int, int | None, str, int]] = field(default_factory=list)

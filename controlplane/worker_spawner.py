@@ -67,6 +67,7 @@ class WorkerSpawner:
                 backend_fds=[os.dup(fd) for fd in device.backend_fds],
                 queue_fds=[os.dup(fd) for fd in device.queue_fds],
                 irqfd=os.dup(device.irqfd),
+                regs_fd=os.dup(device.regs_fd) if device.regs_fd >= 0 else -1,
             )
             state_fd = create_state_memfd(device.name) if device.device_kind.restartable else -1
             policy = RestartPolicy.from_dict(self._spec.restart_policy, device.device_id)
@@ -93,6 +94,7 @@ class WorkerSpawner:
             mmio_channel=mmio_device.fileno(),
             args={**device.args, "mem_size": self._spec.mem_size, "control_endpoint": self._sup.endpoint},
             state_fd=slot.state_fd if slot is not None else -1,
+            regs_fd=device.regs_fd,
             restore=restore,
             needs_reset=needs_reset,
         )
@@ -143,7 +145,10 @@ class WorkerSpawner:
             memfd,
             theirs.fileno(),
             channel_theirs.fileno(),
-            [VcpuDevice(d.name, d.base, d.gsi, mmio[d.name].fileno(), d.queue_fds, d.irqfd) for d in devices],
+            [
+                VcpuDevice(d.name, d.base, d.gsi, mmio[d.name].fileno(), d.queue_fds, d.irqfd, d.regs_fd)
+                for d in devices
+            ],
             {**vcpu_args, "control_endpoint": self._sup.endpoint},
         )
         args, fds = spawn.to_zygote()

@@ -183,12 +183,16 @@ def _zygote_main(sock: socket.socket, seccomp: bool = True) -> int:  # pragma: n
     """The zygote's loop: fork workers on request, report their exits."""
     set_process_name("embervm-zygote")
     die_with_parent(signal.SIGKILL)
-    for kind in WORKER_ENTRIES:
-        _resolve(kind)  # preload: children share these imported pages
-    # What workers would otherwise read from files lazily, which they cannot once they have
-    # left the host's filesystem: source lines for tracebacks, the local time zone.
-    warm_linecache()
-    time.localtime()
+    _resolve("vcpu")  # every microVM's first worker: loaded before the first request is read
+    time.localtime()  # glibc reads /etc/localtime once: before workers leave the host's files
+    # The rest is preloaded while no request waits (children share these imported pages); a
+    # request for a kind not loaded yet imports it in the child. Last, the source lines of
+    # embervm's modules for tracebacks, which workers cannot read once they have left the
+    # host's filesystem (shared.confine.warm_linecache; a worker reads what is missing).
+    idle_work: list[Callable[[], object]] = [
+        *(lambda kind=kind: _resolve(kind) for kind in WORKER_ENTRIES if kind != "vcpu"),
+        warm_linecache,
+    ]
     devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.set_wakeup_fd(wake_w)
@@ -199,7 +203,10 @@ def _zygote_main(sock: socket.socket, seccomp: bool = True) -> int:  # pragma: n
     if seccomp:
         load_process_filter(ZYGOTE)  # a deny-list; every worker inherits it under its own
     while True:
-        ready, _, _ = select.select([sock_fd, wake_r], [], [])
+        ready, _, _ = select.select([sock_fd, wake_r], [], [], 0 if idle_work else None)
+        if not ready and idle_work:
+            idle_work.pop(0)()
+            continue
         if wake_r in ready:
             while True:
                 try:

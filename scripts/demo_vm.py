@@ -40,11 +40,31 @@ def test_guest_config() -> dict[str, object]:
     }
 
 
+def _fast_path() -> None:
+    """Start a fork server unless one runs (EMBERVM_FORK_SERVER=off: the cold path), so that
+    this and later `embervm` runs start in milliseconds (docs/ARCHITECTURE.md, "Fork server").
+    The test guest only: the Linux demo finds leftover embervm processes by their command
+    line, which a forked VMM does not carry (it has the server's)."""
+    from controlplane import forkclient, forkserver
+
+    path = forkclient.socket_path()
+    if path is None:
+        return
+    try:
+        pid = forkserver.ensure_running(path, str(DEMO_DIR / "forkserver.log"))
+    except OSError as e:
+        print(f"demo: no fork server ({e}): a cold start", file=sys.stderr)
+        return
+    if pid is not None:
+        print(f"demo: started embervm-forkserver (pid {pid}) on {path}; stop it with: kill {pid}", file=sys.stderr)
+
+
 def run_test_guest(extra: list[str]) -> int:
     DEMO_DIR.mkdir(parents=True, exist_ok=True)
     config_path = DEMO_DIR / "vm.json"
     config_path.write_text(json.dumps(test_guest_config(), indent=2) + "\n")
     print(f"demo: booting the test guest described by {config_path}", file=sys.stderr, flush=True)
+    _fast_path()
     embervm = str(Path(sys.executable).parent / "embervm")
     os.execv(embervm, [embervm, "--config-file", str(config_path), "--no-api", "--id", "demo", *extra])
 

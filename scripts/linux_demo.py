@@ -229,7 +229,10 @@ def run(guest: Guest, check: bool, timeout: float) -> int:
         with host_tap() as tap:
             pipes = subprocess.PIPE if check else None
             command = [*embervm_command(), "--api-sock", str(sock), "--id", "demo"]
-            proc = subprocess.Popen(command, stdin=pipes, stdout=pipes, cwd=work)
+            # A cold start, never through a fork server: `leftovers` finds this demo's embervm
+            # processes by their command line, which a forked VMM does not carry.
+            env = {**os.environ, "EMBERVM_FORK_SERVER": "off"}
+            proc = subprocess.Popen(command, stdin=pipes, stdout=pipes, cwd=work, env=env)
             try:
                 configure(sock, proc, api_calls(guest, work, tap))
                 if check:

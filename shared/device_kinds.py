@@ -96,9 +96,36 @@ VSOCK = DeviceKind(
     one_per_vm=True,
     sends=frozenset({"vsock_connect", "vsock_release"}),  # devices.vsock.messages
 )
+BALLOON = DeviceKind(
+    name="balloon",
+    entry="devices.balloon.worker:run",
+    id_key="balloon_id",
+    noun="device",
+    # inflate, deflate, then (only when configured, so the driver's queue indices shift as in
+    # Linux's virtio_balloon) stats and free page reporting: the transport offers as many as
+    # the configuration needs, the four eventfds always exist (docs/devices.md).
+    queues=("inflate_notify", "deflate_notify", "stats_notify", "reporting_notify"),
+    backends=(),  # it gives pages back by punching holes in the guest-memory memfd it holds
+    # A replacement restores the transport and the device's own state (actual pages, last
+    # statistics); the target comes from its args, which PATCH /balloon keeps current.
+    restartable=True,
+    one_per_vm=True,
+    sends=frozenset({"balloon_status"}),  # devices.balloon.messages.BalloonStatus
+)
+ENTROPY = DeviceKind(
+    name="entropy",
+    entry="devices.rng.worker:run",
+    id_key="entropy_id",
+    noun="device",
+    queues=("request_notify",),
+    backends=(),  # getrandom(2) needs no fd
+    restartable=True,  # completes chains in order: a replacement fills what was in flight
+    one_per_vm=True,
+)
 
-# In Firecracker's order, which is also the order devices get their MMIO windows.
-DEVICE_KINDS: dict[str, DeviceKind] = {kind.name: kind for kind in (BLOCK, NET, VSOCK)}
+# The order devices get their MMIO windows in: Firecracker's block, net, vsock, then the
+# balloon and the entropy device (Firecracker attaches its balloon first; docs/api.md).
+DEVICE_KINDS: dict[str, DeviceKind] = {kind.name: kind for kind in (BLOCK, NET, VSOCK, BALLOON, ENTROPY)}
 
 
 def device_kind(name: str) -> DeviceKind | None:

@@ -52,7 +52,7 @@ from typing import Any, Protocol
 
 import zmq
 
-from shared import exitcodes, fdpass, isolation, ratelimited_log, redteam
+from shared import exitcodes, fdpass, isolation, ratelimited_log
 from shared import protocol as p
 from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, install_filter
 from shared.device_kinds import DeviceKind
@@ -66,6 +66,7 @@ from shared.seccomp import COMMON, Filter
 from shared.spawn import DeviceSpawn
 from shared.virtio import constants as c
 from shared.virtio.mmio import MmioTransport, TransportError
+from shared.virtio.regpage import DeviceRegisters
 
 CONTROL, MMIO, FD_CHANNEL, QUEUE = 0, 1, 2, 16
 METRICS_INTERVAL_S = 5.0
@@ -109,6 +110,7 @@ class Channels:
     name: str = "device"
     extra: dict[str, Any] = field(default_factory=dict)
     state_fd: int = -1  # the device's state area (shared.devstate); -1: none
+    regs_fd: int = -1  # the device's register page (shared.virtio.regpage); -1: none
     restore: bool = False  # a replacement worker: restore the state area's snapshot
     needs_reset: bool = False  # ... and set DEVICE_NEEDS_RESET instead of serving
     isolation: dict[str, Any] = field(default_factory=dict)  # from the zygote: namespaces, host_pid
@@ -169,6 +171,8 @@ class DeviceWorker:
         self.mmio_requests = 0
         self.bad_messages = 0
         self.state = StateArea(channels.state_fd) if channels.state_fd >= 0 else None
+        if channels.regs_fd >= 0:  # InterruptStatus and the config copy the vCPU worker answers from
+            transport.attach_registers(DeviceRegisters(channels.regs_fd))
         self._persisted: tuple[Any, ...] | None = None
         self.faults = FaultInjector(self._record_fatal, lambda kind, left: self.send(p.FaultFired(kind, left)))
         # A device that checks faults per request has a `faults` attribute; others are checked per kick.
@@ -234,7 +238,13 @@ class DeviceWorker:
             (q.size, q.ready, q.desc_addr, q.avail_addr, q.used_addr, q.event_idx, q.indirect) for q in t.queues
         )
         sels = (t.queue_sel, t.device_features_sel, t.driver_features_sel)
-        return (t.status, t.driver_features, t.config_generation, t.activated, sels, queues)
+        return (t.status, t.driver_features, t.config_generation, t.activated, sels, queues, self._device_state())
+
+    def _device_state(self) -> Any:
+        """The device's own durable state (`save_state()`, e.g. the balloon's actual pages), if
+        it has any beyond its transport and rings; a replacement gets it back (`load_state`)."""
+        save = getattr(self.transport.device, "save_state", None)
+        return save() if save is not None else None
 
     def persist_state(self, force: bool = False) -> None:
         """Write the transport snapshot (and the counters) to the state area if the durable
@@ -245,7 +255,10 @@ class DeviceWorker:
         if key == self._persisted and not force:
             return
         try:
-            self.state.write({"transport": self.transport.snapshot(), "metrics": self.metrics()})
+            state = {"transport": self.transport.snapshot(), "metrics": self.metrics()}
+            if key[-1] is not None:
+                state["device"] = key[-1]
+            self.state.write(state)
         except StateAreaError as e:
             log.error("%s", e)
         self._persisted = key
@@ -253,6 +266,12 @@ class DeviceWorker:
     def recover(self) -> None:
         """A replacement worker: load the dead worker's state, then serve what it left."""
         snapshot = self.state.read() if self.state is not None else None
+        load = getattr(self.transport.device, "load_state", None)
+        if snapshot is not None and load is not None and "device" in snapshot:
+            try:
+                load(snapshot["device"])  # before the transport re-activates the device
+            except (KeyError, TypeError, ValueError) as e:
+                log.error("cannot restore the device's own state: %s", e)
         if snapshot is not None:
             try:
                 self.transport.restore(snapshot["transport"], resync=True)
@@ -296,6 +315,7 @@ class DeviceWorker:
             self.recover()
         else:
             self.persist_state()
+        self.transport.publish_registers()
         self.send(p.Ready(os.getpid()))
         self.loop.run()
         self._flush_logs()
@@ -317,6 +337,7 @@ class DeviceWorker:
             log.error("device worker error (token %d):\n%s", token, traceback.format_exc())
         if token < QUEUE:
             self.persist_state()  # a register write, an update: the durable part may have changed
+            self.transport.publish_registers()  # ... and config space (a new disk's size)
         else:  # queue work changes no set-up, at most the status (NEEDS_RESET); counters every 10 ms
             now = time.monotonic()
             save_counters = now >= self._next_counters_save
@@ -414,6 +435,8 @@ class DeviceWorker:
             with contextlib.suppress(zmq.ZMQError):
                 self.control.send_multipart(msg.frames, zmq.NOBLOCK)
         elif isinstance(msg, p.RedTeam) and self.test_hooks:
+            from shared import redteam  # loaded before the filter by confine's test hooks
+
             send = lambda frames: self.control.send_multipart(frames, zmq.NOBLOCK)  # noqa: E731
             self.send(p.Log("warning", redteam.run(msg, redteam.Context(self.channels.name, send))))
         else:
@@ -442,6 +465,8 @@ class DeviceWorker:
         logging.getLogger().handlers = self._inherited_handlers
         if self.state is not None:
             self.state.close()
+        if self.transport.registers is not None:
+            self.transport.registers.close()
         self.loop.close()
         self.mmio.close()
         self.control.close()
@@ -507,10 +532,19 @@ def enter_confinement(ctx: zmq.Context, isolation_args: dict[str, Any]) -> None:
 Build = Callable[[DeviceSpawn], tuple[MmioTransport, DeviceHooks]]
 
 
-def run_device_worker(kind: DeviceKind, args: dict[str, Any], fds: list[int], build: Build, policy: Filter) -> int:
+def run_device_worker(
+    kind: DeviceKind,
+    args: dict[str, Any],
+    fds: list[int],
+    build: Build,
+    policy: Filter | Callable[[DeviceSpawn], Filter],
+) -> int:
     """A device worker's `run(args, fds)`: parse the spawn contract (`shared.spawn`), then
-    `run_device` with the device `build(spawn)` makes and its kind's seccomp `policy`."""
+    `run_device` with the device `build(spawn)` makes and its kind's seccomp `policy` (or
+    `policy(spawn)`, for a policy whose argument filters name one of the worker's fds)."""
     spawn = DeviceSpawn.from_zygote(kind, args, fds)
+    if not isinstance(policy, Filter):
+        policy = policy(spawn)
     channels = Channels(
         control_endpoint=spawn.control_endpoint,
         mmio_fd=spawn.mmio_channel,
@@ -519,6 +553,7 @@ def run_device_worker(kind: DeviceKind, args: dict[str, Any], fds: list[int], bu
         irqfd=spawn.irqfd,
         name=spawn.name,
         state_fd=spawn.state_fd,
+        regs_fd=spawn.regs_fd,
         restore=spawn.restore,
         needs_reset=spawn.needs_reset,
         isolation=spawn.isolation,

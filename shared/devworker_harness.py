@@ -1,9 +1,10 @@
 """The supervisor's side of one real device-worker process, for tests and benchmarks.
 
 `WorkerHarness` does what `controlplane.microvm` does for a device, minus the vCPU: it
-creates guest memory, the irqfd, one eventfd per queue of its kind (`shared.device_kinds`)
-and the fd channel, spawns the worker through a zygote with the production spawn contract
-(`shared.spawn.DeviceSpawn`), holds the ZeroMQ control socket and an MMIO client.
+creates guest memory, the irqfd, one eventfd per queue of its kind (`shared.device_kinds`),
+the register page (`regs`: the vCPU worker's view of it) and the fd channel, spawns the
+worker through a zygote with the production spawn contract (`shared.spawn.DeviceSpawn`),
+holds the ZeroMQ control socket and an MMIO client.
 Device harnesses (`devices/<kind>/testing.py`) add the guest's side on top: MockDriver
 chains in the shared memfd, queue kicks, the irqfd.
 """
@@ -25,6 +26,7 @@ from shared.devworker_client import MmioClient
 from shared.devworker_client import channel_pair as mmio_channel_pair
 from shared.memory import GuestMemory, create_guest_memfd
 from shared.spawn import DeviceSpawn
+from shared.virtio.regpage import VcpuRegisters, create_regpage_memfd
 
 
 class Spawner(Protocol):
@@ -81,6 +83,8 @@ class WorkerHarness:
         }
         mmio_mine, mmio_theirs = mmio_channel_pair()
         self.mmio = MmioClient(mmio_mine, timeout_s=5.0, name=name)
+        self.regs_fd = create_regpage_memfd(name)
+        self.regs = VcpuRegisters(self.regs_fd)  # the vCPU worker's view of the register page
         self._stderr, stderr_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)  # what the worker writes to fd 2
         try:
             spawn = DeviceSpawn(
@@ -92,6 +96,7 @@ class WorkerHarness:
                 fd_channel=theirs.fileno(),
                 mmio_channel=mmio_theirs.fileno(),
                 args=full_args,
+                regs_fd=self.regs_fd,
             )
             self.pid = zygote.spawn(kind, name, *spawn.to_zygote(), stderr_fd=stderr_w)
         finally:
@@ -199,7 +204,8 @@ class WorkerHarness:
         self.fd_channel.close()
         os.close(self._stderr)
         self.mem.close()
-        for fd in (self.memfd, self.irqfd, *self.queue_fds):
+        self.regs.close()
+        for fd in (self.memfd, self.irqfd, self.regs_fd, *self.queue_fds):
             os.close(fd)
 
     def __enter__(self) -> WorkerHarness:

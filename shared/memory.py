@@ -48,13 +48,47 @@ def create_guest_memfd(size: int, name: str = "embervm-guest-mem") -> int:
     return fd
 
 
+def resident_bytes(memfd: int) -> int:
+    """Bytes of the guest-memory memfd that hold pages now (what the host really spends on
+    guest RAM: pages never touched, or given back by the balloon, cost nothing)."""
+    return os.fstat(memfd).st_blocks * 512
+
+
 class GuestMemory:
     """Bounds-checked access to guest RAM through a shared mapping of the memfd."""
 
     def __init__(self, mapping: mmap.mmap, regions: Sequence[MemoryRegion]) -> None:
         self._map = mapping
         self._view = memoryview(mapping)
+        # Word views for fields the guest reads while we write them (ring indices): an item
+        # store is one aligned store. (struct.pack_into is not: it zeroes the field first.)
+        self._view16 = self._view.cast("H") if len(mapping) % 8 == 0 else None
+        self._view32 = self._view.cast("I") if len(mapping) % 8 == 0 else None
+        self._view64 = self._view.cast("Q") if len(mapping) % 8 == 0 else None
         self.regions = tuple(regions)
+        # The first region starts at guest address 0 at file offset 0 (shared.layout): the
+        # data path's addresses mostly fall in it, and there the offset is the address.
+        first = self.regions[0] if self.regions else None
+        self._low_end = first.end if first is not None and first.guest_addr == 0 and first.file_offset == 0 else 0
+
+    @property
+    def view(self) -> memoryview:
+        """The whole mapping (memfd offsets, see `offset_of`), for `struct.unpack_from`."""
+        return self._view
+
+    @property
+    def view16(self) -> memoryview:
+        """The whole mapping as u16 words: item offset // 2 is one aligned load or store."""
+        if self._view16 is None:
+            raise GuestMemoryError(0, len(self._map))
+        return self._view16
+
+    @property
+    def view32(self) -> memoryview:
+        """The whole mapping as u32 words (item offset // 4)."""
+        if self._view32 is None:
+            raise GuestMemoryError(0, len(self._map))
+        return self._view32
 
     @classmethod
     def map(cls, memfd: int, mem_size: int) -> GuestMemory:
@@ -80,11 +114,16 @@ class GuestMemory:
         return self._map
 
     def close(self) -> None:
+        for view in (self._view16, self._view32, self._view64):
+            if view is not None:
+                view.release()
         self._view.release()
         self._map.close()
 
     def offset_of(self, addr: int, length: int) -> int:
         """memfd offset of guest range [addr, addr+length), which must lie in one region."""
+        if addr >= 0 and length >= 0 and addr + length <= self._low_end:
+            return addr
         if addr < 0 or length < 0:
             raise GuestMemoryError(addr, length)
         for region in self.regions:
@@ -111,37 +150,64 @@ class GuestMemory:
 
     def read(self, addr: int, length: int) -> bytes:
         """Copy `length` bytes out of guest memory."""
-        return bytes(self.slice(addr, length))
+        start = self.offset_of(addr, length)
+        return self._view[start : start + length].tobytes()
 
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """Copy `data` into guest memory at `addr`."""
-        self.slice(addr, len(data))[:] = data
+        start = self.offset_of(addr, len(data))
+        self._view[start : start + len(data)] = data
 
     def fill(self, addr: int, length: int, byte: int = 0) -> None:
         """Set [addr, addr+length) to `byte`."""
         view = self.slice(addr, length)
         view[:] = bytes([byte]) * length
 
+    # Fixed-size fields: an aligned one is read or written as one word of its width through
+    # the word views (x86-64 is little endian, as virtio is), so the guest never sees a
+    # ring index half-written; an unaligned one is copied as bytes.
+
     def read_u8(self, addr: int) -> int:
-        return self.slice(addr, 1)[0]
+        return self._view[self.offset_of(addr, 1)]
 
     def read_u16(self, addr: int) -> int:
-        return int.from_bytes(self.slice(addr, 2), "little")
+        offset = self.offset_of(addr, 2)
+        if offset & 1 or self._view16 is None:
+            return int.from_bytes(self._view[offset : offset + 2], "little")
+        return int(self._view16[offset >> 1])
 
     def read_u32(self, addr: int) -> int:
-        return int.from_bytes(self.slice(addr, 4), "little")
+        offset = self.offset_of(addr, 4)
+        if offset & 3 or self._view32 is None:
+            return int.from_bytes(self._view[offset : offset + 4], "little")
+        return int(self._view32[offset >> 2])
 
     def read_u64(self, addr: int) -> int:
-        return int.from_bytes(self.slice(addr, 8), "little")
+        offset = self.offset_of(addr, 8)
+        if offset & 7 or self._view64 is None:
+            return int.from_bytes(self._view[offset : offset + 8], "little")
+        return int(self._view64[offset >> 3])
 
     def write_u8(self, addr: int, value: int) -> None:
-        self.slice(addr, 1)[0] = value
+        self._view[self.offset_of(addr, 1)] = value
 
     def write_u16(self, addr: int, value: int) -> None:
-        self.write(addr, value.to_bytes(2, "little"))
+        offset = self.offset_of(addr, 2)
+        if offset & 1 or self._view16 is None:
+            self._view[offset : offset + 2] = value.to_bytes(2, "little")
+        else:
+            self._view16[offset >> 1] = value
 
     def write_u32(self, addr: int, value: int) -> None:
-        self.write(addr, value.to_bytes(4, "little"))
+        offset = self.offset_of(addr, 4)
+        if offset & 3 or self._view32 is None:
+            self._view[offset : offset + 4] = value.to_bytes(4, "little")
+        else:
+            self._view32[offset >> 2] = value
 
     def write_u64(self, addr: int, value: int) -> None:
-        self.write(addr, value.to_bytes(8, "little"))
+        offset = self.offset_of(addr, 8)
+        if offset & 7 or self._view64 is None:
+            self._view[offset : offset + 8] = value.to_bytes(8, "little")
+        else:
+            self._view64[offset >> 3] = value

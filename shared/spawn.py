@@ -13,6 +13,8 @@ worker's `run(args, fds)` gets them back with `DeviceSpawn.from_zygote` (through
     backends...   the host fds the supervisor opened for it (`DeviceKind.backends`)
     fd_channel    SEQPACKET socket: messages carrying fds (a new disk, ...)
     mmio_channel  SEQPACKET socket to the vCPU worker: register reads and writes
+    regs          only with args["regs_fd"]: the device's register page
+                  (shared.virtio.regpage), shared with the vCPU worker
     state         only with args["state_fd"]: the device's state area (shared.devstate),
                   what a replacement worker restores (args "restore", "needs_reset")
 
@@ -41,14 +43,17 @@ class DeviceSpawn:
     mmio_channel: int
     args: dict[str, Any] = field(default_factory=dict)
     state_fd: int = -1  # -1: no state area (a kind that is not restarted)
+    regs_fd: int = -1  # -1: no register page (InterruptStatus answered over the MMIO channel)
     restore: bool = False  # a replacement worker: restore the state area's snapshot
     needs_reset: bool = False  # ... and set DEVICE_NEEDS_RESET instead of serving
 
     @staticmethod
-    def roles(kind: DeviceKind, state: bool) -> tuple[str, ...]:
+    def roles(kind: DeviceKind, state: bool, regs: bool = False) -> tuple[str, ...]:
         """The fds' roles in order (what an error message lists)."""
-        return ("memfd", "irqfd", *kind.queues, *kind.backends, "fd_channel", "mmio_channel") + (
-            ("state",) if state else ()
+        return (
+            ("memfd", "irqfd", *kind.queues, *kind.backends, "fd_channel", "mmio_channel")
+            + (("regs",) if regs else ())
+            + (("state",) if state else ())
         )
 
     def to_zygote(self) -> tuple[dict[str, Any], list[int]]:
@@ -60,6 +65,9 @@ class DeviceSpawn:
             )
         args = dict(self.args)
         fds = [self.memfd, self.irqfd, *self.queue_fds, *self.backend_fds, self.fd_channel, self.mmio_channel]
+        if self.regs_fd >= 0:
+            args["regs_fd"] = True
+            fds.append(self.regs_fd)
         if self.state_fd >= 0:
             args.update(state_fd=True, restore=self.restore, needs_reset=self.needs_reset)
             fds.append(self.state_fd)
@@ -68,8 +76,8 @@ class DeviceSpawn:
     @classmethod
     def from_zygote(cls, kind: DeviceKind, args: dict[str, Any], fds: list[int]) -> DeviceSpawn:
         """What `to_zygote` built, back in the worker; ValueError when the fds do not match."""
-        state = bool(args.get("state_fd"))
-        roles = cls.roles(kind, state)
+        state, regs = bool(args.get("state_fd")), bool(args.get("regs_fd"))
+        roles = cls.roles(kind, state, regs)
         if len(fds) != len(roles):
             raise ValueError(f"the {kind.name} worker takes {len(roles)} fds ({', '.join(roles)}), got {len(fds)}")
         queues_end = 2 + kind.num_queues
@@ -84,6 +92,7 @@ class DeviceSpawn:
             mmio_channel=fds[backends_end + 1],
             args=args,
             state_fd=fds[-1] if state else -1,
+            regs_fd=fds[backends_end + 2] if regs else -1,
             restore=bool(args.get("restore", False)),
             needs_reset=bool(args.get("needs_reset", False)),
         )
@@ -117,12 +126,13 @@ class VcpuDevice:
     mmio_channel: int  # the vCPU worker's end of the device's MMIO channel
     queue_fds: list[int]  # registered as ioeventfds on the window's QueueNotify
     irqfd: int  # registered as the irqfd of `gsi`
+    regs: int = -1  # the device's register page (shared.virtio.regpage); -1: none
 
 
 @dataclass
 class VcpuSpawn:
     """The vCPU worker's spawn: fds [kvm, memfd, console socket, fd_channel, then per device
-    its MMIO channel end, queue eventfds and irqfd]; args["virtio_devices"] lists each device
+    its MMIO channel end, queue eventfds, irqfd and register page if any]; args["virtio_devices"] lists each device
     with its fds as indices into that list."""
 
     kvm: int
@@ -143,6 +153,9 @@ class VcpuSpawn:
             fds += device.queue_fds
             entry["irqfd"] = len(fds)
             fds.append(device.irqfd)
+            if device.regs >= 0:
+                entry["regs_fd"] = len(fds)
+                fds.append(device.regs)
             entries.append(entry)
         return {**self.args, "virtio_devices": entries}, fds
 
@@ -165,6 +178,7 @@ class VcpuSpawn:
                 fd(raw["mmio_fd"]),
                 [fd(i) for i in raw["queue_fds"]],
                 fd(raw["irqfd"]),
+                fd(raw["regs_fd"]) if "regs_fd" in raw else -1,
             )
             for raw in args.get("virtio_devices") or []
         ]

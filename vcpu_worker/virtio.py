@@ -21,6 +21,14 @@ never answered is sent again. Register writes are idempotent, so sending one aga
 safe even when the dead worker had applied it. To the guest a restart looks like a slow
 register access.
 
+The registers a driver touches on every interrupt never leave this process: InterruptStatus,
+InterruptACK, ConfigGeneration and config-space reads are answered from the device's
+register page (`shared.virtio.regpage.VcpuRegisters`, a memfd the device worker writes),
+so an interrupt costs the guest two local exits, not two round trips. Writes the device
+must act on (Status, queue set-up, features, config writes) are still forwarded and
+answered synchronously; after a forwarded reset (Status = 0) this side clears
+InterruptStatus, since it is the one that stores InterruptACKs.
+
 The eventfds stay open here: KVM drops an irqfd when its eventfd file is released, and
 keeping our copy keeps the routing in place while a device worker is being replaced.
 """
@@ -38,6 +46,7 @@ from shared.kvm import Vm
 from shared.layout import VIRTIO_MMIO_SIZE
 from shared.spawn import VcpuDevice
 from shared.virtio import constants as c
+from shared.virtio.regpage import ALL_BITS, VcpuRegisters
 from vcpu_worker.mmio_bus import MmioBus
 
 RETRY_AFTER_S = 1.0
@@ -48,9 +57,15 @@ class RemoteMmioDevice:
     """A virtio-mmio window served by a device worker over its MMIO channel."""
 
     def __init__(
-        self, name: str, client: MmioClient, report: Callable[[str], None], timeout_s: float = DEFAULT_TIMEOUT_S
+        self,
+        name: str,
+        client: MmioClient,
+        report: Callable[[str], None],
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        registers: VcpuRegisters | None = None,
     ) -> None:
         self.name = name
+        self.registers = registers
         self._report = report
         self._timeout_s = timeout_s
         self._client = client
@@ -137,20 +152,37 @@ class RemoteMmioDevice:
                 self._failed(e)
                 return None
 
+    def _local(self) -> VcpuRegisters | None:
+        """The register page, unless the device is gone (its window then reads all-ones)."""
+        if self.registers is None or self._down_until == math.inf:
+            return None
+        return self.registers
+
     def read(self, offset: int, size: int) -> int:
+        registers = self._local()
+        if registers is not None and (local := registers.read(offset, size)) is not None:
+            return local
         value = self._forward(lambda client, abort: client.read(offset, size, abort))
         return (1 << (8 * size)) - 1 if value is None else value
 
     def write(self, offset: int, size: int, value: int) -> None:
+        registers = self._local()
+        if registers is not None and registers.write(offset, size, value):
+            return
+
         def write(client: MmioClient, abort: Callable[[], bool]) -> int:
             client.write(offset, size, value, abort)
             return 0
 
         self._forward(write)
+        if registers is not None and offset == c.MMIO_STATUS and size == 4 and value == 0:
+            registers.ack_bits(ALL_BITS)  # a reset clears InterruptStatus (spec 4.2.2)
 
     def close(self) -> None:
         with self._io:
             self._client.close()
+        if self.registers is not None:
+            self.registers.close()
 
 
 def _named(devices: list[RemoteMmioDevice], name: str) -> list[RemoteMmioDevice]:
@@ -191,7 +223,8 @@ def attach_virtio_devices(
             vm.register_ioeventfd(fd, dev.base + c.MMIO_QUEUE_NOTIFY, 4, datamatch=index)
         vm.register_irqfd(dev.irqfd, dev.gsi)
         client = MmioClient(socket.socket(fileno=dev.mmio_channel), timeout_s, dev.name)
-        remote = RemoteMmioDevice(dev.name, client, report, timeout_s)
+        registers = VcpuRegisters(dev.regs) if dev.regs >= 0 else None
+        remote = RemoteMmioDevice(dev.name, client, report, timeout_s, registers)
         bus.add(dev.base, VIRTIO_MMIO_SIZE, remote)
         attached.append(remote)
     return attached

@@ -9,6 +9,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from controlplane.api import (
     actions,
+    balloon,
     boot_source,
     cpu_config,
     drives,
@@ -39,6 +40,7 @@ _ROUTERS = (
     network,
     vsock,
     entropy,
+    balloon,
     logger,
     metrics,
     mmds,

@@ -9,11 +9,9 @@ from controlplane.state import ApiError
 router = APIRouter()
 
 _RESOURCES = {
-    "/balloon": "the balloon device",
-    "/balloon/statistics": "the balloon device",
-    "/balloon/hinting/start": "the balloon device",
-    "/balloon/hinting/status": "the balloon device",
-    "/balloon/hinting/stop": "the balloon device",
+    "/balloon/hinting/start": "free page hinting (free page reporting is embervm's `free_page_reporting`)",
+    "/balloon/hinting/status": "free page hinting (free page reporting is embervm's `free_page_reporting`)",
+    "/balloon/hinting/stop": "free page hinting (free page reporting is embervm's `free_page_reporting`)",
     "/snapshot/create": "snapshots",
     "/snapshot/load": "snapshots",
     "/pmem/{pmem_id}": "pmem devices",

@@ -11,6 +11,9 @@ from controlplane.models.boot import (
 )
 from controlplane.models.config_file import VmmConfigFile
 from controlplane.models.devices import (
+    Balloon,
+    BalloonStatsUpdate,
+    BalloonUpdate,
     Drive,
     Entropy,
     NetworkInterface,
@@ -34,6 +37,9 @@ __all__ = [
     "DESERIALIZE_PREFIX",
     "LOG_LEVELS",
     "MAX_VCPUS",
+    "Balloon",
+    "BalloonStatsUpdate",
+    "BalloonUpdate",
     "BodyError",
     "BootSource",
     "CpuConfig",

@@ -21,9 +21,13 @@ DESERIALIZE_PREFIX = "An error occurred when deserializing the json body of a re
 
 
 class FcModel(BaseModel):
-    """Strict, closed model: unknown fields and type coercions are errors, as in serde."""
+    """Strict, closed model: unknown fields and type coercions are errors, as in serde.
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=False)
+    `defer_build`: a model's validator is built the first time it validates, not when its
+    class is defined, so a start-up pays only for the models its path uses (a --no-api boot
+    never builds the snapshot or balloon models; docs/performance.md)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=False, defer_build=True)
 
 
 class BodyError(ValueError):

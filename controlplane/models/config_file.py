@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import Field
 
 from controlplane.models._base import FcModel
 from controlplane.models.boot import BootSource, CpuConfig, MachineConfig
-from controlplane.models.devices import Drive, Entropy, NetworkInterface, Vsock
+from controlplane.models.devices import Balloon, Drive, Entropy, NetworkInterface, Vsock
 from controlplane.models.restart_policy import RestartPolicyBody
 from controlplane.models.system import LoggerConfig, MetricsConfig, MmdsConfig
 
@@ -26,6 +24,6 @@ class VmmConfigFile(FcModel):
     logger: LoggerConfig | None = None
     metrics: MetricsConfig | None = None
     mmds_config: MmdsConfig | None = Field(default=None, alias="mmds-config")
-    balloon: dict[str, Any] | None = None
+    balloon: Balloon | None = None
     # embervm extension: device-worker restart policy (docs/faults.md)
     restart_policy: RestartPolicyBody | None = Field(default=None, alias="restart-policy")

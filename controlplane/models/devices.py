@@ -1,4 +1,4 @@
-"""Bodies of /drives, /network-interfaces, /vsock and /entropy (firecracker.yaml definitions)."""
+"""Bodies of /drives, /network-interfaces, /vsock, /balloon and /entropy (firecracker.yaml definitions)."""
 
 from __future__ import annotations
 
@@ -79,6 +79,27 @@ class Vsock(FcModel):
     guest_cid: Annotated[int, Field(ge=3, le=2**32 - 1)]
     uds_path: str
     vsock_id: str | None = None
+
+
+class Balloon(FcModel):
+    """PUT /balloon. `free_page_reporting` is embervm's extension (off by default; docs/api.md)."""
+
+    amount_mib: Annotated[int, Field(ge=0, le=2**32 - 1)]
+    deflate_on_oom: bool
+    stats_polling_interval_s: Annotated[int, Field(ge=0, le=2**32 - 1)] = 0
+    free_page_reporting: bool = False
+
+
+class BalloonUpdate(FcModel):
+    """PATCH /balloon: a new target size."""
+
+    amount_mib: Annotated[int, Field(ge=0, le=2**32 - 1)]
+
+
+class BalloonStatsUpdate(FcModel):
+    """PATCH /balloon/statistics: a new polling interval."""
+
+    stats_polling_interval_s: Annotated[int, Field(ge=0, le=2**32 - 1)]
 
 
 class Entropy(FcModel):

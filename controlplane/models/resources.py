@@ -15,6 +15,7 @@ from typing import Any
 from controlplane.backends import BackendError, OpenedBackends, backend_key, open_drive_file, open_tap_device
 from controlplane.models.boot import MAX_VCPUS, BootSource, CpuConfig, MachineConfig, MachineConfigUpdate
 from controlplane.models.devices import (
+    Balloon,
     Drive,
     Entropy,
     NetworkInterface,
@@ -61,6 +62,7 @@ class Resources:
     net: dict[str, NetworkInterface] = field(default_factory=dict)
     vsock: Vsock | None = None
     entropy: Entropy | None = None
+    balloon: Balloon | None = None
     restart_policy: RestartPolicyBody | None = None  # embervm extension: PUT /restart-policy
     logger: LoggerConfig | None = None
     metrics: MetricsConfig | None = None
@@ -199,6 +201,42 @@ class Resources:
                 raise ConfigError("MMDS config error: The MMDS IPv4 address is not link local.")
         self.mmds_config = config
 
+    def set_balloon(self, balloon: Balloon) -> None:
+        """PUT /balloon (pre-boot), Firecracker's checks: not with huge pages, not bigger than RAM."""
+        if self.machine.huge_pages not in (None, "None"):
+            raise ConfigError(
+                "Balloon config error: Firecracker's huge pages support is incompatible with memory ballooning."
+            )
+        if balloon.amount_mib > self.machine.mem_size_mib:
+            raise ConfigError("Balloon config error: Amount of pages requested is too large.")
+        self.balloon = balloon
+
+    def update_balloon(self, amount_mib: int) -> Balloon:
+        """PATCH /balloon (post-boot): the stored config with the new target."""
+        if self.balloon is None:
+            raise ConfigError("Balloon config error: No balloon device found.")
+        if amount_mib > self.machine.mem_size_mib:
+            raise ConfigError("Balloon config error: Amount of pages requested is too large.")
+        return self.balloon.model_copy(update={"amount_mib": amount_mib})
+
+    def update_balloon_stats(self, interval_s: int) -> Balloon:
+        """PATCH /balloon/statistics (post-boot): Firecracker's rule, statistics cannot be turned
+        on or off after boot, only their interval changed."""
+        if self.balloon is None:
+            raise ConfigError("Balloon config error: No balloon device found.")
+        if (self.balloon.stats_polling_interval_s == 0) != (interval_s == 0):
+            raise ConfigError("Balloon config error: Cannot enable/disable the statistics after boot.")
+        return self.balloon.model_copy(update={"stats_polling_interval_s": interval_s})
+
+    def balloon_config(self) -> dict[str, Any]:
+        """GET /balloon and the config file's `balloon`: Firecracker's three fields, plus
+        `free_page_reporting` only when it is on (embervm's extension)."""
+        assert self.balloon is not None
+        body = self.balloon.model_dump(exclude={"free_page_reporting"})
+        if self.balloon.free_page_reporting:
+            body["free_page_reporting"] = True
+        return body
+
     def full_config(self) -> dict[str, Any]:
         """GET /vm/config: the --config-file document for the current configuration."""
 
@@ -210,7 +248,7 @@ class Resources:
             machine["cpu_template"] = self.machine.cpu_template
         vsock = None if self.vsock is None else self.vsock.model_dump(exclude={"vsock_id"})
         config = {
-            "balloon": None,
+            "balloon": None if self.balloon is None else self.balloon_config(),
             "drives": [dump(d) for d in self.drives.values()],
             "boot-source": dump(self.boot_source),
             "cpu-config": None
@@ -240,6 +278,7 @@ class Resources:
             "network_interfaces": [n.model_dump() for n in self.net.values()],
             "vsock": None if self.vsock is None else self.vsock.model_dump(exclude={"vsock_id"}),
             "entropy": None if self.entropy is None else self.entropy.model_dump(),
+            "balloon": None if self.balloon is None else self.balloon.model_dump(),
             "mmds_config": None if self.mmds_config is None else self.mmds_config.model_dump(),
             "track_dirty_pages": self.machine.track_dirty_pages,
             "huge_pages": self.machine.huge_pages,

@@ -69,7 +69,7 @@ class FileBackend:
     def _transfer(
         self, op: Callable[[int, list[memoryview], int], int], buffers: Buffers, offset: int, what: str
     ) -> int:
-        pending = [b for b in buffers if len(b)]
+        pending = buffers if isinstance(buffers, list) and all(buffers) else [b for b in buffers if len(b)]
         done = 0
         while pending:
             try:

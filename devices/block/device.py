@@ -37,6 +37,7 @@ from shared.virtio.device import DeviceError, Interrupt, config_slice
 from shared.virtio.queue import Queue, QueueError
 
 _log = RateLimitedLog(logging.getLogger(__name__))
+_IN, _OUT, _FLUSH, _GET_ID = (int(t) for t in (RequestType.IN, RequestType.OUT, RequestType.FLUSH, RequestType.GET_ID))
 
 # Feature bits (spec 5.2.3).
 VIRTIO_BLK_F_SIZE_MAX = 1
@@ -87,6 +88,7 @@ class BlockDevice:
         queue_size: int = c.DEFAULT_QUEUE_SIZE,
     ) -> None:
         self.backend = backend
+        self._capacity = backend.size >> SECTOR_SHIFT  # read once per backing file, as Firecracker
         self.drive_id = drive_id
         self.read_only = read_only
         self.cache_type = cache_type
@@ -118,8 +120,9 @@ class BlockDevice:
 
     @property
     def capacity(self) -> int:
-        """Disk size in 512-byte sectors (a trailing partial sector is not exposed)."""
-        return self.backend.size >> SECTOR_SHIFT
+        """Disk size in 512-byte sectors (a trailing partial sector is not exposed), as it was
+        when the backing file was opened (a new file comes with `set_backend`)."""
+        return self._capacity
 
     @property
     def serial(self) -> bytes:
@@ -141,6 +144,7 @@ class BlockDevice:
     def set_backend(self, backend: BlockBackend) -> None:
         """Swap the disk at run time (Firecracker's PATCH /drives path_on_host)."""
         self.backend = backend
+        self._capacity = backend.size >> SECTOR_SHIFT
         if self._interrupt is not None:
             self._interrupt.signal_config_change()
 
@@ -183,11 +187,16 @@ class BlockDevice:
             interrupt.signal_used_queue()
 
     def _drain(self, queue: Queue) -> None:
+        """Serve every available chain (and those that arrive meanwhile) before sleeping; the
+        interrupt comes at the end, or earlier when the driver's used_event asks for it."""
         self._throttled = False
+        interrupt = self._interrupt
         while True:
             while (chain := self._pop(queue)) is not None:
                 if not self._serve(queue, chain):
                     return
+                if queue.notify_due() and interrupt is not None:
+                    interrupt.signal_used_queue()
             if not queue.enable_notification():
                 return
 
@@ -246,18 +255,17 @@ class BlockDevice:
 
     def _execute(self, request: Request) -> Status:
         try:
-            match request.type:
-                case RequestType.IN:
-                    return self._read(request)
-                case RequestType.OUT:
-                    return self._write(request)
-                case RequestType.FLUSH:
-                    return self._flush()
-                case RequestType.GET_ID:
-                    return self._get_id(request)
-                case _:
-                    self.metrics["invalid_reqs_count"] += 1
-                    return Status.UNSUPP
+            kind = request.type
+            if kind == _IN:
+                return self._read(request)
+            if kind == _OUT:
+                return self._write(request)
+            if kind == _FLUSH:
+                return self._flush()
+            if kind == _GET_ID:
+                return self._get_id(request)
+            self.metrics["invalid_reqs_count"] += 1
+            return Status.UNSUPP
         except BackendError as e:
             _log.error("drive %s: %s", self.drive_id, str(e))
             self.metrics["io_errors"] += 1
@@ -265,10 +273,11 @@ class BlockDevice:
 
     def _views(self, request: Request) -> list[memoryview]:
         assert self._mem is not None
-        return [self._mem.slice(s.addr, s.length) for s in request.data]
+        mem_slice = self._mem.slice
+        return [mem_slice(addr, length) for addr, length in request.data]
 
     def _in_range(self, request: Request) -> bool:
-        if request.offset + request.data_len <= self.capacity << SECTOR_SHIFT:
+        if (request.sector << SECTOR_SHIFT) + request.data_len <= self._capacity << SECTOR_SHIFT:
             return True
         _log.warning("Guest accessed sectors past the end of drive %s (sector %d)", self.drive_id, request.sector)
         self.metrics["invalid_reqs_count"] += 1

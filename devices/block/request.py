@@ -12,10 +12,11 @@ as address ranges for the executor to turn into views. Nothing here does I/O.
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from collections.abc import Sequence
 from enum import IntEnum
+from typing import NamedTuple
 
-from shared.virtio.chain import ChainError, DescriptorChain, Segment
+from shared.virtio.chain import ChainError, Descriptor, DescriptorChain, Segment
 
 SECTOR_SIZE = 512
 SECTOR_SHIFT = 9
@@ -50,19 +51,16 @@ class RequestError(Exception):
         self.status_addr = status_addr
 
 
-@dataclass(frozen=True)
-class Request:
-    """One parsed request. `type` is the raw value: unknown types are answered UNSUPP."""
+class Request(NamedTuple):
+    """One parsed request. `type` is the raw value: unknown types are answered UNSUPP.
+    (A NamedTuple: one is made per request on the data path.)"""
 
     type: int
     sector: int
     data: tuple[Segment, ...]
     status_addr: int
     used_len: int
-
-    @property
-    def data_len(self) -> int:
-        return sum(s.length for s in self.data)
+    data_len: int
 
     @property
     def offset(self) -> int:
@@ -70,27 +68,53 @@ class Request:
         return self.sector << SECTOR_SHIFT
 
 
-def _status_addr(chain: DescriptorChain) -> int:
-    for desc in reversed(chain.writable):
-        if desc.length:
-            return desc.addr + desc.length - 1
-    raise RequestError("no writable byte for the status", None)
+_IN, _OUT, _GET_ID = int(RequestType.IN), int(RequestType.OUT), int(RequestType.GET_ID)
+
+
+def _segments(descriptors: Sequence[Descriptor], skip: int, take: int) -> list[Segment]:
+    """`take` bytes of `descriptors` after the first `skip`, as segments (the caller has
+    checked that they hold that many)."""
+    segments: list[Segment] = []
+    for addr, length, _ in descriptors:
+        if skip >= length:
+            skip -= length
+            continue
+        step = min(length - skip, take)
+        if step:
+            segments.append(Segment(addr + skip, step))
+        take -= step
+        skip = 0
+        if not take:
+            break
+    return segments
 
 
 def parse_request(chain: DescriptorChain) -> Request:
     """Parse `chain`; raises RequestError (the guest's fault)."""
-    status_addr = _status_addr(chain)
-    reader, writer = chain.reader(), chain.writer()
-    try:
-        kind, _reserved, sector = HEADER.unpack(reader.read(HEADER.size))
-    except ChainError as e:
-        raise RequestError(f"header shorter than {HEADER.size} bytes", status_addr) from e
+    readable, writable = chain.readable_descs, chain.writable_descs
+    status_addr = None
+    for desc in reversed(writable):
+        if desc.length:
+            status_addr = desc.addr + desc.length - 1
+            break
+    if status_addr is None:
+        raise RequestError("no writable byte for the status", None)
+    readable_len, writable_len = chain.readable_len, chain.writable_len
+    if readable and readable[0].length >= HEADER.size:  # the usual layout: one header buffer
+        kind, _reserved, sector = HEADER.unpack(chain.mem.read(readable[0].addr, HEADER.size))
+    else:
+        try:
+            kind, _reserved, sector = HEADER.unpack(chain.reader().read(HEADER.size))
+        except ChainError as e:
+            raise RequestError(f"header shorter than {HEADER.size} bytes", status_addr) from e
     data: list[Segment] = []
-    if kind == RequestType.OUT:
-        data = reader.segments(reader.remaining)
-    elif kind in (RequestType.IN, RequestType.GET_ID):
-        data = writer.segments(writer.remaining - 1)
-    request = Request(kind, sector, tuple(data), status_addr, chain.writable_len)
-    if kind in (RequestType.IN, RequestType.OUT) and request.data_len % SECTOR_SIZE:
-        raise RequestError(f"data length {request.data_len} is not a multiple of {SECTOR_SIZE}", status_addr)
-    return request
+    data_len = 0
+    if kind == _OUT:
+        data_len = readable_len - HEADER.size
+        data = _segments(readable, HEADER.size, data_len)
+    elif kind in (_IN, _GET_ID):
+        data_len = writable_len - 1
+        data = _segments(writable, 0, data_len)
+    if kind in (_IN, _OUT) and data_len % SECTOR_SIZE:
+        raise RequestError(f"data length {data_len} is not a multiple of {SECTOR_SIZE}", status_addr)
+    return Request(kind, sector, tuple(data), status_addr, writable_len, data_len)

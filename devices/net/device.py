@@ -281,6 +281,11 @@ class NetDevice:
 
     # --- TX ----------------------------------------------------------------------------------
 
+    def _signal_if_due(self, queue: Queue) -> None:
+        """Mid-batch: interrupt now if the driver's used_event asks for it (`Queue.notify_due`)."""
+        if queue.notify_due() and self._interrupt is not None:
+            self._interrupt.signal_used_queue()
+
     def _tx(self) -> None:
         queue = self._queues[TX]
         sent = 0
@@ -289,6 +294,7 @@ class NetDevice:
                 if not self._send(queue, chain):
                     return
                 sent += 1
+                self._signal_if_due(queue)
             if not queue.enable_notification():
                 break
         # The TAP's peer handles a frame inside our writev (tun delivers it synchronously),
@@ -354,6 +360,7 @@ class NetDevice:
                 continue
             if not self._receive_from_tap(queue):
                 return
+            self._signal_if_due(queue)
 
     def _admit_rx(self, nbytes: int) -> bool:
         if self.rx_rate_limiter is None or self.rx_rate_limiter.consume(nbytes):

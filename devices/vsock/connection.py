@@ -490,6 +490,11 @@ class Connection:
         """Write the next packet for the guest into `chain`; its length, or None if none is due.
 
         `chain` has room for at least a header (the device checked)."""
+        steady = not (self.need_request or self.need_rst or self.need_response)
+        if steady and chain.writable_len > HEADER_SIZE and self._can_read():  # the data path
+            written = self._read_into(chain)
+            if written is not None:
+                return written  # else nothing could be read: _can_read() is False now
         writer = chain.writer()
         if self.need_request:
             self.need_request = False

@@ -181,6 +181,12 @@ class VsockDevice:
                 return
             self.backend.tx_applied(position)
             queue.add_used(chain.head, 0)
+            self._signal_if_due(queue)
+
+    def _signal_if_due(self, queue: Queue) -> None:
+        """Mid-batch: interrupt now if the driver's used_event asks for it (`Queue.notify_due`)."""
+        if queue.notify_due() and self._interrupt is not None:
+            self._interrupt.signal_used_queue()
 
     def _serve_tx(self, chain: DescriptorChain, position: int = -1) -> bool:
         """Hand one tx chain's packet to the backend; True if the backend holds it."""
@@ -219,6 +225,7 @@ class VsockDevice:
             queue.add_used(chain.head, length)
             self.backend.rx_published()
             self.metrics["rx_packets_count"] += 1
+            self._signal_if_due(queue)
 
     # --- a replacement worker -------------------------------------------------------------------
     def resume(self, serving: bool) -> None:

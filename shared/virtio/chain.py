@@ -15,6 +15,7 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from shared.memory import GuestMemory, GuestMemoryError
 from shared.virtio.constants import (
@@ -37,30 +38,20 @@ class ChainError(Exception):
         self.reason = reason
 
 
-@dataclass(frozen=True, slots=True)
-class Descriptor:
-    """One validated buffer: [addr, addr+length) lies in guest RAM."""
+class Descriptor(NamedTuple):
+    """One validated buffer: [addr, addr+length) lies in guest RAM. (A NamedTuple, not a
+    dataclass: one is made per buffer on the data path, and tuples are the cheapest.)"""
 
     addr: int
     length: int
     writable: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Segment:
+class Segment(NamedTuple):
     """A guest address range, part of a descriptor's buffer."""
 
     addr: int
     length: int
-
-
-def _read_raw(mem: GuestMemory, table: int, index: int, head: int) -> tuple[int, int, int, int]:
-    try:
-        raw = mem.read(table + index * DESC_SIZE, DESC_SIZE)
-    except GuestMemoryError as e:
-        raise ChainError(head, f"descriptor {index} lies outside guest memory") from e
-    addr, length, flags, nxt = _DESC.unpack(raw)
-    return addr, length, flags, nxt
 
 
 @dataclass
@@ -85,25 +76,91 @@ def _enter_indirect(mem: GuestMemory, walk: _Walk, head: int, addr: int, length:
     walk.table, walk.entries, walk.indirect = addr, length // DESC_SIZE, True
 
 
-def walk_chain(mem: GuestMemory, table: int, queue_size: int, head: int, *, indirect_ok: bool) -> DescriptorChain:
+def walk_chain(
+    mem: GuestMemory,
+    table: int,
+    queue_size: int,
+    head: int,
+    *,
+    indirect_ok: bool,
+    table_offset: int | None = None,
+) -> DescriptorChain:
     """Copy out and validate the chain starting at descriptor `head`.
 
     At most `queue_size` buffers are accepted (spec: a chain is never longer than the
     queue), which also ends any loop in the `next` links. Raises `ChainError`.
+    `table_offset` is where the queue's descriptor table starts in the memfd, when the
+    caller has checked that the whole table is in guest memory (`Queue` has): then a
+    direct chain is walked without looking its descriptors up one by one.
     """
+    if table_offset is not None and 0 <= head < queue_size:
+        chain = _walk_direct(mem, table_offset, queue_size, head)
+        if chain is not None:
+            return chain
+    return _walk(mem, table, queue_size, head, indirect_ok=indirect_ok)
+
+
+def _walk_direct(mem: GuestMemory, table_offset: int, queue_size: int, head: int) -> DescriptorChain | None:
+    """`walk_chain` for a chain without an indirect descriptor (None when it has one: the
+    caller walks it again the general way, acting only on that second walk)."""
+    view, offset_of, unpack_from = mem.view, mem.offset_of, _DESC.unpack_from
+    descriptors: list[Descriptor] = []
+    total = 0
+    index = head
+    last_writable = False
+    while True:
+        addr, length, flags, nxt = unpack_from(view, table_offset + index * DESC_SIZE)
+        if flags & VIRTQ_DESC_F_INDIRECT:
+            return None
+        writable = bool(flags & VIRTQ_DESC_F_WRITE)
+        if last_writable and not writable:
+            raise ChainError(head, "device-readable descriptor after a device-writable one")
+        try:
+            offset_of(addr, length)
+        except GuestMemoryError:
+            raise ChainError(head, f"buffer [{addr:#x}, +{length:#x}) is outside guest memory") from None
+        descriptors.append(Descriptor(addr, length, writable))
+        last_writable = writable
+        total += length
+        if total > MAX_CHAIN_BYTES:
+            raise ChainError(head, "chain is longer than 2^32 bytes")
+        if not flags & VIRTQ_DESC_F_NEXT:
+            return DescriptorChain(mem, head, tuple(descriptors))
+        if len(descriptors) >= queue_size:
+            raise ChainError(head, f"chain has more than {queue_size} descriptors (a loop?)")
+        if nxt >= queue_size:
+            raise ChainError(head, f"next index {nxt} is out of range (table has {queue_size})")
+        index = nxt
+
+
+def _walk(mem: GuestMemory, table: int, queue_size: int, head: int, *, indirect_ok: bool) -> DescriptorChain:
+    """`walk_chain`, descriptor by descriptor, indirect tables included."""
     walk = _Walk(table, queue_size)
     descriptors: list[Descriptor] = []
     total = 0
     index = head
+    view, offset_of, unpack_from = mem.view, mem.offset_of, _DESC.unpack_from
+    last_writable = False
     while True:
-        addr, length, flags, nxt = _read_raw(mem, walk.table, index, head)
+        try:
+            addr, length, flags, nxt = unpack_from(view, offset_of(walk.table + index * DESC_SIZE, DESC_SIZE))
+        except GuestMemoryError as e:
+            raise ChainError(head, f"descriptor {index} lies outside guest memory") from e
         if flags & VIRTQ_DESC_F_INDIRECT:
             if not indirect_ok:
                 raise ChainError(head, "indirect descriptor but VIRTIO_F_INDIRECT_DESC was not negotiated")
             _enter_indirect(mem, walk, head, addr, length, flags)
             index = 0
             continue
-        descriptors.append(_checked(mem, head, descriptors, addr, length, flags))
+        writable = bool(flags & VIRTQ_DESC_F_WRITE)
+        if last_writable and not writable:
+            raise ChainError(head, "device-readable descriptor after a device-writable one")
+        try:
+            offset_of(addr, length)
+        except GuestMemoryError:
+            raise ChainError(head, f"buffer [{addr:#x}, +{length:#x}) is outside guest memory") from None
+        descriptors.append(Descriptor(addr, length, writable))
+        last_writable = writable
         total += length
         if total > MAX_CHAIN_BYTES:
             raise ChainError(head, "chain is longer than 2^32 bytes")
@@ -116,17 +173,6 @@ def walk_chain(mem: GuestMemory, table: int, queue_size: int, head: int, *, indi
         index = nxt
 
 
-def _checked(
-    mem: GuestMemory, head: int, previous: Sequence[Descriptor], addr: int, length: int, flags: int
-) -> Descriptor:
-    writable = bool(flags & VIRTQ_DESC_F_WRITE)
-    if not writable and previous and previous[-1].writable:
-        raise ChainError(head, "device-readable descriptor after a device-writable one")
-    if not mem.contains(addr, length):
-        raise ChainError(head, f"buffer [{addr:#x}, +{length:#x}) is outside guest memory")
-    return Descriptor(addr, length, writable)
-
-
 class DescriptorChain:
     """A popped, validated chain: readable descriptors first, then writable ones."""
 
@@ -134,6 +180,17 @@ class DescriptorChain:
         self.mem = mem
         self.head = head
         self.descriptors = descriptors
+        # Readable descriptors come first (walk_chain checks it): split and sum once; the
+        # tuples are for the data path (`readable`/`writable` hand out lists to change).
+        split = len(descriptors)
+        for i, desc in enumerate(descriptors):
+            if desc.writable:
+                split = i
+                break
+        self.readable_descs = descriptors[:split]
+        self.writable_descs = descriptors[split:]
+        self.readable_len = sum(d.length for d in self.readable_descs)
+        self.writable_len = sum(d.length for d in self.writable_descs)
 
     def __iter__(self) -> Iterator[Descriptor]:
         return iter(self.descriptors)
@@ -146,19 +203,11 @@ class DescriptorChain:
 
     @property
     def readable(self) -> list[Descriptor]:
-        return [d for d in self.descriptors if not d.writable]
+        return list(self.readable_descs)
 
     @property
     def writable(self) -> list[Descriptor]:
-        return [d for d in self.descriptors if d.writable]
-
-    @property
-    def readable_len(self) -> int:
-        return sum(d.length for d in self.readable)
-
-    @property
-    def writable_len(self) -> int:
-        return sum(d.length for d in self.writable)
+        return list(self.writable_descs)
 
     def reader(self) -> ChainReader:
         return ChainReader(self)
@@ -170,13 +219,13 @@ class DescriptorChain:
 class _Cursor:
     """A position in a list of buffers; hands out the next n bytes as segments."""
 
-    def __init__(self, chain: DescriptorChain, buffers: list[Descriptor]) -> None:
+    def __init__(self, chain: DescriptorChain, buffers: Sequence[Descriptor], total: int) -> None:
         self._chain = chain
         self._buffers = buffers
         self._index = 0
         self._offset = 0
         self.consumed = 0
-        self.remaining = sum(d.length for d in buffers)
+        self.remaining = total
 
     def take(self, n: int) -> list[Segment]:
         """The next `n` bytes as segments; ChainError (guest's fault) if fewer remain."""
@@ -203,14 +252,15 @@ class _Cursor:
             self._offset = 0
 
     def views(self, n: int) -> list[memoryview]:
-        return [self._chain.mem.slice(s.addr, s.length) for s in self.take(n)]
+        mem_slice = self._chain.mem.slice
+        return [mem_slice(addr, length) for addr, length in self.take(n)]
 
 
 class ChainReader:
     """Reads the chain's device-readable buffers front to back."""
 
     def __init__(self, chain: DescriptorChain) -> None:
-        self._cursor = _Cursor(chain, chain.readable)
+        self._cursor = _Cursor(chain, chain.readable_descs, chain.readable_len)
 
     @property
     def remaining(self) -> int:
@@ -240,7 +290,7 @@ class ChainWriter:
     """Writes into the chain's device-writable buffers front to back."""
 
     def __init__(self, chain: DescriptorChain) -> None:
-        self._cursor = _Cursor(chain, chain.writable)
+        self._cursor = _Cursor(chain, chain.writable_descs, chain.writable_len)
 
     @property
     def remaining(self) -> int:

@@ -26,6 +26,7 @@ from shared.ratelimited_log import RateLimitedLog
 from shared.virtio import constants as c
 from shared.virtio.device import DeviceError, VirtioDevice
 from shared.virtio.queue import Queue, QueueError
+from shared.virtio.regpage import ALL_BITS, CONFIG_MAX, DeviceRegisters
 
 _log = RateLimitedLog(logging.getLogger(__name__))
 _SNAPSHOT_VERSION = 1
@@ -39,10 +40,20 @@ class TransportError(Exception):
 class MmioTransport:
     """virtio-mmio v2 registers in front of one `VirtioDevice`."""
 
-    def __init__(self, device: VirtioDevice, mem: GuestMemory, trigger: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        device: VirtioDevice,
+        mem: GuestMemory,
+        trigger: Callable[[], None] = lambda: None,
+        registers: DeviceRegisters | None = None,
+    ) -> None:
         self.device = device
         self.mem = mem
         self._trigger = trigger
+        # InterruptStatus and the config copy in the page the vCPU worker answers from
+        # (shared.virtio.regpage); without one (unit tests), InterruptStatus is a plain int.
+        self.registers = registers
+        self._interrupt_status = 0
         self.queues = [Queue(mem, size) for size in device.queue_max_sizes]
         self.config_generation = 0
         self._clear()
@@ -53,7 +64,6 @@ class MmioTransport:
         self.driver_features_sel = 0
         self.driver_features = 0
         self.queue_sel = 0
-        self.interrupt_status = 0
         self.activated = False
         for queue in self.queues:
             queue.reset()
@@ -78,8 +88,34 @@ class MmioTransport:
         self._raise(c.INTERRUPT_CONFIG_CHANGE)  # spec 2.1.2
 
     def _raise(self, bit: int) -> None:
-        self.interrupt_status |= bit
+        if self.registers is None:
+            self._interrupt_status |= bit
+        else:
+            if bit & c.INTERRUPT_CONFIG_CHANGE:
+                self.publish_registers()  # the new config is in the copy before the driver hears of it
+            self.registers.raise_bits(bit)  # after the used ring, before the irqfd (regpage.py)
         self._trigger()
+
+    def attach_registers(self, registers: DeviceRegisters) -> None:
+        """Keep InterruptStatus and the config copy in `registers` from now on (before any
+        interrupt is raised: the worker does this at start)."""
+        self.registers = registers
+
+    @property
+    def interrupt_status(self) -> int:
+        """InterruptStatus: the page's view when there is a page."""
+        return self._interrupt_status if self.registers is None else self.registers.status()
+
+    def _ack(self, bits: int) -> None:
+        if self.registers is None:
+            self._interrupt_status &= ~bits
+        else:
+            self.registers.ack(bits)
+
+    def publish_registers(self) -> None:
+        """Refresh the page's config copy (after anything that may have changed config space)."""
+        if self.registers is not None:
+            self.registers.publish_config(self.config_generation, self.device.read_config(0, CONFIG_MAX))
 
     # --- queue notifications ---------------------------------------------------------
 
@@ -162,6 +198,7 @@ class MmioTransport:
             _log.warning("Guest wrote virtio-mmio register %#x with size %d", offset, size)
         else:
             self._write_register(offset, value & 0xFFFFFFFF)
+        self.publish_registers()
 
     def _write_config(self, offset: int, size: int, value: int) -> None:
         if size not in _CONFIG_ACCESS_SIZES or offset + size > c.MMIO_WINDOW_SIZE - c.MMIO_CONFIG:
@@ -184,7 +221,7 @@ class MmioTransport:
             case c.MMIO_QUEUE_NOTIFY:
                 self.notify_queue(value & 0xFFFF)
             case c.MMIO_INTERRUPT_ACK:
-                self.interrupt_status &= ~value
+                self._ack(value)
             case c.MMIO_STATUS:
                 self._write_status(value & 0xFF)
             case _:
@@ -291,6 +328,7 @@ class MmioTransport:
         if self.activated:
             self.device.reset()
         self._clear()
+        self._ack(ALL_BITS)
 
     # --- persistence -------------------------------------------------------------------
 
@@ -327,7 +365,8 @@ class MmioTransport:
         self.driver_features_sel = int(state["driver_features_sel"])
         self.driver_features = int(state["driver_features"])
         self.queue_sel = int(state["queue_sel"])
-        self.interrupt_status = int(state["interrupt_status"])
+        if self.registers is None:  # with a page, the page kept InterruptStatus as it was
+            self._interrupt_status = int(state["interrupt_status"])
         self.config_generation = int(state["config_generation"])
         if state["activated"]:
             self._reactivate(resync)

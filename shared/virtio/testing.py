@@ -5,6 +5,11 @@
 them, and reads used entries back. It can also write what no correct driver would
 (loops, out-of-range addresses, a runaway avail index) for the malicious-guest tests,
 the fuzz tests and the benchmarks. (Same idea as rust-vmm virtio-queue's `mock.rs`.)
+
+With `event_idx` it also plays the driver's half of VIRTIO_F_EVENT_IDX as Linux does:
+`kick_needed()` asks whether the chains published since the last kick crossed the
+device's `avail_event` (else the device is still draining and will see them), and
+`enable_interrupts()` moves `used_event` to what it has consumed.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from shared.layout import MiB
 from shared.memory import GuestMemory, create_guest_memfd
 from shared.virtio import constants as c
 from shared.virtio.mmio import MmioTransport
-from shared.virtio.queue import Queue
+from shared.virtio.queue import Queue, vring_need_event
 
 _DESC = struct.Struct("<QIHH")
 _USED_ELEM = struct.Struct("<II")
@@ -94,6 +99,7 @@ class MockDriver:
         self._chains: dict[int, tuple[list[int], list[Buffer]]] = {}
         self.avail_idx = 0
         self.last_used = 0
+        self.kicked_idx = 0  # avail_idx at the last kick_needed() call
 
     # --- setup -------------------------------------------------------------------------
 
@@ -203,14 +209,17 @@ class MockDriver:
     def used_idx(self) -> int:
         return self.mem.read_u16(self.used_addr + 2)
 
-    def used(self) -> list[tuple[int, int]]:
-        """(head, len) entries the device added since the last call; frees their descriptors."""
+    def used(self, *, release: bool = True) -> list[tuple[int, int]]:
+        """(head, len) entries the device added since the last call; frees their descriptors
+        (unless `release` is False: a benchmark publishing the same chains again)."""
         entries = []
-        while self.last_used != self.used_idx:
+        end = self.used_idx
+        while self.last_used != end:
             slot = self.used_addr + 4 + 8 * (self.last_used % self.size)
             head, length = _USED_ELEM.unpack(self.mem.read(slot, 8))
             entries.append((head, length))
-            self._release(head)
+            if release:
+                self._release(head)
             self.last_used = (self.last_used + 1) & 0xFFFF
         return entries
 
@@ -227,6 +236,31 @@ class MockDriver:
         return [self.mem.read(b.addr, b.length) for b in self.buffers(head) if b.writable]
 
     # --- notification fields ----------------------------------------------------------------
+
+    def kick_needed(self) -> bool:
+        """Whether the device wants a notification for what was published since the last
+        call (Linux's virtqueue_kick_prepare): with EVENT_IDX, when the new avail indices
+        step past the device's `avail_event`; without, unless it set VIRTQ_USED_F_NO_NOTIFY."""
+        old, self.kicked_idx = self.kicked_idx, self.avail_idx
+        if old == self.avail_idx:
+            return False
+        if self.event_idx:
+            return vring_need_event(self.avail_event(), self.avail_idx, old)
+        return not self.used_flags() & c.VIRTQ_USED_F_NO_NOTIFY
+
+    def enable_interrupts(self, *, delayed: bool = False) -> bool:
+        """Ask for an interrupt at the next used entry after those consumed (Linux's
+        virtqueue_enable_cb): `used_event` = last_used, or clear NO_INTERRUPT; `delayed`,
+        only once 3/4 of the chains in flight are used (virtqueue_enable_cb_delayed, what
+        Linux's virtio-net does for tx). False when entries were used meanwhile: the device
+        may have passed `used_event` before it was written, so no interrupt comes for them;
+        consume them now (then call this again)."""
+        if self.event_idx:
+            in_flight = (self.avail_idx - self.last_used) & 0xFFFF
+            self.set_used_event((self.last_used + (in_flight * 3 // 4 if delayed else 0)) & 0xFFFF)
+        else:
+            self.set_avail_flags(0)
+        return self.used_idx == self.last_used
 
     def set_used_event(self, value: int) -> None:
         self.mem.write_u16(self.avail_addr + 4 + 2 * self.size, value)

@@ -57,7 +57,15 @@ HOST_PACKAGES = {  # Debian package -> a command it provides
     "e2fsprogs": "mkfs.ext4",
 }
 OUTER_MODULES = ["irqbypass", "kvm", "kvm_amd", "kvm_intel", "tun"]  # one of kvm_amd/kvm_intel loads
-INNER_MODULES = ["virtio_mmio", "virtio_blk", "virtio_net", "vsock", "vmw_vsock_virtio_transport"]
+INNER_MODULES = [
+    "virtio_mmio",
+    "virtio_blk",
+    "virtio_net",
+    "vsock",
+    "vmw_vsock_virtio_transport",
+    "virtio_balloon",
+    "virtio_rng",
+]
 # Repository folders copied into the outer VM (Python files only), at their host paths.
 REPO_PACKAGES = ["controlplane", "vcpu_worker", "devices", "jailer", "shared", "guest", "tests", "bench", "scripts"]
 # Parts of the standard library nothing here imports.

@@ -91,6 +91,9 @@ def api_requests(config: dict[str, Any], metadata: Any) -> list[tuple[str, Any]]
     calls += [(f"/network-interfaces/{n['iface_id']}", n) for n in config.get("network-interfaces", [])]
     if "vsock" in config:
         calls.append(("/vsock", config["vsock"]))
+    for section in ("entropy", "balloon", "metrics"):
+        if section in config:
+            calls.append((f"/{section}", config[section]))
     if "mmds-config" in config:
         calls.append(("/mmds/config", config["mmds-config"]))
     if "restart-policy" in config:

@@ -4,6 +4,7 @@ and one that dies and is replaced."""
 
 from __future__ import annotations
 
+import os
 import select
 import socket
 import threading
@@ -13,6 +14,8 @@ import pytest
 
 from shared import protocol as p
 from shared.devworker_client import MmioClient, MmioTimeout, channel_pair
+from shared.virtio import constants as c
+from shared.virtio.regpage import DeviceRegisters, VcpuRegisters, create_regpage_memfd
 from vcpu_worker.mmio_bus import MmioBus
 from vcpu_worker.virtio import RemoteMmioDevice
 
@@ -101,6 +104,52 @@ def test_remote_device_round_trip() -> None:
     finally:
         remote.close()
         worker.close()
+
+
+def test_interrupt_registers_are_answered_from_the_register_page_without_the_worker() -> None:
+    ours, silent = channel_pair()  # nobody answers: a forwarded access would time out
+    fd = create_regpage_memfd("block_x")
+    device_side = DeviceRegisters(fd)
+    remote = RemoteMmioDevice(
+        "block_x", MmioClient(ours, 0.5, "block_x"), lambda text: None, timeout_s=0.5, registers=VcpuRegisters(fd)
+    )
+    try:
+        device_side.raise_bits(c.INTERRUPT_USED_RING)
+        device_side.publish_config(3, b"\x10\x20")
+        start = time.monotonic()
+        assert remote.read(c.MMIO_INTERRUPT_STATUS, 4) == c.INTERRUPT_USED_RING
+        remote.write(c.MMIO_INTERRUPT_ACK, 4, c.INTERRUPT_USED_RING)
+        assert remote.read(c.MMIO_INTERRUPT_STATUS, 4) == 0
+        assert remote.read(c.MMIO_CONFIG_GENERATION, 4) == 3
+        assert remote.read(c.MMIO_CONFIG, 2) == 0x2010
+        assert time.monotonic() - start < 0.4  # none of them waited for the silent worker
+        assert remote.timeouts == 0
+        with pytest.raises(BlockingIOError):
+            silent.recv(256, socket.MSG_DONTWAIT)  # nothing was sent over the channel
+    finally:
+        remote.close()
+        device_side.close()
+        silent.close()
+        os.close(fd)
+
+
+def test_a_forwarded_reset_clears_interrupt_status_in_the_page() -> None:
+    client, worker = served()
+    fd = create_regpage_memfd("block_x")
+    device_side = DeviceRegisters(fd)
+    remote = RemoteMmioDevice("block_x", client, lambda text: None, timeout_s=2.0, registers=VcpuRegisters(fd))
+    try:
+        device_side.raise_bits(c.INTERRUPT_USED_RING | c.INTERRUPT_CONFIG_CHANGE)
+        remote.write(c.MMIO_STATUS, 4, 1)  # not a reset: forwarded, the bits stay
+        assert remote.read(c.MMIO_INTERRUPT_STATUS, 4) == 3
+        remote.write(c.MMIO_STATUS, 4, 0)
+        assert remote.read(c.MMIO_INTERRUPT_STATUS, 4) == 0
+        assert remote.read(c.MMIO_STATUS, 4) == 0x74  # other registers still go to the worker
+    finally:
+        remote.close()
+        device_side.close()
+        worker.close()
+        os.close(fd)
 
 
 def test_vcpu_threads_take_turns_on_the_channel() -> None:

@@ -7,9 +7,13 @@ from pathlib import Path
 
 import pytest
 
+from devices.balloon.backend import PUNCH_HOLE_MODE
+from devices.balloon.policy import POLICY as BALLOON_POLICY
+from devices.balloon.policy import balloon_policy
 from devices.block.policy import POLICY as BLOCK_POLICY
 from devices.net.policy import POLICY as NET_POLICY
 from devices.net.tap import TUNSETOFFLOAD
+from devices.rng.policy import POLICY as ENTROPY_POLICY
 from devices.vsock.policy import POLICY as VSOCK_POLICY
 from shared import kvm_abi as abi
 from shared.confine import SeccompSettings, settings_for
@@ -29,7 +33,14 @@ from shared.seccomp import (
 )
 from vcpu_worker.policy import POLICY as VCPU_POLICY
 
-DEFAULT_POLICIES = {"vcpu": VCPU_POLICY, "block": BLOCK_POLICY, "net": NET_POLICY, "vsock": VSOCK_POLICY}
+DEFAULT_POLICIES = {
+    "vcpu": VCPU_POLICY,
+    "block": BLOCK_POLICY,
+    "net": NET_POLICY,
+    "vsock": VSOCK_POLICY,
+    "balloon": BALLOON_POLICY,
+    "entropy": ENTROPY_POLICY,
+}
 NEVER_ALLOWED = {"execve", "execveat", "fork", "vfork", "open", "openat", "openat2", "ptrace", "kill", "bpf", "mount"}
 NEVER_ALLOWED |= {"bind", "listen", "socketpair", "pipe", "pipe2", "memfd_create", "unshare", "setns", "io_uring_setup"}
 # Every x86-64 syscall that takes a path (seccomp cannot see the string; none may be allowed).
@@ -242,3 +253,52 @@ def test_settings_travel_as_plain_values() -> None:
 
 def test_syscall_numbers_are_named() -> None:
     assert (syscall_name(59), syscall_name(41), syscall_name(257)) == ("execve", "socket", "openat")
+
+
+def test_balloon_fallocate_is_pinned_to_the_memfd_and_punch_hole_mode() -> None:
+    rules = [r for r in balloon_policy(17).rules if r.syscall == "fallocate"]
+    assert len(rules) == 1
+    conditions = {(cond.index, cond.op, cond.value) for cond in rules[0].args}
+    assert conditions == {(0, "eq", 17), (1, "eq", PUNCH_HOLE_MODE)}
+    assert "fallocate" not in {r.syscall for r in COMMON.rules}
+    assert "fallocate" not in {r.syscall for kind, p in DEFAULT_POLICIES.items() if kind != "balloon" for r in p.rules}
+
+
+def test_entropy_worker_may_getrandom_without_flags_only() -> None:
+    (rule,) = [r for r in ENTROPY_POLICY.rules if r.syscall == "getrandom"]
+    assert [(cond.index, cond.value) for cond in rule.args] == [(2, 0)]
+
+
+@pytest.mark.parametrize(
+    ("mode", "same_fd", "allowed"),
+    [(PUNCH_HOLE_MODE, True, True), (0, True, False), (0x10, True, False), (PUNCH_HOLE_MODE, False, False)],
+    ids=["punch-hole", "allocate", "zero-range", "other-fd"],
+)
+def test_balloon_filter_kills_any_other_fallocate(mode: int, same_fd: bool, allowed: bool) -> None:
+    """The compiled filter, loaded in a child: only PUNCH_HOLE|KEEP_SIZE on the memfd passes."""
+    import ctypes
+    import os
+    import signal
+
+    from shared.confine import load_process_filter
+    from shared.memory import create_guest_memfd
+
+    memfd = create_guest_memfd(1 << 20)
+    other = create_guest_memfd(1 << 20)
+    libc = ctypes.CDLL(None, use_errno=True)
+    fallocate = libc.fallocate
+    fallocate.argtypes = (ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            load_process_filter(balloon_policy(memfd))
+            fallocate(memfd if same_fd else other, mode, 0, 4096)
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    os.close(memfd)
+    os.close(other)
+    if allowed:
+        assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    else:
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSYS

@@ -20,7 +20,7 @@ from shared.spawn import DeviceSpawn, VcpuDevice, VcpuSpawn
 
 
 def test_kinds_are_in_firecrackers_device_order():
-    assert list(DEVICE_KINDS) == ["block", "net", "vsock"]
+    assert list(DEVICE_KINDS) == ["block", "net", "vsock", "balloon", "entropy"]
 
 
 @pytest.mark.parametrize("kind", DEVICE_KINDS.values(), ids=lambda k: k.name)
@@ -89,13 +89,14 @@ def test_shared_table_and_contract_import_neither_controlplane_nor_devices():
 
 def _spawn(kind, state_fd=-1, **kw):
     queues = [10 + i for i in range(kind.num_queues)]
-    return DeviceSpawn(kind, 3, 4, queues, [20], 30, 31, {"name": f"{kind.name}_x", "mem_size": 1}, state_fd, **kw)
+    backends = [20 + i for i in range(len(kind.backends))]
+    return DeviceSpawn(kind, 3, 4, queues, backends, 30, 31, {"name": f"{kind.name}_x", "mem_size": 1}, state_fd, **kw)
 
 
 @pytest.mark.parametrize("kind", DEVICE_KINDS.values(), ids=lambda k: k.name)
 def test_spawn_contract_orders_fds_by_role_and_parses_them_back(kind):
     args, fds = _spawn(kind).to_zygote()
-    assert fds == [3, 4, *range(10, 10 + kind.num_queues), 20, 30, 31]
+    assert fds == [3, 4, *range(10, 10 + kind.num_queues), *range(20, 20 + len(kind.backends)), 30, 31]
     assert "state_fd" not in args
     back = DeviceSpawn.from_zygote(kind, args, fds)
     assert back == _spawn(kind)
@@ -126,9 +127,10 @@ def test_the_supervisor_side_refuses_a_plan_with_the_wrong_queue_count():
 
 @pytest.mark.parametrize("kind", DEVICE_KINDS.values(), ids=lambda k: k.name)
 def test_each_device_folder_has_the_same_shape(kind):
-    folder = Path(__file__).resolve().parents[2] / "devices" / kind.name
+    folder_name = kind.entry.split(".")[1]  # the entropy kind lives in devices/rng (virtio-rng)
+    folder = Path(__file__).resolve().parents[2] / "devices" / folder_name
     assert {"device.py", "backend.py", "worker.py", "policy.py", "testing.py"} <= {f.name for f in folder.iterdir()}
-    assert kind.entry == f"devices.{kind.name}.worker:run"
+    assert kind.entry == f"devices.{folder_name}.worker:run"
 
 
 def test_metric_group_names():

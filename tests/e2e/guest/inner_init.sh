@@ -164,6 +164,52 @@ check_vsockstream() { # vsockstream:<send>/<receive>: one connection to the host
     esac
 }
 
+check_rng() { # virtio-rng: the hw_random core picked virtio_rng, /dev/hwrng gives bytes
+    current=$(cat /sys/class/misc/hw_random/rng_current 2>/dev/null)
+    bytes=$(dd if=/dev/hwrng bs=64 count=4 2>/dev/null | wc -c)
+    case $current in
+    virtio_rng*) [ "$bytes" -eq 256 ] && pass rng "current=$current bytes=$bytes" || fail rng "current=$current bytes=$bytes" ;;
+    *) fail rng "current='$current' bytes=$bytes" ;;
+    esac
+}
+
+mib() { awk -v k="$1:" '$1 == k { print int($2 / 1024) }' /proc/meminfo; }
+
+check_balloon() { # balloon:<MiB>: dirty RAM, let the host inflate by MiB, see it deflate, then allocate
+    want=${1:-64}
+    total0=$(mib MemTotal)
+    avail0=$(mib MemAvailable)
+    mkdir -p /mnt/balloon && mount -t tmpfs -o size=90% tmpfs /mnt/balloon
+    # touch nearly every free page (32 MiB spare), so whichever pages the balloon takes, the
+    # host holds them: their release must show in the host's resident memory
+    dd if=/dev/zero of=/mnt/balloon/dirty bs=1M count=$((avail0 - 32)) 2>/dev/null
+    rm -f /mnt/balloon/dirty # free again, but the host holds those pages now
+    echo "E2E-BALLOON dirtied MemTotal=$total0 MemAvailable=$avail0"
+    i=0
+    while [ $((total0 - $(mib MemTotal))) -lt $((want - 2)) ] && [ $i -lt 1800 ]; do sleep 0.1; i=$((i + 1)); done
+    total1=$(mib MemTotal)
+    avail1=$(mib MemAvailable)
+    echo "E2E-BALLOON inflated MemTotal=$total1 MemAvailable=$avail1"
+    if [ $((total0 - total1)) -lt $((want - 2)) ]; then
+        fail balloon "MemTotal $total0 -> $total1 MiB: not inflated by $want"
+        return
+    fi
+    i=0
+    while [ $((total0 - $(mib MemTotal))) -gt 2 ] && [ $i -lt 1800 ]; do sleep 0.1; i=$((i + 1)); done
+    total2=$(mib MemTotal)
+    if [ $((total0 - total2)) -gt 2 ]; then
+        fail balloon "MemTotal $total0 -> $total1 -> $total2 MiB: not deflated"
+        return
+    fi
+    more=$((avail1 + 16)) # more than the guest could have had while inflated
+    dd if=/dev/zero of=/mnt/balloon/after bs=1M count=$more 2>/dev/null
+    got=$(($(wc -c </mnt/balloon/after) >> 20))
+    rm -f /mnt/balloon/after
+    umount /mnt/balloon
+    detail="MemTotal=$total0->$total1->$total2 MemAvailable=$avail0->$avail1 allocated=${got}MiB"
+    [ "$got" -eq "$more" ] && pass balloon "$detail" || fail balloon "$detail (wanted ${more}MiB)"
+}
+
 # --- guest-driven I/O measurements (bench/guest_io.py, the TCP floor test) -------------------
 # gio_<test> checks run one guest program between "GIO-BEGIN <name>" and "GIO-END <name>"
 # markers (the outer side samples the outer KVM's exit counters when it reads them; the

@@ -280,10 +280,12 @@ def fake_vm(
     restart_policy: dict[str, Any] | None = None,
     configure: Callable[[FakeWorker], None] | None = None,
     monitor: bool = True,
+    settle_s: float = 0.0,
 ) -> Iterator[FakeVm]:
     """A running MicroVm with a vCPU worker and a block worker for drive `rootfs` (and a net
     worker `net_eth0` serving MMDS), all fake. With `monitor=False` the monitor thread starts
-    only at the end: the test calls the monitor's steps itself."""
+    only at the end: the test calls the monitor's steps itself; `settle_s` gives that late
+    monitor time to end the microVM by itself before it is stopped."""
     tmp = tempfile.mkdtemp(prefix="ev-")  # ipc:// paths must stay short
     disk = Path(tmp, "disk")
     disk.write_bytes(b"\0" * 4096)
@@ -320,6 +322,7 @@ def fake_vm(
         if not monitor:
             vm._thread = threading.Thread(target=vm._run, name="vm-monitor", daemon=True)
             vm._thread.start()
+            vm.wait(settle_s)
         vm.stop()
         zygote.shutdown()
         handler()

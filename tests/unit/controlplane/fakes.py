@@ -36,6 +36,7 @@ class FakeMicroVm:
         self.mmds_pushes: list[dict[str, Any] | None] = []
         self.backend_inodes: dict[str, int] = {}
         self.patched_inodes: list[int] = []
+        self.balloon: Any = None  # a controlplane.balloon.BalloonReport to answer with
 
     def pause(self) -> None:
         self.calls.append("pause")
@@ -101,6 +102,17 @@ class FakeMicroVm:
 
     def update_mmds(self, document: dict[str, Any] | None) -> None:
         self.mmds_pushes.append(document)
+
+    def update_balloon(self, amount_mib: int) -> None:
+        self._updated("balloon", "balloon", {"amount_mib": amount_mib})
+
+    def update_balloon_stats(self, interval_s: int) -> None:
+        self._updated("balloon", "balloon", {"stats_polling_interval_s": interval_s})
+
+    def balloon_report(self) -> Any:
+        from controlplane.balloon import BalloonReport
+
+        return self.balloon or BalloonReport()
 
     def faults(self) -> list[dict[str, Any]]:
         return []

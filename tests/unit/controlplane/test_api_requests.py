@@ -136,7 +136,11 @@ def test_unexpected_exceptions_become_400_not_500(api):
 
 
 def test_unimplemented_firecracker_resources_say_so(api):
-    for method, path in (("PUT", "/balloon"), ("GET", "/balloon/statistics"), ("PUT", "/snapshot/create")):
+    for method, path in (
+        ("PUT", "/balloon/hinting/start"),
+        ("GET", "/balloon/hinting/status"),
+        ("PUT", "/snapshot/create"),
+    ):
         response = api.client.request(method, path, content=b"{}" if method != "GET" else b"")
         assert fault(response).startswith("The requested operation is not supported: ")
 

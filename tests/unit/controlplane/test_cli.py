@@ -223,7 +223,7 @@ def test_no_api_boots_from_the_config_and_exits_with_the_guest(tmp_path: Path, f
     [
         ({"machine-config": {"vcpu_count": 0, "mem_size_mib": 64}}, "number of vCPUs"),
         ({"drives": [{"drive_id": "r", "is_root_device": True, "path_on_host": "/none"}]}, "backing file"),
-        ({"balloon": {"amount_mib": 1, "deflate_on_oom": True}}, "balloon"),
+        ({"balloon": {"amount_mib": 1 << 20, "deflate_on_oom": True}}, "Amount of pages requested is too large"),
         ({"bogus": 1}, "unknown field `bogus`"),
     ],
 )

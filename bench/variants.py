@@ -1,0 +1,139 @@
+"""The ways the benchmarks launch `embervm`, so that each prints them side by side.
+
+- `cold()`: this tree's `embervm` with no fork server (`EMBERVM_FORK_SERVER=off`);
+- `tree(label, path)`: the cold path of another checkout (e.g. `git worktree add /tmp/old
+  1b7c1ca^`), run with this virtualenv: a baseline from the same run;
+- `fork_server(tmp)`: this tree's `embervm` as a client of an `embervm-forkserver` that the
+  benchmark starts (and stops) itself.
+
+CPU time: a cold launch's whole process tree is the benchmark's child, so RUSAGE_CHILDREN
+counts it. A fork-server VMM is the server's grandchild; `ForkServer.cpu_s()` is the
+server's own CPU plus what it has reaped (its reapers, which reaped the VMMs, which reaped
+their zygotes and workers), read from /proc/<server>/stat.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+EMBERVM = str(BIN / "embervm")
+FORKSERVER = str(BIN / "embervm-forkserver")
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass
+class Variant:
+    label: str
+    command: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    server: ForkServer | None = None
+    takes_args: bool = True  # False: a reference (QEMU) whose command is complete
+
+    def environ(self) -> dict[str, str]:
+        return {**os.environ, **self.env}
+
+
+def cold() -> Variant:
+    return Variant("embervm (cold)", [EMBERVM], {"EMBERVM_FORK_SERVER": "off"})
+
+
+def tree(label: str, path: str) -> Variant:
+    """The cold path of the checkout at `path` (its own code, this virtualenv)."""
+    code = f"import sys; sys.path.insert(0, {str(Path(path).resolve())!r}); from controlplane.cli import main; main()"
+    return Variant(label, [sys.executable, "-c", code], {"EMBERVM_FORK_SERVER": "off"})
+
+
+def parse_tree(text: str) -> Variant:
+    label, sep, path = text.partition("=")
+    if not sep:
+        raise SystemExit(f"--baseline {text!r}: expected LABEL=PATH")
+    return tree(label, path)
+
+
+class ForkServer:
+    """An `embervm-forkserver` for the duration of a benchmark."""
+
+    def __init__(self, directory: str) -> None:
+        self.path = f"{directory}/forkserver.sock"
+        self.proc = subprocess.Popen(
+            [FORKSERVER, "--socket", self.path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
+        deadline = time.monotonic() + 120
+        while not self._accepting():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"embervm-forkserver did not start (status {self.proc.poll()})")
+            time.sleep(0.02)
+        self.preload_cpu_s = self.cpu_s()
+
+    def _accepting(self) -> bool:
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            probe.connect(self.path)
+            return True
+        except OSError:
+            return False
+        finally:
+            probe.close()
+
+    def variant(self) -> Variant:
+        return Variant("embervm (fork server)", [EMBERVM], {"EMBERVM_FORK_SERVER": self.path}, self)
+
+    def cpu_s(self) -> float:
+        """The server's CPU seconds plus those of every descendant it has reaped."""
+        fields = Path(f"/proc/{self.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        utime, stime, cutime, cstime = (int(x) for x in fields[11:15])
+        return (utime + stime + cutime + cstime) / CLK_TCK
+
+    def settle(self, timeout: float = 30.0) -> None:
+        """Wait until the server has reaped every reaper (their CPU is then counted)."""
+        deadline = time.monotonic() + timeout
+        while self.children() and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def children(self) -> list[int]:
+        tasks = Path(f"/proc/{self.proc.pid}/task").glob("*/children")
+        return [int(pid) for task in tasks for pid in task.read_text().split()]
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+@contextlib.contextmanager
+def fork_server(directory: str) -> Iterator[ForkServer]:
+    server = ForkServer(directory)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def children_cpu_s() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def stale_bytecode(root: Path) -> tuple[int, int]:
+    """(embervm modules without an up-to-date .pyc, all embervm modules): what each launch
+    compiles from source when Python may not write bytecode (PYTHONDONTWRITEBYTECODE)."""
+    import importlib.util
+
+    stale = total = 0
+    for package in ("controlplane", "shared", "devices", "vcpu_worker"):
+        for source in (root / package).rglob("*.py"):
+            total += 1
+            cached = Path(importlib.util.cache_from_source(str(source)))
+            if not cached.exists() or cached.stat().st_mtime < source.stat().st_mtime:
+                stale += 1
+    return stale, total

@@ -1,0 +1,202 @@
+"""The `embervm` command: a microVM from the fork server when one runs, else a cold start.
+
+Firecracker's process model holds either way (docs/ARCHITECTURE.md, "Fork server"). With a
+server (`controlplane.forkserver`), this process hands the server its stdin, stdout and
+stderr, its working directory, its argv and environment; the server forks a VMM that it puts
+in exactly this process's context (namespaces, cgroups, root, uid/gid/groups, rlimits,
+capabilities: `controlplane.caller_context`) and this process stays its face:
+
+- SIGTERM, SIGINT, SIGHUP, SIGQUIT, SIGUSR1 and SIGUSR2 sent to it go to the VMM;
+- it ends with the VMM's wait status (an exit code, or death by the same signal);
+- if it dies (SIGKILL included), the server's reaper kills the VMM at once; if the VMM or
+  the reaper dies, it ends too.
+
+No server (no socket at the path, nothing listening, or it refuses: another uid, other code,
+a context it cannot reproduce): the cold path, `controlplane.cli.main`, in this process.
+Only the standard library is imported before that choice, so the fast path stays fast.
+
+`EMBERVM_FORK_SERVER`: the server's socket path, or `off`; default `/run/embervm/forkserver.sock`
+as root, `$XDG_RUNTIME_DIR/embervm/forkserver.sock` otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any, NoReturn
+
+START_NS = time.monotonic_ns()
+ENV_VAR = "EMBERVM_FORK_SERVER"
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+MAX_MSG = 1 << 20
+PACKAGES = ("controlplane", "shared", "devices", "vcpu_worker", "jailer")
+GENERIC_ERROR = 1  # shared.exitcodes.GENERIC_ERROR, without importing it
+
+
+def default_socket_path() -> str:
+    if os.geteuid() == 0:
+        return "/run/embervm/forkserver.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/embervm-{os.geteuid()}"
+    return f"{runtime}/embervm/forkserver.sock"
+
+
+def socket_path() -> str | None:
+    """Where to look for the server; None: do not (`EMBERVM_FORK_SERVER=off`)."""
+    value = os.environ.get(ENV_VAR)
+    if value is None:
+        return default_socket_path()
+    return None if value in ("", "off", "0", "no") else value
+
+
+def code_stamp() -> str:
+    """What identifies the code a VMM would run: the interpreter and every embervm module's
+    path, size and mtime. The server refuses a client whose stamp differs from its own (it
+    was started before an upgrade), and the client starts cold instead."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    parts = [sys.executable, sys.version]
+    for package in PACKAGES:
+        for directory, dirs, files in os.walk(os.path.join(root, package)):
+            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
+            for name in sorted(files):
+                if name.endswith(".py"):
+                    st = os.stat(os.path.join(directory, name))
+                    parts.append(f"{directory}/{name}:{st.st_size}:{st.st_mtime_ns}")
+    import hashlib  # only here: ~1 ms
+
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
+
+def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = json.dumps(message).encode()
+    if fds:
+        socket.send_fds(sock, [data], fds)
+    else:
+        sock.send(data)
+
+
+def receive(sock: socket.socket) -> dict[str, Any] | None:
+    """The next message, or None at EOF."""
+    data = sock.recv(MAX_MSG)
+    if not data:
+        return None
+    message = json.loads(data)
+    if not isinstance(message, dict):
+        raise ValueError("not a JSON object")
+    return message
+
+
+def connect(path: str) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def _open_stdio() -> list[int]:
+    """Which of fds 0-2 are open (a closed one stays closed in the VMM)."""
+    opened = []
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+            opened.append(fd)
+        except OSError:
+            pass
+    return opened
+
+
+def request_fork(sock: socket.socket, argv: list[str]) -> int | None:
+    """Ask for a VMM; its pid (in this process's pid namespace), or None if refused."""
+    stdio = _open_stdio()
+    cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        request = {
+            "op": "fork",
+            "argv": argv,
+            "env": dict(os.environ),
+            "stdio": stdio,
+            "start_ns": START_NS,
+            "cpu_us": time.process_time_ns() // 1000,
+            "stamp": code_stamp(),
+        }
+        send(sock, request, [*stdio, cwd])
+    finally:
+        os.close(cwd)
+    reply = receive(sock)
+    if reply is None or reply.get("op") != "forked":
+        why = "the server closed the connection" if reply is None else str(reply.get("why", reply))
+        print(f"embervm: fork server: {why}; starting without it", file=sys.stderr)
+        return None
+    return int(reply["pid"])
+
+
+def stay_the_face(sock: socket.socket) -> NoReturn:
+    """Forward signals to the VMM until it ends, then end the same way."""
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.set_wakeup_fd(wake_w)
+    for sig in FORWARDED_SIGNALS:
+        signal.signal(sig, lambda *_: None)  # the wakeup fd carries the number
+    import select
+
+    while True:
+        try:
+            ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
+        except InterruptedError:
+            continue
+        if wake_r in ready:
+            try:
+                for number in os.read(wake_r, 64):
+                    send(sock, {"op": "signal", "signal": number})
+            except BlockingIOError:
+                pass
+            except OSError:
+                pass  # the reaper is gone: its EOF ends us below
+        if sock.fileno() in ready:
+            try:
+                message = receive(sock)
+            except (OSError, ValueError):
+                message = None
+            if message is None:
+                print("embervm: the fork server's reaper of this microVM went away", file=sys.stderr)
+                os._exit(GENERIC_ERROR)
+            if message.get("op") == "exit":
+                end_like(int(message["status"]))
+
+
+def end_like(status: int) -> NoReturn:
+    """Exit with the VMM's raw wait status: its exit code, or death by its signal."""
+    sys.stdout.flush()
+    if os.WIFSIGNALED(status):
+        sig = os.WTERMSIG(status)
+        if sig not in (signal.SIGKILL, signal.SIGSTOP):  # those two cannot be caught anyway
+            signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+        os.kill(os.getpid(), sig)
+        time.sleep(1)
+        os._exit(128 + sig)  # a signal this process cannot die of (SIGSTOP was never sent)
+    os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else GENERIC_ERROR)
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """The `embervm` console script."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    path = socket_path()
+    sock = connect(path) if path else None
+    if sock is not None:
+        try:
+            pid = request_fork(sock, args)
+        except (OSError, ValueError) as e:
+            print(f"embervm: fork server: {e}; starting without it", file=sys.stderr)
+            pid = None
+        if pid is not None:
+            stay_the_face(sock)
+        sock.close()
+    from controlplane import cli
+
+    cli.main(args)

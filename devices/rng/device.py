@@ -1,0 +1,154 @@
+"""The virtio-rng device (virtio spec 5.4): one request queue the driver fills with
+device-writable buffers, which the device fills with random bytes.
+
+It knows its queue, guest memory, an `Interrupt`, an `EntropySource` and optionally a
+`RateLimiter` (Firecracker's `rate_limiter` of PUT /entropy: bandwidth in bytes, ops in
+requests); the worker wires ioeventfd -> `process_queue(0)` and a timer on
+`throttle_delay()` -> `process_queue(0)`.
+
+Guest input is bounded: one request gets at most `MAX_BYTES_PER_REQUEST` bytes (the spec
+lets the device write less than the buffer holds; Linux's driver asks for at most a page),
+so a guest cannot make the worker generate its whole RAM's worth for one request. A
+malformed chain, or one with nothing writable, completes with length 0 and is counted in
+`entropy_event_fails`; a corrupt ring asks for DEVICE_NEEDS_RESET.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from devices.rng.backend import EntropySource, SourceError
+from shared.memory import GuestMemory
+from shared.ratelimit import RateLimiter
+from shared.ratelimited_log import RateLimitedLog
+from shared.virtio import constants as c
+from shared.virtio.chain import ChainError, DescriptorChain
+from shared.virtio.device import DeviceError, Interrupt
+from shared.virtio.queue import Queue, QueueError
+
+_log = RateLimitedLog(logging.getLogger(__name__))
+
+QUEUE_SIZE = 256
+MAX_BYTES_PER_REQUEST = 64 * 1024
+
+# Firecracker's `entropy` metrics group, field for field, then ours.
+METRIC_NAMES = (
+    "activate_fails",
+    "entropy_event_fails",
+    "entropy_event_count",
+    "entropy_bytes",
+    "host_rng_fails",
+    "entropy_rate_limiter_throttled",
+    "needs_reset_count",
+)
+
+
+class EntropyDevice:
+    """virtio-rng with one queue of `queue_size` entries."""
+
+    device_type = c.VIRTIO_ID_RNG
+
+    def __init__(
+        self,
+        source: EntropySource,
+        *,
+        rate_limiter: RateLimiter | None = None,
+        queue_size: int = QUEUE_SIZE,
+    ) -> None:
+        self.source = source
+        self.rate_limiter = rate_limiter
+        self.queue_max_sizes: Sequence[int] = (queue_size,)
+        self.metrics = dict.fromkeys(METRIC_NAMES, 0)
+        self._mem: GuestMemory | None = None
+        self._queue: Queue | None = None
+        self._interrupt: Interrupt | None = None
+        self._throttled = False
+
+    @property
+    def avail_features(self) -> int:
+        return sum(c.feature(bit) for bit in (c.VIRTIO_F_VERSION_1, c.VIRTIO_F_EVENT_IDX, c.VIRTIO_F_INDIRECT_DESC))
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        return bytes(size)  # virtio-rng has no configuration space
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        _log.warning("Guest wrote virtio-rng config space at %#x (it has none)", offset)
+
+    def activate(self, mem: GuestMemory, queues: Sequence[Queue], interrupt: Interrupt, features: int) -> None:
+        if len(queues) != 1:
+            self.metrics["activate_fails"] += 1
+            raise DeviceError(f"virtio-rng has one queue, got {len(queues)}")
+        self._mem, self._queue, self._interrupt = mem, queues[0], interrupt
+
+    def reset(self) -> None:
+        self._mem = self._queue = self._interrupt = None
+        self._throttled = False
+
+    @property
+    def active(self) -> bool:
+        return self._queue is not None
+
+    def throttle_delay(self) -> float | None:
+        """Seconds until a throttled queue should be processed again; None if not throttled."""
+        if not self._throttled or self.rate_limiter is None:
+            return None
+        return self.rate_limiter.time_until_ready()
+
+    def process_queue(self, index: int) -> None:
+        queue, interrupt = self._queue, self._interrupt
+        if queue is None or interrupt is None or index != 0:
+            return
+        self.metrics["entropy_event_count"] += 1
+        try:
+            self._drain(queue)
+        except QueueError as e:
+            self.metrics["needs_reset_count"] += 1
+            interrupt.signal_needs_reset(str(e))
+            return
+        if queue.needs_notification():
+            interrupt.signal_used_queue()
+
+    def _drain(self, queue: Queue) -> None:
+        self._throttled = False
+        while True:
+            while (chain := self._pop(queue)) is not None:
+                if not self._serve(queue, chain):
+                    return
+            if not queue.enable_notification():
+                return
+
+    def _pop(self, queue: Queue) -> DescriptorChain | None:
+        while True:
+            try:
+                return queue.pop()
+            except ChainError as e:
+                _log.warning("%s", str(e))
+                self.metrics["entropy_event_fails"] += 1
+                queue.add_used(e.head, 0)
+
+    def _serve(self, queue: Queue, chain: DescriptorChain) -> bool:
+        """Fill one request; False (chain given back) when the rate limiter says wait."""
+        wanted = min(chain.writable_len, MAX_BYTES_PER_REQUEST)
+        if wanted == 0:
+            _log.warning("Guest sent an entropy request with no writable buffer")
+            self.metrics["entropy_event_fails"] += 1
+            queue.add_used(chain.head, 0)
+            return True
+        if self.rate_limiter is not None and not self.rate_limiter.consume(wanted):
+            self.metrics["entropy_rate_limiter_throttled"] += 1
+            self._throttled = True
+            queue.undo_pop()
+            return False
+        written = 0
+        try:
+            for view in chain.writer().views(wanted):
+                self.source.fill(view)
+                written += len(view)
+        except SourceError as e:
+            _log.error("%s", str(e))
+            self.metrics["host_rng_fails"] += 1
+            written = 0
+        self.metrics["entropy_bytes"] += written
+        queue.add_used(chain.head, written)
+        return True
