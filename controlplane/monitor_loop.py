@@ -22,13 +22,21 @@ from controlplane.command_inbox import CommandInbox
 from controlplane.device_updates import DeviceUpdates
 from controlplane.fault_control import FaultControl
 from controlplane.restart_supervisor import RestartSupervisor
-from controlplane.supervision import MAX_DETAIL, MAX_REASON, STOP_TIMEOUT_S, VCPU, Supervision, describe_wait_status
+from controlplane.supervision import (
+    MAX_DETAIL,
+    MAX_REASON,
+    STOP_TIMEOUT_S,
+    VCPU,
+    DeviceSlot,
+    Supervision,
+    describe_wait_status,
+)
 from controlplane.worker_handle import WorkerHandle
 from controlplane.worker_log import escape
 from controlplane.worker_trust import admit_metrics
 from controlplane.worker_watch import WorkerWatch
 from devices.balloon.messages import BalloonStatus
-from devices.vsock.messages import VsockConnect, VsockConnected
+from devices.vsock.messages import VsockConnect, VsockConnected, VsockRelease
 from shared import exitcodes, fdpass
 from shared import protocol as p
 from shared.ratelimit import TokenBucket
@@ -63,6 +71,7 @@ class MonitorLoop:
         self._console_out = console_out
         self.console: socket.socket | None = None  # the supervisor's end, once the vCPU worker runs
         self._deferred_outcome: Outcome = None  # see _keep_outcome
+        self._vsock_listeners: dict[int, tuple[DeviceSlot, socket.socket]] = {}  # fd -> its slot, our dup
 
     def run(self) -> tuple[int, str]:
         """The monitor loop, until the vCPU worker ends; then stop the device workers. Nothing a
@@ -76,6 +85,11 @@ class MonitorLoop:
         poller.register(self.console.fileno(), zmq.POLLIN)
         for handle in sup.workers.values():
             self._watch.watch(handle)
+        for slot in sup.slots.values():
+            if slot.kept_sockets is not None:  # vsock: the supervisor accepts host connections
+                listener = socket.socket(fileno=os.dup(slot.plan.backend_fds[0]))
+                self._vsock_listeners[listener.fileno()] = (slot, listener)
+                poller.register(listener.fileno(), zmq.POLLIN)
         outcome: Outcome = None
         while outcome is None:
             outcome = sup.guarded("monitoring", self._round, None)
@@ -84,6 +98,9 @@ class MonitorLoop:
         if vcpu.alive:
             sup.guarded("reaping the vCPU worker", lambda: sup.reap(vcpu), None)
         sup.guarded("forwarding console output", self.pump_console, None)
+        for _, listener in self._vsock_listeners.values():
+            listener.close()
+        self._vsock_listeners.clear()
         return outcome
 
     def _round(self) -> Outcome:
@@ -104,6 +121,8 @@ class MonitorLoop:
             outcome = sup.guarded("reading worker messages", self.drain_messages, None)
         for fd in [fd for fd in watch.stderrs if fd in events]:
             sup.guarded("reading a worker's stderr", lambda fd=fd: watch.read_stderr(fd), None)  # type: ignore[misc]
+        for fd in [fd for fd in self._vsock_listeners if fd in events]:
+            sup.guarded("accepting vsock host connections", lambda fd=fd: self._accept_vsock(fd), None)  # type: ignore[misc]
         for fd in [fd for fd in watch.pidfds if fd in events]:
             death = self._guarded_death(watch.died(fd), outcome or self._deferred_outcome)
             outcome = outcome or death  # an Exited read in this round says why, not the death
@@ -285,6 +304,10 @@ class MonitorLoop:
             sup.worker_logs.relay(handle.name, handle.pid, msg.level, msg.text)
         elif isinstance(msg, VsockConnect):
             self._broker_vsock_connect(handle, msg)
+        elif isinstance(msg, VsockRelease):
+            slot = sup.slots.get(handle.name)
+            if slot is not None and slot.kept_sockets is not None:
+                slot.kept_sockets.release(msg.sock_ids)
         elif isinstance(msg, BalloonStatus):
             sup.balloon.accept(msg)
         elif isinstance(msg, p.UpdateResult):
@@ -313,6 +336,14 @@ class MonitorLoop:
             handle.exit_reason = escape(msg.reason[:MAX_REASON])
         return None
 
+    def _accept_vsock(self, fd: int) -> None:
+        """Host connections at uds_path: kept, and handed to the vsock worker (controlplane.vsock_sockets)."""
+        slot, listener = self._vsock_listeners[fd]
+        assert slot.kept_sockets is not None
+        handle = self._sup.workers.get(slot.plan.name.encode())
+        channel = handle.fd_channel if handle is not None and handle.alive else None
+        slot.kept_sockets.accept(listener, channel)
+
     def _broker_vsock_connect(self, handle: WorkerHandle, msg: VsockConnect) -> None:
         """Connect to `<uds_path>_<port>` for the vsock worker, which has no filesystem and
         may create no socket, and hand it the connected socket (or a refusal) on its fd
@@ -324,18 +355,25 @@ class MonitorLoop:
         if handle.connect_budget is None:
             handle.connect_budget = TokenBucket(VSOCK_CONNECTS_PER_S)
         sock: socket.socket | None = None
+        sock_id = 0
         if handle.connect_budget.reduce(1):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_NONBLOCK | socket.SOCK_CLOEXEC)
             try:
                 sock.connect(f"{slot.plan.args['uds_path']}_{msg.port & 0xFFFFFFFF}")
+                if slot.kept_sockets is not None:  # so the connection survives the worker
+                    sock_id = slot.kept_sockets.keep(sock)
+                    if not sock_id:
+                        raise OSError("too many host sockets kept for the vsock worker")
             except OSError:  # nobody listens there (or its backlog is full): the guest gets RST
                 sock.close()
                 sock = None
-        answer = VsockConnected(msg.port, msg.guest_port, sock is not None)
+        answer = VsockConnected(msg.port, msg.guest_port, sock is not None, sock_id)
         try:
             fdpass.send_message(handle.fd_channel, answer, [] if sock is None else [sock.fileno()])
         except OSError as e:
             log.error("cannot answer the vsock worker's connect request: %s", e)
+            if sock_id and slot.kept_sockets is not None:
+                slot.kept_sockets.release([sock_id])
         finally:
             if sock is not None:
                 sock.close()

@@ -24,6 +24,7 @@ from controlplane.balloon import BalloonView
 from controlplane.builder import DevicePlan
 from controlplane.faults import RestartTracker
 from controlplane.snapshot_replies import SnapshotReplies
+from controlplane.vsock_sockets import KeptSockets
 from controlplane.worker_handle import RestartHistory, WorkerHandle
 from controlplane.worker_log import WorkerLogRelay, escape
 from controlplane.worker_trust import MAX_FRAMES, TrustCounters, forbidden
@@ -59,9 +60,12 @@ class DeviceSlot:
     restart_at: float | None = None
     exhausted: bool = False  # the next worker only sets DEVICE_NEEDS_RESET
     dirty_fd: int = -1  # the device workers' dirty page log (shared.dirty), with track_dirty_pages
+    kept_sockets: KeptSockets | None = None  # vsock: host sockets its connections survive on
 
     def close(self) -> None:
         self.plan.close()
+        if self.kept_sockets is not None:
+            self.kept_sockets.close()
         if self.dirty_fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.dirty_fd)

@@ -21,13 +21,15 @@ from controlplane.builder import DevicePlan
 from controlplane.faults import RestartPolicy, RestartTracker
 from controlplane.supervision import MAX_DETAIL, MAX_REASON, VCPU, DeviceSlot, Supervision
 from controlplane.vm_spec import VmSpec
+from controlplane.vsock_sockets import KeptSockets
 from controlplane.worker_handle import VCPU_GROUPS, WorkerHandle, WorkerStderr
 from controlplane.worker_log import escape
 from controlplane.zygote import ZygoteError
+from devices.vsock.durable import RESUME_CONNECTIONS
 from shared import fdpass
 from shared import protocol as p
 from shared.confine import settings_for
-from shared.device_kinds import BLOCK
+from shared.device_kinds import BLOCK, VSOCK
 from shared.devstate import create_state_memfd
 from shared.devworker_client import channel_pair as mmio_channel_pair
 from shared.dirty import create_dirty_memfd
@@ -73,6 +75,8 @@ class WorkerSpawner:
             self._sup.slots[device.name] = DeviceSlot(kept, state_fd, RestartTracker(policy))
             if self._spec.track_dirty_pages:
                 self._sup.slots[device.name].dirty_fd = create_dirty_memfd(device.name, self._spec.mem_size)
+            if device.kind == VSOCK.name and RESUME_CONNECTIONS:  # its connections survive the worker
+                self._sup.slots[device.name].kept_sockets = KeptSockets()
 
     def spawn_device_worker(
         self, device: DevicePlan, restore: bool = False, needs_reset: bool = False
@@ -114,6 +118,11 @@ class WorkerSpawner:
         finally:
             theirs.close()
             mmio_device.close()  # only the worker holds it: its death closes the channel
+        if restore and slot is not None and slot.kept_sockets is not None:
+            try:
+                slot.kept_sockets.hand_over(mine)  # the connections it resumes
+            except OSError as e:
+                log.error("cannot hand the %s its kept host sockets: %s", device.what, e)
         handle.device_id, handle.fd_channel = device.device_id, mine
         handle.metric_groups = device.device_kind.metric_groups(device.device_id, device.args)
         if device.kind == BLOCK.name:

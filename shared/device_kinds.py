@@ -90,11 +90,11 @@ VSOCK = DeviceKind(
     noun="device",
     queues=("rx_notify", "tx_notify", "ev_notify"),
     backends=("listener",),  # the AF_UNIX socket listening at uds_path
-    # A replacement restores the transport; its host connections died with the old worker,
-    # so it tells the guest with VIRTIO_VSOCK_EVENT_TRANSPORT_RESET.
+    # A replacement restores the transport and the connections (devices.vsock.durable): the
+    # supervisor keeps the host sockets it made for them (controlplane.vsock_sockets).
     restartable=True,
     one_per_vm=True,
-    sends=frozenset({"vsock_connect"}),  # devices.vsock.messages.VsockConnect
+    sends=frozenset({"vsock_connect", "vsock_release"}),  # devices.vsock.messages
 )
 BALLOON = DeviceKind(
     name="balloon",

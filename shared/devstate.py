@@ -18,6 +18,9 @@ Layout (little endian):
          replacement which chains were in flight (`in_flight`)
     4096 slot 0: u32 length, u32 crc32, u64 generation, msgpack payload
     4096 + SLOT_BYTES: slot 1, same
+    EXT_OFFSET (64 KiB): EXT_BYTES for a device's own fixed-layout records, written in place
+         (vsock: its connection table, `devices.vsock.durable`); zero until used (the memfd
+         is sparse: a device that does not use it costs nothing)
 
 A write goes to the inactive slot, then flips `active`: a worker killed mid-write leaves
 the previous snapshot readable, and a torn slot fails its crc and is ignored.
@@ -42,7 +45,9 @@ FATAL_OFFSET = 16
 SLOT_HEADER = struct.Struct("<IIQ")
 SLOTS_OFFSET = 4096
 SLOT_BYTES = 30 * 1024
-AREA_BYTES = SLOTS_OFFSET + 2 * SLOT_BYTES
+EXT_OFFSET = SLOTS_OFFSET + 2 * SLOT_BYTES
+EXT_BYTES = 1024 * 1024
+AREA_BYTES = EXT_OFFSET + EXT_BYTES
 
 POPPED = struct.Struct("<I")
 POPPED_OFFSET = 64
@@ -94,6 +99,10 @@ class StateArea:
         SLOT_HEADER.pack_into(self._map, base, len(payload), zlib.crc32(payload), self._generation)
         HEADER.pack_into(self._map, 0, MAGIC, VERSION, slot, 0)
 
+    def ext(self) -> memoryview:
+        """The device's own region (EXT_BYTES), written in place by the device."""
+        return memoryview(self._map)[EXT_OFFSET:AREA_BYTES]
+
     def read(self) -> dict[str, Any] | None:
         """The latest intact snapshot, or None when there is none."""
         return read_state(bytes(self._map))
@@ -128,7 +137,7 @@ class StateArea:
 
 def read_state(area: bytes) -> dict[str, Any] | None:
     """The latest intact snapshot in a copy of the area (the active slot, else the other)."""
-    if len(area) < AREA_BYTES:
+    if len(area) < EXT_OFFSET:
         return None
     magic, version, active, _ = HEADER.unpack_from(area, 0)
     if magic != MAGIC or version != VERSION:
@@ -149,8 +158,8 @@ def read_state(area: bytes) -> dict[str, Any] | None:
 
 
 def read_area(fd: int) -> bytes:
-    """The supervisor's copy of a state area."""
-    return os.pread(fd, AREA_BYTES, 0)
+    """The supervisor's copy of a state area's header and slots (not the device's region)."""
+    return os.pread(fd, EXT_OFFSET, 0)
 
 
 def take_fatal(fd: int) -> int:

@@ -283,6 +283,9 @@ class DeviceWorker:
             except (TransportError, KeyError, TypeError, ValueError) as e:
                 log.error("cannot restore the device state: %s", e)
                 self.transport.signal_needs_reset(f"state restore failed: {e}")
+        resume = getattr(self.transport.device, "resume", None)
+        if resume is not None:  # device state of its own (vsock: its connections), or let it go
+            resume(snapshot is not None and self.transport.serving and not self.channels.needs_reset)
         if self.channels.needs_reset:
             self.transport.signal_needs_reset("its device worker was restarted too often")
         elif snapshot is not None:

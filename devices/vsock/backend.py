@@ -45,12 +45,14 @@ from typing import Protocol
 from devices.vsock.connection import (
     EPOLLIN,
     TX_BUFFER_BUDGET,
+    TX_HOLD_MAX_S,
     Connection,
     CreditViolation,
     State,
     TxBudget,
     TxBudgetExceeded,
 )
+from devices.vsock.durable import RX_INTENT, TX_INTENT, ConnTable, Record
 from devices.vsock.packet import HEADER_SIZE, HOST_CID, TYPE_STREAM, Op, TxPacket, header_bytes
 from shared.ratelimited_log import RateLimitedLog
 from shared.virtio.chain import DescriptorChain
@@ -104,11 +106,20 @@ COUNTER_NAMES = (
 class VsockBackend(Protocol):
     """What the device needs from the host side."""
 
-    def send_pkt(self, pkt: TxPacket) -> None:
-        """A packet from the guest (already checked: header well-formed, CIDs right)."""
+    def send_pkt(self, pkt: TxPacket, position: int = -1) -> bool:
+        """A packet from the guest (already checked: header well-formed, CIDs right), from
+        the tx chain at avail `position`. True: the chain is held (not to be completed; it
+        is offered again later, devices.vsock.connection.Connection.on_rw)."""
 
-    def recv_pkt(self, chain: DescriptorChain) -> int | None:
-        """Write the next packet for the guest into `chain`; its length, or None if none."""
+    def tx_applied(self, position: int) -> None:
+        """The tx chain at avail `position` was applied (before its used entry is published)."""
+
+    def recv_pkt(self, chain: DescriptorChain, used_index: int = -1) -> int | None:
+        """Write the next packet for the guest into `chain`, whose used entry will go to
+        `used_index`; its length, or None if none."""
+
+    def rx_published(self) -> None:
+        """The packet `recv_pkt` returned is published in the used ring."""
 
     def has_pending_rx(self) -> bool:
         """Whether `recv_pkt` may have something."""
@@ -150,9 +161,11 @@ class _GuestConnecting:
 class _Pending:
     """An accepted host connection whose CONNECT line has not arrived yet."""
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, deadline: float, sock_id: int = 0) -> None:
         self.sock = sock
         self.deadline = deadline
+        self.sock_id = sock_id  # the supervisor's copy (0: none)
+        self.line = bytearray()
 
 
 def parse_connect_line(line: bytes) -> int | None:
@@ -177,6 +190,8 @@ class UnixMuxer:
         max_connections: int = MAX_CONNECTIONS,
         tx_buffer_budget: int = TX_BUFFER_BUDGET,
         connector: Connector | None = None,
+        table: ConnTable | None = None,
+        release: Callable[[int], None] | None = None,
     ) -> None:
         if len(f"{uds_path}_4294967295".encode()) > MAX_UDS_PATH:
             raise ValueError(f"uds_path {uds_path!r} is too long for <uds_path>_<port> to fit a Unix socket address")
@@ -196,6 +211,9 @@ class UnixMuxer:
         self.ready: collections.deque[Connection] = collections.deque()
         self.rst_queue: collections.deque[tuple[int, int]] = collections.deque()
         self._local_port_last = LOCAL_PORT_FIRST - 1
+        self.table = table  # the durable connection table (devices.vsock.durable), if any
+        self.release = release  # tells the supervisor it may close its copy of a host socket
+        self._rx_conn: Connection | None = None  # whose packet recv_pkt returned, until published
         if listener is not None:
             self.epoll.register(listener.fileno(), EPOLLIN)
 
@@ -226,6 +244,7 @@ class UnixMuxer:
         deadlines = [p.deadline for p in self.pending.values()]
         deadlines += [g.deadline for g in self.guest_connecting.values()]
         deadlines += [c.deadline for c in self.conns.values() if c.deadline is not None]
+        deadlines += [c.tx_held[2] + TX_HOLD_MAX_S for c in self.conns.values() if c.tx_held is not None]
         if not deadlines:
             return None
         return max(0.0, min(deadlines) - self.clock())
@@ -270,24 +289,43 @@ class UnixMuxer:
         with contextlib.suppress(OSError):
             self.epoll.unregister(fd)
         pending.sock.close()
+        self._release(pending.sock_id)
+
+    def adopt_accepted(self, sock: socket.socket, sock_id: int) -> None:
+        """A host connection the supervisor accepted at uds_path (it keeps a copy under
+        `sock_id`): wait for its CONNECT line, as for one accepted here."""
+        if not _nonblocking_stream(sock) or len(self.conns) + len(self.pending) >= self.max_connections:
+            self.counters["host_connect_refused"] += 1
+            sock.close()
+            self._release(sock_id)
+            return
+        self.pending[sock.fileno()] = _Pending(sock, self.clock() + CONNECT_TIMEOUT_S, sock_id)
+        self.epoll.register(sock.fileno(), EPOLLIN)
 
     def _read_connect_line(self, pending: _Pending) -> None:
+        """Read the CONNECT line a byte at a time: nothing past its newline is taken (that is
+        stream data), and no peek moves the socket's peek offset (devices.vsock.durable)."""
         fd = pending.sock.fileno()
-        try:
-            peek = pending.sock.recv(CONNECT_LINE_MAX, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._drop_pending(fd)
-            return
-        end = peek.find(b"\n")
-        if end < 0:
-            if not peek or len(peek) >= CONNECT_LINE_MAX:  # closed, or no line where one must be
+        while len(pending.line) < CONNECT_LINE_MAX:
+            try:
+                byte = pending.sock.recv(1, socket.MSG_DONTWAIT)
+            except BlockingIOError:
+                return
+            except OSError:
+                self._drop_pending(fd)
+                return
+            if not byte:  # closed before its line ended
                 self.counters["host_connect_bad_lines"] += 1
                 self._drop_pending(fd)
+                return
+            if byte == b"\n":
+                break
+            pending.line += byte
+        else:  # no line where one must be
+            self.counters["host_connect_bad_lines"] += 1
+            self._drop_pending(fd)
             return
-        pending.sock.recv(end + 1, socket.MSG_DONTWAIT)  # the line only: what follows is stream data
-        port = parse_connect_line(peek[:end].rstrip(b"\r"))
+        port = parse_connect_line(bytes(pending.line).rstrip(b"\r"))
         if port is None:
             self.counters["host_connect_bad_lines"] += 1
             self._drop_pending(fd)
@@ -305,6 +343,7 @@ class UnixMuxer:
             clock=self.clock,
             budget=self.tx_budget,
         )
+        conn.sock_id = pending.sock_id
         self.counters["host_connects"] += 1
         self._add(conn)
 
@@ -317,7 +356,7 @@ class UnixMuxer:
                 return self._local_port_last
 
     # --- packets from the guest ---------------------------------------------------------------
-    def send_pkt(self, pkt: TxPacket) -> None:
+    def send_pkt(self, pkt: TxPacket, position: int = -1) -> bool:
         h = pkt.header
         key = (h.dst_port, h.src_port)
         conn = self.conns.get(key)
@@ -326,12 +365,12 @@ class UnixMuxer:
             _glog.warning("vsock: guest sent a packet of type %d (only stream is supported)", h.type)
             if h.op != Op.RST:
                 self._reset_or_rst(conn, key)
-            return
+            return False
         if h.op not in (Op.REQUEST, Op.RESPONSE, Op.RST, Op.SHUTDOWN, Op.RW, Op.CREDIT_UPDATE, Op.CREDIT_REQUEST):
             self.counters["unknown_op_packets"] += 1
             _glog.warning("vsock: guest sent a packet with unknown op %d", h.op)
             self._reset_or_rst(conn, key)
-            return
+            return False
         if conn is None:
             if key in self.guest_connecting:  # still connecting: anything but RST is a protocol error
                 del self.guest_connecting[key]
@@ -343,12 +382,12 @@ class UnixMuxer:
             elif h.op != Op.RST:
                 self.counters["unknown_conn_packets"] += 1
                 self._enqueue_rst(key)
-            return
+            return False
         if h.op == Op.RST:
             self._remove(conn)
-            return
+            return False
         if conn.state is State.DEAD:
-            return  # its RST is on the way
+            return False  # its RST is on the way
         conn.update_peer_credit(h.buf_alloc, h.fwd_cnt)
         match h.op:
             case Op.REQUEST:
@@ -358,8 +397,17 @@ class UnixMuxer:
             case Op.SHUTDOWN:
                 conn.on_shutdown(h.flags)
             case Op.RW:
+                durable = self.table is not None and conn.slot is not None and conn.sock_id != 0 and position >= 0
+                if durable:
+                    # sendmsg and this record cannot change together: a replacement that
+                    # finds the intent resets the connection (devices.vsock.durable)
+                    self.table.write(conn.slot, conn.record(), TX_INTENT, position)  # type: ignore[union-attr, arg-type]
+                    table, slot = self.table, conn.slot
+                    conn.sent_hook = lambda: table.write(slot, conn.record())  # type: ignore[union-attr, arg-type]
                 try:
-                    conn.on_rw(pkt.payload)
+                    if conn.on_rw(pkt.payload, position & 0xFFFF, hold=durable):
+                        self._after(conn)
+                        return True
                 except CreditViolation as e:
                     self.counters["credit_violations"] += 1
                     _glog.warning("vsock: guest ignored its credit, connection reset: %s", str(e))
@@ -373,6 +421,7 @@ class UnixMuxer:
             case _:
                 pass  # CREDIT_UPDATE: the header said it all
         self._after(conn)
+        return False
 
     def _reset_or_rst(self, conn: Connection | None, key: tuple[int, int]) -> None:
         if conn is not None:
@@ -408,7 +457,7 @@ class UnixMuxer:
             return None
         return sock
 
-    def guest_connected(self, host_port: int, guest_port: int, sock: socket.socket | None) -> bool:
+    def guest_connected(self, host_port: int, guest_port: int, sock: socket.socket | None, sock_id: int = 0) -> bool:
         """The answer to a guest's REQUEST: the connected socket (RESPONSE), or None (RST).
         False, and `sock` closed, when no REQUEST waits for it any more (the guest reset it,
         it timed out, the device was reset) or it is no stream socket."""
@@ -417,6 +466,7 @@ class UnixMuxer:
         if waiting is None or (sock is not None and not _nonblocking_stream(sock)):
             if sock is not None:
                 sock.close()
+                self._release(sock_id)
             return False
         if sock is None:
             self.counters["guest_connect_refused"] += 1
@@ -435,11 +485,14 @@ class UnixMuxer:
             budget=self.tx_budget,
         )
         conn.need_response = True
+        conn.sock_id = sock_id
         self._add(conn)
         return True
 
     # --- connection bookkeeping -----------------------------------------------------------------
     def _add(self, conn: Connection) -> None:
+        if self.table is not None:
+            conn.slot = self.table.allocate()
         self.conns[conn.key] = conn
         self._by_fd[conn.sock.fileno()] = conn
         self.counters["conns_added"] += 1
@@ -459,6 +512,16 @@ class UnixMuxer:
         conn.release_tx_buf()
         conn.state = State.DEAD
         self.counters["conns_removed"] += 1
+        if self.table is not None and conn.slot is not None:
+            self.table.release(conn.slot)
+            conn.slot = None
+        if self._rx_conn is conn:
+            self._rx_conn = None
+        self._release(conn.sock_id)
+
+    def _release(self, sock_id: int) -> None:
+        if sock_id and self.release is not None:
+            self.release(sock_id)
 
     def _after(self, conn: Connection) -> None:
         """Bring the epoll registration and the ready list in line with the connection."""
@@ -480,6 +543,8 @@ class UnixMuxer:
         if not conn.in_ready and conn.has_pending_rx():
             conn.in_ready = True
             self.ready.append(conn)
+        if self.table is not None and conn.slot is not None and conn is not self._rx_conn:
+            self.table.write(conn.slot, conn.record())
 
     def _enqueue_rst(self, key: tuple[int, int]) -> None:
         if len(self.rst_queue) >= MAX_PENDING_RST:
@@ -494,7 +559,7 @@ class UnixMuxer:
     def rx_backlogged(self) -> bool:
         return len(self.rst_queue) >= MAX_PENDING_RST // 2
 
-    def recv_pkt(self, chain: DescriptorChain) -> int | None:
+    def recv_pkt(self, chain: DescriptorChain, used_index: int = -1) -> int | None:
         if self.rst_queue:
             local, peer = self.rst_queue.popleft()
             chain.writer().write(header_bytes(HOST_CID, self.guest_cid, local, peer, Op.RST))
@@ -504,11 +569,112 @@ class UnixMuxer:
             conn.in_ready = False
             if self.conns.get(conn.key) is not conn:
                 continue
+            pre = conn.record()
             length = conn.next_rx(chain)
-            self._after(conn)  # back on the list (at the end) if it has more
-            if length is not None:
-                return length
+            if length is None:
+                self._after(conn)  # back on the list (at the end) if it has more
+                continue
+            if self.table is not None and conn.slot is not None and used_index >= 0:
+                # before the publish: which state holds depends on whether it happened
+                self.table.write(conn.slot, conn.record(), RX_INTENT, used_index, pre=pre)
+            self._rx_conn = conn
+            return length
         return None
+
+    def rx_published(self) -> None:
+        conn, self._rx_conn = self._rx_conn, None
+        if conn is None or self.conns.get(conn.key) is not conn:
+            return
+        conn.commit_rx()
+        self._after(conn)  # records the state (no intent), back on the list if it has more
+
+    def tx_applied(self, position: int) -> None:
+        if self.table is not None and position >= 0:
+            self.table.set_tx_applied(position)
+
+    # --- a replacement worker -----------------------------------------------------------------
+    def resume(
+        self,
+        records: dict[int, Record],
+        sockets: dict[int, socket.socket],
+        rx_used: int,
+        accepted: frozenset[int] = frozenset(),
+    ) -> int:
+        """Rebuild the dead worker's connections from its table and the supervisor's copies
+        of their host sockets (`sockets`, by id); `rx_used` is the rx queue's used index in
+        guest memory; `accepted`: ids of host connections accepted by the supervisor (those
+        not in the table wait for their CONNECT line again). A connection that cannot go on
+        exactly (no host socket, guest bytes that may or may not have reached the host, guest
+        bytes lost with the dead worker's buffer) gets RST, and its host socket is closed.
+        Returns how many survived."""
+        assert self.table is not None
+        resumed = 0
+        for index, record in records.items():
+            published = record.intent == RX_INTENT and (rx_used & 0xFFFF) != (record.arg & 0xFFFF)
+            fields = record.post if record.intent != RX_INTENT or published else record.pre
+            sock_id, local, peer = fields[1], fields[2], fields[3]
+            sock = sockets.pop(sock_id, None) if sock_id else None
+            conn = None
+            if sock is not None:
+                conn = Connection(
+                    sock,
+                    self.guest_cid,
+                    local,
+                    peer,
+                    State.DEAD,
+                    self.counters,
+                    clock=self.clock,
+                    budget=self.tx_budget,
+                )
+                conn.load_record(fields)
+                # always: a worker killed between its peek and the intent record peeked bytes
+                # it never published (and no record says so)
+                _settle_peek(sock, published)
+            exact = record.intent != TX_INTENT and fields[14] == 0  # no send in doubt, no lost tx_buf
+            if conn is None or not exact or conn.state is State.DEAD or (local, peer) in self.conns:
+                _glog.warning(
+                    "vsock: connection %d->%d reset at the worker restart: %s",
+                    peer,
+                    local,
+                    "no host socket kept"
+                    if conn is None
+                    else f"guest bytes in doubt (intent {record.intent}, {fields[14]} bytes waited for the host)"
+                    if not exact
+                    else "it was closing",
+                )
+                if conn is not None:
+                    conn.sock.close()
+                self._release(sock_id)
+                self.table.release(index)
+                self._enqueue_rst((local, peer))
+                self.counters["conns_killed"] += 1
+                continue
+            conn.slot = index
+            conn.sock_id = sock_id
+            self.conns[conn.key] = conn
+            self._by_fd[conn.sock.fileno()] = conn
+            if local > self._local_port_last and local < 0x80000000:
+                self._local_port_last = local
+            self._after(conn)
+            resumed += 1
+        for sock_id, sock in sockets.items():  # not in the table: nothing the guest knows
+            if sock_id in accepted:  # a host connection whose CONNECT line may still come
+                self.adopt_accepted(sock, sock_id)
+                continue
+            sock.close()
+            self._release(sock_id)
+        return resumed
+
+    def skip_in_flight_tx(self, pkt: TxPacket, position: int) -> bool:
+        """Whether the tx packet at avail `position` (popped by the dead worker, not
+        completed) was applied already and must not be applied again."""
+        if self.table is None:
+            return False
+        if self.table.tx_applied() == (position + 1) & 0xFFFF:
+            return True
+        h = pkt.header
+        conn = self.conns.get((h.dst_port, h.src_port))
+        return h.op == Op.RW and conn is not None and conn.tx_pos == position & 0xFFFF
 
     # --- reset ------------------------------------------------------------------------------------
     def reset(self) -> None:
@@ -525,6 +691,27 @@ class UnixMuxer:
         self.epoll.close()
         if self.listener is not None:
             self.listener.close()
+
+
+SO_PEEK_OFF = getattr(socket, "SO_PEEK_OFF", 42)
+
+
+def _settle_peek(sock: socket.socket, published: bool) -> None:
+    """After a worker died with an rx packet of this connection in flight: consume the
+    bytes a published packet peeked (the socket's peek offset says how many are left), or
+    rewind the peek of one that was never published."""
+    try:
+        peeked = sock.getsockopt(socket.SOL_SOCKET, SO_PEEK_OFF)
+        if peeked > 0 and published:
+            while peeked > 0:
+                got = sock.recv_into(bytearray(min(peeked, 65536)), min(peeked, 65536), socket.MSG_DONTWAIT)
+                if got <= 0:
+                    break
+                peeked -= got
+        elif peeked > 0:
+            sock.setsockopt(socket.SOL_SOCKET, SO_PEEK_OFF, 0)
+    except OSError as e:
+        _glog.warning("vsock: cannot settle a peeked rx packet: %s", e)
 
 
 def guest_path(uds_path: str, port: int) -> str:

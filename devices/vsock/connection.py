@@ -59,6 +59,7 @@ TX_BUF_SIZE = 256 * 1024  # our buf_alloc: what a guest may have in flight towar
 CREDIT_UPDATE_THRESHOLD = TX_BUF_SIZE // 4
 TX_BUFFER_BUDGET = 32 * 1024 * 1024  # all connections' tx_bufs together (one muxer)
 SHUTDOWN_TIMEOUT_S = 2.0  # SHUTDOWN(both) sent, the guest's RST awaited (Firecracker's value)
+TX_HOLD_MAX_S = 1.0  # how long a guest chain may wait for a host socket that takes nothing
 REQUEST_TIMEOUT_S = 5.0  # REQUEST sent for a host-initiated connection, RESPONSE awaited
 _U32 = 0xFFFFFFFF
 _SEND_FLAGS = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
@@ -99,6 +100,24 @@ def _drop_front(views: Sequence[memoryview], n: int) -> list[memoryview]:
         out.append(view[n:])
         n = 0
     return out
+
+
+_BITS = (
+    "guest_shut_send",
+    "guest_shut_recv",
+    "host_eof",
+    "host_hup",
+    "host_shut_wr",
+    "need_request",
+    "need_response",
+    "need_credit_update",
+    "need_credit_request",
+    "need_rst",
+    "credit_stalled",
+    "host_readable",
+)
+_STATES = tuple(State)
+_SCRATCH = bytearray(MAX_PKT_BUF_SIZE)  # where peeked bytes are consumed to
 
 
 class Connection:
@@ -156,6 +175,72 @@ class Connection:
         self.deadline: float | None = clock() + REQUEST_TIMEOUT_S if state is State.LOCAL_INIT else None
         self.in_ready = False  # on the muxer's round-robin list
         self.interest = 0  # epoll events the muxer has registered for the host socket
+        # durability (devices.vsock.durable): the supervisor's id of the host socket (0: it
+        # keeps no copy, the connection cannot survive the worker), the table record
+        self.sock_id = 0
+        self.slot: int | None = None
+        self.tx_pos = 0xFFFFFFFF  # avail position of the last RW packet applied
+        self.peeked = 0  # bytes read with MSG_PEEK into the rx packet not yet published
+        self.tx_held: tuple[int, int, float] | None = None  # (avail position, bytes sent, since)
+        self.sent_hook: Callable[[], None] | None = None  # records the connection after a send
+
+    # --- the durable record ----------------------------------------------------------------
+    def record(self) -> tuple[int, ...]:
+        """The fields of `devices.vsock.durable.FIELDS`, in order."""
+        bits = sum(1 << i for i, name in enumerate(_BITS) if getattr(self, name))
+        return (
+            1,
+            self.sock_id,
+            self.local_port,
+            self.peer_port,
+            _STATES.index(self.state),
+            bits,
+            self.shutdown_flags,
+            self.buf_alloc,
+            self.tx_recv_cnt,
+            self.fwd_cnt,
+            self.last_fwd_cnt_sent,
+            self.peer_buf_alloc,
+            self.peer_fwd_cnt,
+            self.rx_cnt,
+            len(self.tx_buf),
+            len(self.host_prefix),
+            self.tx_pos,
+            self.tx_held[0] if self.tx_held is not None else 0xFFFFFFFF,
+            self.tx_held[1] if self.tx_held is not None else 0,
+        )
+
+    def load_record(self, fields: tuple[int, ...]) -> None:
+        """Take a recorded connection's state (a replacement worker, `UnixMuxer.resume`)."""
+        (_, self.sock_id, _, _, state, bits, self.shutdown_flags, self.buf_alloc) = fields[:8]
+        (self.tx_recv_cnt, self.fwd_cnt, self.last_fwd_cnt_sent, self.peer_buf_alloc) = fields[8:12]
+        (self.peer_fwd_cnt, self.rx_cnt, _tx_buf_len, prefix_len, self.tx_pos, held_pos, held_sent) = fields[12:19]
+        self.tx_held = (held_pos, held_sent, self.clock()) if held_pos != 0xFFFFFFFF else None
+        self.state = _STATES[state] if state < len(_STATES) else State.DEAD
+        for i, name in enumerate(_BITS):
+            setattr(self, name, bool(bits & (1 << i)))
+        prefix = f"OK {self.local_port}\n".encode()
+        self.host_prefix = prefix[len(prefix) - prefix_len :] if 0 < prefix_len <= len(prefix) else b""
+        self.deadline = None
+        if self.state is State.LOCAL_INIT:
+            self.deadline = self.clock() + REQUEST_TIMEOUT_S
+        elif self.state is State.CLOSING:
+            self.deadline = self.clock() + SHUTDOWN_TIMEOUT_S
+        self.host_readable = self.host_readable or self.state is State.ESTABLISHED  # look again
+
+    def commit_rx(self) -> None:
+        """The rx packet is published: consume the bytes it peeked from the host socket."""
+        n, self.peeked = self.peeked, 0
+        while n:
+            try:
+                got = self.sock.recv_into(_SCRATCH, min(n, len(_SCRATCH)), socket.MSG_DONTWAIT)
+            except OSError:
+                self.counters["rx_read_fails"] += 1
+                self._host_gone()
+                return
+            if got <= 0:
+                return
+            n -= got
 
     @property
     def key(self) -> tuple[int, int]:
@@ -179,7 +264,7 @@ class Connection:
         events = 0
         if self.state is State.ESTABLISHED and not (self.host_readable or self.host_eof or self.guest_shut_recv):
             events |= EPOLLIN
-        if self.host_prefix or self.tx_buf:
+        if self.host_prefix or self.tx_buf or self.tx_held:
             events |= EPOLLOUT
         return events
 
@@ -193,27 +278,59 @@ class Connection:
         self.host_prefix = f"OK {self.local_port}\n".encode()
         self.flush()
 
-    def on_rw(self, payload: Sequence[memoryview]) -> None:
-        """Guest data for the host; CreditViolation if it overran its credit."""
+    def on_rw(self, payload: Sequence[memoryview], position: int = -1, hold: bool = False) -> bool:
+        """Guest data for the host; CreditViolation if it overran its credit.
+
+        With `hold` (a durable connection), bytes the host socket does not take now stay in
+        the guest's chain (at avail `position`) instead of going to `tx_buf`: True means the
+        chain must not be completed yet; it is offered again once the socket is writable,
+        and the bytes sent so far (`tx_held`) are skipped then. A hold older than
+        TX_HOLD_MAX_S falls back to `tx_buf` (such bytes do not survive the worker)."""
         if self.state is State.CLOSING:
-            return  # the host is gone; the guest was told (SHUTDOWN both)
+            self.tx_held = None
+            return False  # the host is gone; the guest was told (SHUTDOWN both)
         if self.state is not State.ESTABLISHED or self.guest_shut_send:
+            self.tx_held = None
             self.kill()
-            return
+            return False
         n = sum(len(v) for v in payload)
         if not n:
-            return
-        in_flight = (self.tx_recv_cnt + n - self.fwd_cnt) & _U32
-        if in_flight > self.buf_alloc:
-            raise CreditViolation(
-                f"port {self.peer_port}->{self.local_port}: {in_flight} bytes in flight, buf_alloc {self.buf_alloc}"
-            )
+            return False
+        held = self.tx_held if self.tx_held is not None and self.tx_held[0] == position else None
+        if held is None:
+            in_flight = (self.tx_recv_cnt + n - self.fwd_cnt) & _U32
+            if in_flight > self.buf_alloc:
+                raise CreditViolation(
+                    f"port {self.peer_port}->{self.local_port}: {in_flight} bytes in flight, buf_alloc {self.buf_alloc}"
+                )
+        if hold and not self.tx_buf and not self.host_prefix:
+            sent = held[1] if held is not None else 0
+            since = held[2] if held is not None else self.clock()
+            if self.clock() - since <= TX_HOLD_MAX_S:
+                written = self._send(_drop_front(payload, sent))
+                if written is None:
+                    self.tx_held = None
+                    return False
+                self.tx_recv_cnt = (self.tx_recv_cnt + written) & _U32
+                self._forwarded(written)
+                if sent + written < n:
+                    self.tx_held = (position, sent + written, since)
+                else:
+                    self.tx_held, self.tx_pos = None, position
+                if self.sent_hook is not None:
+                    self.sent_hook()  # the record, at once: the window in doubt is this short
+                self.counters["tx_bytes_count"] += written
+                self._check_credit_update()
+                return self.tx_held is not None
+            payload = _drop_front(payload, sent)  # held too long: the rest waits in tx_buf
+            n -= sent
+        self.tx_held = None
         self.tx_recv_cnt = (self.tx_recv_cnt + n) & _U32
         self.counters["tx_bytes_count"] += n
         if not self.tx_buf and not self.host_prefix:
             written = self._send(payload)
             if written is None:
-                return
+                return False
             self._forwarded(written)
             payload = _drop_front(payload, written)
         left = sum(len(v) for v in payload)
@@ -223,6 +340,7 @@ class Connection:
             self.tx_buf += view
         self.budget.used += left
         self._check_credit_update()
+        return False
 
     def on_shutdown(self, flags: int) -> None:
         if self.state is State.CLOSING and flags & SHUTDOWN_BOTH == SHUTDOWN_BOTH:
@@ -419,8 +537,8 @@ class Connection:
         room = min(writer.remaining, self.peer_credit(), MAX_PKT_BUF_SIZE)
         if room <= 0:
             return None
-        try:
-            n = self.sock.recvmsg_into(writer.views(room), 0, socket.MSG_DONTWAIT)[0]
+        try:  # peeked: consumed once the packet is published (commit_rx), so a crash loses nothing
+            n = self.sock.recvmsg_into(writer.views(room), 0, socket.MSG_DONTWAIT | socket.MSG_PEEK)[0]
         except BlockingIOError:
             self.host_readable = False
             return None
@@ -437,6 +555,7 @@ class Connection:
             view[:] = header[pos : pos + len(view)]
             pos += len(view)
         self.rx_cnt = (self.rx_cnt + n) & _U32
+        self.peeked = n
         self.counters["rx_bytes_count"] += n
         if self.peer_credit() == 0 and not self.credit_stalled:  # the host may have more: ask
             self.credit_stalled = True

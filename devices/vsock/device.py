@@ -14,8 +14,10 @@ RST. A corrupt ring asks for DEVICE_NEEDS_RESET.
 from __future__ import annotations
 
 import logging
+import socket
 import struct
 from collections.abc import Sequence
+from typing import Any
 
 from devices.vsock.backend import VsockBackend
 from devices.vsock.packet import EVENT, EVENT_TRANSPORT_RESET, HEADER_SIZE, HOST_CID, PacketError, parse_tx
@@ -66,6 +68,7 @@ class VsockDevice:
         self._queues: Sequence[Queue] = ()
         self._interrupt: Interrupt | None = None
         self._pending_events = 0  # TRANSPORT_RESET events waiting for an event buffer
+        self.kept_sockets: tuple[dict[int, socket.socket], frozenset[int]] | None = None  # until `resume`
 
     # --- identity and configuration ------------------------------------------------------
     @property
@@ -87,7 +90,8 @@ class VsockDevice:
         self._queues, self._interrupt = queues, interrupt
         if self._pending_events:  # a transport reset asked for before activation (a restored worker)
             self._run(self._process_event_queue)
-        self.process_backend()  # host connections that arrived meanwhile
+        if self.kept_sockets is None:  # a replacement serves only once its connections are back (resume)
+            self.process_backend()  # host connections that arrived meanwhile
 
     def reset(self) -> None:
         self._queues, self._interrupt = (), None
@@ -171,7 +175,11 @@ class VsockDevice:
                 if queue.enable_notification():
                     continue
                 return
-            self._serve_tx(chain)
+            position = (queue.next_avail - 1) & 0xFFFF
+            if self._serve_tx(chain, position):
+                queue.undo_pop()  # held: its bytes stay in guest memory until the host takes them
+                return
+            self.backend.tx_applied(position)
             queue.add_used(chain.head, 0)
             self._signal_if_due(queue)
 
@@ -180,22 +188,23 @@ class VsockDevice:
         if queue.notify_due() and self._interrupt is not None:
             self._interrupt.signal_used_queue()
 
-    def _serve_tx(self, chain: DescriptorChain) -> None:
+    def _serve_tx(self, chain: DescriptorChain, position: int = -1) -> bool:
+        """Hand one tx chain's packet to the backend; True if the backend holds it."""
         try:
             pkt = parse_tx(chain)
         except PacketError as e:
             _log.warning("vsock: malformed packet dropped: %s", str(e))
             self.metrics["tx_malformed_packets"] += 1
-            return
+            return False
         h = pkt.header
         if h.src_cid != self.guest_cid or h.dst_cid != HOST_CID:
             _log.warning(
                 "vsock: packet from CID %d to CID %d dropped (guest is %d)", h.src_cid, h.dst_cid, self.guest_cid
             )
             self.metrics["tx_bad_cid_packets"] += 1
-            return
+            return False
         self.metrics["tx_packets_count"] += 1
-        self.backend.send_pkt(pkt)
+        return self.backend.send_pkt(pkt, position)
 
     def _process_rx(self) -> None:
         queue = self._queues[RX]
@@ -209,13 +218,55 @@ class VsockDevice:
                 self.metrics["rx_bad_buffers"] += 1
                 queue.add_used(chain.head, 0)
                 continue
-            length = self.backend.recv_pkt(chain)
+            length = self.backend.recv_pkt(chain, queue.next_used)
             if length is None:
                 queue.undo_pop()
                 return
             queue.add_used(chain.head, length)
+            self.backend.rx_published()
             self.metrics["rx_packets_count"] += 1
             self._signal_if_due(queue)
+
+    # --- a replacement worker -------------------------------------------------------------------
+    def resume(self, serving: bool) -> None:
+        """After the transport's restore (devworker): rebuild the dead worker's connections
+        from the table and the kept host sockets (`UnixMuxer.resume`)."""
+        kept, self.kept_sockets = self.kept_sockets, None
+        muxer: Any = self.backend
+        table = getattr(muxer, "table", None)
+        if kept is None or table is None:
+            return
+        sockets, accepted = kept
+        if not serving or not self.active:  # nothing to resume into: the host sockets go
+            muxer.resume({}, sockets, 0)
+            table.clear()
+            return
+        resumed = muxer.resume(table.records(), sockets, self._queues[RX].next_used, accepted)
+        _log.warning("vsock: %d connection(s) resumed after a worker restart", resumed)
+
+    def recover_in_flight(self, index: int, count: int) -> None:
+        """The dead worker's tx chains popped and not completed (devworker): a packet it
+        had applied is completed without being applied again; the rest are served. Rx
+        chains need nothing here (the connection table settles their packets)."""
+        if index != TX or not self.active:
+            return
+        queue = self._queues[TX]
+        for _ in range(count):
+            chain = self._pop(queue, "tx_malformed_packets")
+            if chain is None:
+                return
+            position = (queue.next_avail - 1) & 0xFFFF
+            skip = False
+            try:
+                pkt = parse_tx(chain)
+                skip = self.backend.skip_in_flight_tx(pkt, position)  # type: ignore[attr-defined]
+            except PacketError:
+                pass
+            if not skip and self._serve_tx(chain, position):
+                queue.undo_pop()  # held: served again once the host socket takes more
+                return
+            self.backend.tx_applied(position)
+            queue.add_used(chain.head, 0)
 
     # --- event queue -------------------------------------------------------------------------------
     def _process_event_queue(self) -> None:

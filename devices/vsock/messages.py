@@ -28,9 +28,41 @@ class VsockConnect(Message):
 @message
 class VsockConnected(Message):
     """Supervisor -> vsock worker, on the fd channel: the answer to VsockConnect, with the
-    connected socket when `ok`."""
+    connected socket when `ok`, and the id under which the supervisor keeps its own copy
+    of it (0: none), so that the connection can survive the worker (VsockRelease, VsockKept)."""
 
     TYPE = "vsock_connected"
     port: int
     guest_port: int
     ok: bool
+    sock_id: int = 0
+
+
+@message
+class VsockRelease(Message):
+    """vsock worker -> supervisor: the worker closed these host sockets; the supervisor
+    closes its copies (the host peer sees the close only then). Unknown ids are ignored."""
+
+    TYPE = "vsock_release"
+    sock_ids: list[int]
+
+
+@message
+class VsockKept(Message):
+    """Supervisor -> a replacement vsock worker, on the fd channel before it starts: host
+    sockets the supervisor kept for the dead worker's connections, by id, one fd each in
+    order (at most shared.fdpass.MAX_FDS per message); `last` ends the list."""
+
+    TYPE = "vsock_kept"
+    sock_ids: list[int]
+    accepted: list[int]  # those accepted at uds_path (host-initiated)
+    last: bool
+
+
+@message
+class VsockAccepted(Message):
+    """Supervisor -> vsock worker, on the fd channel: a host connection it accepted at
+    uds_path (the worker reads its CONNECT line), with the id of the supervisor's copy."""
+
+    TYPE = "vsock_accepted"
+    sock_id: int

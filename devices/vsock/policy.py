@@ -11,13 +11,18 @@ muxer's epoll instance exists; the ZeroMQ control connection is made. Afterwards
 * moves stream bytes: `sendmsg` (guest payload straight from guest memory) and
   `recvmsg` (host bytes straight into the guest's rx buffers; also the fd channel),
   `sendto`/`recvfrom` (in COMMON), `shutdown` (half-close);
-* polls its host sockets in its own epoll (`epoll_wait`, `epoll_ctl`, in COMMON).
+* polls its host sockets in its own epoll (`epoll_wait`, `epoll_ctl`, in COMMON);
+* as a replacement, rewinds a host socket's peek offset (`setsockopt(SOL_SOCKET,
+  SO_PEEK_OFF)` only; reading it is `getsockopt`, in COMMON).
 
 No socket, no connect, no bind, no listen, no open, no exec.
 """
 
 from __future__ import annotations
 
+import socket
+
+from devices.vsock.backend import SO_PEEK_OFF
 from shared.seccomp import (
     COMMON,
     SOCK_CLOEXEC,
@@ -32,6 +37,13 @@ VSOCK = policy(
     allow("sendmsg", "guest -> host stream bytes, sent from guest memory (Connection.on_rw)"),
     allow("recvmsg", "host -> guest stream bytes, read into rx buffers (Connection._read_into); the fd channel"),
     allow("shutdown", "half-close: SHUT_WR on the host socket after the guest's SHUTDOWN(SEND)"),
+    allow(
+        "setsockopt",
+        "a replacement rewinds the peek offset of a host socket whose peeked bytes the dead worker never "
+        "published (UnixMuxer.resume, devices/vsock/durable.py)",
+        arg_eq(1, socket.SOL_SOCKET, "SOL_SOCKET"),
+        arg_eq(2, SO_PEEK_OFF, "SO_PEEK_OFF"),
+    ),
 )
 
 POLICY: Filter = COMMON + VSOCK

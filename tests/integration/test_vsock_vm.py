@@ -4,7 +4,6 @@ Unix sockets on the host side (guest/README.md, test=vsock)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import re
@@ -12,6 +11,7 @@ import shutil
 import socket
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -167,23 +167,31 @@ def test_vsock_window_comes_after_the_drives(launcher, guest_images, sock_dir, t
         os.unlink(f"{sock_dir}/v.sock")
 
 
-def test_killed_vsock_worker_is_replaced_and_the_guest_gets_transport_reset(launcher, guest_images, sock_dir) -> None:
+def test_killed_vsock_worker_is_replaced_and_its_device_still_works(launcher, guest_images, sock_dir) -> None:
     uds = f"{sock_dir}/v.sock"
     vm, console = start(launcher, guest_images, uds, "vsock.echo_conns=0 vsock.host_port=0 vsock.wait_event=1")
     try:
         console.wait_for("vsock: waiting for an event", timeout=30)
         (old,) = [w for w in vm.workers() if w["kind"] == "vsock"]
         os.kill(int(old["pid"]), 9)  # type: ignore[call-overload]
-
-        console.wait_for("vsock: event 0", timeout=30)  # from the replacement, once it restored the device
-        assert vm.wait(timeout=30) == exitcodes.OK
-        (new,) = [w for w in vm.workers() if w["kind"] == "vsock"]
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            (new,) = [w for w in vm.workers() if w["kind"] == "vsock"]
+            if new["pid"] != old["pid"] and new["alive"]:
+                break
+            time.sleep(0.05)
         assert new["pid"] != old["pid"]
+        time.sleep(0.5)
+        assert "vsock: event" not in console.text  # nothing to reset: the connections resume (none here)
+
+        vm.vsock_transport_reset()  # the replacement serves the event queue
+        console.wait_for("vsock: event 0", timeout=30)
+        assert vm.wait(timeout=30) == exitcodes.OK
     finally:
         vm.stop()
 
 
-def test_host_connection_open_at_a_worker_crash_is_closed_and_a_new_one_works(launcher, guest_images, sock_dir):
+def test_host_connection_open_at_a_worker_crash_survives_it(launcher, guest_images, sock_dir):
     uds = f"{sock_dir}/v.sock"
     vm, console = start(launcher, guest_images, uds, "vsock.echo_conns=2 vsock.host_port=0")
     try:
@@ -192,18 +200,27 @@ def test_host_connection_open_at_a_worker_crash_is_closed_and_a_new_one_works(la
             first.sendall(b"before the crash")
             assert recv_exact(first, 16) == b"before the crash"
             (old,) = [w for w in vm.workers() if w["kind"] == "vsock"]
-
+            # not at once: the worker may still be just past the sendmsg we read from, the one
+            # window in which a kill resets the connection (docs/faults.md, "Vsock connections")
+            time.sleep(0.3)
             os.kill(int(old["pid"]), 9)  # type: ignore[call-overload]
 
-            with contextlib.suppress(ConnectionResetError):  # a reset is as good as EOF: the host learns at once
-                assert first.recv(64) == b""  # closed cleanly, no hang
-        console.wait_for("vsock: event 0", timeout=30)  # the guest dropped its side too
+            first.sendall(b"after the crash")  # the same connection, served by the replacement
+            assert recv_exact(first, 15) == b"after the crash"
+            first.shutdown(socket.SHUT_WR)
+            console.wait_for("vsock: echo done bytes 31", timeout=30)
+        # the test guest's echo server counts a connection as done when it sees its slot free
+        # on its next scan; a REQUEST handled in the same poll as the RST would take that slot
+        time.sleep(0.5)
         with host_connect(uds, 52) as second:
             assert read_line(second).startswith(b"OK ")
             second.sendall(b"after the restart")
             assert recv_exact(second, 17) == b"after the restart"
             second.shutdown(socket.SHUT_WR)
-            assert vm.wait(timeout=30) == exitcodes.OK  # the echo server saw both connections end
+            assert vm.wait(timeout=30) == exitcodes.OK, console.text  # the echo server saw both connections end
+        assert "vsock: event" not in console.text
+        (new,) = [w for w in vm.workers() if w["kind"] == "vsock"]
+        assert new["restarts"] == 1
     finally:
         vm.stop()
 

@@ -153,6 +153,17 @@ check_vsock_listen() { # vsock_listen:<port>: serve one connection from the host
     esac
 }
 
+check_vsockstream() { # vsockstream:<send>/<receive>: one connection to the host (CID 2 port 5001):
+    # send <send> bytes of the pattern, half-close, read the host's pattern until it closes
+    send=${1%/*}
+    receive=${1#*/}
+    got=$(timeout 600 vsock-e2e stream 2 5001 "$send" 2>&1)
+    case $got in
+    "stream sent=$send received=$receive bad=0") pass vsockstream "$got" ;;
+    *) fail vsockstream "'$got'" ;;
+    esac
+}
+
 check_rng() { # virtio-rng: the hw_random core picked virtio_rng, /dev/hwrng gives bytes
     current=$(cat /sys/class/misc/hw_random/rng_current 2>/dev/null)
     bytes=$(dd if=/dev/hwrng bs=64 count=4 2>/dev/null | wc -c)

@@ -4,6 +4,9 @@
  *   vsock-e2e echo PORT                  accept one connection, print "got:<line>", reply "echo:<line>\n"
  *   vsock-e2e send CID PORT BYTES        connect, send BYTES zeros, close, wait for the peer's close
  *   vsock-e2e sink PORT                  accept one connection, read to its end, print "bytes=<n>"
+ *   vsock-e2e stream CID PORT BYTES      connect, send BYTES of the pattern (byte o is o % 251),
+ *                                        half-close, read the host's pattern until it closes;
+ *                                        print "stream sent=N received=M bad=K"
  *
  * Freestanding (no libc, raw system calls), built by tests/e2e/environment.py with
  * gcc -static -nostdlib. Exit status 0 on success; on failure it prints
@@ -177,6 +180,38 @@ static int do_sink(unsigned int port) {
     return 0;
 }
 
+static int do_stream(unsigned int cid, unsigned int port, unsigned long total) {
+    struct sockaddr_vm addr = {AF_VSOCK, 0, port, cid, {0}};
+    unsigned long sent = 0, received = 0, bad = 0;
+    long fd = sys3(SYS_socket, AF_VSOCK, SOCK_STREAM, 0), r;
+    if (fd < 0) return fail("socket", fd);
+    if ((r = sys3(SYS_connect, fd, (long)&addr, sizeof addr)) < 0) return fail("connect", r);
+    while (sent < total) {
+        unsigned long n = total - sent < sizeof bulk ? total - sent : sizeof bulk;
+        for (unsigned long i = 0; i < n; i++) bulk[i] = (char)((sent + i) % 251);
+        if ((r = send_all(fd, bulk, n)) < 0) return fail("write", r);
+        sent += n;
+    }
+    if ((r = sys3(SYS_shutdown, fd, 1, 0)) < 0) return fail("shutdown", r);
+    for (;;) {
+        long got = sys3(SYS_read, fd, (long)bulk, sizeof bulk);
+        if (got < 0) return fail("read", got);
+        if (got == 0) break;
+        for (long i = 0; i < got; i++)
+            if ((unsigned char)bulk[i] != (received + (unsigned long)i) % 251) bad++;
+        received += (unsigned long)got;
+    }
+    sys3(SYS_close, fd, 0, 0);
+    out("stream sent=");
+    out_number(sent);
+    out(" received=");
+    out_number(received);
+    out(" bad=");
+    out_number(bad);
+    out("\n");
+    return 0;
+}
+
 static int streq(const char *a, const char *b) {
     while (*a && *a == *b) a++, b++;
     return *a == *b;
@@ -189,7 +224,8 @@ int cmain(long *sp) {
     if (argc == 3 && streq(argv[1], "echo")) return do_echo(number(argv[2]));
     if (argc == 5 && streq(argv[1], "send")) return do_send(number(argv[2]), number(argv[3]), number(argv[4]));
     if (argc == 3 && streq(argv[1], "sink")) return do_sink(number(argv[2]));
-    out("usage: vsock-e2e connect CID PORT MESSAGE | echo PORT | send CID PORT BYTES | sink PORT\n");
+    if (argc == 5 && streq(argv[1], "stream")) return do_stream(number(argv[2]), number(argv[3]), number(argv[4]));
+    out("usage: vsock-e2e connect CID PORT MESSAGE | echo PORT | send CID PORT BYTES | sink PORT | stream CID PORT BYTES\n");
     return 2;
 }
 
