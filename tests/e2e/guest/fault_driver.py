@@ -1,15 +1,17 @@
 """Break a device worker again and again while the inner guest uses it (runs in the outer VM).
 
-    python fault_driver.py API_SOCK WORKER_PREFIX DEVICE_ID [--start S] [--kills N] [--faults crash,hang]
+    python fault_driver.py API_SOCK WORKER_PREFIX DEVICE_ID [--start S] [--kills N] [--faults crash,hang,delay:MS:COUNT]
 
 Once GET / says the instance is Running, it waits `--start` seconds more (the guest boots
 and starts its load: a worker killed during InstanceStart fails the start, by design), then SIGKILLs the worker
 whose process name starts with WORKER_PREFIX `--kills` times, at random moments 2-5 s
 apart, each time waiting until a replacement (a new pid) runs. Then it injects each of
 `--faults` through the API (`PUT /faults/DEVICE_ID`, embervm started with
---enable-fault-injection) and waits for the replacement after each. It prints one line per
-event ("FAULT kill pid=... replaced_by=... after_s=...") and finally "FAULT done ..." with
-the restarts embervm reports for the device in GET /embervm.
+--enable-fault-injection) and waits for the replacement after each (`delay:MS:COUNT`
+delays COUNT requests by MS ms: no replacement; it waits 5 s and reports how many fired).
+It prints one line per event ("FAULT kill pid=... replaced_by=... after_s=...") and
+finally "FAULT done ..." with the restarts embervm reports for the device in GET /embervm
+and whether the device is broken (its restart policy exhausted).
 """
 
 from __future__ import annotations
@@ -76,14 +78,21 @@ def wait_running(sock_path: str) -> bool:
     return False
 
 
-def restarts_reported(sock_path: str, device_id: str) -> int | None:
+def worker_reported(sock_path: str, device_id: str) -> dict[str, object]:
     status, body = api(sock_path, "GET", "/embervm")  # embervm's own view; GET / is Firecracker's InstanceInfo
     if status != 200:
-        return None
+        return {}
     for worker in json.loads(body).get("workers", []):
         if device_id in (worker.get("drive_id"), worker.get("iface_id")) or worker.get("kind") == device_id:
-            return int(worker.get("restarts", 0))
-    return None
+            return dict(worker)
+    return {}
+
+
+def fired(sock_path: str, device_id: str) -> int | None:
+    status, body = api(sock_path, "GET", "/faults")
+    if status != 200:
+        return None
+    return next((int(f["fired"]) for f in json.loads(body) if f.get("device_id") == device_id), None)
 
 
 def main() -> int:
@@ -111,17 +120,31 @@ def main() -> int:
         new = replacement(args.prefix, pid)
         print(f"FAULT kill pid={pid} replaced_by={new} after_s={time.monotonic() - start:.2f}", flush=True)
         done += new is not None
-    for kind in filter(None, args.faults.split(",")):
+    for spec in filter(None, args.faults.split(",")):
         time.sleep(random.uniform(2, 5))
+        kind, *params = spec.split(":")
+        body_in: dict[str, object] = {"kind": kind}
+        if kind == "delay":
+            body_in.update(delay_ms=int(params[0]), count=int(params[1]) if len(params) > 1 else 1)
         pid = worker_pid(args.prefix)
         start = time.monotonic()
-        status, body = api(args.api_sock, "PUT", f"/faults/{args.device_id}", {"kind": kind})
+        status, body = api(args.api_sock, "PUT", f"/faults/{args.device_id}", body_in)
+        if kind == "delay":  # no death: the worker serves late
+            time.sleep(5)
+            same = worker_pid(args.prefix) == pid
+            hits = fired(args.api_sock, args.device_id)
+            print(
+                f"FAULT delay status={status} delay_ms={body_in['delay_ms']} fired={hits} same_worker={same}",
+                flush=True,
+            )
+            continue
         new = replacement(args.prefix, pid) if status == 204 else None
         why = "" if status == 204 else f" {body.strip()}"
         print(f"FAULT {kind} status={status} pid={pid} replaced_by={new} after_s={time.monotonic() - start:.2f}{why}")
         sys.stdout.flush()
         done += new is not None
-    print(f"FAULT done replaced={done} restarts={restarts_reported(args.api_sock, args.device_id)}", flush=True)
+    worker = worker_reported(args.api_sock, args.device_id)
+    print(f"FAULT done replaced={done} restarts={worker.get('restarts')} broken={worker.get('broken')}", flush=True)
     return 0
 
 
