@@ -88,6 +88,15 @@ def worker_reported(sock_path: str, device_id: str) -> dict[str, object]:
     return {}
 
 
+def all_restarts(sock_path: str) -> str:
+    """ "<worker>:<restarts>/<broken>,..." for every device worker (the soak's report)."""
+    status, body = api(sock_path, "GET", "/embervm")
+    if status != 200:
+        return "?"
+    workers = [w for w in json.loads(body).get("workers", []) if w.get("kind") != "vcpu"]
+    return ",".join(f"{w.get('name')}:{w.get('restarts')}/{int(bool(w.get('broken')))}" for w in workers)
+
+
 def fired(sock_path: str, device_id: str) -> int | None:
     status, body = api(sock_path, "GET", "/faults")
     if status != 200:
@@ -103,22 +112,33 @@ def main() -> int:
     parser.add_argument("--start", type=float, default=20)
     parser.add_argument("--kills", type=int, default=5)
     parser.add_argument("--faults", default="")
+    parser.add_argument("--gap", default="2:5", help="MIN:MAX seconds between two kills")
+    parser.add_argument("--soak", type=float, default=0, help="kill for this long instead (--kills ignored)")
+    parser.add_argument("--soak-prefixes", default="", help="with --soak: a random one of these each time")
     args = parser.parse_args()
+    low, high = (float(x) for x in args.gap.split(":"))
     if not wait_running(args.api_sock):
         print("FAULT the instance never ran", flush=True)
         return 1
     time.sleep(args.start)
     done = 0
-    for _ in range(args.kills):
-        time.sleep(random.uniform(2, 5))
-        pid = worker_pid(args.prefix)
+    soak_end = time.monotonic() + args.soak
+    prefixes = [p for p in args.soak_prefixes.split(",") if p] or [args.prefix]
+    kills = 0
+    while (kills < args.kills) if not args.soak else (time.monotonic() < soak_end):
+        kills += 1
+        time.sleep(random.uniform(low, high))
+        prefix = random.choice(prefixes)
+        pid = worker_pid(prefix)
         if pid is None:
-            print(f"FAULT no {args.prefix} worker to kill", flush=True)
+            print(f"FAULT no {prefix} worker to kill", flush=True)
             continue
         start = time.monotonic()
         os.kill(pid, signal.SIGKILL)
-        new = replacement(args.prefix, pid)
-        print(f"FAULT kill pid={pid} replaced_by={new} after_s={time.monotonic() - start:.2f}", flush=True)
+        new = replacement(prefix, pid)
+        took = time.monotonic() - start
+        print(f"FAULT kill pid={pid} replaced_by={new} after_s={took:.2f}" + (f" worker={prefix}" if args.soak else ""))
+        sys.stdout.flush()
         done += new is not None
     for spec in filter(None, args.faults.split(",")):
         time.sleep(random.uniform(2, 5))
@@ -144,7 +164,9 @@ def main() -> int:
         sys.stdout.flush()
         done += new is not None
     worker = worker_reported(args.api_sock, args.device_id)
-    print(f"FAULT done replaced={done} restarts={worker.get('restarts')} broken={worker.get('broken')}", flush=True)
+    every = all_restarts(args.api_sock)
+    line = f"FAULT done replaced={done} restarts={worker.get('restarts')} broken={worker.get('broken')}"
+    print(line + (f" all_restarts={every}" if args.soak else ""), flush=True)
     return 0
 
 

@@ -379,6 +379,31 @@ check_netdead() { # netdead:<peer>:<seconds> (after net): ping the peer once a s
     [ "$wrote" = yes ] && pass netdead "$detail" || fail netdead "$detail"
 }
 
+check_soak() { # soak:<seconds>:<peer>:<port>:<vsock MiB> (after net, root on vda): block, net and vsock
+    # traffic at once for <seconds> while the host kills random device workers: blkstress on the
+    # root, netstress to the peer, and vsock streams of <MiB> from the host (CID 2 port 5001)
+    # one after the other; each prints its own E2E-CHECK line, and soak passes if all three do
+    set -- $(echo "$1" | tr ':' ' ')
+    secs=$1 peer=$2 port=$3 vmib=$4
+    (check_blkstress "$secs") >/tmp/soak.blk 2>&1 &
+    (check_netstress "$peer:$port:$secs") >/tmp/soak.net 2>&1 &
+    (
+        end=$(($(cut -d. -f1 /proc/uptime) + secs))
+        n=0 good=0
+        while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
+            n=$((n + 1))
+            got=$(timeout 600 vsock-e2e stream 2 5001 4096 2>&1)
+            [ "$got" = "stream sent=4096 received=$((vmib << 20)) bad=0" ] && good=$((good + 1)) || echo "E2E-SOAK vsock stream $n: '$got'"
+        done
+        detail="streams=$n good=$good bytes=$((good * (vmib << 20)))"
+        [ "$n" -gt 0 ] && [ "$good" -eq "$n" ] && pass vsockloop "$detail" || fail vsockloop "$detail"
+    ) >/tmp/soak.vsock 2>&1 &
+    wait
+    cat /tmp/soak.blk /tmp/soak.net /tmp/soak.vsock
+    passed=$(cat /tmp/soak.blk /tmp/soak.net /tmp/soak.vsock | grep -c '^E2E-CHECK [a-z]* PASS')
+    [ "$passed" -eq 3 ] && pass soak "passed=3" || fail soak "passed=$passed of 3"
+}
+
 STRESS_LINES=32 # each stress file holds its own path, once per line, this many times
 
 stress_write() { # stress_write DIR ROUND COUNT: files DIR/r<ROUND>-<i> of known contents
