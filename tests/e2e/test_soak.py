@@ -40,7 +40,7 @@ SOAK_CASE = Case(
         '"$E2E_PYTHON" "$E2E_REPO/tests/e2e/guest/mktap.py" tap4 172.16.4.1/30;'
         f" {IO_PEER} tcp-hash 7000 >sink.log 2>&1 &"
         f" mkdir -p /tmp/e2e-soak; {VSOCK_HOST} stream {UDS}_5001 {VSOCK_MIB << 20} 100000 >stream.log 2>&1 &"
-        f" {FAULT_DRIVER} api.sock embervm-net net0 --start 10 --gap 3:6 --soak {SOAK_S - 20}"
+        f" {FAULT_DRIVER} api.sock embervm-net net0 --wait-tap tap4:300 --start 2 --gap 3:6 --soak {SOAK_S - 20}"
         f" --soak-prefixes {WORKERS} >faults.log 2>&1 &"
         " echo $! >driver.pid"
     ),

@@ -2,7 +2,8 @@
 
     python fault_driver.py API_SOCK WORKER_PREFIX DEVICE_ID [--start S] [--kills N] [--faults crash,hang,delay:MS:COUNT]
 
-Once GET / says the instance is Running, it waits `--start` seconds more (the guest boots
+Once GET / says the instance is Running (and, with `--wait-tap TAP:N`, once the TAP carried
+N frames: the guest's traffic has begun), it waits `--start` seconds more (the guest boots
 and starts its load: a worker killed during InstanceStart fails the start, by design), then SIGKILLs the worker
 whose process name starts with WORKER_PREFIX `--kills` times, at random moments 2-5 s
 apart, each time waiting until a replacement (a new pid) runs. Then it injects each of
@@ -78,6 +79,21 @@ def wait_running(sock_path: str) -> bool:
     return False
 
 
+def wait_tap(tap: str, frames: str) -> bool:
+    """Until the guest's traffic has begun: the TAP has carried `frames` frames (either way).
+    A fixed delay after InstanceStart would not do: the guest's boot takes 10-50 s here."""
+    stats = Path("/sys/class/net") / tap / "statistics"
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if sum(int((stats / f"{way}_packets").read_text()) for way in ("rx", "tx")) >= int(frames):
+                return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
 def worker_reported(sock_path: str, device_id: str) -> dict[str, object]:
     status, body = api(sock_path, "GET", "/embervm")  # embervm's own view; GET / is Firecracker's InstanceInfo
     if status != 200:
@@ -104,23 +120,9 @@ def fired(sock_path: str, device_id: str) -> int | None:
     return next((int(f["fired"]) for f in json.loads(body) if f.get("device_id") == device_id), None)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("api_sock")
-    parser.add_argument("prefix")
-    parser.add_argument("device_id")
-    parser.add_argument("--start", type=float, default=20)
-    parser.add_argument("--kills", type=int, default=5)
-    parser.add_argument("--faults", default="")
-    parser.add_argument("--gap", default="2:5", help="MIN:MAX seconds between two kills")
-    parser.add_argument("--soak", type=float, default=0, help="kill for this long instead (--kills ignored)")
-    parser.add_argument("--soak-prefixes", default="", help="with --soak: a random one of these each time")
-    args = parser.parse_args()
+def kill_loop(args: argparse.Namespace) -> int:
+    """SIGKILL the worker(s) `--kills` times (or for `--soak` seconds); how many were replaced."""
     low, high = (float(x) for x in args.gap.split(":"))
-    if not wait_running(args.api_sock):
-        print("FAULT the instance never ran", flush=True)
-        return 1
-    time.sleep(args.start)
     done = 0
     soak_end = time.monotonic() + args.soak
     prefixes = [p for p in args.soak_prefixes.split(",") if p] or [args.prefix]
@@ -140,6 +142,12 @@ def main() -> int:
         print(f"FAULT kill pid={pid} replaced_by={new} after_s={took:.2f}" + (f" worker={prefix}" if args.soak else ""))
         sys.stdout.flush()
         done += new is not None
+    return done
+
+
+def inject(args: argparse.Namespace) -> int:
+    """Arm each of `--faults` in turn; how many workers were replaced."""
+    done = 0
     for spec in filter(None, args.faults.split(",")):
         time.sleep(random.uniform(2, 5))
         kind, *params = spec.split(":")
@@ -149,20 +157,50 @@ def main() -> int:
         pid = worker_pid(args.prefix)
         start = time.monotonic()
         status, body = api(args.api_sock, "PUT", f"/faults/{args.device_id}", body_in)
-        if kind == "delay":  # no death: the worker serves late
-            time.sleep(5)
+        if kind == "delay":  # no death: the worker serves late; a used-up fault leaves GET /faults
+            hits, deadline = None, time.monotonic() + 10
+            while time.monotonic() < deadline and (now := fired(args.api_sock, args.device_id)) is not None:
+                hits = now
+                time.sleep(0.1)
             same = worker_pid(args.prefix) == pid
-            hits = fired(args.api_sock, args.device_id)
-            print(
-                f"FAULT delay status={status} delay_ms={body_in['delay_ms']} fired={hits} same_worker={same}",
-                flush=True,
-            )
+            used_up = fired(args.api_sock, args.device_id) is None
+            line = f"FAULT delay status={status} delay_ms={body_in['delay_ms']} used_up={used_up} same_worker={same}"
+            print(f"{line} after_s={time.monotonic() - start:.2f} last_seen_fired={hits}", flush=True)
             continue
         new = replacement(args.prefix, pid) if status == 204 else None
         why = "" if status == 204 else f" {body.strip()}"
         print(f"FAULT {kind} status={status} pid={pid} replaced_by={new} after_s={time.monotonic() - start:.2f}{why}")
         sys.stdout.flush()
         done += new is not None
+    return done
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("api_sock")
+    parser.add_argument("prefix")
+    parser.add_argument("device_id")
+    parser.add_argument("--start", type=float, default=20)
+    parser.add_argument("--kills", type=int, default=5)
+    parser.add_argument("--faults", default="")
+    parser.add_argument("--gap", default="2:5", help="MIN:MAX seconds between two kills")
+    parser.add_argument("--soak", type=float, default=0, help="kill for this long instead (--kills ignored)")
+    parser.add_argument("--soak-prefixes", default="", help="with --soak: a random one of these each time")
+    parser.add_argument("--faults-first", action="store_true", help="inject --faults before the kills")
+    parser.add_argument("--wait-tap", default="", help="TAP:N: first wait until the TAP has carried N frames")
+    args = parser.parse_args()
+    if not wait_running(args.api_sock):
+        print("FAULT the instance never ran", flush=True)
+        return 1
+    if args.wait_tap and not wait_tap(*args.wait_tap.split(":")):
+        print(f"FAULT {args.wait_tap}: the guest's traffic never came", flush=True)
+        return 1
+    time.sleep(args.start)
+    done = inject(args) if args.faults_first else 0
+    done += kill_loop(args)
+    if not args.faults_first:
+        done += inject(args)
+    time.sleep(2)  # a last worker started with needs_reset says so once it runs
     worker = worker_reported(args.api_sock, args.device_id)
     every = all_restarts(args.api_sock)
     line = f"FAULT done replaced={done} restarts={worker.get('restarts')} broken={worker.get('broken')}"

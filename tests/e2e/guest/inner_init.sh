@@ -292,14 +292,15 @@ check_gio_vsock_rx() { # gio_vsock_rx:<port>: accept one connection from the hos
     gio_result gio_vsock_rx $?
 }
 
-ping_stats() { # ping_stats FILE INTERVAL: "sent= received= loss_pct= longest_gap_s= max_rtt_ms=" of a busybox ping log
+ping_stats() { # ping_stats FILE INTERVAL: "sent= received= loss_pct= longest_gap_s= max_rtt_ms=" of a busybox
+    # ping log; the longest gap is the longest time without a reply (a reply to seq s arrives at
+    # s * INTERVAL + its rtt; the output lists them in arrival order), up to the last one sent
     awk -v iv="$2" '
         /bytes from/ { for (i = 1; i <= NF; i++) { if ($i ~ /^seq=/) s = substr($i, 5) + 0; if ($i ~ /^time=/) t = substr($i, 6) + 0 }
-                       if (got) { if (s - prev > gap) gap = s - prev } else gap = s + 1
-                       prev = s; got = 1; if (t > rtt) rtt = t }
+                       at = s * iv + t / 1000; if (at - last > gap) gap = at - last; last = at; if (t > rtt) rtt = t }
         / packets transmitted/ { sent = $1; recv = $4 }
-        END { if (sent > prev + 1 && sent - prev > gap) gap = sent - prev
-              printf "sent=%d received=%d loss_pct=%.1f longest_gap_s=%.1f max_rtt_ms=%.0f", sent, recv, sent ? 100 * (sent - recv) / sent : 100, gap * iv, rtt }' "$1"
+        END { if ((sent - 1) * iv - last > gap) gap = (sent - 1) * iv - last
+              printf "sent=%d received=%d loss_pct=%.1f longest_gap_s=%.1f max_rtt_ms=%.0f", sent, recv, sent ? 100 * (sent - recv) / sent : 100, gap, rtt }' "$1"
 }
 
 mmds_token() { # a V2 session token valid for an hour
@@ -323,7 +324,7 @@ check_netstress() { # netstress:<peer>:<port>:<seconds> (after net): one TCP str
     (
         ok=0 failed=0
         while [ ! -e /tmp/ns.done ]; do
-            if [ "$(wget -q -T 20 -O - --header "X-metadata-token: $token" "http://$mmds/latest/meta-data/e2e" 2>&1)" = hello-from-mmds ]; then
+            if [ "$(timeout 20 wget -q -O - --header "X-metadata-token: $token" "http://$mmds/latest/meta-data/e2e" 2>&1)" = hello-from-mmds ]; then
                 ok=$((ok + 1))
             else
                 failed=$((failed + 1))
@@ -349,7 +350,7 @@ check_netstress() { # netstress:<peer>:<port>:<seconds> (after net): one TCP str
     wait $pinger
     chunks=$(cat /tmp/ns.chunks 2>/dev/null || echo 0)
     md5=$(i=0; while [ $i -lt "$chunks" ]; do cat /tmp/chunk; i=$((i + 1)); done | md5sum | cut -d' ' -f1)
-    after=$(wget -q -T 20 -O - --header "X-metadata-token: $(mmds_token)" "http://$mmds/latest/meta-data/e2e" 2>&1)
+    after=$(timeout 20 wget -q -O - --header "X-metadata-token: $(mmds_token)" "http://$mmds/latest/meta-data/e2e" 2>&1)
     set -- $(cat /tmp/ns.mmds 2>/dev/null || echo 0 0)
     detail="rc=$rc bytes=$((chunks * 262144)) md5=$md5 $(ping_stats /tmp/ns.ping 0.2) mmds_ok=$1 mmds_failed=$2 mmds_after=$after"
     if [ "$rc" -eq 0 ] && [ "$chunks" -gt 0 ] && [ "$2" -eq 0 ] && [ "$after" = hello-from-mmds ]; then
@@ -360,22 +361,23 @@ check_netstress() { # netstress:<peer>:<port>:<seconds> (after net): one TCP str
 }
 
 check_netdead() { # netdead:<peer>:<seconds> (after net): ping the peer once a second while the host
-    # breaks the net device past its restart policy; then what the guest sees: the ping record
-    # (+ answered, - not), the device's virtio status byte, the kernel's lines about it, and
-    # whether the root disk still takes a write
+    # delays the net device, then breaks it past its restart policy; then what the guest saw:
+    # the record (each ping's round trip in ms, "-" for no answer within 3 s), the device's
+    # virtio status byte, the kernel's lines about it, and whether the root disk takes a write
     set -- $(echo "$1" | tr ':' ' ')
     peer=$1 secs=${2:-30}
     end=$(($(cut -d. -f1 /proc/uptime) + secs))
     record=""
     while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
-        if ping -c 1 -W 1 "$peer" >/dev/null 2>&1; then record="$record+"; else record="$record-"; fi
+        rtt=$(ping -c 1 -W 3 "$peer" 2>/dev/null | sed -n 's/.*time=\([0-9]*\).*/\1/p')
+        record="$record${record:+,}${rtt:--}"
         sleep 1
     done
     dev=$(basename "$(readlink /sys/class/net/eth0/device)")
     status=$(cat "/sys/class/net/eth0/device/status" 2>/dev/null)
-    dmesg | grep -iE "virtio|eth0|net|reset|timed? ?out" | sed 's/^/E2E-DMESG /'
+    dmesg | grep -iE "virtio_net|virtio$(echo "$dev" | tr -dc 0-9)|eth0|NETDEV|watchdog|reset|timed? ?out" | sed 's/^/E2E-DMESG /'
     if echo "written after the net device broke" >/e2e/after-net-broke && sync; then wrote=yes; else wrote=no; fi
-    detail="pings=$record device=$dev status=$status wrote=$wrote"
+    detail="pings_ms=$record device=$dev status=$status wrote=$wrote"
     [ "$wrote" = yes ] && pass netdead "$detail" || fail netdead "$detail"
 }
 
