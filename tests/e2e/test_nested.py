@@ -155,11 +155,11 @@ VSOCK_FAULTS_CASE = Case(
     timeout=300,
 )
 IO_PEER = '"$E2E_PYTHON" "$E2E_REPO/tests/e2e/guest/io_peer.py"'
-NET_FAULTS_SECONDS = 60  # the stream's length: it outlasts the driver's kills and faults (~45 s)
+NET_FAULTS_SECONDS = 50  # the stream's length: it outlasts the driver's kills and hang (20-40 s)
 NET_DELAY_MS = 700
 NET_FAULTS_CASE = Case(
     # Net under load (docs/faults.md, "Net"): one TCP stream guest -> outer VM (busybox nc into
-    # io_peer.py's hashing sink) for 60 s, a ping every 0.2 s, and an MMDS V2 read every second
+    # io_peer.py's hashing sink) for 50 s, a ping every 0.2 s, and an MMDS V2 read every second
     # with one token taken before, while the outer VM SIGKILLs the net worker 5 times, then
     # hangs it. The stream must arrive whole on its one
     # connection (md5 equal), every MMDS read must be answered (the token too survives).
@@ -385,7 +385,7 @@ def fields(detail: str) -> dict[str, str]:
     return dict(word.split("=", 1) for word in detail.split() if "=" in word)
 
 
-def test_a_tcp_stream_ping_and_mmds_survive_the_net_worker_killed_delayed_and_hung(nested: NestedRun):
+def test_a_tcp_stream_ping_and_mmds_survive_the_net_worker_killed_and_hung(nested: NestedRun):
     result = nested["net-faults"]
     events = [line for line in result.after if line.startswith("FAULT ")]
     kills = [line for line in events if line.startswith("FAULT kill ")]
@@ -415,7 +415,7 @@ def test_a_net_device_past_its_restart_policy_needs_reset_and_the_rest_of_the_vm
     got = fields(detail)
     print(f"net-exhausted: {detail}; {events}")
     assert ok, result.explain()
-    assert any(e.startswith("FAULT done replaced=3 restarts=2 broken=True") for e in events), events
+    assert any(e.startswith("FAULT done replaced=3 restarts=3 broken=True") for e in events), events
     # the delay: the same worker served every delayed request, late; the guest saw latency
     delay = next(e for e in events if e.startswith("FAULT delay "))
     assert f"status=204 delay_ms={NET_DELAY_MS} used_up=True same_worker=True" in delay, delay
