@@ -323,6 +323,7 @@ def build_guest(spec: VmSpec, devices: list[DevicePlan] | None = None) -> GuestP
         "msrs": [list(m) for m in boot_msrs()],
         "cpu_template": spec.cpu_config or {},
         "cpuid_clear": [list(c) for c in spec.cpuid_clear],
+        "track_dirty_pages": spec.track_dirty_pages,
     }
     if spec.boot_timer:  # Firecracker's request_ts: when InstanceStart builds the microVM
         vcpu_args["boot_timer"] = {"base": layout.BOOT_TIMER_BASE, "start_ns": time.monotonic_ns()}

@@ -189,3 +189,9 @@ class ForwardingLauncher:
         vm = self._launcher.start_vm(spec, console_out, on_exit)
         self._console.forward_to(vm)
         return vm
+
+    def restore_vm(self, prepared: Any, console_out: BinaryIO, on_exit: Callable[[int, str], None]) -> MicroVmLike:
+        """A microVM from a snapshot (controlplane.snapshot), with the same console input."""
+        vm: MicroVmLike = self._launcher.restore_vm(prepared, console_out, on_exit)  # type: ignore[attr-defined]
+        self._console.forward_to(vm)
+        return vm

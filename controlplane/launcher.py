@@ -13,6 +13,7 @@ from typing import BinaryIO
 
 from controlplane.builder import DevicePlan, build_guest, plan_devices, remove_vsock_socket
 from controlplane.microvm import ExitCallback, MicroVm, VmStartError
+from controlplane.snapshot_restore import PreparedLoad, restore_microvm
 from controlplane.vm_spec import VmSpec
 from controlplane.zygote import Zygote
 from shared.boot.errors import BootError
@@ -64,6 +65,12 @@ class Launcher:
                 device.close()
         vm.cmdline = plan.cmdline
         return vm
+
+    def restore_vm(self, prepared: PreparedLoad, console_out: BinaryIO, on_exit: ExitCallback) -> MicroVm:
+        """A microVM from a checked snapshot (controlplane.snapshot): the devices' backends
+        are opened as at boot, guest memory comes from the memory file, and each worker
+        restores its part. Fails, with nothing left running, like `start_vm`."""
+        return restore_microvm(self, prepared, console_out, on_exit)
 
     def shutdown(self) -> None:
         self.zygote.shutdown()

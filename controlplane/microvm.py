@@ -33,7 +33,7 @@ import signal
 import socket
 import threading
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO, TypeVar
 
 from controlplane.balloon import BalloonReport
 from controlplane.builder import DevicePlan, GuestPlan, remove_vsock_socket
@@ -43,7 +43,8 @@ from controlplane.fault_control import DISARM, FaultControl, FaultError
 from controlplane.faults import FaultSpec, RestartPolicy
 from controlplane.monitor_loop import MonitorLoop
 from controlplane.restart_supervisor import RestartSupervisor
-from controlplane.supervision import STOP_TIMEOUT_S, VCPU, Supervision
+from controlplane.snapshot_restore import LazyLoad, seed_state_area
+from controlplane.supervision import STOP_TIMEOUT_S, VCPU, DeviceSlot, Supervision
 from controlplane.vm_spec import VmSpec
 from controlplane.worker_handle import merge_metrics
 from controlplane.worker_spawner import VmStartError, WorkerSpawner
@@ -60,6 +61,7 @@ __all__ = ["DeviceUpdateError", "ExitCallback", "FaultError", "MicroVm", "VmStar
 log = logging.getLogger("embervm.microvm")
 
 ExitCallback = Callable[[int, str], None]
+R = TypeVar("R", bound=p.Message)
 
 
 class MicroVm:
@@ -116,12 +118,19 @@ class MicroVm:
         return self._sup.trust
 
     # --- start-up and end -----------------------------------------------------------------------
-    def _start(self, kvm_fd: int, plan: GuestPlan, devices: list[DevicePlan]) -> None:
+    def _start(
+        self, kvm_fd: int, plan: GuestPlan, devices: list[DevicePlan], restored: dict[str, Any] | None = None
+    ) -> None:
+        """Spawn the workers; `restored`: per device name, a snapshot's state for its worker."""
         mmio: dict[str, socket.socket] = {}  # device name -> the vCPU worker's end of its MMIO channel
+        restored = restored or {}
         try:
             self._spawner.keep(plan.memfd, devices)
+            for name, saved in restored.items():
+                seed_state_area(self._sup.slots[name].state_fd, saved)
             for device in devices:
-                mmio[device.name] = self._spawner.spawn_device_worker(self._sup.slots[device.name].plan)
+                slot = self._sup.slots[device.name]
+                mmio[device.name] = self._spawner.spawn_device_worker(slot.plan, restore=device.name in restored)
             self._console = self._spawner.spawn_vcpu_worker(kvm_fd, plan.memfd, plan.vcpu_args, devices, mmio)
         except VmStartError:
             self._abort_start()
@@ -164,6 +173,8 @@ class MicroVm:
             log.exception("on_exit callback failed")
 
     def _close(self) -> None:
+        if self._sup.lazy is not None:
+            self._sup.lazy.close()
         self._sup.close()
         self._inbox.close_fds()
         if self._console is not None:
@@ -180,6 +191,51 @@ class MicroVm:
         with self._sup.cond:
             if not self._sup.cond.wait_for(done, timeout=STOP_TIMEOUT_S):
                 raise TimeoutError(f"the vCPU worker did not answer {msg.TYPE!r}")
+
+    # --- snapshots (controlplane.snapshot) ----------------------------------------------------
+    def ask(self, worker: str, msg: p.Message, reply: type[R], timeout: float) -> R:
+        """Send `msg` to `worker` and wait for its `reply` (TimeoutError when none comes)."""
+        sup = self._sup
+        with sup.cond:
+            sup.snapshots.expect(worker, reply)
+        self._command(msg, worker.encode())
+        with sup.cond:
+            sup.cond.wait_for(lambda: sup.snapshots.has(worker) or self.state == "Exited", timeout)
+            answer = sup.snapshots.take(worker)
+        if not isinstance(answer, reply):
+            raise TimeoutError(f"the {worker} worker did not answer {msg.TYPE!r}")
+        return answer
+
+    def device_slots(self) -> dict[str, DeviceSlot]:
+        return dict(self._sup.slots)
+
+    @property
+    def memfd(self) -> int:
+        return self._spawner.memfd
+
+    @property
+    def lazy(self) -> LazyLoad | None:
+        return self._sup.lazy
+
+    def set_lazy(self, lazy: LazyLoad) -> None:
+        """Before `_start`: guest memory is filled by `lazy` (a snapshot load)."""
+        self._sup.lazy = lazy
+
+    def started_paused(self) -> None:
+        """A snapshot loaded without resume_vm: the vCPU worker's vCPUs wait for Resume."""
+        with self._sup.cond:
+            self._sup.state = "Paused"
+
+    @property
+    def has_snapshot_base(self) -> bool:
+        return self._sup.snapshots.has_base
+
+    def snapshot_taken(self) -> None:
+        self._sup.snapshots.has_base = True
+
+    def take_device_dirty_pages(self) -> int:
+        """The pages device workers wrote since the last call, as a bitmap integer."""
+        return self._sup.snapshots.take_device_dirty(self._sup.slots)
 
     # --- the API's verbs ------------------------------------------------------------------------
     def pause(self) -> None:

@@ -312,6 +312,10 @@ class MonitorLoop:
             sup.balloon.accept(msg)
         elif isinstance(msg, p.UpdateResult):
             self._updates.answer(handle, msg)
+        elif isinstance(msg, p.VmState | p.DeviceHeld | p.DirtyPages):
+            if not sup.snapshots.answer(handle.name, msg):
+                sup.trust.bad_request_id += 1
+                sup.distrust(handle, f"an unrequested {msg.TYPE!r} message")
         elif isinstance(msg, p.StateChanged):
             if msg.state not in ("Running", "Paused"):
                 sup.trust.malformed += 1

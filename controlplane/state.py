@@ -487,6 +487,58 @@ class Vmm:
             except Exception as err:
                 raise ApiError(f"Fault injection error: {err}") from None
 
+    # -- snapshots (docs/snapshots.md; controlplane.snapshot does the work) -----------------
+    def create_snapshot(self, body: Any) -> None:
+        """PUT /snapshot/create: the paused microVM to a state file and a memory file."""
+        from controlplane.snapshot import CreateRequest, SnapshotError, create_snapshot
+
+        with self.lock:
+            vm = self._post_boot()
+            begin = time.monotonic_ns()
+            request = CreateRequest(body.snapshot_type, body.snapshot_path, body.mem_file_path)
+            try:
+                create_snapshot(vm, request, self.resources.full_config(), EMBERVM_VERSION)  # type: ignore[arg-type]
+            except SnapshotError as err:
+                raise ApiError(str(err)) from None
+            elapsed_us = max(1, (time.monotonic_ns() - begin) // 1000)
+            kind = "full" if body.snapshot_type == "Full" else "diff"
+            self.metrics.store("latencies_us", f"{kind}_create_snapshot", elapsed_us)
+            log.info("'create %s snapshot' API request took %d us.", kind, elapsed_us)
+
+    def load_snapshot(self, body: Any) -> None:
+        """PUT /snapshot/load, in an embervm nothing was configured in."""
+        from controlplane.snapshot import LOAD_AFTER_CONFIG, SnapshotError, load_request, prepare_load
+
+        with self.lock:
+            self._pre_boot()
+            if not self.resources.unconfigured():
+                raise ApiError(LOAD_AFTER_CONFIG)
+            begin = time.monotonic_ns()
+            try:
+                request = load_request(body)
+                prepared = prepare_load(request, self.options.as_spec_fields(), self.instance_id)
+            except SnapshotError as err:
+                raise ApiError(str(err)) from None
+            restore_vm = getattr(self.launcher, "restore_vm", None)
+            if restore_vm is None:
+                prepared.close()
+                raise ApiError("Load snapshot error: this launcher cannot restore snapshots.")
+            _, _, start_error = self.spec_types or default_spec_types()
+            assert self.console_out is not None, "console_out is set by the server before boot"
+            try:
+                vm = restore_vm(prepared, self.console_out, self._vm_exited)
+            except start_error as err:
+                raise ApiError(f"Load snapshot error: {err}") from None
+            finally:
+                prepared.close()
+            self.vm = vm
+            self.resources = self.resources.restored_from(prepared.state.config, prepared.spec)
+            self.metrics.source = vm.metrics
+            self.mmds.on_change = vm.update_mmds
+            elapsed_us = max(1, (time.monotonic_ns() - begin) // 1000)
+            self.metrics.store("latencies_us", "load_snapshot", elapsed_us)
+            log.info("'load snapshot' API request took %d us.", elapsed_us)
+
     def stop(self) -> None:
         """Stop the VM, if any (process exit)."""
         with self.lock:

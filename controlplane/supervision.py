@@ -16,13 +16,14 @@ import os
 import signal
 import threading
 from collections.abc import Callable
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import zmq
 
 from controlplane.balloon import BalloonView
 from controlplane.builder import DevicePlan
 from controlplane.faults import RestartTracker
+from controlplane.snapshot_replies import SnapshotReplies
 from controlplane.vsock_sockets import KeptSockets
 from controlplane.worker_handle import RestartHistory, WorkerHandle
 from controlplane.worker_log import WorkerLogRelay, escape
@@ -32,6 +33,9 @@ from shared import exitcodes
 from shared import protocol as p
 from shared.ratelimit import TokenBucket
 from shared.seccomp import SeccompKillLog
+
+if TYPE_CHECKING:
+    from controlplane.snapshot_restore import LazyLoad
 
 log = logging.getLogger("embervm.microvm")
 
@@ -55,12 +59,17 @@ class DeviceSlot:
     history: RestartHistory = dataclasses.field(default_factory=RestartHistory)
     restart_at: float | None = None
     exhausted: bool = False  # the next worker only sets DEVICE_NEEDS_RESET
+    dirty_fd: int = -1  # the device workers' dirty page log (shared.dirty), with track_dirty_pages
     kept_sockets: KeptSockets | None = None  # vsock: host sockets its connections survive on
 
     def close(self) -> None:
         self.plan.close()
         if self.kept_sockets is not None:
             self.kept_sockets.close()
+        if self.dirty_fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(self.dirty_fd)
+            self.dirty_fd = -1
         if self.state_fd >= 0:
             with contextlib.suppress(OSError):
                 os.close(self.state_fd)
@@ -102,6 +111,8 @@ class Supervision:
         self.workers: dict[bytes, WorkerHandle] = {}
         self.slots: dict[str, DeviceSlot] = {}
         self.trust = TrustCounters()  # what workers sent that was refused (embervm_monitor)
+        self.snapshots = SnapshotReplies()  # answers to controlplane.snapshot's questions
+        self.lazy: LazyLoad | None = None  # a loaded microVM's memory being filled (docs/snapshots.md)
         self.worker_logs = WorkerLogRelay(log, self.trust)
         self.seccomp_faults = 0
         self.balloon = BalloonView()  # what the balloon worker last reported (controlplane.balloon)

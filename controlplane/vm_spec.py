@@ -66,6 +66,8 @@ class VmSpec:
     backend_fds: dict[str, int] = field(default_factory=dict)
     # --boot-timer: the boot timer device (vcpu_worker.boot_timer) at the first MMIO window.
     boot_timer: bool = False
+    # machine-config's track_dirty_pages: KVM's dirty log + device DMA writes (Diff snapshots).
+    track_dirty_pages: bool = False
 
     @property
     def mem_size(self) -> int:

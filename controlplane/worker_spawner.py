@@ -32,6 +32,7 @@ from shared.confine import settings_for
 from shared.device_kinds import BLOCK, VSOCK
 from shared.devstate import create_state_memfd
 from shared.devworker_client import channel_pair as mmio_channel_pair
+from shared.dirty import create_dirty_memfd
 from shared.seccomp import Filter, PolicyError, load_filter_file
 from shared.spawn import DeviceSpawn, VcpuDevice, VcpuSpawn
 
@@ -72,6 +73,8 @@ class WorkerSpawner:
             state_fd = create_state_memfd(device.name) if device.device_kind.restartable else -1
             policy = RestartPolicy.from_dict(self._spec.restart_policy, device.device_id)
             self._sup.slots[device.name] = DeviceSlot(kept, state_fd, RestartTracker(policy))
+            if self._spec.track_dirty_pages:
+                self._sup.slots[device.name].dirty_fd = create_dirty_memfd(device.name, self._spec.mem_size)
             if device.kind == VSOCK.name and RESUME_CONNECTIONS:  # its connections survive the worker
                 self._sup.slots[device.name].kept_sockets = KeptSockets()
 
@@ -97,6 +100,8 @@ class WorkerSpawner:
             regs_fd=device.regs_fd,
             restore=restore,
             needs_reset=needs_reset,
+            dirty_fd=slot.dirty_fd if slot is not None else -1,
+            uffd_dev=self._sup.lazy.worker_fd() if self._sup.lazy is not None else -1,
         )
         try:
             try:
@@ -104,6 +109,8 @@ class WorkerSpawner:
             except ValueError as e:
                 raise VmStartError(f"cannot start the {device.what}: {e}") from None
             handle = self._spawn(device.kind, device.name, args, fds, device.what)
+            if args.get("uffd_dev") and self._sup.lazy is not None:
+                self._sup.lazy.receive(mine, handle, READY_TIMEOUT_S)
         except VmStartError:
             mine.close()
             mmio_vcpu.close()
@@ -150,10 +157,13 @@ class WorkerSpawner:
                 for d in devices
             ],
             {**vcpu_args, "control_endpoint": self._sup.endpoint},
+            uffd_dev=self._sup.lazy.worker_fd() if self._sup.lazy is not None else -1,
         )
         args, fds = spawn.to_zygote()
         try:
             handle = self._spawn("vcpu", VCPU, args, fds, "vCPU worker")
+            if spawn.uffd_dev >= 0 and self._sup.lazy is not None:
+                self._sup.lazy.receive(channel_mine, handle, READY_TIMEOUT_S)
         except VmStartError:
             channel_mine.close()
             console.close()

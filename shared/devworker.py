@@ -57,13 +57,16 @@ from shared import protocol as p
 from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, install_filter
 from shared.device_kinds import DeviceKind
 from shared.devstate import StateArea, StateAreaError
+from shared.dirty import DirtyLog
 from shared.eventloop import EventLoop
 from shared.faultinject import Fault, FaultInjector
+from shared.kvm import host_address_of as host_address
 from shared.memlimit import limit_memory
 from shared.process import die_with_parent
 from shared.ratelimit import BucketConfig, RateLimiter
 from shared.seccomp import COMMON, Filter
 from shared.spawn import DeviceSpawn
+from shared.uffd import hand_over_mapping
 from shared.virtio import constants as c
 from shared.virtio.mmio import MmioTransport, TransportError
 from shared.virtio.regpage import DeviceRegisters
@@ -114,6 +117,8 @@ class Channels:
     restore: bool = False  # a replacement worker: restore the state area's snapshot
     needs_reset: bool = False  # ... and set DEVICE_NEEDS_RESET instead of serving
     isolation: dict[str, Any] = field(default_factory=dict)  # from the zygote: namespaces, host_pid
+    dirty_fd: int = -1  # the dirty page log (shared.dirty); -1: dirty pages are not tracked
+    uffd_dev: int = -1  # /dev/userfaultfd: guest memory is being loaded lazily (shared.uffd)
 
 
 def irq_trigger(irqfd: int) -> Callable[[], None]:
@@ -200,9 +205,9 @@ class DeviceWorker:
         self.loop.register(self.fd_channel.fileno(), FD_CHANNEL, self)
         for index, fd in enumerate(self.channels.queue_fds):
             self.loop.register(fd, QUEUE + index, self)
-        self.loop.add_timer(self._backlog_delay, self._drain_backlog)
-        self.loop.add_timer(lambda: self._next_metrics - time.monotonic(), self._push_metrics)
-        self.loop.add_timer(lambda: self._next_heartbeat - time.monotonic(), self._heartbeat)
+        self.loop.add_timer(self._backlog_delay, self._drain_backlog, always=True)
+        self.loop.add_timer(lambda: self._next_metrics - time.monotonic(), self._push_metrics, always=True)
+        self.loop.add_timer(lambda: self._next_heartbeat - time.monotonic(), self._heartbeat, always=True)
 
     # --- sending -------------------------------------------------------------------------
 
@@ -421,6 +426,8 @@ class DeviceWorker:
             self.loop.stop()
         elif isinstance(msg, p.FlushMetrics):
             self._push_metrics()
+        elif isinstance(msg, p.HoldDevice):
+            self.hold(msg.hold)
         elif isinstance(msg, p.InjectFault):
             fault = None
             if msg.kind:
@@ -443,6 +450,19 @@ class DeviceWorker:
             answer = self.hooks.handle_control(msg)
             if answer is not None:
                 self.send(answer)
+
+    def hold(self, hold: bool) -> None:
+        """Snapshot (`HoldDevice`): stop serving the queues and the backends (only the control,
+        MMIO and fd channels stay), so neither guest memory nor the state area changes while
+        the supervisor copies them; the state area is written first. A released worker sees
+        at once the kicks and backend data that came meanwhile (level-triggered epoll)."""
+        if hold:
+            keep = {int(self.control.getsockopt(zmq.FD)), self.mmio.fileno(), self.fd_channel.fileno()}
+            self.loop.hold(keep)
+            self.persist_state(force=True)
+        else:
+            self.loop.release()
+        self.send(p.DeviceHeld(hold))
 
     def _on_fd_channel(self) -> None:
         try:
@@ -557,6 +577,8 @@ def run_device_worker(
         restore=spawn.restore,
         needs_reset=spawn.needs_reset,
         isolation=spawn.isolation,
+        dirty_fd=spawn.dirty_fd,
+        uffd_dev=spawn.uffd_dev,
     )
     return run_device(channels, lambda: build(spawn), SeccompSettings.from_args(args), policy)
 
@@ -585,6 +607,11 @@ def run_device(
         try:
             enter_confinement(ctx, channels.isolation)
             transport, hooks = build()
+            if channels.uffd_dev >= 0:  # before anything reads guest memory
+                mapping = transport.mem.host_mapping
+                hand_over_mapping(channels.uffd_dev, host_address(mapping), len(mapping), channels.fd_channel)
+            if channels.dirty_fd >= 0:
+                transport.mem.dirty = DirtyLog(channels.dirty_fd)
             worker = DeviceWorker(transport, hooks, channels, control)
             worker.test_hooks = seccomp.test_hooks
             if not namespaced:

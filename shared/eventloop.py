@@ -35,16 +35,18 @@ class Subscriber(Protocol):
         """Handle `events` (EPOLL* bits) on the fd registered with `token`."""
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Registration:
     token: int
     subscriber: Subscriber
+    events: int = EPOLLIN
 
 
 @dataclass(frozen=True)
 class _Timer:
     delay: Callable[[], float | None]
     callback: Callable[[], None]
+    always: bool = False  # fires while the loop holds (`hold`)
 
 
 class EventLoop:
@@ -55,6 +57,7 @@ class EventLoop:
         self._registrations: dict[int, _Registration] = {}
         self._timers: list[_Timer] = []
         self._stopped = False
+        self._held: dict[int, _Registration] | None = None  # fds taken out of epoll by `hold`
 
     def __enter__(self) -> EventLoop:
         return self
@@ -67,16 +70,26 @@ class EventLoop:
 
     def register(self, fd: int, token: int, subscriber: Subscriber, events: int = EPOLLIN) -> None:
         """Deliver `events` on `fd` to `subscriber.process(token, ...)`."""
-        if fd in self._registrations:
-            raise EventLoopError(f"fd {fd} is already registered (token {self._registrations[fd].token})")
+        if fd in self._registrations or (self._held is not None and fd in self._held):
+            raise EventLoopError(f"fd {fd} is already registered")
+        if self._held is not None:  # registered while holding: it waits with the others
+            self._held[fd] = _Registration(token, subscriber, events)
+            return
         self._epoll.register(fd, events)
-        self._registrations[fd] = _Registration(token, subscriber)
+        self._registrations[fd] = _Registration(token, subscriber, events)
 
     def modify(self, fd: int, events: int) -> None:
+        if self._held is not None and fd in self._held:
+            self._held[fd].events = events
+            return
         self._known(fd)
         self._epoll.modify(fd, events)
+        self._registrations[fd].events = events
 
     def unregister(self, fd: int) -> None:
+        if self._held is not None and fd in self._held:
+            del self._held[fd]
+            return
         self._known(fd)
         self._epoll.unregister(fd)
         del self._registrations[fd]
@@ -85,9 +98,30 @@ class EventLoop:
         if fd not in self._registrations:
             raise EventLoopError(f"fd {fd} is not registered")
 
-    def add_timer(self, delay: Callable[[], float | None], callback: Callable[[], None]) -> None:
+    def hold(self, keep: set[int]) -> None:
+        """Stop dispatching every fd but those in `keep`, and every timer not added with
+        `always` (a snapshot: the device must not touch guest memory), until `release`."""
+        if self._held is not None:
+            return
+        self._held = {}
+        for fd in [fd for fd in self._registrations if fd not in keep]:
+            self._epoll.unregister(fd)
+            self._held[fd] = self._registrations.pop(fd)
+
+    def release(self) -> None:
+        """Dispatch the held fds again (level-triggered: what came meanwhile is seen at once)."""
+        held, self._held = self._held, None
+        for fd, registration in (held or {}).items():
+            self._epoll.register(fd, registration.events)
+            self._registrations[fd] = registration
+
+    @property
+    def holding(self) -> bool:
+        return self._held is not None
+
+    def add_timer(self, delay: Callable[[], float | None], callback: Callable[[], None], always: bool = False) -> None:
         """Run `callback` once `delay()` (seconds, re-asked every turn) reaches 0; None = idle."""
-        self._timers.append(_Timer(delay, callback))
+        self._timers.append(_Timer(delay, callback, always))
 
     def stop(self) -> None:
         """End `run()` after the current turn (callable from a subscriber)."""
@@ -110,13 +144,15 @@ class EventLoop:
         return len(events)
 
     def _timeout(self, timeout: float | None) -> float:
-        waits = [d for t in self._timers if (d := t.delay()) is not None]
+        waits = [d for t in self._timers if (t.always or self._held is None) and (d := t.delay()) is not None]
         if timeout is not None:
             waits.append(timeout)
         return max(0.0, min(waits)) if waits else -1
 
     def _fire_timers(self) -> None:
         for timer in list(self._timers):
+            if self._held is not None and not timer.always:
+                continue
             delay = timer.delay()
             if delay is not None and delay <= 0:
                 timer.callback()

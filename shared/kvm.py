@@ -106,6 +106,15 @@ class Kvm:
     def check_extension(self, cap: int) -> int:
         return _ioctl(self.fd, abi.KVM_CHECK_EXTENSION, cap)
 
+    def msr_index_list(self) -> list[int]:
+        """Every MSR KVM saves and restores for a vCPU (KVM_GET_MSR_INDEX_LIST)."""
+        count = 1024
+        buf = bytearray(4 + 4 * count)
+        buf[0:4] = count.to_bytes(4, "little")
+        _ioctl(self.fd, abi.KVM_GET_MSR_INDEX_LIST, buf)
+        got = min(int.from_bytes(buf[0:4], "little"), count)
+        return [int.from_bytes(buf[4 + 4 * i : 8 + 4 * i], "little") for i in range(got)]
+
     def max_vcpus(self) -> int:
         return self.check_extension(abi.KVM_CAP_MAX_VCPUS) or self.check_extension(abi.KVM_CAP_NR_VCPUS) or 4
 
@@ -134,6 +143,7 @@ class Vm:
         self.kvm = kvm
         self.fd = fd
         self._slots = 0
+        self.regions: list[tuple[int, int, int]] = []  # per slot: guest address, size, host address
 
     def set_tss_address(self, addr: int) -> None:
         _ioctl(self.fd, abi.KVM_SET_TSS_ADDR, addr)
@@ -146,6 +156,7 @@ class Vm:
         region = abi.kvm_userspace_memory_region(self._slots, 0, guest_addr, size, host_addr)
         _ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, region)
         self._slots += 1
+        self.regions.append((guest_addr, size, host_addr))
 
     def create_irqchip(self) -> None:
         _ioctl(self.fd, abi.KVM_CREATE_IRQCHIP)
@@ -170,6 +181,34 @@ class Vm:
         flags = 0 if datamatch is None else abi.KVM_IOEVENTFD_FLAG_DATAMATCH
         req = abi.kvm_ioeventfd(datamatch=datamatch or 0, addr=addr, len=length, fd=eventfd, flags=flags)
         _ioctl(self.fd, abi.KVM_IOEVENTFD, req)
+
+    def get_raw(self, request: int, size: int, prefix: bytes = b"") -> bytes:
+        """A VM-wide state struct as opaque bytes (irqchip, PIT, clock: vcpu_worker.vm_state);
+        `prefix` fills its first bytes (the irqchip's chip id)."""
+        buf = bytearray(size)
+        buf[: len(prefix)] = prefix
+        _ioctl(self.fd, request, buf)
+        return bytes(buf)
+
+    def set_raw(self, request: int, data: bytes, size: int) -> None:
+        if len(data) != size:
+            raise KvmError(f"ioctl {request:#x} takes {size} bytes of state, got {len(data)}")
+        _ioctl(self.fd, request, bytearray(data))
+
+    def enable_dirty_log(self) -> None:
+        """Re-register every memory slot with KVM_MEM_LOG_DIRTY_PAGES (diff snapshots)."""
+        for slot, (guest_addr, size, host_addr) in enumerate(self.regions):
+            region = abi.kvm_userspace_memory_region(slot, abi.KVM_MEM_LOG_DIRTY_PAGES, guest_addr, size, host_addr)
+            _ioctl(self.fd, abi.KVM_SET_USER_MEMORY_REGION, region)
+
+    def dirty_log(self, slot: int, pages: int) -> bytes:
+        """KVM_GET_DIRTY_LOG of `slot`: one bit per page written since the last call."""
+        bitmap = ctypes.create_string_buffer(((pages + 63) // 64) * 8)
+        request = bytearray(abi.KVM_DIRTY_LOG_SIZE)
+        request[0:4] = slot.to_bytes(4, "little")
+        request[8:16] = ctypes.addressof(bitmap).to_bytes(8, "little")
+        _ioctl(self.fd, abi.KVM_GET_DIRTY_LOG, request)
+        return bitmap.raw
 
     def create_vcpu(self, vcpu_id: int) -> Vcpu:
         fd = _ioctl(self.fd, abi.KVM_CREATE_VCPU, vcpu_id)
@@ -235,6 +274,47 @@ class Vcpu:
         written = _ioctl(self.fd, abi.KVM_SET_MSRS, buf)
         if written != len(items):
             raise KvmError(f"KVM_SET_MSRS set {written} of {len(items)} MSRs (MSR {items[written][0]:#x} refused)")
+
+    def get_raw(self, request: int, size: int) -> bytes:
+        """A vCPU state struct as opaque bytes (vcpu_worker.vm_state)."""
+        buf = bytearray(size)
+        _ioctl(self.fd, request, buf)
+        return bytes(buf)
+
+    def set_raw(self, request: int, data: bytes, size: int) -> None:
+        if len(data) != size:
+            raise KvmError(f"ioctl {request:#x} on vCPU {self.id} takes {size} bytes of state, got {len(data)}")
+        _ioctl(self.fd, request, bytearray(data))
+
+    def get_cpuid(self) -> list[CpuidEntry]:
+        buf, header = _cpuid_buffer(abi.KVM_MAX_CPUID_ENTRIES)
+        _ioctl(self.fd, abi.KVM_GET_CPUID2, buf)
+        count = abi.kvm_cpuid2_header.from_buffer(buf).nent
+        size = ctypes.sizeof(abi.kvm_cpuid_entry2)
+        entries = []
+        for i in range(count):
+            raw = abi.kvm_cpuid_entry2.from_buffer(buf, header + i * size)
+            entries.append(CpuidEntry(raw.function, raw.index, raw.flags, raw.eax, raw.ebx, raw.ecx, raw.edx))
+        return entries
+
+    def read_msrs(self, indices: list[int]) -> list[tuple[int, int]]:
+        """(index, value) of each MSR in `indices` that KVM reads (it stops at the first it
+        refuses: that one is dropped and the rest read again); a snapshot's MSRs."""
+        result: list[tuple[int, int]] = []
+        pending = list(indices)
+        header = ctypes.sizeof(abi.kvm_msrs_header)
+        size = ctypes.sizeof(abi.kvm_msr_entry)
+        while pending:
+            buf = bytearray(header + len(pending) * size)
+            abi.kvm_msrs_header.from_buffer(buf).nmsrs = len(pending)
+            for i, index in enumerate(pending):
+                abi.kvm_msr_entry.from_buffer(buf, header + i * size).index = index
+            read = _ioctl(self.fd, abi.KVM_GET_MSRS, buf)
+            for i in range(read):
+                entry = abi.kvm_msr_entry.from_buffer(buf, header + i * size)
+                result.append((int(entry.index), int(entry.data)))
+            pending = pending[read + 1 :]
+        return result
 
     def get_msrs(self, indices: Iterable[int]) -> list[int]:
         """The values of MSRs `indices` (KVM_GET_MSRS), in that order."""

@@ -238,6 +238,39 @@ KVM_SET_LAPIC = _iow(0x8F, ctypes.sizeof(kvm_lapic_state))
 KVM_SET_CPUID2 = _iow(0x90, ctypes.sizeof(kvm_cpuid2_header))
 KVM_GET_MP_STATE = _ior(0x98, ctypes.sizeof(kvm_mp_state))
 KVM_SET_MP_STATE = _iow(0x99, ctypes.sizeof(kvm_mp_state))
+KVM_GET_CPUID2 = _iowr(0x91, ctypes.sizeof(kvm_cpuid2_header))
+
+# Snapshot state (vcpu_worker.vm_state): the structs travel as opaque bytes of these sizes,
+# so only their sizes are spelled out here (linux/kvm.h, arch/x86/include/uapi/asm/kvm.h).
+KVM_XSAVE_SIZE = 4096  # struct kvm_xsave (KVM_GET_XSAVE2 may need more: KVM_CAP_XSAVE2)
+KVM_XCRS_SIZE = 392  # struct kvm_xcrs
+KVM_DEBUGREGS_SIZE = 128  # struct kvm_debugregs
+KVM_VCPU_EVENTS_SIZE = 64  # struct kvm_vcpu_events
+KVM_IRQCHIP_SIZE = 520  # struct kvm_irqchip
+KVM_PIT_STATE2_SIZE = 112  # struct kvm_pit_state2
+KVM_CLOCK_DATA_SIZE = 48  # struct kvm_clock_data
+KVM_DIRTY_LOG_SIZE = 16  # struct kvm_dirty_log: u32 slot, u32 pad, u64 bitmap pointer
+KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC = 0, 1, 2
+KVM_GET_XSAVE = _ior(0xA4, KVM_XSAVE_SIZE)
+KVM_SET_XSAVE = _iow(0xA5, KVM_XSAVE_SIZE)
+KVM_GET_XSAVE2 = _ior(0xCF, KVM_XSAVE_SIZE)
+KVM_GET_XCRS = _ior(0xA6, KVM_XCRS_SIZE)
+KVM_SET_XCRS = _iow(0xA7, KVM_XCRS_SIZE)
+KVM_GET_DEBUGREGS = _ior(0xA1, KVM_DEBUGREGS_SIZE)
+KVM_SET_DEBUGREGS = _iow(0xA2, KVM_DEBUGREGS_SIZE)
+KVM_GET_VCPU_EVENTS = _ior(0x9F, KVM_VCPU_EVENTS_SIZE)
+KVM_SET_VCPU_EVENTS = _iow(0xA0, KVM_VCPU_EVENTS_SIZE)
+KVM_GET_TSC_KHZ = _io(0xA3)
+KVM_SET_TSC_KHZ = _io(0xA2)
+KVM_KVMCLOCK_CTRL = _io(0xAD)
+# VM-wide
+KVM_GET_IRQCHIP = _iowr(0x62, KVM_IRQCHIP_SIZE)
+KVM_SET_IRQCHIP = _ior(0x63, KVM_IRQCHIP_SIZE)  # _IOR in linux/kvm.h, a historical quirk
+KVM_GET_PIT2 = _ior(0x9F, KVM_PIT_STATE2_SIZE)
+KVM_SET_PIT2 = _iow(0xA0, KVM_PIT_STATE2_SIZE)
+KVM_GET_CLOCK = _ior(0x7C, KVM_CLOCK_DATA_SIZE)
+KVM_SET_CLOCK = _iow(0x7B, KVM_CLOCK_DATA_SIZE)
+KVM_GET_DIRTY_LOG = _iow(0x42, KVM_DIRTY_LOG_SIZE)
 
 # Capabilities
 KVM_CAP_IRQCHIP = 0
@@ -253,6 +286,7 @@ KVM_CAP_IOEVENTFD = 36
 KVM_CAP_SET_IDENTITY_MAP_ADDR = 37
 KVM_CAP_MAX_VCPUS = 66
 KVM_CAP_IMMEDIATE_EXIT = 136
+KVM_CAP_XSAVE2 = 208
 
 # Exit reasons
 KVM_EXIT_UNKNOWN = 0

@@ -14,6 +14,7 @@ import mmap
 import os
 from collections.abc import Sequence
 
+from shared.dirty import DirtyLog
 from shared.layout import MemoryRegion, ram_regions
 
 F_ADD_SEALS = 1033
@@ -66,6 +67,7 @@ class GuestMemory:
         self._view32 = self._view.cast("I") if len(mapping) % 8 == 0 else None
         self._view64 = self._view.cast("Q") if len(mapping) % 8 == 0 else None
         self.regions = tuple(regions)
+        self.dirty: DirtyLog | None = None  # a device worker's write log (track_dirty_pages)
         # The first region starts at guest address 0 at file offset 0 (shared.layout): the
         # data path's addresses mostly fall in it, and there the offset is the address.
         first = self.regions[0] if self.regions else None
@@ -146,6 +148,8 @@ class GuestMemory:
         must be validated before acting on it.
         """
         start = self.offset_of(addr, length)
+        if self.dirty is not None:
+            self.dirty.mark(start, length)
         return self._view[start : start + length]
 
     def read(self, addr: int, length: int) -> bytes:
@@ -156,6 +160,8 @@ class GuestMemory:
     def write(self, addr: int, data: bytes | bytearray | memoryview) -> None:
         """Copy `data` into guest memory at `addr`."""
         start = self.offset_of(addr, len(data))
+        if self.dirty is not None:
+            self.dirty.mark(start, len(data))
         self._view[start : start + len(data)] = data
 
     def fill(self, addr: int, length: int, byte: int = 0) -> None:
@@ -189,10 +195,15 @@ class GuestMemory:
         return int(self._view64[offset >> 3])
 
     def write_u8(self, addr: int, value: int) -> None:
-        self._view[self.offset_of(addr, 1)] = value
+        offset = self.offset_of(addr, 1)
+        if self.dirty is not None:
+            self.dirty.mark(offset, 1)
+        self._view[offset] = value
 
     def write_u16(self, addr: int, value: int) -> None:
         offset = self.offset_of(addr, 2)
+        if self.dirty is not None:
+            self.dirty.mark(offset, 2)
         if offset & 1 or self._view16 is None:
             self._view[offset : offset + 2] = value.to_bytes(2, "little")
         else:
@@ -200,6 +211,8 @@ class GuestMemory:
 
     def write_u32(self, addr: int, value: int) -> None:
         offset = self.offset_of(addr, 4)
+        if self.dirty is not None:
+            self.dirty.mark(offset, 4)
         if offset & 3 or self._view32 is None:
             self._view[offset : offset + 4] = value.to_bytes(4, "little")
         else:
@@ -207,6 +220,8 @@ class GuestMemory:
 
     def write_u64(self, addr: int, value: int) -> None:
         offset = self.offset_of(addr, 8)
+        if self.dirty is not None:
+            self.dirty.mark(offset, 8)
         if offset & 7 or self._view64 is None:
             self._view[offset : offset + 8] = value.to_bytes(8, "little")
         else:

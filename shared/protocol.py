@@ -131,7 +131,66 @@ class RedTeam(Message):
     arg: str
 
 
+@message
+class SaveVmState(Message):
+    """Snapshot: the paused vCPU worker answers with `VmState` (vcpu_worker.vm_state)."""
+
+    TYPE = "save_vm_state"
+
+
+@message
+class HoldDevice(Message):
+    """Snapshot: a device worker stops (`hold`) or starts again serving its queues and
+    backends, so guest memory and its state area stay still; answered with `DeviceHeld`."""
+
+    TYPE = "hold_device"
+    hold: bool
+
+
+@message
+class CollectDirtyPages(Message):
+    """Diff snapshot: send the supervisor, then clear, the pages written since the last call
+    (the vCPU worker: KVM's dirty log; answered with `DirtyPages`)."""
+
+    TYPE = "collect_dirty_pages"
+
+
 # --- worker -> supervisor --------------------------------------------------------------
+@message
+class LazyMemory(Message):
+    """On a worker's fd channel, with one fd: the userfaultfd covering its mapping of a
+    lazily restored guest memory, which starts at `address` (shared.uffd)."""
+
+    TYPE = "lazy_memory"
+    address: int
+
+
+@message
+class VmState(Message):
+    """The answer to SaveVmState: msgpack of the VM's state, or `error` saying why not."""
+
+    TYPE = "vm_state"
+    state: bytes
+    error: str
+
+
+@message
+class DeviceHeld(Message):
+    """The answer to HoldDevice: the worker now holds (or serves again)."""
+
+    TYPE = "device_held"
+    held: bool
+
+
+@message
+class DirtyPages(Message):
+    """The answer to CollectDirtyPages: a bitmap, one bit per 4 KiB page of the memfd."""
+
+    TYPE = "dirty_pages"
+    bitmap: bytes
+    error: str
+
+
 @message
 class Ready(Message):
     """The worker finished its set-up (for the vCPU worker: vCPUs are running)."""
@@ -339,5 +398,7 @@ def decode(data: bytes) -> Message:
 
 # What each kind of worker may send the supervisor: anything else from it is hostile
 # (controlplane.worker_trust). Every control message is one frame after ZeroMQ's identity.
-VCPU_SENDS: frozenset[type[Message]] = frozenset({Ready, StateChanged, Exited, Metrics, Log})
-DEVICE_SENDS: frozenset[type[Message]] = frozenset({Ready, Exited, Metrics, Log, Heartbeat, FaultFired, UpdateResult})
+VCPU_SENDS: frozenset[type[Message]] = frozenset({Ready, StateChanged, Exited, Metrics, Log, VmState, DirtyPages})
+DEVICE_SENDS: frozenset[type[Message]] = frozenset(
+    {Ready, Exited, Metrics, Log, Heartbeat, FaultFired, UpdateResult, DeviceHeld}
+)

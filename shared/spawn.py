@@ -17,6 +17,10 @@ worker's `run(args, fds)` gets them back with `DeviceSpawn.from_zygote` (through
                   (shared.virtio.regpage), shared with the vCPU worker
     state         only with args["state_fd"]: the device's state area (shared.devstate),
                   what a replacement worker restores (args "restore", "needs_reset")
+    dirty         only with args["dirty_fd"]: the device's dirty page log (shared.dirty),
+                  when the microVM tracks dirty pages (Diff snapshots)
+    uffd_dev      only with args["uffd_dev"]: /dev/userfaultfd, while a restored microVM's
+                  memory is loaded lazily (shared.uffd): the worker registers its mapping
 
 The args are the kind's own (drive_id, ...) plus mem_size, control_endpoint and name, and
 from the zygote "isolation" and "seccomp".
@@ -46,14 +50,20 @@ class DeviceSpawn:
     regs_fd: int = -1  # -1: no register page (InterruptStatus answered over the MMIO channel)
     restore: bool = False  # a replacement worker: restore the state area's snapshot
     needs_reset: bool = False  # ... and set DEVICE_NEEDS_RESET instead of serving
+    dirty_fd: int = -1  # the dirty page log (shared.dirty); -1: no dirty tracking
+    uffd_dev: int = -1  # /dev/userfaultfd while memory is loaded lazily (shared.uffd); -1: not
 
     @staticmethod
-    def roles(kind: DeviceKind, state: bool, regs: bool = False) -> tuple[str, ...]:
+    def roles(
+        kind: DeviceKind, state: bool, regs: bool = False, dirty: bool = False, uffd_dev: bool = False
+    ) -> tuple[str, ...]:
         """The fds' roles in order (what an error message lists)."""
         return (
             ("memfd", "irqfd", *kind.queues, *kind.backends, "fd_channel", "mmio_channel")
             + (("regs",) if regs else ())
             + (("state",) if state else ())
+            + (("dirty",) if dirty else ())
+            + (("uffd_dev",) if uffd_dev else ())
         )
 
     def to_zygote(self) -> tuple[dict[str, Any], list[int]]:
@@ -71,13 +81,20 @@ class DeviceSpawn:
         if self.state_fd >= 0:
             args.update(state_fd=True, restore=self.restore, needs_reset=self.needs_reset)
             fds.append(self.state_fd)
+        if self.dirty_fd >= 0:
+            args["dirty_fd"] = True
+            fds.append(self.dirty_fd)
+        if self.uffd_dev >= 0:
+            args["uffd_dev"] = True
+            fds.append(self.uffd_dev)
         return args, fds
 
     @classmethod
     def from_zygote(cls, kind: DeviceKind, args: dict[str, Any], fds: list[int]) -> DeviceSpawn:
         """What `to_zygote` built, back in the worker; ValueError when the fds do not match."""
         state, regs = bool(args.get("state_fd")), bool(args.get("regs_fd"))
-        roles = cls.roles(kind, state, regs)
+        dirty, lazy = bool(args.get("dirty_fd")), bool(args.get("uffd_dev"))
+        roles = cls.roles(kind, state, regs, dirty, lazy)
         if len(fds) != len(roles):
             raise ValueError(f"the {kind.name} worker takes {len(roles)} fds ({', '.join(roles)}), got {len(fds)}")
         queues_end = 2 + kind.num_queues
@@ -91,8 +108,10 @@ class DeviceSpawn:
             fd_channel=fds[backends_end],
             mmio_channel=fds[backends_end + 1],
             args=args,
-            state_fd=fds[-1] if state else -1,
             regs_fd=fds[backends_end + 2] if regs else -1,
+            state_fd=fds[backends_end + 2 + regs] if state else -1,
+            dirty_fd=fds[backends_end + 2 + regs + state] if dirty else -1,
+            uffd_dev=fds[backends_end + 2 + regs + state + dirty] if lazy else -1,
             restore=bool(args.get("restore", False)),
             needs_reset=bool(args.get("needs_reset", False)),
         )
@@ -141,6 +160,7 @@ class VcpuSpawn:
     fd_channel: int
     devices: list[VcpuDevice] = field(default_factory=list)
     args: dict[str, Any] = field(default_factory=dict)
+    uffd_dev: int = -1  # /dev/userfaultfd while memory is loaded lazily (args["uffd_dev"]: its index)
 
     def to_zygote(self) -> tuple[dict[str, Any], list[int]]:
         fds = [self.kvm, self.memfd, self.console, self.fd_channel]
@@ -157,7 +177,11 @@ class VcpuSpawn:
                 entry["regs_fd"] = len(fds)
                 fds.append(device.regs)
             entries.append(entry)
-        return {**self.args, "virtio_devices": entries}, fds
+        extra: dict[str, Any] = {}
+        if self.uffd_dev >= 0:
+            extra["uffd_dev"] = len(fds)
+            fds.append(self.uffd_dev)
+        return {**self.args, "virtio_devices": entries, **extra}, fds
 
     @classmethod
     def from_zygote(cls, args: dict[str, Any], fds: list[int]) -> VcpuSpawn:
@@ -182,4 +206,5 @@ class VcpuSpawn:
             )
             for raw in args.get("virtio_devices") or []
         ]
-        return cls(fds[0], fds[1], fds[2], fds[3], devices, args)
+        uffd_dev = fd(args["uffd_dev"]) if args.get("uffd_dev") is not None else -1
+        return cls(fds[0], fds[1], fds[2], fds[3], devices, args, uffd_dev)

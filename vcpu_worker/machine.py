@@ -9,6 +9,7 @@ state the 64-bit Linux boot protocol asks for.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +19,7 @@ from shared.boot.cpu_state import BootCpuState, set_lint
 from shared.boot.cpu_template import apply_msr_modifiers, check_kvm_capabilities
 from shared.kvm import Kvm, Vcpu, Vm, host_address_of
 from shared.memory import GuestMemory
+from vcpu_worker import vm_state
 
 
 @dataclass
@@ -56,8 +58,11 @@ def configure_vcpu(vcpu: Vcpu, state: BootCpuState, msrs: list[tuple[int, int]])
     vcpu.set_lapic(lapic)
 
 
-def build_machine(kvm_fd: int, memfd: int, args: dict[str, Any]) -> Machine:
-    """Create the VM, its memory slots, irqchip, PIT and configured vCPUs."""
+def build_machine(
+    kvm_fd: int, memfd: int, args: dict[str, Any], on_mapped: Callable[[GuestMemory], None] | None = None
+) -> Machine:
+    """Create the VM, its memory slots, irqchip, PIT and configured vCPUs; `on_mapped` runs
+    once guest memory is mapped, before anything touches it (lazy restore: shared.uffd)."""
     kvm = Kvm(kvm_fd)
     kvm.check()
     template = args.get("cpu_template") or {}
@@ -71,9 +76,13 @@ def build_machine(kvm_fd: int, memfd: int, args: dict[str, Any]) -> Machine:
     vm.create_irqchip()
     vm.create_pit2()
     mem = GuestMemory.map(memfd, int(args["mem_size"]))
+    if on_mapped is not None:
+        on_mapped(mem)
     base = host_address_of(mem.host_mapping)
     for region in mem.regions:
         vm.add_memory(region.guest_addr, region.size, base + region.file_offset)
+    if args.get("restore") is not None:
+        return _restore_machine(kvm, vm, mem, vcpu_count, args)
     supported = kvm.supported_cpuid()
     state = BootCpuState.from_dict(args["cpu_state"])
     msrs = [(int(i), int(v)) for i, v in args["msrs"]]
@@ -91,4 +100,18 @@ def build_machine(kvm_fd: int, memfd: int, args: dict[str, Any]) -> Machine:
         configure_vcpu(vcpu, state, msrs)
         apply_msr_modifiers(vcpu, template)  # after the boot MSRs, checked by reading back
         vcpus.append(vcpu)
+    return Machine(kvm, vm, mem, vcpus)
+
+
+def _restore_machine(kvm: Kvm, vm: Vm, mem: GuestMemory, vcpu_count: int, args: dict[str, Any]) -> Machine:
+    """A snapshot's machine: the vCPUs and VM-wide devices in their saved state
+    (`vcpu_worker.vm_state`); guest memory already holds the snapshot's contents."""
+    state = vm_state.check_state(args["restore"], vcpu_count)
+    vcpus = []
+    for vcpu_id, saved in enumerate(state["vcpus"]):
+        vcpu = vm.create_vcpu(vcpu_id)
+        vm_state.restore_cpuid(vcpu, saved)
+        vm_state.restore_vcpu(kvm, vcpu, saved)
+        vcpus.append(vcpu)
+    vm_state.restore_vm(vm, state)
     return Machine(kvm, vm, mem, vcpus)

@@ -24,14 +24,19 @@ import time
 import traceback
 from typing import Any
 
+import msgpack
 import zmq
 
 from shared import exitcodes, fdpass, layout
 from shared import protocol as p
 from shared.confine import SeccompSettings, attempt_forbidden, drop_privileges, install_filter
 from shared.devworker import connect_control, enter_confinement, wait_for_zmq_threads
+from shared.kvm import host_address_of
 from shared.memlimit import limit_memory, vcpu_headroom
+from shared.memory import GuestMemory
 from shared.spawn import VcpuSpawn
+from shared.uffd import hand_over_mapping
+from vcpu_worker import vm_state
 from vcpu_worker.boot_timer import BootTimer
 from vcpu_worker.bus import Bus
 from vcpu_worker.i8042 import I8042
@@ -78,6 +83,7 @@ class VcpuWorker:
         self.vcpus = [VcpuThread(v, self.pio, self.mmio, self._request_exit) for v in machine.vcpus]
         self.state = "Running"
         self.seccomp = SeccompSettings()
+        self.dirty_tracking = False  # KVM logs dirty pages (track_dirty_pages)
 
     # --- called from vCPU threads -------------------------------------------------------
     def _console_write(self, data: bytes) -> None:
@@ -150,6 +156,10 @@ class VcpuWorker:
             self._set_paused(True)
         elif isinstance(msg, p.Resume):
             self._set_paused(False)
+        elif isinstance(msg, p.SaveVmState):
+            self.send(self._save_state())
+        elif isinstance(msg, p.CollectDirtyPages):
+            self.send(self._dirty_pages())
         elif isinstance(msg, p.CtrlAltDel):
             self.i8042.send_ctrl_alt_del()
         elif isinstance(msg, p.FlushMetrics):
@@ -168,10 +178,36 @@ class VcpuWorker:
             self.send(p.Log("warning", redteam.run(msg, redteam.Context("vcpu", self.ctl.send_multipart))))
         return None
 
-    def serve(self) -> int:
-        """Run the vCPUs and the control loop until the guest or the supervisor ends it."""
+    def _save_state(self) -> p.VmState:
+        """Snapshot: the paused VM's state (`vcpu_worker.vm_state`)."""
+        if self.state != "Paused":
+            return p.VmState(b"", "the vCPUs are not paused")
+        try:
+            state = vm_state.save_vm(self.machine.kvm, self.machine.vm, self.machine.vcpus)
+            return p.VmState(msgpack.packb(state, use_bin_type=True), "")
+        except Exception as e:
+            return p.VmState(b"", f"cannot save the VM state: {e}")
+
+    def _dirty_pages(self) -> p.DirtyPages:
+        """Diff snapshot: KVM's dirty log of every slot, as one bitmap over the memfd."""
+        if not self.dirty_tracking:
+            return p.DirtyPages(b"", "dirty page tracking is off")
+        try:
+            return p.DirtyPages(vm_state.dirty_bitmap(self.machine.vm, self.machine.mem), "")
+        except Exception as e:
+            return p.DirtyPages(b"", f"cannot read the dirty log: {e}")
+
+    def serve(self, start_paused: bool = False) -> int:
+        """Run the vCPUs and the control loop until the guest or the supervisor ends it
+        (`start_paused`: a snapshot loaded without resume_vm; the vCPUs wait for Resume)."""
         for t in self.vcpus:
+            if start_paused:
+                t.hold_at_start()
             t.start()
+        if start_paused:
+            for t in self.vcpus:
+                t.pause()
+            self.state = "Paused"
         self.send(p.Ready(os.getpid()))
         poller = zmq.Poller()
         poller.register(self.ctl, zmq.POLLIN)
@@ -278,7 +314,14 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
     try:
         try:
             enter_confinement(ctx, isolation_args)
-            machine = build_machine(kvm_fd, memfd, args)
+            on_mapped = None
+            if spawn.uffd_dev >= 0:
+
+                def on_mapped(mem: GuestMemory) -> None:
+                    mapping = mem.host_mapping
+                    hand_over_mapping(spawn.uffd_dev, host_address_of(mapping), len(mapping), fd_channel)
+
+            machine = build_machine(kvm_fd, memfd, args, on_mapped)
             worker = VcpuWorker(machine, console_fd, ctl, fd_channel)
             timer = args.get("boot_timer")
             if timer:  # --boot-timer: the first MMIO window, before the virtio devices (as Firecracker)
@@ -286,6 +329,9 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
                 worker.mmio.add(int(timer["base"]), boot_timer.size, boot_timer)
             worker.virtio = attach_virtio_devices(machine.vm, worker.mmio, spawn.devices, worker._log_warning)
             worker.seccomp = seccomp
+            if args.get("track_dirty_pages"):
+                machine.vm.enable_dirty_log()
+                worker.dirty_tracking = True
             if not isolation_args.get("namespaces"):
                 wait_for_zmq_threads(ctx)  # libzmq's threads start with sched_getparam: not under the filter
             base = int(isolation_args.get("base_vm_size", 0))  # a runaway worker dies, not the host:
@@ -299,7 +345,7 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
             )
             return exitcodes.BAD_CONFIGURATION
         try:
-            return worker.serve()
+            return worker.serve(start_paused=bool(args.get("start_paused")))
         finally:
             for device in worker.virtio:
                 device.close()

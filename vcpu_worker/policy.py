@@ -23,6 +23,28 @@ VCPU = policy(
         "register dump of a failed guest (describe_registers)",
         ioctl_request(abi.KVM_GET_SREGS, "KVM_GET_SREGS"),
     ),
+    *[
+        allow("ioctl", "snapshot: save the paused VM's state (vcpu_worker.vm_state)", ioctl_request(number, name))
+        for name, number in (
+            ("KVM_GET_MSR_INDEX_LIST", abi.KVM_GET_MSR_INDEX_LIST),
+            ("KVM_GET_CPUID2", abi.KVM_GET_CPUID2),
+            ("KVM_GET_MSRS", abi.KVM_GET_MSRS),
+            ("KVM_GET_FPU", abi.KVM_GET_FPU),
+            ("KVM_GET_XSAVE", abi.KVM_GET_XSAVE),
+            ("KVM_GET_XSAVE2", abi.KVM_GET_XSAVE2),
+            ("KVM_CHECK_EXTENSION", abi.KVM_CHECK_EXTENSION),
+            ("KVM_GET_XCRS", abi.KVM_GET_XCRS),
+            ("KVM_GET_DEBUGREGS", abi.KVM_GET_DEBUGREGS),
+            ("KVM_GET_LAPIC", abi.KVM_GET_LAPIC),
+            ("KVM_GET_MP_STATE", abi.KVM_GET_MP_STATE),
+            ("KVM_GET_VCPU_EVENTS", abi.KVM_GET_VCPU_EVENTS),
+            ("KVM_GET_TSC_KHZ", abi.KVM_GET_TSC_KHZ),
+            ("KVM_GET_IRQCHIP", abi.KVM_GET_IRQCHIP),
+            ("KVM_GET_PIT2", abi.KVM_GET_PIT2),
+            ("KVM_GET_CLOCK", abi.KVM_GET_CLOCK),
+            ("KVM_GET_DIRTY_LOG", abi.KVM_GET_DIRTY_LOG),
+        )
+    ],
     allow("recvmsg", "the fd channel: a replacement device worker's MMIO channel arrives with DeviceUp (fdpass)"),
 )
 

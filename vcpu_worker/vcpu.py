@@ -64,6 +64,11 @@ class VcpuThread:
     def start(self) -> None:
         self._thread.start()
 
+    def hold_at_start(self) -> None:
+        """Park the thread before its first KVM_RUN (a snapshot loaded without resume_vm)."""
+        with self._cond:
+            self._paused = True
+
     def pause(self) -> None:
         """Stop running guest code; returns once the vCPU is out of KVM_RUN."""
         with self._cond:

@@ -23,6 +23,7 @@ from controlplane.api import (
     mmds,
     network,
     restart_policy,
+    snapshot,
     unsupported,
     vsock,
 )
@@ -47,6 +48,7 @@ _ROUTERS = (
     faults,
     restart_policy,
     embervm,
+    snapshot,
     unsupported,
 )
 

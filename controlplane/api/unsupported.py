@@ -12,8 +12,6 @@ _RESOURCES = {
     "/balloon/hinting/start": "free page hinting (free page reporting is embervm's `free_page_reporting`)",
     "/balloon/hinting/status": "free page hinting (free page reporting is embervm's `free_page_reporting`)",
     "/balloon/hinting/stop": "free page hinting (free page reporting is embervm's `free_page_reporting`)",
-    "/snapshot/create": "snapshots",
-    "/snapshot/load": "snapshots",
     "/pmem/{pmem_id}": "pmem devices",
     "/serial": "serial console configuration",
     "/hotplug/memory": "memory hotplug",

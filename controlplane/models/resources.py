@@ -99,11 +99,6 @@ class Resources:
                 f"The requested operation is not supported: huge_pages `{config.huge_pages}`: embervm backs guest "
                 "memory with a sealed memfd of normal pages (no MFD_HUGETLB or THP yet); use `None`."
             )
-        if config.track_dirty_pages:
-            raise ConfigError(
-                "The requested operation is not supported: track_dirty_pages: embervm has no snapshots yet, so "
-                "nothing would read the dirty page bitmap; use false."
-            )
         self.machine = config
 
     def update_machine(self, update: MachineConfigUpdate) -> None:
@@ -200,6 +195,44 @@ class Resources:
             if not address.is_link_local or third in (0, 255):
                 raise ConfigError("MMDS config error: The MMDS IPv4 address is not link local.")
         self.mmds_config = config
+
+    def unconfigured(self) -> bool:
+        """Nothing boot-specific was configured (what PUT /snapshot/load requires)."""
+        return (
+            self.boot_source is None
+            and self.machine == Resources().machine
+            and self.cpu_config is None
+            and not self.drives
+            and not self.net
+            and self.vsock is None
+            and self.entropy is None
+            and self.mmds_config is None
+            and self.balloon is None
+        )
+
+    def restored_from(self, config: dict[str, Any], spec: Any) -> Resources:
+        """After a snapshot load: the snapshot's configuration (GET /vm/config), with the
+        loaded microVM's dirty tracking and network overrides; invalid parts are left out."""
+        from controlplane.models import VmmConfigFile, parse_value
+
+        restored = Resources(logger=self.logger, metrics=self.metrics, restart_policy=self.restart_policy)
+        try:
+            loaded = parse_value(VmmConfigFile, {k: v for k, v in config.items() if v is not None})
+        except Exception:
+            return restored
+        restored.boot_source = loaded.boot_source
+        if loaded.machine_config is not None:
+            restored.machine = loaded.machine_config.model_copy(update={"track_dirty_pages": spec.track_dirty_pages})
+        restored.drives = {d.drive_id: d for d in loaded.drives}
+        taps = {str(i["iface_id"]): str(i["host_dev_name"]) for i in spec.network_interfaces}
+        restored.net = {
+            n.iface_id: n.model_copy(update={"host_dev_name": taps.get(n.iface_id, n.host_dev_name)})
+            for n in loaded.network_interfaces
+        }
+        restored.vsock = loaded.vsock
+        restored.entropy = loaded.entropy
+        restored.mmds_config = loaded.mmds_config
+        return restored
 
     def set_balloon(self, balloon: Balloon) -> None:
         """PUT /balloon (pre-boot), Firecracker's checks: not with huge pages, not bigger than RAM."""

@@ -139,7 +139,7 @@ def test_unimplemented_firecracker_resources_say_so(api):
     for method, path in (
         ("PUT", "/balloon/hinting/start"),
         ("GET", "/balloon/hinting/status"),
-        ("PUT", "/snapshot/create"),
+        ("PUT", "/pmem/x"),
     ):
         response = api.client.request(method, path, content=b"{}" if method != "GET" else b"")
         assert fault(response).startswith("The requested operation is not supported: ")

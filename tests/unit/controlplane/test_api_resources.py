@@ -78,7 +78,6 @@ def test_machine_config_rejects_bad_values_and_keeps_the_old_ones(api):
     [
         ({"huge_pages": "2M"}, "not supported: huge_pages `2M`"),
         ({"huge_pages": "Transparent"}, "not supported: huge_pages `Transparent`"),
-        ({"track_dirty_pages": True}, "not supported: track_dirty_pages"),
     ],
 )
 def test_machine_config_embervm_cannot_honour_is_refused_not_ignored(api, body, needle):
@@ -86,6 +85,12 @@ def test_machine_config_embervm_cannot_honour_is_refused_not_ignored(api, body, 
     assert needle in fault(api.client.patch("/machine-config", json=body))
     config = api.client.get("/machine-config").json()
     assert (config["huge_pages"], config["track_dirty_pages"]) == ("None", False)
+
+
+def test_track_dirty_pages_is_accepted_for_diff_snapshots(api):
+    body = {"vcpu_count": 1, "mem_size_mib": 128, "track_dirty_pages": True}
+    assert api.client.put("/machine-config", json=body).status_code == 204
+    assert api.client.get("/machine-config").json()["track_dirty_pages"] is True
 
 
 def test_async_io_engine_is_refused_not_ignored(api, files):

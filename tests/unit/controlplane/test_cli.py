@@ -286,14 +286,23 @@ def test_restart_policy_section_in_the_config_file_reaches_the_spec(tmp_path: Pa
     assert cli.exit_code() == 0
 
 
-@pytest.mark.parametrize("argv", [["--snapshot-version"], ["--describe-snapshot", "/tmp/vm.state"]])
-def test_snapshot_flags_exist_and_refuse_loudly_until_snapshots_do(argv, capsys):
+def test_snapshot_version_prints_embervms_format_version(capsys):
     from controlplane.cli import main
 
     with pytest.raises(SystemExit) as exit_info:
-        main(argv)
+        main(["--snapshot-version"])
+    assert exit_info.value.code == exitcodes.OK
+    assert capsys.readouterr().out.strip() == "v1.0.0"
+
+
+def test_describe_snapshot_of_a_file_that_is_none_fails_saying_so(tmp_path: Path, capsys):
+    from controlplane.cli import main
+
+    (tmp_path / "vm.state").write_bytes(b"not a snapshot")
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--describe-snapshot", str(tmp_path / "vm.state")])
     assert exit_info.value.code == exitcodes.GENERIC_ERROR
-    assert "embervm has no snapshots yet" in capsys.readouterr().err
+    assert "is not an embervm snapshot" in capsys.readouterr().err
 
 
 def test_default_boot_args_are_firecrackers(files):
