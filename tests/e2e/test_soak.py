@@ -62,6 +62,7 @@ def soak() -> NestedRun:
     return run_cases([SOAK_CASE], env)
 
 
+@pytest.mark.timeout(SOAK_S + 1200)  # the fixture's outer boot counts too; the default is 900 s
 def test_ten_minutes_of_random_worker_kills_under_block_net_and_vsock_traffic_lose_nothing(soak: NestedRun):
     result = soak["soak"]
     kills = [line for line in result.after if line.startswith("FAULT kill ")]
