@@ -36,6 +36,7 @@ from shared.virtio import constants as c
 from shared.virtio.chain import ChainError, DescriptorChain
 from shared.virtio.device import DeviceError, Interrupt, config_slice
 from shared.virtio.queue import Queue, QueueError
+from shared.virtio.serving import drain
 
 _log = RateLimitedLog(logging.getLogger(__name__))
 
@@ -239,7 +240,7 @@ class BalloonDevice:
         role, queue = self.roles[index], self._queues[index]
         serve = {INFLATE: self._inflate, DEFLATE: self._deflate, STATS: self._stats, REPORTING: self._report}[role]
         try:
-            self._drain(queue, serve)
+            drain(queue, serve, interrupt, self._count_malformed)
         except QueueError as e:
             self.metrics["needs_reset_count"] += 1
             interrupt.signal_needs_reset(str(e))
@@ -247,22 +248,8 @@ class BalloonDevice:
         if queue.needs_notification():
             interrupt.signal_used_queue()
 
-    def _drain(self, queue: Queue, serve: Callable[[Queue, DescriptorChain], bool]) -> None:
-        while True:
-            while (chain := self._pop(queue)) is not None:
-                if not serve(queue, chain):
-                    return
-            if not queue.enable_notification():
-                return
-
-    def _pop(self, queue: Queue) -> DescriptorChain | None:
-        while True:
-            try:
-                return queue.pop()
-            except ChainError as e:
-                _log.warning("%s", str(e))
-                self.metrics["malformed_chains"] += 1
-                queue.add_used(e.head, 0)
+    def _count_malformed(self, _error: ChainError) -> None:
+        self.metrics["malformed_chains"] += 1
 
     def _pfns(self, chain: DescriptorChain) -> list[int]:
         """The chain's PFNs (at most MAX_PFNS_PER_CHAIN; the rest and a torn last one are

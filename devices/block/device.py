@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Sequence
 from enum import Enum
 
 from devices.block.backend import BackendError, BlockBackend
@@ -28,13 +27,13 @@ from devices.block.request import (
     parse_request,
 )
 from shared.faultinject import FaultInjector
-from shared.memory import GuestMemory
 from shared.ratelimit import RateLimiter
 from shared.ratelimited_log import RateLimitedLog
 from shared.virtio import constants as c
-from shared.virtio.chain import ChainError, DescriptorChain
-from shared.virtio.device import DeviceError, Interrupt, config_slice
-from shared.virtio.queue import Queue, QueueError
+from shared.virtio.chain import DescriptorChain
+from shared.virtio.device import config_slice
+from shared.virtio.queue import Queue
+from shared.virtio.serving import SingleQueueDevice
 
 _log = RateLimitedLog(logging.getLogger(__name__))
 _IN, _OUT, _FLUSH, _GET_ID = (int(t) for t in (RequestType.IN, RequestType.OUT, RequestType.FLUSH, RequestType.GET_ID))
@@ -72,10 +71,13 @@ class CacheType(Enum):
     WRITEBACK = "Writeback"  # FLUSH offered; fdatasync on the backend
 
 
-class BlockDevice:
+class BlockDevice(SingleQueueDevice):
     """virtio-blk with one queue of `queue_size` entries."""
 
     device_type = c.VIRTIO_ID_BLOCK
+    device_name = "virtio-blk"
+    event_metric = "queue_event_count"
+    malformed_metric = "invalid_reqs_count"
 
     def __init__(
         self,
@@ -92,13 +94,8 @@ class BlockDevice:
         self.drive_id = drive_id
         self.read_only = read_only
         self.cache_type = cache_type
-        self.rate_limiter = rate_limiter
-        self.queue_max_sizes: Sequence[int] = (queue_size,)
         self.metrics = dict.fromkeys(METRIC_NAMES, 0)
-        self._mem: GuestMemory | None = None
-        self._queue: Queue | None = None
-        self._interrupt: Interrupt | None = None
-        self._throttled = False
+        self._init_queue(queue_size, rate_limiter)
         self.faults: FaultInjector | None = None  # set by the worker loop (shared.devworker)
 
     # --- identity and configuration ------------------------------------------------------
@@ -148,67 +145,7 @@ class BlockDevice:
         if self._interrupt is not None:
             self._interrupt.signal_config_change()
 
-    # --- lifecycle ---------------------------------------------------------------------------
-
-    def activate(self, mem: GuestMemory, queues: Sequence[Queue], interrupt: Interrupt, features: int) -> None:
-        if len(queues) != 1:
-            self.metrics["activate_fails"] += 1
-            raise DeviceError(f"virtio-blk has one queue, got {len(queues)}")
-        self._mem, self._queue, self._interrupt = mem, queues[0], interrupt
-
-    def reset(self) -> None:
-        self._mem = self._queue = self._interrupt = None
-        self._throttled = False
-
-    @property
-    def active(self) -> bool:
-        return self._queue is not None
-
-    # --- the request queue ---------------------------------------------------------------------
-
-    def throttle_delay(self) -> float | None:
-        """Seconds until a throttled queue should be processed again; None if not throttled."""
-        if not self._throttled or self.rate_limiter is None:
-            return None
-        return self.rate_limiter.time_until_ready()
-
-    def process_queue(self, index: int) -> None:
-        queue, interrupt = self._queue, self._interrupt
-        if queue is None or interrupt is None or index != 0:
-            return
-        self.metrics["queue_event_count"] += 1
-        try:
-            self._drain(queue)
-        except QueueError as e:
-            self.metrics["needs_reset_count"] += 1
-            interrupt.signal_needs_reset(str(e))
-            return
-        if queue.needs_notification():
-            interrupt.signal_used_queue()
-
-    def _drain(self, queue: Queue) -> None:
-        """Serve every available chain (and those that arrive meanwhile) before sleeping; the
-        interrupt comes at the end, or earlier when the driver's used_event asks for it."""
-        self._throttled = False
-        interrupt = self._interrupt
-        while True:
-            while (chain := self._pop(queue)) is not None:
-                if not self._serve(queue, chain):
-                    return
-                if queue.notify_due() and interrupt is not None:
-                    interrupt.signal_used_queue()
-            if not queue.enable_notification():
-                return
-
-    def _pop(self, queue: Queue) -> DescriptorChain | None:
-        """The next well-formed chain; malformed ones are completed with length 0."""
-        while True:
-            try:
-                return queue.pop()
-            except ChainError as e:
-                _log.warning("%s", str(e))
-                self.metrics["invalid_reqs_count"] += 1
-                queue.add_used(e.head, 0)
+    # --- the request queue (activation, reset, throttle, draining: SingleQueueDevice) ---------
 
     def _serve(self, queue: Queue, chain: DescriptorChain) -> bool:
         """Handle one chain; False (chain given back) when the rate limiter says wait."""

@@ -16,16 +16,14 @@ malformed chain, or one with nothing writable, completes with length 0 and is co
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 
 from devices.rng.backend import EntropySource, SourceError
-from shared.memory import GuestMemory
 from shared.ratelimit import RateLimiter
 from shared.ratelimited_log import RateLimitedLog
 from shared.virtio import constants as c
-from shared.virtio.chain import ChainError, DescriptorChain
-from shared.virtio.device import DeviceError, Interrupt
-from shared.virtio.queue import Queue, QueueError
+from shared.virtio.chain import DescriptorChain
+from shared.virtio.queue import Queue
+from shared.virtio.serving import SingleQueueDevice
 
 _log = RateLimitedLog(logging.getLogger(__name__))
 
@@ -44,10 +42,13 @@ METRIC_NAMES = (
 )
 
 
-class EntropyDevice:
+class EntropyDevice(SingleQueueDevice):
     """virtio-rng with one queue of `queue_size` entries."""
 
     device_type = c.VIRTIO_ID_RNG
+    device_name = "virtio-rng"
+    event_metric = "entropy_event_count"
+    malformed_metric = "entropy_event_fails"
 
     def __init__(
         self,
@@ -57,13 +58,8 @@ class EntropyDevice:
         queue_size: int = QUEUE_SIZE,
     ) -> None:
         self.source = source
-        self.rate_limiter = rate_limiter
-        self.queue_max_sizes: Sequence[int] = (queue_size,)
         self.metrics = dict.fromkeys(METRIC_NAMES, 0)
-        self._mem: GuestMemory | None = None
-        self._queue: Queue | None = None
-        self._interrupt: Interrupt | None = None
-        self._throttled = False
+        self._init_queue(queue_size, rate_limiter)
 
     @property
     def avail_features(self) -> int:
@@ -74,58 +70,6 @@ class EntropyDevice:
 
     def write_config(self, offset: int, data: bytes) -> None:
         _log.warning("Guest wrote virtio-rng config space at %#x (it has none)", offset)
-
-    def activate(self, mem: GuestMemory, queues: Sequence[Queue], interrupt: Interrupt, features: int) -> None:
-        if len(queues) != 1:
-            self.metrics["activate_fails"] += 1
-            raise DeviceError(f"virtio-rng has one queue, got {len(queues)}")
-        self._mem, self._queue, self._interrupt = mem, queues[0], interrupt
-
-    def reset(self) -> None:
-        self._mem = self._queue = self._interrupt = None
-        self._throttled = False
-
-    @property
-    def active(self) -> bool:
-        return self._queue is not None
-
-    def throttle_delay(self) -> float | None:
-        """Seconds until a throttled queue should be processed again; None if not throttled."""
-        if not self._throttled or self.rate_limiter is None:
-            return None
-        return self.rate_limiter.time_until_ready()
-
-    def process_queue(self, index: int) -> None:
-        queue, interrupt = self._queue, self._interrupt
-        if queue is None or interrupt is None or index != 0:
-            return
-        self.metrics["entropy_event_count"] += 1
-        try:
-            self._drain(queue)
-        except QueueError as e:
-            self.metrics["needs_reset_count"] += 1
-            interrupt.signal_needs_reset(str(e))
-            return
-        if queue.needs_notification():
-            interrupt.signal_used_queue()
-
-    def _drain(self, queue: Queue) -> None:
-        self._throttled = False
-        while True:
-            while (chain := self._pop(queue)) is not None:
-                if not self._serve(queue, chain):
-                    return
-            if not queue.enable_notification():
-                return
-
-    def _pop(self, queue: Queue) -> DescriptorChain | None:
-        while True:
-            try:
-                return queue.pop()
-            except ChainError as e:
-                _log.warning("%s", str(e))
-                self.metrics["entropy_event_fails"] += 1
-                queue.add_used(e.head, 0)
 
     def _serve(self, queue: Queue, chain: DescriptorChain) -> bool:
         """Fill one request; False (chain given back) when the rate limiter says wait."""

@@ -5,8 +5,8 @@
 Waits for the guest's balloon driver (statistics arriving), then for the guest to have
 dirtied memory (the guest-memory memfd's resident size above RESIDENT_READY), PATCHes the
 target to TARGET_MIB, waits until the guest reports it as `actual`, measures the memfd
-again (from /proc, and the supervisor's own `embervm_memory` figures through the metrics
-file), counts statistics updates over a few polling intervals, checks that statistics
+again (from /proc, and the supervisor's own `embervm_memory` figures through GET /embervm/metrics),
+counts statistics updates over a few polling intervals, checks that statistics
 cannot be turned off after boot, and deflates. One `key=value` line per fact on stdout.
 """
 
@@ -68,15 +68,17 @@ def settled() -> int:
     return samples[-1] if samples[-1] - samples[0] < (1 << 20) else 0
 
 
-def flush_metrics(api: ApiClient, path: Path) -> dict:  # type: ignore[type-arg]
-    """The line FlushMetrics writes, and the sum of every balloon counter so far (lines hold deltas)."""
+def counters(api: ApiClient, path: Path) -> dict:  # type: ignore[type-arg]
+    """Every counter so far, from GET /embervm/metrics (cumulative; embervm's own groups and
+    fields too), plus `file_balloon`: the metrics file's balloon fields (Firecracker's six)
+    summed over its lines (they hold deltas), after a FlushMetrics."""
     api.put("/actions", json={"action_type": "FlushMetrics"})
     lines = [json.loads(text) for text in path.read_text().splitlines() if text.strip()]
-    last = lines[-1]
-    last["balloon_total"] = {
-        key: sum(line.get("balloon", {}).get(key, 0) for line in lines) for key in last.get("balloon", {})
+    snapshot: dict = api.get("/embervm/metrics").json()  # type: ignore[type-arg]
+    snapshot["file_balloon"] = {
+        key: sum(line.get("balloon", {}).get(key, 0) for line in lines) for key in lines[-1].get("balloon", {})
     }
-    return last
+    return snapshot
 
 
 def main(sock: str, metrics_path: str, target_mib: int) -> None:
@@ -106,12 +108,12 @@ def main(sock: str, metrics_path: str, target_mib: int) -> None:
         after = memfd_resident()
         say("resident_after_mib", after >> 20)
         say("resident_drop_mib", (before - after) >> 20)
-        line = flush_metrics(api, metrics)
+        line = counters(api, metrics)
         say("supervisor_resident_after_mib", line["embervm_memory"]["guest_memory_resident_bytes"] >> 20)
-        say("released_mib", line["balloon_total"].get("released_bytes", 0) >> 20)
-        say("invalid_pfns", line["balloon_total"].get("invalid_pfns", 0))
-        say("inflate_count", line["balloon_total"].get("inflate_count", 0))
-        updates_before = line["balloon_total"].get("stats_updates_count", 0)
+        say("released_mib", line["balloon"].get("released_bytes", 0) >> 20)
+        say("invalid_pfns", line["balloon"].get("invalid_pfns", 0))
+        say("inflate_count", line["file_balloon"].get("inflate_count", 0))
+        updates_before = line["file_balloon"].get("stats_updates_count", 0)
         seen, last, deadline = 0, stats(), time.monotonic() + STATS_WINDOW_S
         while time.monotonic() < deadline:  # each update the guest sends changes its counters
             time.sleep(0.25)
@@ -119,8 +121,8 @@ def main(sock: str, metrics_path: str, target_mib: int) -> None:
             if now is not None and now != last:
                 seen, last = seen + 1, now
         say("stats_changes_in_window", seen)
-        line = flush_metrics(api, metrics)
-        say("stats_updates_counted_in_window", line["balloon_total"].get("stats_updates_count", 0) - updates_before)
+        line = counters(api, metrics)
+        say("stats_updates_counted_in_window", line["file_balloon"].get("stats_updates_count", 0) - updates_before)
         say("stats_fields", ",".join(sorted(k for k in stats() or {} if not k.endswith(("_pages", "_mib")))))
         off = api.patch("/balloon/statistics", json={"stats_polling_interval_s": 0})
         say("stats_off_status", off.status_code)
