@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -175,6 +176,9 @@ def plan_net_backends(spec: VmSpec) -> list[DevicePlan]:
                     "ipv4_address": mmds.get("ipv4_address"),
                     "imds_compat": bool(mmds.get("imds_compat")),
                     "document": document,
+                    # one key for every worker of this interface: a V2 token the guest got
+                    # before a worker restart stays valid after it (docs/faults.md)
+                    "token_key": secrets.token_hex(32),
                 }
             plans.append(DevicePlan("net", iface_id, args, [tap_fd], iface))
     except BaseException:

@@ -23,7 +23,7 @@ from typing import Any
 
 from devices.net.backend import TapBackend
 from devices.net.device import NetDevice, parse_mac
-from devices.net.mmds import MmdsService
+from devices.net.mmds import MmdsService, TokenAuthority
 from devices.net.policy import POLICY
 from devices.net.stack import DEFAULT_IPV4, MmdsStack
 from shared import protocol as p
@@ -136,7 +136,9 @@ def mmds_stack(config: dict[str, Any] | None) -> MmdsStack | None:
     """The MMDS stack from the worker's `mmds` argument (None: this interface has no MMDS)."""
     if not config:
         return None
-    service = MmdsService(str(config.get("version") or "V1"), bool(config.get("imds_compat", False)))
+    key = config.get("token_key")  # the supervisor's, the same for every worker of the interface
+    tokens = TokenAuthority(bytes.fromhex(key)) if isinstance(key, str) and key else None
+    service = MmdsService(str(config.get("version") or "V1"), bool(config.get("imds_compat", False)), tokens)
     document = config.get("document")
     if document:
         service.set_data(document if isinstance(document, bytes) else str(document).encode())

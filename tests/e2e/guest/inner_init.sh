@@ -292,6 +292,120 @@ check_gio_vsock_rx() { # gio_vsock_rx:<port>: accept one connection from the hos
     gio_result gio_vsock_rx $?
 }
 
+ping_stats() { # ping_stats FILE INTERVAL: "sent= received= loss_pct= longest_gap_s= max_rtt_ms=" of a busybox
+    # ping log; the longest gap is the longest time without a reply (a reply to seq s arrives at
+    # s * INTERVAL + its rtt; the output lists them in arrival order), up to the last one sent
+    awk -v iv="$2" '
+        /bytes from/ { for (i = 1; i <= NF; i++) { if ($i ~ /^seq=/) s = substr($i, 5) + 0; if ($i ~ /^time=/) t = substr($i, 6) + 0 }
+                       at = s * iv + t / 1000; if (at - last > gap) gap = at - last; last = at; if (t > rtt) rtt = t }
+        / packets transmitted/ { sent = $1; recv = $4 }
+        END { if ((sent - 1) * iv - last > gap) gap = (sent - 1) * iv - last
+              printf "sent=%d received=%d loss_pct=%.1f longest_gap_s=%.1f max_rtt_ms=%.0f", sent, recv, sent ? 100 * (sent - recv) / sent : 100, gap, rtt }' "$1"
+}
+
+mmds_token() { # a V2 session token valid for an hour
+    request="PUT /latest/api/token HTTP/1.1\r\nHost: 169.254.169.254\r\nX-metadata-token-ttl-seconds: 3600\r\n\r\n"
+    (printf "$request"; sleep 2) | nc -w 5 169.254.169.254 80 | tail -n 1 | tr -d '\r'
+}
+
+check_netstress() { # netstress:<peer>:<port>:<seconds> (after net): one TCP stream to the peer's hashing
+    # sink (io_peer.py tcp-hash) for <seconds>, while ping runs every 0.2 s and MMDS V2 is read
+    # every second with one token taken before; then the stream's bytes and md5, the ping loss and
+    # longest gap, the MMDS reads answered and failed, and MMDS once more after the stream
+    set -- $(echo "$1" | tr ':' ' ')
+    peer=$1 port=$2 secs=${3:-40}
+    mmds=169.254.169.254
+    ip route add "$mmds" dev eth0 2>/dev/null
+    dd if=/dev/urandom of=/tmp/chunk bs=65536 count=4 2>/dev/null # 256 KiB, sent again and again
+    token=$(mmds_token)
+    rm -f /tmp/ns.done /tmp/ns.mmds /tmp/ns.chunks
+    ping -i 0.2 -W 2 "$peer" >/tmp/ns.ping 2>&1 &
+    pinger=$!
+    (
+        ok=0 failed=0
+        while [ ! -e /tmp/ns.done ]; do
+            if [ "$(timeout 20 wget -q -O - --header "X-metadata-token: $token" "http://$mmds/latest/meta-data/e2e" 2>&1)" = hello-from-mmds ]; then
+                ok=$((ok + 1))
+            else
+                failed=$((failed + 1))
+            fi
+            echo "$ok $failed" >/tmp/ns.mmds
+            sleep 1
+        done
+    ) &
+    reader=$!
+    end=$(($(cut -d. -f1 /proc/uptime) + secs))
+    (
+        n=0
+        while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
+            cat /tmp/chunk || break
+            n=$((n + 1))
+            echo $n >/tmp/ns.chunks
+        done
+    ) | nc -w 30 "$peer" "$port"
+    rc=$?
+    touch /tmp/ns.done
+    wait $reader
+    kill -INT $pinger
+    wait $pinger
+    chunks=$(cat /tmp/ns.chunks 2>/dev/null || echo 0)
+    md5=$(i=0; while [ $i -lt "$chunks" ]; do cat /tmp/chunk; i=$((i + 1)); done | md5sum | cut -d' ' -f1)
+    after=$(timeout 20 wget -q -O - --header "X-metadata-token: $(mmds_token)" "http://$mmds/latest/meta-data/e2e" 2>&1)
+    set -- $(cat /tmp/ns.mmds 2>/dev/null || echo 0 0)
+    detail="rc=$rc bytes=$((chunks * 262144)) md5=$md5 $(ping_stats /tmp/ns.ping 0.2) mmds_ok=$1 mmds_failed=$2 mmds_after=$after"
+    if [ "$rc" -eq 0 ] && [ "$chunks" -gt 0 ] && [ "$2" -eq 0 ] && [ "$after" = hello-from-mmds ]; then
+        pass netstress "$detail"
+    else
+        fail netstress "$detail"
+    fi
+}
+
+check_netdead() { # netdead:<peer>:<seconds> (after net): ping the peer once a second while the host
+    # delays the net device, then breaks it past its restart policy; then what the guest saw:
+    # the record (each ping's round trip in ms, "-" for no answer within 3 s), the device's
+    # virtio status byte, the kernel's lines about it, and whether the root disk takes a write
+    set -- $(echo "$1" | tr ':' ' ')
+    peer=$1 secs=${2:-30}
+    end=$(($(cut -d. -f1 /proc/uptime) + secs))
+    record=""
+    while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
+        rtt=$(ping -c 1 -W 3 "$peer" 2>/dev/null | sed -n 's/.*time=\([0-9]*\).*/\1/p')
+        record="$record${record:+,}${rtt:--}"
+        sleep 1
+    done
+    dev=$(basename "$(readlink /sys/class/net/eth0/device)")
+    status=$(cat "/sys/class/net/eth0/device/status" 2>/dev/null)
+    dmesg | grep -iE "virtio_net|virtio$(echo "$dev" | tr -dc 0-9)|eth0|NETDEV|watchdog|reset|timed? ?out" | sed 's/^/E2E-DMESG /'
+    if echo "written after the net device broke" >/e2e/after-net-broke && sync; then wrote=yes; else wrote=no; fi
+    detail="pings_ms=$record device=$dev status=$status wrote=$wrote"
+    [ "$wrote" = yes ] && pass netdead "$detail" || fail netdead "$detail"
+}
+
+check_soak() { # soak:<seconds>:<peer>:<port>:<vsock MiB> (after net, root on vda): block, net and vsock
+    # traffic at once for <seconds> while the host kills random device workers: blkstress on the
+    # root, netstress to the peer, and vsock streams of <MiB> from the host (CID 2 port 5001)
+    # one after the other; each prints its own E2E-CHECK line, and soak passes if all three do
+    set -- $(echo "$1" | tr ':' ' ')
+    secs=$1 peer=$2 port=$3 vmib=$4
+    (check_blkstress "$secs") >/tmp/soak.blk 2>&1 &
+    (check_netstress "$peer:$port:$secs") >/tmp/soak.net 2>&1 &
+    (
+        end=$(($(cut -d. -f1 /proc/uptime) + secs))
+        n=0 good=0
+        while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
+            n=$((n + 1))
+            got=$(timeout 600 vsock-e2e stream 2 5001 4096 2>&1)
+            [ "$got" = "stream sent=4096 received=$((vmib << 20)) bad=0" ] && good=$((good + 1)) || echo "E2E-SOAK vsock stream $n: '$got'"
+        done
+        detail="streams=$n good=$good bytes=$((good * (vmib << 20)))"
+        [ "$n" -gt 0 ] && [ "$good" -eq "$n" ] && pass vsockloop "$detail" || fail vsockloop "$detail"
+    ) >/tmp/soak.vsock 2>&1 &
+    wait
+    cat /tmp/soak.blk /tmp/soak.net /tmp/soak.vsock
+    passed=$(cat /tmp/soak.blk /tmp/soak.net /tmp/soak.vsock | grep -c '^E2E-CHECK [a-z]* PASS')
+    [ "$passed" -eq 3 ] && pass soak "passed=3" || fail soak "passed=$passed of 3"
+}
+
 STRESS_LINES=32 # each stress file holds its own path, once per line, this many times
 
 stress_write() { # stress_write DIR ROUND COUNT: files DIR/r<ROUND>-<i> of known contents

@@ -2,6 +2,7 @@
 
     python io_peer.py tcp-sink PORT [COUNT]     # accept COUNT connections, read each to its end
     python io_peer.py http-source PORT [COUNT]  # answer COUNT "GET /<bytes>" with that many bytes
+    python io_peer.py tcp-hash PORT [COUNT]     # like tcp-sink, and print each stream's md5 (md5=...)
 
 Each served connection prints one line `io_peer <kind> bytes=<n> secs=<first byte → end>`
 (flushed), so a shell job can run it in the background and read its output afterwards.
@@ -12,6 +13,7 @@ here too (Firecracker's hybrid model: `<uds_path>_<port>` for the guest's connec
 
 from __future__ import annotations
 
+import hashlib
 import socket
 import sys
 import time
@@ -50,6 +52,25 @@ def tcp_sink(sock: socket.socket, count: int, report: Report = _print_report) ->
         conn, _ = sock.accept()
         with conn:
             report("tcp-sink", *drain(conn))
+
+
+def tcp_hash(sock: socket.socket, count: int) -> None:
+    """Accept `count` connections, read each to its end and print its length and md5 (the
+    fault tests compare it with what the guest sent, over one connection)."""
+    for n in range(count):
+        conn, peer = sock.accept()
+        digest, total, start = hashlib.md5(), 0, time.monotonic()
+        with conn:
+            buf = bytearray(CHUNK)
+            while got := conn.recv_into(buf):
+                digest.update(memoryview(buf)[:got])
+                total += got
+        secs = time.monotonic() - start
+        where = f"{peer[0]}:{peer[1]}"
+        print(
+            f"io_peer tcp-hash connection={n + 1} peer={where} bytes={total} md5={digest.hexdigest()} secs={secs:.1f}"
+        )
+        sys.stdout.flush()
 
 
 def http_source(sock: socket.socket, count: int, report: Report = _print_report) -> None:
@@ -118,12 +139,13 @@ def vsock_send(uds_path: str, port: int, nbytes: int, deadline_s: float = 60) ->
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 2 or argv[0] not in ("tcp-sink", "http-source"):
+    servers = {"tcp-sink": tcp_sink, "http-source": http_source, "tcp-hash": tcp_hash}
+    if len(argv) < 2 or argv[0] not in servers:
         print(__doc__, file=sys.stderr)
         return 2
     count = int(argv[2]) if len(argv) > 2 else 1
     with listener(int(argv[1])) as sock:
-        (tcp_sink if argv[0] == "tcp-sink" else http_source)(sock, count)
+        servers[argv[0]](sock, count)
     return 0
 
 

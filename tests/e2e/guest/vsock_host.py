@@ -2,7 +2,7 @@
 
     python vsock_host.py serve UDS_PATH_PORT              # guest-initiated: the VMM connects here
     python vsock_host.py connect UDS_PATH PORT MESSAGE    # host-initiated: "CONNECT PORT\\n", "OK ..."
-    python vsock_host.py stream UDS_PATH_PORT BYTES       # guest-initiated stream, checked both ways
+    python vsock_host.py stream UDS_PATH_PORT BYTES [COUNT]  # guest-initiated streams, checked both ways
 
 `serve` accepts one connection on the Unix socket `<uds_path>_<port>` the VMM connects to
 when the guest connects to CID 2, reads a line and answers "pong:<line>". `connect` keeps
@@ -47,35 +47,51 @@ def serve(path: str) -> int:
     return 0
 
 
-def stream(path: str, reply_bytes: int) -> int:
-    """Accept one connection; read the guest's pattern (byte o is o % 251) until its
-    half-close, then send `reply_bytes` of the same pattern and close."""
+def stream(path: str, reply_bytes: int, count: int = 1) -> int:
+    """Accept `count` connections, one after the other; on each, read the guest's pattern
+    (byte o is o % 251) until its half-close, then send `reply_bytes` of the same pattern
+    and close."""
     if os.path.exists(path):
         os.unlink(path)
-    pattern = bytes(range(251)) * 263  # any offset (< 251) plus 64 KiB
-    received = bad = 0
+    failed = 0
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
         listener.bind(path)
         listener.listen(1)
         listener.settimeout(DEADLINE_S)
-        conn, _ = listener.accept()
+        for _ in range(count):
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                break
+            failed += stream_one(conn, reply_bytes)
+    return 1 if failed else 0
+
+
+def stream_one(conn: socket.socket, reply_bytes: int) -> int:
+    """One guest stream (see `stream`); prints "stream received= bad= sent= seconds=", or
+    "stream error ..." if the connection broke."""
+    pattern = bytes(range(251)) * 263  # any offset (< 251) plus 64 KiB
+    received = bad = sent = 0
+    start = time.monotonic()
+    try:
         with conn:
             conn.settimeout(120)
-            start = time.monotonic()
             while chunk := conn.recv(1 << 16):
                 offset = received % 251
                 expected = pattern[offset : offset + len(chunk)]
                 if chunk != expected:
                     bad += sum(a != b for a, b in zip(chunk, expected, strict=True))
                 received += len(chunk)
-            sent = 0
             while sent < reply_bytes:
                 n = min(1 << 16, reply_bytes - sent)
                 offset = sent % 251
                 conn.sendall(pattern[offset : offset + n])
                 sent += n
-            elapsed = time.monotonic() - start
-    print(f"stream received={received} bad={bad} sent={sent} seconds={elapsed:.1f}")
+    except OSError as exc:
+        print(f"stream error received={received} sent={sent}: {exc}", flush=True)
+        return 1
+    elapsed = time.monotonic() - start
+    print(f"stream received={received} bad={bad} sent={sent} seconds={elapsed:.1f}", flush=True)
     return 0 if bad == 0 else 1
 
 
@@ -105,8 +121,8 @@ def connect(path: str, port: int, message: str) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["serve"] and len(sys.argv) == 3:
         sys.exit(serve(sys.argv[2]))
-    if sys.argv[1:2] == ["stream"] and len(sys.argv) == 4:
-        sys.exit(stream(sys.argv[2], int(sys.argv[3])))
+    if sys.argv[1:2] == ["stream"] and len(sys.argv) in (4, 5):
+        sys.exit(stream(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) == 5 else 1))
     if sys.argv[1:2] == ["connect"] and len(sys.argv) == 5:
         sys.exit(connect(sys.argv[2], int(sys.argv[3]), sys.argv[4]))
     sys.exit(__doc__)

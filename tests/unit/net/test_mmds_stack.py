@@ -333,3 +333,19 @@ def test_guest_fin_waits_for_the_requests_held_back(clock: Clock) -> None:
             break
         g.send(pk.TCP_ACK)
     assert g.fin_seen and bytes(g.received).count(b"HTTP/1.1 200") == 3
+
+
+def test_a_token_outlives_the_worker_that_issued_it_when_the_supervisor_gives_the_key() -> None:
+    # docs/faults.md, "Net": every worker of an interface gets the supervisor's token_key, so a
+    # replacement accepts a token its dead predecessor issued; without the key each worker
+    # would make its own and the guest's token would be refused (401) after a restart.
+    from devices.net.worker import mmds_stack
+
+    config = {"version": "V2", "document": json.dumps(DATA), "token_key": "ab" * 32}
+    first, replacement = mmds_stack(config), mmds_stack(dict(config))
+    assert first is not None and replacement is not None
+    issued = token(first.service)
+    get = f"GET /latest/meta-data/ami-id HTTP/1.1\r\nX-metadata-token: {issued}\r\n\r\n"
+    assert ask(replacement.service, get)[0] == 200
+    other = mmds_stack({k: v for k, v in config.items() if k != "token_key"})
+    assert other is not None and ask(other.service, get)[0] == 401
