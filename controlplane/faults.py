@@ -82,7 +82,7 @@ class RestartTracker:
 class FaultSpec(FcModel):
     """PUT /faults/{device_id}."""
 
-    kind: Literal["crash", "hang", "delay", "io_error", "drop"]
+    kind: Literal["crash", "crash_completed", "hang", "delay", "io_error", "drop"]
     after_requests: int = Field(default=0, ge=0)
     probability: float = Field(default=1.0, ge=0.0, le=1.0)
     count: int = Field(default=1, ge=0)  # 0: every time, until DELETE

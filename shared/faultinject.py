@@ -15,6 +15,8 @@ What a hit does depends on the kind:
                then the process dies at once (a request in flight at the crash): _exit(137),
                as if by SIGKILL, which a worker, pid 1 of its own PID namespace, would
                ignore if it sent it to itself
+    crash_completed  the device completes the request (its used-ring entry is published),
+               then dies before the used-buffer interrupt: the other crash edge (block)
     hang       the event loop stops for good; the supervisor's watchdog sees no heartbeat
     delay      the request is served `delay_ms` late
     io_error   the request fails with the device's I/O error status (block: IOERR)
@@ -36,7 +38,7 @@ from shared.devstate import FATAL_CRASH, FATAL_HANG
 
 CRASH_EXIT_STATUS = 128 + 9  # what a shell reports for SIGKILL
 
-KINDS = ("crash", "hang", "delay", "io_error", "drop")
+KINDS = ("crash", "crash_completed", "hang", "delay", "io_error", "drop")
 GENERIC_KINDS = ("crash", "hang", "delay")  # what the generic loop can do for any device
 
 

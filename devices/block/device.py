@@ -168,6 +168,8 @@ class BlockDevice(SingleQueueDevice):
         if fault == "crash" and self.faults is not None:
             self.faults.crash()  # executed but not completed: the next worker executes it again
         self._complete(queue, chain.head, request.status_addr, status, request.used_len)
+        if fault == "crash_completed" and self.faults is not None:
+            self.faults.crash()  # completed, but its interrupt never raised: the next worker raises one
         return True
 
     def _admit(self, request: Request) -> bool:

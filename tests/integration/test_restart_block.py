@@ -129,6 +129,26 @@ def test_crashes_injected_through_the_fault_api_mid_request_are_invisible_to_the
     assert vm.faults() == []  # count used up
 
 
+def test_crashes_after_a_completion_before_its_interrupt_lose_no_interrupt_and_run_nothing_twice(
+    launcher, guest_images, tmp_path
+):
+    """The other crash edge: the used-ring entry is published, then the worker dies before
+    the interrupt. The guest waits for interrupts (blk.irq=1), so a lost one would stall it;
+    the replacement raises one after its restore (docs/faults.md, "Exactly once")."""
+    disk = make_disk(tmp_path / "rootfs.img")
+    drives = [DriveSpec("rootfs", str(disk), is_root_device=True)]
+    vm, console = start(launcher, guest_images, f"test=blk blk.loops={LOOPS} blk.irq=1", drives)
+    console.wait_for(loop_line(2), timeout=30)
+
+    vm.inject_fault("rootfs", FaultSpec(kind="crash_completed", after_requests=25, count=3))
+
+    assert vm.wait(timeout=60) == exitcodes.OK
+    assert "FAIL" not in console.text, console.text
+    assert_disk_written_by_the_guest(disk, LOOPS)
+    info = worker(vm, "block_rootfs")
+    assert info["restarts"] == 3 and str(info["last_restart_cause"]).startswith("injected crash")
+
+
 def test_a_hung_worker_is_detected_by_its_heartbeat_and_replaced_in_bounded_time(launcher, guest_images, tmp_path):
     disk = make_disk(tmp_path / "rootfs.img")
     drives = [DriveSpec("rootfs", str(disk), is_root_device=True)]

@@ -70,7 +70,7 @@ def test_a_fault_entry_counts_down_unless_unlimited():
 
 def test_block_restarts_and_implements_every_fault_kind():
     assert restartable("block")
-    assert set(fault_kinds("block")) == {"crash", "hang", "delay", "io_error", "drop"}
+    assert set(fault_kinds("block")) == {"crash", "crash_completed", "hang", "delay", "io_error", "drop"}
     assert not restartable("vcpu")
 
 
