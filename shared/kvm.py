@@ -88,6 +88,17 @@ def _cpuid_buffer(entries: list[CpuidEntry] | int) -> tuple[bytearray, int]:
     return buf, header
 
 
+def _cpuid_entries(buf: bytearray, header: int) -> list[CpuidEntry]:
+    """The entries a KVM_GET_*CPUID* ioctl filled into a `_cpuid_buffer`."""
+    count = abi.kvm_cpuid2_header.from_buffer(buf).nent
+    size = ctypes.sizeof(abi.kvm_cpuid_entry2)
+    entries = []
+    for i in range(count):
+        raw = abi.kvm_cpuid_entry2.from_buffer(buf, header + i * size)
+        entries.append(CpuidEntry(raw.function, raw.index, raw.flags, raw.eax, raw.ebx, raw.ecx, raw.edx))
+    return entries
+
+
 class Kvm:
     """The /dev/kvm system fd: version and capability checks, supported CPUID, VM creation."""
 
@@ -124,13 +135,7 @@ class Kvm:
     def supported_cpuid(self) -> list[CpuidEntry]:
         buf, header = _cpuid_buffer(abi.KVM_MAX_CPUID_ENTRIES)
         _ioctl(self.fd, abi.KVM_GET_SUPPORTED_CPUID, buf)
-        count = abi.kvm_cpuid2_header.from_buffer(buf).nent
-        size = ctypes.sizeof(abi.kvm_cpuid_entry2)
-        entries = []
-        for i in range(count):
-            raw = abi.kvm_cpuid_entry2.from_buffer(buf, header + i * size)
-            entries.append(CpuidEntry(raw.function, raw.index, raw.flags, raw.eax, raw.ebx, raw.ecx, raw.edx))
-        return entries
+        return _cpuid_entries(buf, header)
 
     def create_vm(self) -> Vm:
         return Vm(self, _ioctl(self.fd, abi.KVM_CREATE_VM, 0))
@@ -289,13 +294,7 @@ class Vcpu:
     def get_cpuid(self) -> list[CpuidEntry]:
         buf, header = _cpuid_buffer(abi.KVM_MAX_CPUID_ENTRIES)
         _ioctl(self.fd, abi.KVM_GET_CPUID2, buf)
-        count = abi.kvm_cpuid2_header.from_buffer(buf).nent
-        size = ctypes.sizeof(abi.kvm_cpuid_entry2)
-        entries = []
-        for i in range(count):
-            raw = abi.kvm_cpuid_entry2.from_buffer(buf, header + i * size)
-            entries.append(CpuidEntry(raw.function, raw.index, raw.flags, raw.eax, raw.ebx, raw.ecx, raw.edx))
-        return entries
+        return _cpuid_entries(buf, header)
 
     def read_msrs(self, indices: list[int]) -> list[tuple[int, int]]:
         """(index, value) of each MSR in `indices` that KVM reads (it stops at the first it
