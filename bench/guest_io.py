@@ -269,8 +269,10 @@ def run_guest(side: str, command: list[str], peer: Peer, args: argparse.Namespac
             *lines, pending = pending.split(b"\n")
             for raw in lines:
                 line = raw.decode(errors="replace").strip()
-                if args.verbose and line.startswith(("GIO-", "E2E-CHECK", "E2E-DONE")):
-                    print(f"bench: {side}: {line}", flush=True)
+                if line.startswith(("GIO-BEGIN", "GIO-END", "E2E-CHECK", "E2E-DONE")) or (
+                    args.verbose and line.startswith("GIO-")
+                ):
+                    print(f"bench: {side}: {line}", flush=True)  # progress, for a run that times out
                 if m := re.match(r"GIO-BEGIN (\w+)", line):
                     begin[m.group(1)] = kvm_stats()
                     tcpext_before = tcpext()
@@ -335,9 +337,23 @@ def prepare_outer() -> None:
             disk.write(block)
 
 
+def heartbeat(period_s: float = 60) -> None:
+    """A line now and then, so that a run that times out shows whether the outer VM still
+    ran (a guest that hung) or stopped printing altogether (the outer VM stalled)."""
+
+    def beat() -> None:
+        start = time.monotonic()
+        while True:
+            time.sleep(period_s)
+            print(f"bench: alive {time.monotonic() - start:.0f} s, load {os.getloadavg()[0]:.1f}", flush=True)
+
+    threading.Thread(target=beat, daemon=True).start()
+
+
 def inside(args: argparse.Namespace) -> int:
     prepare_outer()
     print(f"bench: kvm stats {kvm_stats()} vhost-vsock={_has_vsock()}", flush=True)
+    heartbeat()
     peer = Peer()
     runs: dict[str, list[dict[str, Any]]] = {"embervm": [], "qemu": []}
     for i in range(args.runs):  # interleaved, so that drift in the outer VM hits both alike

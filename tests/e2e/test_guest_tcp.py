@@ -44,7 +44,15 @@ def tcp_tx() -> dict[str, dict[str, Any]]:
     args = guest_io.parse_args(["--runs", "1", "--only", "net", "--tests", "tcp_tx", "--tcp-mib", "2"])
     args.guest_timeout = 180
     run, runs = guest_io.measure(args)
-    assert runs is not None, f"{run.describe()}; console log {run.log}\n{run.console[-4000:]}"
+    first = ""
+    if runs is None and run.timed_out:
+        # Once: in one CI run on a loaded host the outer VM (an emulator) went silent for 8
+        # minutes after the inner guest began to boot; the cause was not found. bench's
+        # progress lines and heartbeat now tell a stalled outer VM from a hung guest. A
+        # second timeout fails, with both consoles.
+        first = f"first attempt: {run.describe()}\n{run.console[-2000:]}\nsecond attempt: "
+        run, runs = guest_io.measure(args)
+    assert runs is not None, f"{first}{run.describe()}; console log {run.log}\n{run.console[-4000:]}"
     results = {side: runs[side][0].get("tcp_tx", {}) for side in ("embervm", "qemu")}
     for side, figures in results.items():
         assert figures.get("rc") == 0 and figures.get("tx_packets"), (side, figures, run.console[-4000:])

@@ -55,7 +55,7 @@ def test_per_device_metrics_are_summed_under_the_kind():
 def test_fault_api_reads_restartable_and_fault_kinds_from_the_table():
     assert restartable("block") and restartable("net") and restartable("vsock")
     assert not restartable("vcpu")
-    assert set(fault_kinds("block")) == {"crash", "hang", "delay", "io_error", "drop"}
+    assert set(fault_kinds("block")) == {"crash", "crash_completed", "hang", "delay", "io_error", "drop"}
     assert set(fault_kinds("net")) == {"crash", "hang", "delay"}
 
 

@@ -5,7 +5,7 @@
 Once GET / says the instance is Running (and, with `--wait-tap TAP:N`, once the TAP carried
 N frames: the guest's traffic has begun), it waits `--start` seconds more (the guest boots
 and starts its load: a worker killed during InstanceStart fails the start, by design), then SIGKILLs the worker
-whose process name starts with WORKER_PREFIX `--kills` times, at random moments 2-5 s
+whose process name starts with WORKER_PREFIX `--kills` times, at random moments `--gap` (2-5 s)
 apart, each time waiting until a replacement (a new pid) runs. Then it injects each of
 `--faults` through the API (`PUT /faults/DEVICE_ID`, embervm started with
 --enable-fault-injection) and waits for the replacement after each (`delay:MS:COUNT`
@@ -148,15 +148,20 @@ def kill_loop(args: argparse.Namespace) -> int:
 def inject(args: argparse.Namespace) -> int:
     """Arm each of `--faults` in turn; how many workers were replaced."""
     done = 0
+    low, high = (float(x) for x in args.gap.split(":"))
     for spec in filter(None, args.faults.split(",")):
-        time.sleep(random.uniform(2, 5))
+        time.sleep(random.uniform(low, high))
         kind, *params = spec.split(":")
         body_in: dict[str, object] = {"kind": kind}
         if kind == "delay":
             body_in.update(delay_ms=int(params[0]), count=int(params[1]) if len(params) > 1 else 1)
         pid = worker_pid(args.prefix)
         start = time.monotonic()
-        status, body = api(args.api_sock, "PUT", f"/faults/{args.device_id}", body_in)
+        try:
+            status, body = api(args.api_sock, "PUT", f"/faults/{args.device_id}", body_in)
+        except OSError as e:  # embervm has gone: the guest's load ended before this fault
+            print(f"FAULT {kind} not injected: {e!r} after_s={time.monotonic() - start:.2f}", flush=True)
+            return done
         if kind == "delay":  # no death: the worker serves late; a used-up fault leaves GET /faults
             hits, deadline = None, time.monotonic() + 10
             while time.monotonic() < deadline and (now := fired(args.api_sock, args.device_id)) is not None:
