@@ -39,7 +39,7 @@ def main() -> None:
     parser.add_argument("--baseline", action="append", default=[], metavar="LABEL=PATH")
     opts = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
-        variants = [v.parse_tree(text) for text in opts.baseline] + [v.cold()]
+        variants = [*v.baselines(opts.baseline, tmp, stack), v.cold()]
         variants.append(stack.enter_context(v.fork_server(tmp)).variant())
         startups: dict[str, list[float]] = {x.label: [] for x in variants}
         for i in range(opts.launches):

@@ -150,7 +150,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         boot_cfg = write_config(images.elf, "console=ttyS0 test=boot", Path(tmp))
         loop_cfg = write_config(images.elf, "console=ttyS0 test=loop", Path(tmp))
-        variants = [v.parse_tree(text) for text in opts.baseline] + [v.cold()]
+        variants = [*v.baselines(opts.baseline, tmp, stack, server=not opts.no_fork_server), v.cold()]
         if not opts.no_fork_server:
             variants.append(stack.enter_context(v.fork_server(tmp)).variant())
         qemu = qemu_command(images.elf)
