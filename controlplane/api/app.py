@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+import functools
+
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute
 
 from controlplane.api import (
     actions,
@@ -62,6 +65,17 @@ def fault(message: str, status: int = 400) -> JSONResponse:
     return JSONResponse({"fault_message": message}, status_code=status)
 
 
+@functools.cache
+def _routes() -> tuple[BaseRoute, ...]:
+    """Every resource's routes, built once per process and shared by its apps (a route does
+    not refer to its app: the Vmm comes from `request.app`). FastAPI analyses each endpoint's
+    signature as a route is added; the fork server does it once for every VMM it forks."""
+    router = APIRouter()
+    for module in _ROUTERS:
+        router.include_router(module.router)
+    return tuple(router.routes)
+
+
 def create_app(vmm: Vmm, max_payload: int = DEFAULT_MAX_PAYLOAD) -> FastAPI:
     """The API for one Vmm; `max_payload` is --http-api-max-payload-size."""
     app = FastAPI(
@@ -72,8 +86,7 @@ def create_app(vmm: Vmm, max_payload: int = DEFAULT_MAX_PAYLOAD) -> FastAPI:
         openapi_url=None,
     )
     app.state.vmm = vmm
-    for module in _ROUTERS:
-        app.include_router(module.router)
+    app.router.routes.extend(_routes())
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:
