@@ -88,13 +88,19 @@ def baselines(texts: list[str], directory: str, stack: contextlib.ExitStack, ser
 class ForkServer:
     """An `embervm-forkserver` for the duration of a benchmark."""
 
-    def __init__(self, directory: str, label: str = "embervm (fork server)", tree_path: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: str,
+        label: str = "embervm (fork server)",
+        tree_path: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.label = label
         self.path = f"{directory}/forkserver-{abs(hash(label))}.sock"
         server = [FORKSERVER] if tree_path is None else _entry(tree_path, "controlplane.forkserver:main")
         self.client = [EMBERVM] if tree_path is None else _entry(tree_path, "controlplane.forkclient:main")
         self.proc = subprocess.Popen(
-            [*server, "--socket", self.path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [*server, "--socket", self.path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
         )
         deadline = time.monotonic() + 120
         while not self._accepting():
@@ -139,9 +145,12 @@ class ForkServer:
 
 @contextlib.contextmanager
 def fork_server(
-    directory: str, label: str = "embervm (fork server)", tree_path: str | None = None
+    directory: str,
+    label: str = "embervm (fork server)",
+    tree_path: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> Iterator[ForkServer]:
-    server = ForkServer(directory, label, tree_path)
+    server = ForkServer(directory, label, tree_path, env)
     try:
         yield server
     finally:

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 from controlplane import logger as fclog
-from controlplane import snapshot_cli
+from controlplane import snapshot_cli, startup_signals
 from controlplane.console_input import ConsoleInput, ForwardingLauncher
 from controlplane.logger import LOGGER, FcLogger, SinkError, level_name
 from controlplane.metrics import FLUSH_INTERVAL_S, METRICS, Metrics, MetricsError
@@ -129,6 +129,7 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
     from controlplane.launcher import Launcher  # the zygote forks first, before any thread exists
     from controlplane.policy import confine_supervisor
 
+    startup_signals.install()  # before the socket exists: a client may signal as soon as it does
     api_socket = None if args.no_api else bind_api_socket(args.api_sock)
     _mark("cli: API socket listening")
     console_in = _take_stdin()  # before the zygote forks: its workers keep fds 0-2
@@ -261,7 +262,7 @@ def run(
         _report_startup(args, metrics)
         if server is not None:
             if not done.is_set():
-                server.serve()
+                server.serve()  # it takes over a SIGINT/SIGTERM kept during start-up
             stop_signal = server.stop_signal
             server = None
         else:
@@ -394,6 +395,8 @@ def _wait_no_api(done: threading.Event) -> int | None:
 
     in_main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    if in_main:
+        startup_signals.take_over(on_signal)
     try:
         done.wait()
     finally:

@@ -57,10 +57,11 @@ def preload() -> None:
     from fastapi import FastAPI
 
     from controlplane import api, cli, microvm, server  # noqa: F401
-    from controlplane.api.app import _routes
+    from controlplane.api.app import _routes, warm_routes
     from controlplane.models._base import FcModel
     from controlplane.policy import SUPERVISOR, ZYGOTE
     from controlplane.zygote import WORKER_ENTRIES, _resolve, precompile_worker_filters
+    from shared.boot.cpu_state import identity_map_table
     from shared.confine import read_sources
     from shared.seccomp import precompile
 
@@ -68,8 +69,12 @@ def preload() -> None:
         _resolve(kind)
     precompile(SUPERVISOR, ZYGOTE)  # every VMM's filters, and its workers': generated once
     precompile_worker_filters()
-    cli._parser()  # the command line's parser and the API's routes: built once, used by every VMM
+    cli._parser()  # the command line's parser, the API's routes, the boot page tables: built once
     _routes()
+    warm_routes()
+    identity_map_table()
+    with contextlib.suppress(ImportError):  # what anyio imports at its first worker thread (sync endpoints)
+        import anyio._backends._asyncio  # noqa: F401
     config = uvicorn.Config(FastAPI(), log_config=None, lifespan="off")
     config.load()  # imports the HTTP protocol and loop modules uvicorn picks at run time
     todo: list[type] = [FcModel]

@@ -18,6 +18,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from controlplane import logger as fclog
+from controlplane import startup_signals
 from controlplane.uds import bind_unix_socket, release_unix_socket
 
 log = fclog.get("server")
@@ -41,6 +42,7 @@ class _Server(uvicorn.Server):
             self.should_exit = True
 
         previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        startup_signals.take_over(handle)  # one that came while embervm started
         try:
             yield
         finally:

@@ -38,6 +38,7 @@ from typing import Any
 
 import msgpack
 
+from controlplane import startup_signals
 from controlplane.policy import ZYGOTE, drop_zygote_capabilities
 from shared import isolation
 from shared.confine import PID_IN_OWN_NAMESPACE, default_filter, load_process_filter, warm_linecache
@@ -112,6 +113,7 @@ class Zygote:
             parent_sock.close()
             for fd in close:
                 os.close(fd)
+            startup_signals.reset_in_child()  # the supervisor's; the zygote dies of SIGTERM
             code = 1
             try:
                 code = _zygote_main(child_sock, seccomp)
