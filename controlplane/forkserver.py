@@ -56,7 +56,7 @@ def preload() -> None:
     import uvicorn
     from fastapi import FastAPI
 
-    from controlplane import api, cli, microvm, server  # noqa: F401
+    from controlplane import api, cli, launcher, microvm, server  # noqa: F401
     from controlplane.api.app import _routes, warm_routes
     from controlplane.models._base import FcModel
     from controlplane.policy import SUPERVISOR, ZYGOTE
