@@ -48,7 +48,9 @@ class Profile:
         print(f"{title} (median of {self.launches} traced launches, ms since launch):")
         previous = 0.0
         for label, ms in sorted(points.items(), key=lambda item: item[1]):
-            print(f"  {ms:7.1f}  (+{ms - previous:5.1f})  {label}")
+            n = len(self.rows.get(label, ()))
+            some = f"  (in {n} of {self.launches})" if 0 < n < self.launches else ""
+            print(f"  {ms:7.1f}  (+{ms - previous:5.1f})  {label}{some}")
             previous = ms
 
 

@@ -57,6 +57,16 @@ def _entry(path: str, entry: str) -> list[str]:
     return [sys.executable, "-c", code]
 
 
+def client_command(path: str) -> list[str]:
+    """The `embervm` command of the checkout at `path` as its own scripts/setup installs it:
+    the `-I -S` launcher where it has one (controlplane/client_launcher.py), else pip's wrapper."""
+    root = Path(path).resolve()
+    if not (root / "controlplane" / "client_launcher.py").exists():
+        return _entry(path, "controlplane.forkclient:main")
+    code = f"import sys; sys.path.insert(0, {str(root)!r}); from controlplane.forkclient import main; main()"
+    return [sys.executable, "-I", "-S", "-c", code]
+
+
 def tree(label: str, path: str) -> Variant:
     """The cold path of the checkout at `path` (its own code, this virtualenv)."""
     return Variant(label, _entry(path, "controlplane.cli:main"), {"EMBERVM_FORK_SERVER": "off"})
@@ -98,7 +108,7 @@ class ForkServer:
         self.label = label
         self.path = f"{directory}/forkserver-{abs(hash(label))}.sock"
         server = [FORKSERVER] if tree_path is None else _entry(tree_path, "controlplane.forkserver:main")
-        self.client = [EMBERVM] if tree_path is None else _entry(tree_path, "controlplane.forkclient:main")
+        self.client = [EMBERVM] if tree_path is None else client_command(tree_path)
         self.proc = subprocess.Popen(
             [*server, "--socket", self.path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
         )
