@@ -17,7 +17,7 @@ started by the `-I -S` launcher that has no site-packages, in this process after
 the interpreter as usual: `controlplane.client_launcher`).
 
 This process lives for as long as its microVM and starts for every one, so before that choice
-it imports only modules written in C (`_socket`, `_signal`, `_json`, `select`): `socket`,
+it imports only modules written in C (`_socket`, `_signal`, `_json`; `select` once forked): `socket`,
 `signal` and `json` would cost more than the fork server's whole answer (docs/performance.md).
 
 `EMBERVM_FORK_SERVER`: the server's socket path, or `off`; default `/run/embervm/forkserver.sock`
@@ -30,7 +30,6 @@ import _json
 import _signal
 import _socket
 import os
-import select
 import sys
 import time
 
@@ -198,6 +197,8 @@ def request_fork(sock: _socket.socket, argv: list[str]) -> int | None:
 
 def stay_the_face(sock: _socket.socket) -> NoReturn:
     """Forward signals to the VMM until it ends, then end the same way."""
+    import select  # only now: the server forks meanwhile
+
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     _signal.set_wakeup_fd(wake_w)
     for sig in FORWARDED_SIGNALS:
