@@ -136,7 +136,8 @@ def main(argv: Sequence[str] | None = None) -> NoReturn:
 
     startup_signals.install()  # before the socket exists: a client may signal as soon as it does
     api_socket = bind_api_socket(args.api_sock) if BIND_EARLY and not args.no_api else None
-    _mark("cli: API socket listening")
+    if isinstance(api_socket, socket.socket):
+        _mark("cli: API socket listening")
     console_in = _take_stdin()  # before the zygote forks: its workers keep fds 0-2
     handed_over = False  # run() owns the API socket once called
     try:
