@@ -83,13 +83,16 @@ def parse_tree(text: str) -> Variant:
     return tree(*split_baseline(text))
 
 
-def baselines(texts: list[str], directory: str, stack: contextlib.ExitStack, server: bool = True) -> list[Variant]:
-    """For each `--baseline LABEL=PATH`: that checkout cold and (`server`) through a fork
-    server of its own code, started on the `stack`."""
+def baselines(
+    texts: list[str], directory: str, stack: contextlib.ExitStack, server: bool = True, cold: bool = True
+) -> list[Variant]:
+    """For each `--baseline LABEL=PATH`: that checkout cold (`cold`) and (`server`) through a
+    fork server of its own code, started on the `stack`."""
     found = []
     for text in texts:
         label, path = split_baseline(text)
-        found.append(tree(f"{label} (cold)", path))
+        if cold:
+            found.append(tree(f"{label} (cold)", path))
         if server:
             found.append(stack.enter_context(fork_server(directory, f"{label} (fork server)", path)).variant())
     return found
