@@ -195,14 +195,36 @@ def request_fork(sock: _socket.socket, argv: list[str]) -> int | None:
     return int(reply["pid"])
 
 
-def stay_the_face(sock: _socket.socket) -> NoReturn:
-    """Forward signals to the VMM until it ends, then end the same way."""
-    import select  # only now: the server forks meanwhile
-
+def catch_signals() -> int:
+    """Catch the forwarded signals from before the fork request on; the read end of the pipe
+    that carries their numbers. A signal that comes while the server forks is kept there and
+    forwarded once the VMM's pid is known: in a PID namespace of its own this process is pid
+    1, and a signal it has no handler for would be dropped (a SIGTERM sent as soon as the
+    VMM's API socket exists would be lost)."""
     wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     _signal.set_wakeup_fd(wake_w)
     for sig in FORWARDED_SIGNALS:
         _signal.signal(sig, lambda *_: None)  # the wakeup fd carries the number
+    return wake_r
+
+
+def release_signals(wake_r: int) -> list[int]:
+    """Default handlers again (the cold path); the signals caught meanwhile."""
+    for sig in FORWARDED_SIGNALS:
+        _signal.signal(sig, _signal.SIG_DFL)
+    _signal.set_wakeup_fd(-1)
+    try:
+        caught = list(os.read(wake_r, 64))
+    except BlockingIOError:
+        caught = []
+    os.close(wake_r)
+    return caught
+
+
+def stay_the_face(sock: _socket.socket, wake_r: int) -> NoReturn:
+    """Forward signals to the VMM until it ends, then end the same way."""
+    import select  # only now: the server forks meanwhile
+
     while True:
         try:
             ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
@@ -261,12 +283,16 @@ def main(argv: list[str] | None = None) -> NoReturn:
     path = socket_path()
     sock = connect(path) if path else None
     if sock is not None:
+        wake_r = catch_signals()
         try:
             pid = request_fork(sock, args)
         except (OSError, ValueError) as e:
             print(f"embervm: fork server: {e}; starting without it", file=sys.stderr)
             pid = None
         if pid is not None:
-            stay_the_face(sock)
+            stay_the_face(sock, wake_r)
         sock.close()
+        caught = release_signals(wake_r)
+        if caught:  # asked to stop before any VM existed: stop, as the signal would have
+            end_like(caught[0])  # a wait status of death by that signal
     start_cold(args)

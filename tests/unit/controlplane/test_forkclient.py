@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -99,3 +102,58 @@ def test_the_launchers_cold_path_does_not_import_from_the_working_directory(tmp_
     out = subprocess.run([str(path), "--version"], capture_output=True, text=True, env=env, cwd=trap.parent, timeout=60)
     assert out.returncode == 0, out.stderr
     assert "working directory" not in out.stderr
+
+
+def _fake_server(tmp_path: Path) -> socket.socket:
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    listener.bind(str(tmp_path / "fs.sock"))
+    listener.listen(1)
+    listener.settimeout(60)
+    return listener
+
+
+def _client(tmp_path: Path) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "EMBERVM_FORK_SERVER": str(tmp_path / "fs.sock")}
+    code = "from controlplane import forkclient; forkclient.main(['--id', 't'])"
+    return subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO, stdin=subprocess.DEVNULL)
+
+
+def test_a_signal_that_comes_while_the_server_forks_is_forwarded_to_the_vmm(tmp_path: Path) -> None:
+    """The VMM's API socket can exist before this process has read the server's answer: a
+    SIGTERM sent then must reach the VMM, not be lost (as pid 1 of a PID namespace) nor kill
+    the client alone."""
+    with _fake_server(tmp_path) as listener:
+        client = _client(tmp_path)
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(60)
+                assert forkclient.receive(conn)["op"] == "fork"  # type: ignore[index]
+                client.send_signal(signal.SIGTERM)  # before the answer
+                time.sleep(0.3)
+                assert client.poll() is None, "the client died of the signal meant for the VMM"
+                forkclient.send(conn, {"op": "forked", "pid": 12345})
+                assert forkclient.receive(conn) == {"op": "signal", "signal": signal.SIGTERM}
+                forkclient.send(conn, {"op": "exit", "status": 7 << 8})
+            assert client.wait(30) == 7
+        finally:
+            client.kill()
+            client.wait()
+
+
+def test_a_signal_before_a_refused_fork_stops_the_client(tmp_path: Path) -> None:
+    """Refused, the client would start cold: a SIGTERM that came meanwhile stops it instead."""
+    with _fake_server(tmp_path) as listener:
+        client = _client(tmp_path)
+        try:
+            conn, _ = listener.accept()
+            with conn:
+                conn.settimeout(60)
+                assert forkclient.receive(conn)["op"] == "fork"  # type: ignore[index]
+                client.send_signal(signal.SIGTERM)
+                time.sleep(0.3)
+                forkclient.send(conn, {"op": "refused", "why": "test"})
+                assert client.wait(30) == -signal.SIGTERM
+        finally:
+            client.kill()
+            client.wait()
