@@ -184,9 +184,19 @@ class VcpuWorker:
             return p.VmState(b"", "the vCPUs are not paused")
         try:
             state = vm_state.save_vm(self.machine.kvm, self.machine.vm, self.machine.vcpus)
+            state["serial"] = self.serial.save_state()
+            state["i8042"] = self.i8042.save_state()
             return p.VmState(msgpack.packb(state, use_bin_type=True), "")
         except Exception as e:
             return p.VmState(b"", f"cannot save the VM state: {e}")
+
+    def restore_port_devices(self, state: dict[str, Any]) -> None:
+        """A snapshot's serial port and i8042 registers (a snapshot written before they were
+        saved has neither: they keep their power-on state)."""
+        if state.get("serial") is not None:
+            self.serial.restore_state(state["serial"])
+        if state.get("i8042") is not None:
+            self.i8042.restore_state(state["i8042"])
 
     def _dirty_pages(self) -> p.DirtyPages:
         """Diff snapshot: KVM's dirty log of every slot, as one bitmap over the memfd."""
@@ -323,6 +333,8 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
 
             machine = build_machine(kvm_fd, memfd, args, on_mapped)
             worker = VcpuWorker(machine, console_fd, ctl, fd_channel)
+            if args.get("restore") is not None:
+                worker.restore_port_devices(args["restore"])
             timer = args.get("boot_timer")
             if timer:  # --boot-timer: the first MMIO window, before the virtio devices (as Firecracker)
                 boot_timer = BootTimer(int(timer["start_ns"]), worker._log_info)

@@ -453,6 +453,48 @@ check_blkstress() { # blkstress:<seconds>: write files of known contents, fsync,
     fi
 }
 
+check_snapshot() { # snapshot:<vsock port> (after net, root on vda): the guest the host snapshots,
+    # kills and restores in new embervm processes (tests/e2e/snapshot_inside.py). It holds a
+    # vsock connection to the host (CID 2), then counts on the console once a second until the
+    # host types "E2E-GO <address/prefix>@<peer>" on it, which it does only after a restore.
+    # Then, in the restored guest: the same boot id, the uptime and the count going on, the held
+    # connection ended by the transport reset, eth0 re-addressed and pinging its peer, MMDS
+    # answering (its value names this clone), the root fs taking a write (that value, in
+    # /e2e/identity), a new vsock connection (port 5000), and no error in the kernel log since
+    port=${1:-5002}
+    boot_id=$(cat /proc/sys/kernel/random/boot_id)
+    vsock-e2e hold 2 "$port" >/tmp/hold.out 2>&1 &
+    holder=$!
+    wait_for_line() { i=0; while ! grep -q "$1" /tmp/hold.out && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done; }
+    wait_for_line pong
+    logged=$(dmesg | wc -l)
+    echo "E2E-SNAP looping boot_id=$boot_id hold='$(head -n 1 /tmp/hold.out)'"
+    n=0
+    line=""
+    while :; do
+        n=$((n + 1))
+        echo "E2E-COUNT $n up=$(cut -d' ' -f1 /proc/uptime)"
+        if read -t 1 line; then
+            case $line in E2E-GO*) break ;; esac
+        fi
+    done
+    echo "E2E-SNAP restored boot_id=$(cat /proc/sys/kernel/random/boot_id) up=$(cut -d' ' -f1 /proc/uptime) count=$n"
+    wait_for_line closed
+    kill "$holder" 2>/dev/null
+    hold=$(tail -n 1 /tmp/hold.out)
+    [ "$hold" = "closed -104" ] && pass snapshot_held "$hold" || fail snapshot_held "'$hold' (want the reset's -104)"
+    ip addr flush dev eth0
+    check_net "${line#E2E-GO }"
+    check_mmds /latest/meta-data/e2e
+    identity=$(wget -q -O - --header "X-metadata-token: $(mmds_token)" "http://169.254.169.254/latest/meta-data/e2e" 2>&1)
+    if echo "$identity" >/e2e/identity && sync; then pass snapshot_write "identity=$identity"; else fail snapshot_write "no write"; fi
+    check_vsock_connect 5000
+    pattern='error|fail|BUG|WARNING|stall|lockup|timed? ?out|unstable|hung|Call Trace|soft|hard'
+    dmesg | tail -n +$((logged + 1)) | sed 's/^/E2E-DMESG /'
+    errors=$(dmesg | tail -n +$((logged + 1)) | grep -ciE "$pattern")
+    [ "$errors" -eq 0 ] && pass snapshot_dmesg "new_lines=$(($(dmesg | wc -l) - logged))" || fail snapshot_dmesg "errors=$errors"
+}
+
 check_dmesg() { # diagnostics: the kernel log, or the lines matching the argument (a regex)
     dmesg | grep -E "${1:-.}" | sed 's/^/E2E-DMESG /'
     pass dmesg "lines=$(dmesg | wc -l)"
