@@ -348,6 +348,8 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
                 wait_for_zmq_threads(ctx)  # libzmq's threads start with sched_getparam: not under the filter
             base = int(isolation_args.get("base_vm_size", 0))  # a runaway worker dies, not the host:
             limit_memory(machine.mem.size, vcpu_headroom(len(machine.vcpus)), base=base)
+            if args.get("restore") is not None:
+                vm_state.restore_clock(machine.vm, args["restore"])
             install_filter(seccomp, POLICY)  # set-up is over: from here on, only the policy's syscalls
         except Exception as e:
             ctl.send(

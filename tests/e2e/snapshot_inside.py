@@ -95,8 +95,13 @@ class Embervm:
             time.sleep(0.3)
         return False
 
+    def go(self, address: str) -> None:
+        """Start the host's end of the guest's next vsock connection (port 5000), then type
+        "E2E-GO <address>" on the guest's serial input (embervm's stdin)."""
+        background([*VSOCK_HOST, "serve", "v.sock_5000"], self.workdir, "serve.log")
+        self.type_line(f"E2E-GO {address}")
+
     def type_line(self, line: str) -> None:
-        """A line on the guest's serial input (embervm's stdin)."""
         assert self.proc.stdin is not None
         self.proc.stdin.write(line.encode() + b"\n")
         self.proc.stdin.flush()
@@ -252,16 +257,16 @@ def restore(vm: Embervm, override: str | None, identity: str) -> bool:
 def finish(vm: Embervm, timeout: float) -> None:
     status, timed_out = vm.wait_exit(timeout)
     vm.fact("identity_on_disk", identity_on_disk(vm.workdir))
-    vm.fact("host_serve", (vm.workdir / "serve.log").read_text().strip().replace("\n", " | "))
+    serve = vm.workdir / "serve.log"
+    vm.fact("host_serve", serve.read_text().strip().replace("\n", " | ") if serve.exists() else "not started")
     vm.report([], status, timed_out)
 
 
 def restored_phase(scenario: dict[str, Any], src: Path) -> None:
     (src / "v.sock").unlink(missing_ok=True)  # the killed source's socket: a load binds it again
-    background([*VSOCK_HOST, "serve", "v.sock_5000"], src, "serve.log")
     vm = Embervm("restored", src)
     if restore(vm, None, "restored"):
-        vm.type_line("E2E-GO 172.16.5.2/30@172.16.5.1")
+        vm.go("172.16.5.2/30@172.16.5.1")
     finish(vm, scenario["run_timeout"])
 
 
@@ -270,7 +275,6 @@ def clones_phase(scenario: dict[str, Any], clone_dirs: list[Path]) -> None:
     for i, workdir in enumerate(clone_dirs, 1):
         vm = Embervm(f"clone{i}", workdir)
         vm.fact("tap", run(*MKTAP, f"snapc{i}", f"172.16.{5 + i}.1/30", cwd=workdir) or "ok")
-        background([*VSOCK_HOST, "serve", "v.sock_5000"], workdir, "serve.log")
         vms.append(vm)
     results: dict[str, bool] = {}
     threads = [
@@ -285,7 +289,7 @@ def clones_phase(scenario: dict[str, Any], clone_dirs: list[Path]) -> None:
     for i, vm in enumerate(vms, 1):
         vm.fact("both_running", int(both))
         if results.get(vm.name):
-            vm.type_line(f"E2E-GO 172.16.{5 + i}.2/30@172.16.{5 + i}.1")
+            vm.go(f"172.16.{5 + i}.2/30@172.16.{5 + i}.1")
     done = [threading.Thread(target=lambda vm=vm: vm.wait_exit(scenario["run_timeout"])) for vm in vms]
     for t in done:
         t.start()

@@ -91,6 +91,7 @@ def test_a_restored_guest_goes_on_counting_in_the_same_boot(nested: NestedRun, n
     # the count goes on from the snapshot's (a line cut in half by the snapshot is the one between)
     assert after[0][0] in (last + 1, last + 2), (last, after[:3], restored.explain())
     assert [n for n, _ in after] == list(range(after[0][0], after[0][0] + len(after))), after
+    assert restored.check("snapshot_console")[0], restored.explain()  # the GO line, typed after the load
     assert "E2E-INIT " not in restored.console and "E2E-ROOT " not in restored.console, restored.explain()
     boot_id = LOOPING.search(source.console)
     again = RESTORED.search(restored.console)

@@ -420,3 +420,32 @@ def test_uffd_backend_without_a_handler_is_refused(tmp_path, guest_images, vms):
 
     assert "page-fault handler" in message, message
     assert descendants(target.proc.proc.pid) == before
+
+
+def test_a_microvm_with_vsock_loads_without_waiting_for_its_kept_sockets(tmp_path, guest_images, vms):
+    # A restoring vsock worker waits for the supervisor's list of kept host sockets before it
+    # registers its guest memory; the supervisor must send it first (it used to wait for the
+    # registration first: the worker gave up after 5 s and then dropped the list as unexpected).
+    (tmp_path / "disk.img").write_bytes(bytes(256 * 512))
+    source = Vm(tmp_path, "source")
+    vms.append(source)
+    assert_no_content(source.client.put("/machine-config", json={"vcpu_count": 1, "mem_size_mib": MEM_MIB}))
+    boot = {"kernel_image_path": str(guest_images.elf), "boot_args": "test=snap snap.delay=20000"}
+    assert_no_content(source.client.put("/boot-source", json=boot))
+    drive = {"drive_id": "disk", "path_on_host": str(tmp_path / "disk.img"), "is_root_device": False}
+    assert_no_content(source.client.put("/drives/disk", json=drive))
+    uds = str(tmp_path / "v.sock")
+    assert_no_content(source.client.put("/vsock", json={"guest_cid": 3, "uds_path": uds}))
+    assert_no_content(source.client.put("/actions", json={"action_type": "InstanceStart"}))
+    source.wait_count_past(2)
+    assert_no_content(source.client.patch("/vm", json={"state": "Paused"}))
+    last = max(source.counts())
+    state, mem = source.snapshot(tmp_path, "vsock")
+    source.kill()
+    os.unlink(uds)  # as Firecracker, a load binds uds_path again
+
+    restored = load(tmp_path, vms, "restored", state, mem)
+
+    restored.wait_count_past(last + 2)
+    assert "vsock_kept" not in restored.proc.stderr.text, restored.proc.stderr.text[-3000:]
+    assert "kept sockets" not in restored.proc.stderr.text, restored.proc.stderr.text[-3000:]

@@ -471,20 +471,33 @@ check_snapshot() { # snapshot:<vsock port> (after net, root on vda): the guest t
     echo "E2E-SNAP looping boot_id=$boot_id hold='$(head -n 1 /tmp/hold.out)'"
     n=0
     line=""
+    reset_at=""
     while :; do
         n=$((n + 1))
         echo "E2E-COUNT $n up=$(cut -d' ' -f1 /proc/uptime)"
         if read -t 1 line; then
-            case $line in E2E-GO*) break ;; esac
+            case $line in
+            *E2E-GO*) break ;;
+            *) echo "E2E-SNAP read '$line'" ;;
+            esac
+        fi
+        # restored, but no GO line within 30 counts of the held connection's end: the serial
+        # input is broken; say so and end (rather than count until the host's timeout)
+        if [ -z "$reset_at" ] && grep -q closed /tmp/hold.out; then reset_at=$n; fi
+        if [ -n "$reset_at" ] && [ $((n - reset_at)) -ge 30 ]; then
+            fail snapshot_console "no E2E-GO line on the serial console"
+            return
         fi
     done
     echo "E2E-SNAP restored boot_id=$(cat /proc/sys/kernel/random/boot_id) up=$(cut -d' ' -f1 /proc/uptime) count=$n"
+    pass snapshot_console "read '$line'"
+    line=${line#*E2E-GO }
     wait_for_line closed
     kill "$holder" 2>/dev/null
     hold=$(tail -n 1 /tmp/hold.out)
     [ "$hold" = "closed -104" ] && pass snapshot_held "$hold" || fail snapshot_held "'$hold' (want the reset's -104)"
     ip addr flush dev eth0
-    check_net "${line#E2E-GO }"
+    check_net "$line"
     check_mmds /latest/meta-data/e2e
     identity=$(wget -q -O - --header "X-metadata-token: $(mmds_token)" "http://169.254.169.254/latest/meta-data/e2e" 2>&1)
     if echo "$identity" >/e2e/identity && sync; then pass snapshot_write "identity=$identity"; else fail snapshot_write "no write"; fi
