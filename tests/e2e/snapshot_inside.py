@@ -99,7 +99,9 @@ class Embervm:
         """Start the host's end of the guest's next vsock connection (port 5000), then type
         "E2E-GO <address>" on the guest's serial input (embervm's stdin)."""
         background([*VSOCK_HOST, "serve", "v.sock_5000"], self.workdir, "serve.log")
-        self.type_line(f"E2E-GO {address}")
+        # padded: a `read -t` whose deadline passed while the guest was stopped wakes with the
+        # input and, past its deadline, returns after taking the line's first byte (busybox)
+        self.type_line(f"........ E2E-GO {address}")
 
     def type_line(self, line: str) -> None:
         assert self.proc.stdin is not None
@@ -200,6 +202,7 @@ def source_phase(scenario: dict[str, Any], src: Path) -> int:
         count = last_count(vm.console())
         if looping:
             assert vm.api is not None
+            vm.fact("paused_at", f"{time.time():.2f}")
             timed(vm, "pause", lambda: vm.api.patch("/vm", json={"state": "Paused"}))  # type: ignore[union-attr]
             body = {"snapshot_type": "Full", "snapshot_path": "../vm.state", "mem_file_path": "../vm.mem"}
             timed(vm, "create", lambda: vm.api.put("/snapshot/create", json=body))  # type: ignore[union-attr]
@@ -244,6 +247,7 @@ def restore(vm: Embervm, override: str | None, identity: str) -> bool:
         api = vm.client()
         if timed(vm, "load", lambda: api.put("/snapshot/load", json=load_body(override))) != 204:
             return False
+        vm.fact("resumed_at", f"{time.time():.2f}")
         state = api.get("/").json().get("state")
         vm.fact("state_after_load", state)
         metadata = {"latest": {"meta-data": {"e2e": identity}}}

@@ -468,7 +468,7 @@ check_snapshot() { # snapshot:<vsock port> (after net, root on vda): the guest t
     wait_for_line() { i=0; while ! grep -q "$1" /tmp/hold.out && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done; }
     wait_for_line pong
     logged=$(dmesg | wc -l)
-    echo "E2E-SNAP looping boot_id=$boot_id hold='$(head -n 1 /tmp/hold.out)'"
+    echo "E2E-SNAP looping boot_id=$boot_id hold='$(head -n 1 /tmp/hold.out)' clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
     n=0
     line=""
     reset_at=""
