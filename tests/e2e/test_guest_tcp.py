@@ -16,7 +16,7 @@ import pytest
 from bench import guest_io
 from tests.e2e.environment import EnvironmentError_, prepare
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1300)]  # two outer-VM runs of 540 s at most, with the retry
 
 # The floor, embervm ÷ QEMU in MiB/s. The two guests run one after the other in an
 # emulated outer VM on 2 cores shared with other outer VMs, so the ratio swings with the

@@ -25,6 +25,7 @@ E820_LINE = re.compile(r"BIOS-e820: \[mem (0x[0-9a-f]+)-(0x[0-9a-f]+)\] (\w+)")
 
 @pytest.fixture(scope="module")
 def linux_console(launcher: Launcher) -> str:
+    # ~60 s idle (the console registers late on kvm_pvm); 180 s was exceeded on a loaded host
     kernel = debian_kernel()
     console = ConsoleCapture()
     spec = VmSpec(
@@ -35,7 +36,7 @@ def linux_console(launcher: Launcher) -> str:
     )
     vm = launcher.start_vm(spec, console, lambda code, reason: None)
     try:
-        return console.wait_for("ACPI: Using ACPI (MADT)", timeout=180).replace("\r\n", "\n")
+        return console.wait_for("ACPI: Using ACPI (MADT)", timeout=420).replace("\r\n", "\n")
     finally:
         vm.stop()
 

@@ -423,13 +423,16 @@ stress_bad() { # stress_bad FILE...: how many of the files do not hold exactly t
 }
 
 check_blkstress() { # blkstress:<seconds>: write files of known contents, fsync, drop the page cache,
-    # read them back through the device and check them, round after round, for <seconds>; then
-    # once more for every file, and the kernel log must show no I/O error or timeout
+    # read them back through the device and check them, round after round, for <seconds>; each
+    # round is checked once more before it is removed to make room (the root image holds ~40
+    # rounds: at most `keep` stay on disk), and the last `keep` once more at the end; the kernel
+    # log must show no I/O error or timeout
     dir=/e2e/stress
     per_round=200
+    keep=16
     mkdir -p "$dir"
     end=$(($(cut -d. -f1 /proc/uptime) + ${1:-60}))
-    round=0 files=0 bad=0
+    round=0 files=0 bad=0 final=0
     while [ "$(cut -d. -f1 /proc/uptime)" -lt "$end" ]; do
         round=$((round + 1))
         stress_write "$dir" "$round" "$per_round"
@@ -438,10 +441,18 @@ check_blkstress() { # blkstress:<seconds>: write files of known contents, fsync,
         found=$(ls "$dir" | grep -c "^r$round-")
         bad=$((bad + per_round - found + $(stress_bad "$dir/r$round-"*)))
         files=$((files + per_round))
+        old=$((round - keep))
+        if [ "$old" -ge 1 ]; then
+            final=$((final + per_round - $(ls "$dir" | grep -c "^r$old-") + $(stress_bad "$dir/r$old-"*)))
+            rm -f "$dir/r$old-"*
+        fi
     done
     echo 3 >/proc/sys/vm/drop_caches
-    final=$((files - $(ls "$dir" | grep -c '^r')))
-    for r in $(seq 1 "$round"); do final=$((final + $(stress_bad "$dir/r$r-"*))); done
+    first=1
+    [ "$round" -gt "$keep" ] && first=$((round - keep + 1))
+    for r in $(seq "$first" "$round"); do
+        final=$((final + per_round - $(ls "$dir" | grep -c "^r$r-") + $(stress_bad "$dir/r$r-"*)))
+    done
     pattern='I/O error|blk_update_request|timed? ?out|EXT4-fs (error|warning)|Buffer I/O'
     errors=$(dmesg | grep -ciE "$pattern")
     dmesg | grep -iE "$pattern" | sed 's/^/E2E-DMESG /'
