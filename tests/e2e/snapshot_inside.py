@@ -150,7 +150,11 @@ def last_count(console: str) -> int:
 
 
 def identity_on_disk(workdir: Path) -> str:
-    return run("debugfs", "-R", "cat /e2e/identity", "rootfs.ext4", cwd=workdir).split(" | ")[-1]
+    """/e2e/identity in the folder's root image (debugfs prints its banner on stderr)."""
+    proc = subprocess.run(
+        ["debugfs", "-R", "cat /e2e/identity", "rootfs.ext4"], cwd=workdir, capture_output=True, text=True, timeout=60
+    )
+    return proc.stdout.strip() or f"(none: {proc.stderr.strip().splitlines()[-1:]})"
 
 
 def embervm_processes() -> list[str]:
