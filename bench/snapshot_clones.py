@@ -11,6 +11,10 @@ console (it runs on its own). Once the clones' page servers are done, it reports
 the PSS of every embervm process (supervisor, zygote, workers) summed, per microVM, and the
 guest memory (the memfd's resident pages) per microVM; and the memory file's size, whose page
 cache the clones read from (counted once, it is no process's PSS).
+
+`--dense-mib M` fills M MiB of the memory file above 32 MiB with data before the clones load
+(as a guest that had used that much memory would leave it; this guest never reads it), to
+show what a clone holds of a snapshot's data: every clone fills its own memfd with all of it.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ sys.path.insert(0, str(REPO))
 
 from bench.apiproc import EMBERVM, wait_accepting  # noqa: E402
 from bench.procstats import descendants, memory_kib  # noqa: E402
+from bench.snapshot import DENSE_FROM  # noqa: E402
 from guest.build import build_guest  # noqa: E402
 from tests.support.api_client import ApiClient  # noqa: E402
 
@@ -150,7 +155,15 @@ def boots(tmp: Path, kernel: Path, n: int, mib: int) -> dict[str, float]:
             vm.stop()
 
 
-def clones(tmp: Path, kernel: Path, n: int, mib: int) -> tuple[dict[str, float], float]:
+def make_dense(mem: Path, mib: int) -> None:
+    chunk = os.urandom(1 << 20)
+    with open(mem, "r+b") as f:
+        for offset in range(DENSE_FROM, DENSE_FROM + (mib << 20), len(chunk)):
+            f.seek(offset)
+            f.write(chunk)
+
+
+def clones(tmp: Path, kernel: Path, n: int, mib: int, dense_mib: int) -> tuple[dict[str, float], float]:
     new_disk(tmp / "source")
     source = Vm(tmp / "source")
     try:
@@ -161,6 +174,8 @@ def clones(tmp: Path, kernel: Path, n: int, mib: int) -> tuple[dict[str, float],
         source.expect(source.api.put("/snapshot/create", json=body), "create")
     finally:
         source.stop()
+    if dense_mib:
+        make_dense(tmp / "vm.mem", dense_mib)
     mem_file_mib = os.stat(tmp / "vm.mem").st_blocks * 512 / (1 << 20)
     vms: list[Vm] = []
     try:
@@ -186,13 +201,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clones", type=int, default=10, help="N: clones, and separate boots")
     parser.add_argument("--mib", type=int, default=256, help="guest memory")
+    parser.add_argument("--dense-mib", type=int, default=0, help="data added to the memory file (see above)")
     opts = parser.parse_args()
     kernel = build_guest().elf
     with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as tmp:
         booted = boots(Path(tmp) / "boots", kernel, opts.clones, opts.mib)
-        cloned, mem_file_mib = clones(Path(tmp) / "clones", kernel, opts.clones, opts.mib)
+        cloned, mem_file_mib = clones(Path(tmp) / "clones", kernel, opts.clones, opts.mib, opts.dense_mib)
     n = opts.clones
-    print(f"{n} microVMs, test guest (test=echo, idle), {opts.mib} MiB, 1 vCPU, a drive; PSS of every embervm process")
+    dense = f", memory file +{opts.dense_mib} MiB of data" if opts.dense_mib else ""
+    print(f"{n} microVMs, test guest (test=echo, idle), {opts.mib} MiB, 1 vCPU, a drive{dense}")
+    print("PSS of every embervm process (supervisor, zygote, workers), and the guest-memory memfd")
     print(f"{'':>24} {'total PSS':>11} {'PSS per VM':>11} {'guest memory per VM':>20}")
     for label, r in ((f"{n} separate boots", booted), (f"{n} clones of 1 snapshot", cloned)):
         print(f"{label:>24} {r['total']:>7.1f} MiB {r['per_vm']:>7.1f} MiB {r['guest']:>16.1f} MiB")
