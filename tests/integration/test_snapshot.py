@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -449,3 +450,35 @@ def test_a_microvm_with_vsock_loads_without_waiting_for_its_kept_sockets(tmp_pat
     restored.wait_count_past(last + 2)
     assert "vsock_kept" not in restored.proc.stderr.text, restored.proc.stderr.text[-3000:]
     assert "kept sockets" not in restored.proc.stderr.text, restored.proc.stderr.text[-3000:]
+
+
+def test_a_restored_uart_keeps_the_guests_interrupt_driven_input(tmp_path, guest_images, vms):
+    # test=uartirq enables the received-data interrupt once and halts until IRQ 4, as Linux's
+    # 8250 driver does: a restored UART back at IER 0 would take the typed line and never
+    # interrupt, and the guest would wait for ever.
+    source = Vm(tmp_path, "source")
+    vms.append(source)
+    assert_no_content(source.client.put("/machine-config", json={"vcpu_count": 1, "mem_size_mib": MEM_MIB}))
+    boot = {"kernel_image_path": str(guest_images.elf), "boot_args": "test=uartirq"}
+    assert_no_content(source.client.put("/boot-source", json=boot))
+    assert_no_content(source.client.put("/actions", json={"action_type": "InstanceStart"}))
+    assert wait_until(lambda: "uartirq: ready" in source.proc.console.text, timeout=20), source.proc.console.text
+    assert_no_content(source.client.patch("/vm", json={"state": "Paused"}))
+    state, mem = source.snapshot(tmp_path, "uart")
+    source.kill()
+    sock = str(tmp_path / "restored.sock")
+    restored = Embervm("--api-sock", sock, stdin=subprocess.PIPE)
+    try:
+        wait_connectable(sock, restored)
+        with ApiClient(sock) as client:
+            body = {"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}}
+            assert_no_content(client.put("/snapshot/load", json={**body, "resume_vm": True}))
+            assert restored.proc.stdin is not None
+            restored.proc.stdin.write(b"hello\n")
+            restored.proc.stdin.flush()
+            got = wait_until(lambda: "uartirq: got hello" in restored.console.text, timeout=20)
+            assert got, f"console:\n{restored.console.text}\nstderr:\n{restored.stderr.text[-3000:]}"
+    finally:
+        if restored.proc.stdin is not None:
+            restored.proc.stdin.close()
+        restored.close()
