@@ -1,6 +1,6 @@
 """Boot benchmark: process launch → first guest serial byte → exit, for the test guest.
 
-    .venv/bin/python bench/boot.py [--runs 10] [--baseline LABEL=PATH ...] [--no-fork-server]
+    .venv/bin/python bench/boot.py [--runs 10] [--baseline LABEL=PATH ...] [--no-fork-server] [--profile]
 
 Runs `embervm --config-file … --no-api` on the test guest (which prints its banner and
 resets through the i8042), cold and through a fork server it starts (bench/variants.py),
@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import variants as v  # noqa: E402
 from bench.procstats import descendants, memory_kib, process_name  # noqa: E402
+from bench.startup_profile import Profile, server_env  # noqa: E402
 from guest.build import build_guest  # noqa: E402
 
 
@@ -46,7 +47,7 @@ def write_config(kernel: Path, args: str, directory: Path) -> Path:
     return path
 
 
-def time_boot(variant: v.Variant, args: list[str]) -> tuple[float, float, float]:
+def time_boot(variant: v.Variant, args: list[str], env: dict[str, str] | None = None) -> tuple[float, float, float]:
     """(seconds to the first console byte, seconds to process exit, CPU seconds) for one run."""
     cpu_before = v.children_cpu_s() + (variant.server.cpu_s() if variant.server else 0.0)
     start = time.perf_counter()
@@ -54,7 +55,7 @@ def time_boot(variant: v.Variant, args: list[str]) -> tuple[float, float, float]
         [*variant.command, *(args if variant.takes_args else [])],
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
-        env=variant.environ(),
+        env={**variant.environ(), **(env or {})},
     )
     assert proc.stdout is not None
     first = None
@@ -141,6 +142,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--baseline", action="append", default=[], metavar="LABEL=PATH", help="another checkout")
     parser.add_argument("--no-fork-server", action="store_true", help="measure the cold path only")
+    parser.add_argument("--profile", action="store_true", help="then trace boots through the fork server")
     opts = parser.parse_args()
     runs = opts.runs
     images = build_guest()
@@ -150,13 +152,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, contextlib.ExitStack() as stack:
         boot_cfg = write_config(images.elf, "console=ttyS0 test=boot", Path(tmp))
         loop_cfg = write_config(images.elf, "console=ttyS0 test=loop", Path(tmp))
-        variants = [v.parse_tree(text) for text in opts.baseline] + [v.cold()]
-        if not opts.no_fork_server:
-            variants.append(stack.enter_context(v.fork_server(tmp)).variant())
+        variants = [*v.baselines(opts.baseline, tmp, stack, server=not opts.no_fork_server), v.cold()]
+        profile = Profile(f"{tmp}/trace") if opts.profile and not opts.no_fork_server else None
+        ours = None if opts.no_fork_server else stack.enter_context(v.fork_server(tmp, env=server_env(profile)))
+        if ours is not None:
+            variants.append(ours.variant())
         qemu = qemu_command(images.elf)
         if qemu is not None:
             variants.append(v.Variant("qemu -M microvm", qemu, takes_args=False))
-        results = measure(variants, ["--config-file", str(boot_cfg), "--no-api"], runs)
+        boot_args = ["--config-file", str(boot_cfg), "--no-api"]
+        results = measure(variants, boot_args, runs)
         print(f"launch → first serial byte / exit, median of {runs} interleaved runs:")
         for label, r in results.items():
             print(f"  {label:28} first byte {r['first_byte_ms']:7.1f} ms   exit {r['exit_ms']:7.1f} ms   "
@@ -168,6 +173,15 @@ def main() -> None:
             for label, r in results.items():
                 if label != "qemu -M microvm":
                     print(f"  ratio {label} / qemu, first byte: {r['first_byte_ms'] / ref:5.2f}  (goal ≤ 1.00)")
+        if profile is not None and ours is not None:
+            firsts = []
+            for _ in range(runs):
+                start_ns = time.monotonic_ns()
+                firsts.append(time_boot(ours.variant(), boot_args, profile.env())[0] * 1e3)
+                profile.take(start_ns)
+            profile.print(
+                "where the time goes through the fork server", {"bench: first serial byte": statistics.median(firsts)}
+            )
         for variant in variants:
             if variant.label.startswith("qemu"):
                 continue

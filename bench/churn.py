@@ -125,7 +125,7 @@ def main() -> None:
         if opts.duration:
             leak_mode(kernel, opts.duration, tmp)
             return
-        variants = [v.parse_tree(text) for text in opts.baseline] + ([] if opts.no_cold else [v.cold()])
+        variants = v.baselines(opts.baseline, tmp, stack) + ([] if opts.no_cold else [v.cold()])
         variants.append(stack.enter_context(v.fork_server(tmp)).variant())
         print(f"{opts.vms} microVMs per variant, {opts.parallel} at a time, on {cores} cores:")
         for variant in variants:

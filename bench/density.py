@@ -1,6 +1,6 @@
 """Density benchmark: marginal memory of a running microVM with a drive, a NIC and a vsock.
 
-    .venv/bin/python bench/density.py [--vms 10]
+    .venv/bin/python bench/density.py [--vms 10] [--no-cold] [--baseline LABEL=PATH ...]
 
 Starts 2N microVMs (the test guest waiting on its console, each with a 1 MiB drive, a NIC on
 a TAP of its own and a vsock), cold and through a fork server (bench/variants.py), and
@@ -102,6 +102,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--vms", type=int, default=10, help="N: measured with N and with 2N running")
     parser.add_argument("--no-cold", action="store_true")
+    parser.add_argument("--baseline", action="append", default=[], metavar="LABEL=PATH", help="another checkout")
     opts = parser.parse_args()
     n = opts.vms
     kernel = build_guest().elf
@@ -112,7 +113,8 @@ def main() -> None:
             stack.callback(subprocess.run, ["ip", "link", "del", tap], check=False)
         directory = Path(tmp)
         configs = [config(directory, kernel, i, tap) for i, tap in enumerate(taps)]
-        variants = [] if opts.no_cold else [v.cold()]
+        variants = v.baselines(opts.baseline, tmp, stack, cold=not opts.no_cold)
+        variants += [] if opts.no_cold else [v.cold()]
         variants.append(stack.enter_context(v.fork_server(tmp)).variant())
         print(f"marginal memory per running microVM (drive + NIC + vsock), ({n * 2} running - {n}) / {n}:")
         for variant in variants:

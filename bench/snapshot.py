@@ -1,7 +1,7 @@
 """Snapshot benchmark: load request → vCPUs running, lazy (the page server) against the eager
 copy it replaces, at two memory sizes, beside a cold boot of the same guest.
 
-.venv/bin/python bench/snapshot.py [--sizes 256,2048] [--runs 5]
+.venv/bin/python bench/snapshot.py [--sizes 256,2048] [--runs 5] [--baseline LABEL=PATH ...]
 
 For each size the test guest (test=snap: it counts in memory and does block I/O) is booted,
 paused and snapshotted (Full). The memory file is then made dense: every page the guest has
@@ -21,6 +21,7 @@ Firecracker's published figure is printed beside them for reference (not measure
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import statistics
@@ -32,6 +33,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from bench import variants as v  # noqa: E402
 from bench.apiproc import EMBERVM, wait_accepting  # noqa: E402
 from guest.build import build_guest  # noqa: E402
 from shared.snapshot_memory import load_memory  # noqa: E402
@@ -47,13 +49,18 @@ FIRECRACKER_NOTE = (
 
 
 class Proc:
-    def __init__(self, sock: str, console: Path) -> None:
+    def __init__(self, sock: str, console: Path, variant: v.Variant | None = None) -> None:
         import subprocess
 
         self.console_path = console
         self._out = open(console, "wb")  # noqa: SIM115 - closed in stop()
+        command, env = (variant.command, variant.environ()) if variant else ([EMBERVM], None)
         self.proc = subprocess.Popen(
-            [EMBERVM, "--api-sock", sock], stdout=self._out, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL
+            [*command, "--api-sock", sock],
+            stdout=self._out,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            env=env,
         )
         wait_accepting(sock, self.proc)
         self.api = ApiClient(sock, timeout=120)
@@ -97,19 +104,22 @@ def make_dense(mem: Path, size: int) -> None:
             f.write(chunk)
 
 
-def bench_size(tmp: Path, kernel: Path, mib: int, runs: int) -> dict[str, float]:
+def bench_size(tmp: Path, kernel: Path, mib: int, runs: int, variants: list[v.Variant]) -> dict[str, dict[str, float]]:
+    """Per variant: medians of the load, the next count, the eager copy and a cold boot; the
+    variants' runs interleaved, every load of the one snapshot this tree made."""
     disk = tmp / "disk.img"
     disk.write_bytes(bytes(256 * 512))
-    cold = []
+    cold: dict[str, list[float]] = {x.label: [] for x in variants}
     for i in range(runs):
-        vm = Proc(str(tmp / f"cold{i}.sock"), tmp / f"cold{i}.out")
-        try:
-            configure(vm.api, kernel, disk, mib)
-            start = time.perf_counter()
-            expect(vm.api.put("/actions", json={"action_type": "InstanceStart"}), "start")
-            cold.append(vm.wait_count() - start)
-        finally:
-            vm.stop()
+        for n, variant in enumerate(variants):
+            vm = Proc(str(tmp / f"cold{i}-{n}.sock"), tmp / f"cold{i}-{n}.out", variant)
+            try:
+                configure(vm.api, kernel, disk, mib)
+                start = time.perf_counter()
+                expect(vm.api.put("/actions", json={"action_type": "InstanceStart"}), "start")
+                cold[variant.label].append(vm.wait_count() - start)
+            finally:
+                vm.stop()
     source = Proc(str(tmp / "source.sock"), tmp / "source.out")
     state, mem = tmp / "vm.state", tmp / "vm.mem"
     try:
@@ -123,21 +133,24 @@ def bench_size(tmp: Path, kernel: Path, mib: int, runs: int) -> dict[str, float]
     finally:
         source.stop()
     make_dense(mem, mib << 20)
-    loads, first_counts, eager = [], [], []
+    loads: dict[str, list[float]] = {x.label: [] for x in variants}
+    first_counts: dict[str, list[float]] = {x.label: [] for x in variants}
+    eager = []
     for i in range(runs):
-        vm = Proc(str(tmp / f"load{i}.sock"), tmp / f"load{i}.out")
-        try:
-            body = {
-                "snapshot_path": str(state),
-                "mem_backend": {"backend_type": "File", "backend_path": str(mem)},
-                "resume_vm": True,
-            }
-            start = time.perf_counter()
-            expect(vm.api.put("/snapshot/load", json=body), "load")
-            loads.append(time.perf_counter() - start)
-            first_counts.append(vm.wait_count(last) - start)
-        finally:
-            vm.stop()
+        for n, variant in enumerate(variants):
+            vm = Proc(str(tmp / f"load{i}-{n}.sock"), tmp / f"load{i}-{n}.out", variant)
+            try:
+                body = {
+                    "snapshot_path": str(state),
+                    "mem_backend": {"backend_type": "File", "backend_path": str(mem)},
+                    "resume_vm": True,
+                }
+                start = time.perf_counter()
+                expect(vm.api.put("/snapshot/load", json=body), "load")
+                loads[variant.label].append(time.perf_counter() - start)
+                first_counts[variant.label].append(vm.wait_count(last) - start)
+            finally:
+                vm.stop()
         fd = os.open(mem, os.O_RDONLY)
         try:
             start = time.perf_counter()
@@ -146,10 +159,13 @@ def bench_size(tmp: Path, kernel: Path, mib: int, runs: int) -> dict[str, float]
         finally:
             os.close(fd)
     return {
-        "load": statistics.median(loads) * 1e3,
-        "first_count": statistics.median(first_counts) * 1e3,
-        "eager": statistics.median(eager) * 1e3,
-        "cold": statistics.median(cold) * 1e3,
+        x.label: {
+            "load": statistics.median(loads[x.label]) * 1e3,
+            "first_count": statistics.median(first_counts[x.label]) * 1e3,
+            "eager": statistics.median(eager) * 1e3,
+            "cold": statistics.median(cold[x.label]) * 1e3,
+        }
+        for x in variants
     }
 
 
@@ -157,19 +173,29 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="256,2048", help="guest memory sizes in MiB")
     parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--baseline", action="append", default=[], metavar="LABEL=PATH", help="another checkout")
     opts = parser.parse_args()
     kernel = build_guest().elf
     results = {}
     for mib in (int(s) for s in opts.sizes.split(",")):
-        with tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as tmp:
-            results[mib] = bench_size(Path(tmp), kernel, mib, opts.runs)
-    print(f"medians of {opts.runs} runs, test guest (test=snap), dense memory file, 1 vCPU")
-    print(f"{'memory':>8} {'load → vCPUs running':>22} {'→ next count':>14} {'eager copy (old)':>17} {'cold boot':>11}")
-    for mib, r in results.items():
-        print(
-            f"{mib:>5} MiB {r['load']:>19.1f} ms {r['first_count']:>11.1f} ms "
-            f"{r['eager']:>14.1f} ms {r['cold']:>8.1f} ms"
-        )
+        with (
+            tempfile.TemporaryDirectory(dir=os.environ.get("TMPDIR", "/var/tmp")) as tmp,
+            contextlib.ExitStack() as stack,
+        ):
+            variants = [*v.baselines(opts.baseline, tmp, stack), v.cold()]
+            variants.append(stack.enter_context(v.fork_server(tmp)).variant())
+            results[mib] = bench_size(Path(tmp), kernel, mib, opts.runs, variants)
+    print(f"medians of {opts.runs} interleaved runs, test guest (test=snap), dense memory file, 1 vCPU")
+    print(
+        f"{'memory':>8} {'variant':28} {'load → vCPUs running':>22} {'→ next count':>14} "
+        f"{'eager copy (old)':>17} {'cold boot':>11}"
+    )
+    for mib, by_variant in results.items():
+        for label, r in by_variant.items():
+            print(
+                f"{mib:>5} MiB {label:28} {r['load']:>19.1f} ms {r['first_count']:>11.1f} ms "
+                f"{r['eager']:>14.1f} ms {r['cold']:>8.1f} ms"
+            )
     print(FIRECRACKER_NOTE)
 
 

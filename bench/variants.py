@@ -4,7 +4,9 @@
 - `tree(label, path)`: the cold path of another checkout (e.g. `git worktree add /tmp/old
   1b7c1ca^`), run with this virtualenv: a baseline from the same run;
 - `fork_server(tmp)`: this tree's `embervm` as a client of an `embervm-forkserver` that the
-  benchmark starts (and stops) itself.
+  benchmark starts (and stops) itself; `fork_server(tmp, label, path)`: the same for another
+  checkout, its client and server run with this virtualenv (`baselines()` makes both of a
+  `--baseline LABEL=PATH`).
 
 CPU time: a cold launch's whole process tree is the benchmark's child, so RUSAGE_CHILDREN
 counts it. A fork-server VMM is the server's grandchild; `ForkServer.cpu_s()` is the
@@ -46,26 +48,72 @@ def cold() -> Variant:
     return Variant("embervm (cold)", [EMBERVM], {"EMBERVM_FORK_SERVER": "off"})
 
 
+def _entry(path: str, entry: str) -> list[str]:
+    """A command that runs `entry` ("module:function") of the checkout at `path` with this
+    virtualenv's interpreter, as its console script would (`sys.argv[1:]` are its arguments)."""
+    module, _, function = entry.partition(":")
+    root = str(Path(path).resolve())
+    code = f"import re, sys; sys.path.insert(0, {root!r}); from {module} import {function}; sys.exit({function}())"
+    return [sys.executable, "-c", code]
+
+
+def client_command(path: str) -> list[str]:
+    """The `embervm` command of the checkout at `path` as its own scripts/setup installs it:
+    the `-I -S` launcher where it has one (controlplane/client_launcher.py), else pip's wrapper."""
+    root = Path(path).resolve()
+    if not (root / "controlplane" / "client_launcher.py").exists():
+        return _entry(path, "controlplane.forkclient:main")
+    code = f"import sys; sys.path.insert(0, {str(root)!r}); from controlplane.forkclient import main; main()"
+    return [sys.executable, "-I", "-S", "-c", code]
+
+
 def tree(label: str, path: str) -> Variant:
     """The cold path of the checkout at `path` (its own code, this virtualenv)."""
-    code = f"import sys; sys.path.insert(0, {str(Path(path).resolve())!r}); from controlplane.cli import main; main()"
-    return Variant(label, [sys.executable, "-c", code], {"EMBERVM_FORK_SERVER": "off"})
+    return Variant(label, _entry(path, "controlplane.cli:main"), {"EMBERVM_FORK_SERVER": "off"})
 
 
-def parse_tree(text: str) -> Variant:
+def split_baseline(text: str) -> tuple[str, str]:
     label, sep, path = text.partition("=")
     if not sep:
         raise SystemExit(f"--baseline {text!r}: expected LABEL=PATH")
-    return tree(label, path)
+    return label, path
+
+
+def parse_tree(text: str) -> Variant:
+    return tree(*split_baseline(text))
+
+
+def baselines(
+    texts: list[str], directory: str, stack: contextlib.ExitStack, server: bool = True, cold: bool = True
+) -> list[Variant]:
+    """For each `--baseline LABEL=PATH`: that checkout cold (`cold`) and (`server`) through a
+    fork server of its own code, started on the `stack`."""
+    found = []
+    for text in texts:
+        label, path = split_baseline(text)
+        if cold:
+            found.append(tree(f"{label} (cold)", path))
+        if server:
+            found.append(stack.enter_context(fork_server(directory, f"{label} (fork server)", path)).variant())
+    return found
 
 
 class ForkServer:
     """An `embervm-forkserver` for the duration of a benchmark."""
 
-    def __init__(self, directory: str) -> None:
-        self.path = f"{directory}/forkserver.sock"
+    def __init__(
+        self,
+        directory: str,
+        label: str = "embervm (fork server)",
+        tree_path: str | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        self.label = label
+        self.path = f"{directory}/forkserver-{abs(hash(label))}.sock"
+        server = [FORKSERVER] if tree_path is None else _entry(tree_path, "controlplane.forkserver:main")
+        self.client = [EMBERVM] if tree_path is None else client_command(tree_path)
         self.proc = subprocess.Popen(
-            [FORKSERVER, "--socket", self.path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            [*server, "--socket", self.path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env
         )
         deadline = time.monotonic() + 120
         while not self._accepting():
@@ -85,7 +133,7 @@ class ForkServer:
             probe.close()
 
     def variant(self) -> Variant:
-        return Variant("embervm (fork server)", [EMBERVM], {"EMBERVM_FORK_SERVER": self.path}, self)
+        return Variant(self.label, self.client, {"EMBERVM_FORK_SERVER": self.path}, self)
 
     def cpu_s(self) -> float:
         """The server's CPU seconds plus those of every descendant it has reaped."""
@@ -109,8 +157,13 @@ class ForkServer:
 
 
 @contextlib.contextmanager
-def fork_server(directory: str) -> Iterator[ForkServer]:
-    server = ForkServer(directory)
+def fork_server(
+    directory: str,
+    label: str = "embervm (fork server)",
+    tree_path: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Iterator[ForkServer]:
+    server = ForkServer(directory, label, tree_path, env)
     try:
         yield server
     finally:

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import json
 import os
 import re
 import signal
+import socket
 import sys
 import threading
 import time
@@ -24,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn
 
 from controlplane import logger as fclog
-from controlplane import snapshot_cli
+from controlplane import snapshot_cli, startup_signals
 from controlplane.console_input import ConsoleInput, ForwardingLauncher
 from controlplane.logger import LOGGER, FcLogger, SinkError, level_name
 from controlplane.metrics import FLUSH_INTERVAL_S, METRICS, Metrics, MetricsError
@@ -32,8 +34,9 @@ from controlplane.mmds_store import MmdsError, MmdsStore
 from controlplane.models import BodyError, CpuConfig, VmmConfigFile, parse_body, parse_value
 from controlplane.periodic import Periodic
 from controlplane.state import ApiError, LauncherLike, RuntimeOptions, Vmm
-from controlplane.uds import SocketInUseError
+from controlplane.uds import SocketInUseError, bind_unix_socket, release_unix_socket
 from shared import exitcodes
+from shared.startup_trace import mark as _mark
 from shared.versions import EMBERVM_VERSION
 from shared.versions import FIRECRACKER_VERSION as FIRECRACKER_API_VERSION
 
@@ -42,6 +45,11 @@ if TYPE_CHECKING:
 
 log = fclog.get("main")
 START_NS = time.monotonic_ns()
+# Bind the API socket first thing (`bind_api_socket`): a VMM of the fork server, whose start-up
+# after it takes ~15 ms (everything is imported). A cold start binds once FastAPI and uvicorn
+# are imported (~0.5 s later), as it always did, so that a first request does not wait in the
+# socket's backlog for that long.
+BIND_EARLY = False
 DEFAULT_API_SOCK = "/run/firecracker.socket"
 DEFAULT_MAX_PAYLOAD = 51200
 _INSTANCE_ID = re.compile(r"^[A-Za-z0-9-]{1,64}$")
@@ -88,8 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@functools.cache
+def _parser() -> argparse.ArgumentParser:
+    """The parser, built once per process (the fork server builds it for every VMM it forks)."""
+    return build_parser()
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = build_parser()
+    parser = _parser()
     args = parser.parse_args(argv)
     if args.no_api and not args.config_file:
         parser.error("argument --no-api requires --config-file")
@@ -111,21 +125,47 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> NoReturn:
     """The `embervm` console script."""
+    _mark("cli: main")
     args = parse_args(argv)
+    _mark("cli: arguments parsed")
     snapshot_code = snapshot_cli.handle(args)
     if snapshot_code is not None:
         sys.exit(snapshot_code)
     from controlplane.launcher import Launcher  # the zygote forks first, before any thread exists
     from controlplane.policy import confine_supervisor
 
+    startup_signals.install()  # before the socket exists: a client may signal as soon as it does
+    api_socket = bind_api_socket(args.api_sock) if BIND_EARLY and not args.no_api else None
+    if isinstance(api_socket, socket.socket):
+        _mark("cli: API socket listening")
     console_in = _take_stdin()  # before the zygote forks: its workers keep fds 0-2
-    launcher = Launcher.start(seccomp=not args.no_seccomp)
+    handed_over = False  # run() owns the API socket once called
     try:
-        confine_supervisor(args.no_seccomp)  # still single-threaded: capabilities are per thread
-        code = run(args, launcher, console_in=console_in)
+        held = (api_socket.fileno(),) if isinstance(api_socket, socket.socket) else ()
+        launcher = Launcher.start(seccomp=not args.no_seccomp, close_in_zygote=held)
+        _mark("cli: zygote forked")
+        try:
+            confine_supervisor(args.no_seccomp)  # still single-threaded: capabilities are per thread
+            _mark("cli: supervisor confined")
+            handed_over = True
+            code = run(args, launcher, console_in=console_in, api_socket=api_socket)
+        finally:
+            launcher.shutdown()
     finally:
-        launcher.shutdown()
+        if not handed_over and isinstance(api_socket, socket.socket):
+            release_unix_socket(api_socket, args.api_sock)
     sys.exit(code)
+
+
+def bind_api_socket(path: str) -> socket.socket | SocketInUseError:
+    """The API socket, bound and listening first thing: clients may connect while the rest
+    of start-up runs (the zygote, the supervisor's filter, the app), and their requests wait in
+    the backlog until the server serves. A failure is returned, to be raised where the server
+    is made (after the logger is configured, so that it is logged as before)."""
+    try:
+        return bind_unix_socket(path)
+    except SocketInUseError as err:
+        return err
 
 
 def _take_stdin() -> int | None:
@@ -164,12 +204,14 @@ def run(
     metrics: Metrics | None = None,
     logger: FcLogger | None = None,
     console_in: int | None = None,
+    api_socket: socket.socket | SocketInUseError | None = None,
 ) -> int:
     """Everything after the zygote fork; returns the process exit code.
 
     Tests pass a fake launcher, spec types and their own metrics/logger; `main` passes
-    the real launcher and the process-wide ones, and stdin as `console_in`: the guest's
-    serial input once it runs.
+    the real launcher and the process-wide ones, stdin as `console_in` (the guest's serial
+    input once it runs) and the API socket it bound (`bind_api_socket`); without one, the
+    server binds `args.api_sock` itself.
     """
     metrics = metrics or METRICS
     logger = logger or LOGGER
@@ -213,14 +255,20 @@ def run(
             from controlplane.api import create_app
             from controlplane.server import ApiServer
 
-            server = ApiServer(create_app(vmm, args.http_api_max_payload_size), args.api_sock)
+            app = create_app(vmm, args.http_api_max_payload_size)
+            _mark("cli: API app made")
+            if isinstance(api_socket, SocketInUseError):
+                raise api_socket
+            server = ApiServer(app, args.api_sock, api_socket)
+            api_socket = None  # the server's now
         if args.config_file:
             apply_config_file(vmm, args.config_file)
+            _mark("cli: config applied")
             log.info("Successfully started microvm that was configured from one single json")
         _report_startup(args, metrics)
         if server is not None:
             if not done.is_set():
-                server.serve()
+                server.serve()  # it takes over a SIGINT/SIGTERM kept during start-up
             stop_signal = server.stop_signal
             server = None
         else:
@@ -237,6 +285,8 @@ def run(
         try:
             if server is not None:
                 server.close()
+            elif isinstance(api_socket, socket.socket):
+                release_unix_socket(api_socket, args.api_sock)  # bound by main(), no server was made
             flusher.stop()
             _stop_vm(vmm)
             vmm.close_backends()
@@ -351,6 +401,8 @@ def _wait_no_api(done: threading.Event) -> int | None:
 
     in_main = threading.current_thread() is threading.main_thread()
     previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)} if in_main else {}
+    if in_main:
+        startup_signals.take_over(on_signal)
     try:
         done.wait()
     finally:

@@ -12,8 +12,13 @@ capabilities: `controlplane.caller_context`) and this process stays its face:
   the reaper dies, it ends too.
 
 No server (no socket at the path, nothing listening, or it refuses: another uid, other code,
-a context it cannot reproduce): the cold path, `controlplane.cli.main`, in this process.
-Only the standard library is imported before that choice, so the fast path stays fast.
+a context it cannot reproduce): the cold path, `controlplane.cli.main`, in this process (or,
+started by the `-I -S` launcher that has no site-packages, in this process after an exec of
+the interpreter as usual: `controlplane.client_launcher`).
+
+This process lives for as long as its microVM and starts for every one, so before that choice
+it imports only modules written in C (`_socket`, `_signal`, `_json`; `select` once forked): `socket`,
+`signal` and `json` would cost more than the fork server's whole answer (docs/performance.md).
 
 `EMBERVM_FORK_SERVER`: the server's socket path, or `off`; default `/run/embervm/forkserver.sock`
 as root, `$XDG_RUNTIME_DIR/embervm/forkserver.sock` otherwise.
@@ -21,20 +26,24 @@ as root, `$XDG_RUNTIME_DIR/embervm/forkserver.sock` otherwise.
 
 from __future__ import annotations
 
-import json
+import _json
+import _signal
+import _socket
 import os
-import signal
-import socket
 import sys
 import time
-from typing import Any, NoReturn
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:
+    from typing import Any, NoReturn
 
 START_NS = time.monotonic_ns()
 ENV_VAR = "EMBERVM_FORK_SERVER"
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
+FORWARDED_SIGNALS = (_signal.SIGTERM, _signal.SIGINT, _signal.SIGHUP, _signal.SIGQUIT, _signal.SIGUSR1, _signal.SIGUSR2)
 MAX_MSG = 1 << 20
 PACKAGES = ("controlplane", "shared", "devices", "vcpu_worker", "jailer")
 GENERIC_ERROR = 1  # shared.exitcodes.GENERIC_ERROR, without importing it
+COLD_ENTRY = "from controlplane.cli import main; main()"
 
 
 def default_socket_path() -> str:
@@ -52,6 +61,14 @@ def socket_path() -> str | None:
     return None if value in ("", "off", "0", "no") else value
 
 
+def _sha256_hex(data: bytes) -> str:
+    try:
+        from _sha2 import sha256  # type: ignore[import-not-found]  # Python >= 3.12
+    except ImportError:
+        from _sha256 import sha256  # type: ignore[import-not-found,no-redef]  # 3.11 (hashlib loads OpenSSL: slower)
+    return str(sha256(data).hexdigest())
+
+
 def code_stamp() -> str:
     """What identifies the code a VMM would run: the interpreter and every embervm module's
     path, size and mtime. The server refuses a client whose stamp differs from its own (it
@@ -65,32 +82,74 @@ def code_stamp() -> str:
                 if name.endswith(".py"):
                     st = os.stat(os.path.join(directory, name))
                     parts.append(f"{directory}/{name}:{st.st_size}:{st.st_mtime_ns}")
-    import hashlib  # only here: ~1 ms
-
-    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+    return _sha256_hex("\n".join(parts).encode())
 
 
-def send(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
-    data = json.dumps(message).encode()
+# --- JSON with the json package's own C parts (the package imports re, ~5 ms) -----------------
+class _JsonContext:
+    """What `_json.make_scanner` reads from a `json.JSONDecoder`: plain JSON, strict."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = float  # NaN, Infinity, -Infinity
+
+
+_scan = _json.make_scanner(_JsonContext())  # type: ignore[arg-type]  # duck-typed, as json.decoder passes itself
+
+
+def dumps(value: object) -> str:
+    """JSON for the request's types: dicts with string keys, lists, strings, ints, bools, None."""
+    if isinstance(value, str):
+        return str(_json.encode_basestring_ascii(value))
+    if value is None or isinstance(value, bool):
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(dumps(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ",".join(f"{dumps(str(k))}:{dumps(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot encode {type(value).__name__} as JSON")
+
+
+def loads(data: bytes) -> object:
+    """Parse one JSON document (ValueError if it is not exactly one)."""
+    text = data.decode()
+    try:
+        value, end = _scan(text, 0)
+    except StopIteration:
+        raise ValueError("not JSON") from None
+    if text[end:].strip():
+        raise ValueError("extra data after the JSON document")
+    return value
+
+
+# --- the connection ------------------------------------------------------------------------
+def send(sock: _socket.socket, message: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = dumps(message).encode()
     if fds:
-        socket.send_fds(sock, [data], fds)
+        rights = b"".join(fd.to_bytes(4, sys.byteorder, signed=True) for fd in fds)
+        sock.sendmsg([data], [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, rights)])
     else:
         sock.send(data)
 
 
-def receive(sock: socket.socket) -> dict[str, Any] | None:
+def receive(sock: _socket.socket) -> dict[str, Any] | None:
     """The next message, or None at EOF."""
     data = sock.recv(MAX_MSG)
     if not data:
         return None
-    message = json.loads(data)
+    message = loads(data)
     if not isinstance(message, dict):
         raise ValueError("not a JSON object")
     return message
 
 
-def connect(path: str) -> socket.socket | None:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+def connect(path: str) -> _socket.socket | None:
+    sock = _socket.socket(_socket.AF_UNIX, _socket.SOCK_SEQPACKET | _socket.SOCK_CLOEXEC)
     try:
         sock.connect(path)
     except OSError:
@@ -111,7 +170,7 @@ def _open_stdio() -> list[int]:
     return opened
 
 
-def request_fork(sock: socket.socket, argv: list[str]) -> int | None:
+def request_fork(sock: _socket.socket, argv: list[str]) -> int | None:
     """Ask for a VMM; its pid (in this process's pid namespace), or None if refused."""
     stdio = _open_stdio()
     cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -136,14 +195,14 @@ def request_fork(sock: socket.socket, argv: list[str]) -> int | None:
     return int(reply["pid"])
 
 
-def stay_the_face(sock: socket.socket) -> NoReturn:
+def stay_the_face(sock: _socket.socket) -> NoReturn:
     """Forward signals to the VMM until it ends, then end the same way."""
-    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
-    signal.set_wakeup_fd(wake_w)
-    for sig in FORWARDED_SIGNALS:
-        signal.signal(sig, lambda *_: None)  # the wakeup fd carries the number
-    import select
+    import select  # only now: the server forks meanwhile
 
+    wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    _signal.set_wakeup_fd(wake_w)
+    for sig in FORWARDED_SIGNALS:
+        _signal.signal(sig, lambda *_: None)  # the wakeup fd carries the number
     while True:
         try:
             ready, _, _ = select.select([sock.fileno(), wake_r], [], [])
@@ -174,13 +233,26 @@ def end_like(status: int) -> NoReturn:
     sys.stdout.flush()
     if os.WIFSIGNALED(status):
         sig = os.WTERMSIG(status)
-        if sig not in (signal.SIGKILL, signal.SIGSTOP):  # those two cannot be caught anyway
-            signal.signal(sig, signal.SIG_DFL)
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, [sig])
+        if sig not in (_signal.SIGKILL, _signal.SIGSTOP):  # those two cannot be caught anyway
+            _signal.signal(sig, _signal.SIG_DFL)
+            _signal.pthread_sigmask(_signal.SIG_UNBLOCK, [sig])
         os.kill(os.getpid(), sig)
         time.sleep(1)
         os._exit(128 + sig)  # a signal this process cannot die of (SIGSTOP was never sent)
     os._exit(os.WEXITSTATUS(status) if os.WIFEXITED(status) else GENERIC_ERROR)
+
+
+def start_cold(args: list[str]) -> NoReturn:
+    """The cold path in this process: `controlplane.cli.main`. Started without site-packages
+    (the `-I -S` launcher), exec the interpreter as it starts by default first: same pid, the
+    usual sys.path and environment, and `-P` so that the working directory is not on sys.path."""
+    if sys.flags.no_site:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, [sys.executable, "-P", "-c", COLD_ENTRY, *args])
+    from controlplane import cli
+
+    cli.main(args)
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -197,6 +269,4 @@ def main(argv: list[str] | None = None) -> NoReturn:
         if pid is not None:
             stay_the_face(sock)
         sock.close()
-    from controlplane import cli
-
-    cli.main(args)
+    start_cold(args)

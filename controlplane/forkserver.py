@@ -42,6 +42,7 @@ from typing import Any, NoReturn
 
 from controlplane import caller_context as cc
 from controlplane import forkclient
+from shared.startup_trace import mark as _mark
 
 MAX_FDS = 4  # stdin, stdout, stderr, cwd
 REQUEST_TIMEOUT_S = 2.0
@@ -55,13 +56,25 @@ def preload() -> None:
     import uvicorn
     from fastapi import FastAPI
 
-    from controlplane import api, cli, microvm, server  # noqa: F401
+    from controlplane import api, cli, launcher, microvm, server  # noqa: F401
+    from controlplane.api.app import _routes, warm_routes
     from controlplane.models._base import FcModel
-    from controlplane.zygote import WORKER_ENTRIES, _resolve
+    from controlplane.policy import SUPERVISOR, ZYGOTE
+    from controlplane.zygote import WORKER_ENTRIES, _resolve, precompile_worker_filters
+    from shared.boot.cpu_state import identity_map_table
     from shared.confine import read_sources
+    from shared.seccomp import precompile
 
     for kind in WORKER_ENTRIES:
         _resolve(kind)
+    precompile(SUPERVISOR, ZYGOTE)  # every VMM's filters, and its workers': generated once
+    precompile_worker_filters()
+    cli._parser()  # the command line's parser, the API's routes, the boot page tables: built once
+    _routes()
+    warm_routes()
+    identity_map_table()
+    with contextlib.suppress(ImportError):  # what anyio imports at its first worker thread (sync endpoints)
+        import anyio._backends._asyncio  # noqa: F401
     config = uvicorn.Config(FastAPI(), log_config=None, lifespan="off")
     config.load()  # imports the HTTP protocol and loop modules uvicorn picks at run time
     todo: list[type] = [FcModel]
@@ -152,6 +165,7 @@ class ForkServer:
                 _reply(conn, {"op": "refused", "why": why})
                 return
             assert isinstance(request, dict)
+            _mark("server: request read")
             pidfd = os.pidfd_open(pid)
             try:
                 if select.select([conn], [], [], 0)[0] and not conn.recv(1, socket.MSG_PEEK):
@@ -175,6 +189,7 @@ class ForkServer:
         sys.stderr.flush()
         self.forks += 1
         child = os.fork()
+        _mark("server: reaper forked" if child else "reaper: born")
         if child == 0:  # pragma: no cover - runs in the reaper
             code = 1
             try:
@@ -235,12 +250,14 @@ def _reaper(  # pragma: no cover - runs in the reaper
             raise cc.ContextError(why)
         root_fd = os.open(ctx.root_path, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         cgroup_fds = cc.open_cgroup_procs(ctx)
+        _mark("reaper: context read")
         cc.enter_namespaces(ctx, pidfd)
     except (cc.ContextError, OSError) as e:
         _reply(conn, {"op": "refused", "why": str(e)})
         return 1
     go_r, go_w = os.pipe2(os.O_CLOEXEC)
     vmm = os.fork()
+    _mark("reaper: VMM forked" if vmm else "vmm: born")
     if vmm == 0:
         os.close(go_w)
         _vmm(conn, ctx, request, fds, root_fd, go_r)
@@ -312,6 +329,7 @@ def _vmm(  # pragma: no cover - runs in the VMM
         except (cc.ContextError, OSError) as e:
             _reply(conn, {"op": "refused", "why": f"cannot take on the caller's context: {e}"})
             os._exit(1)
+        _mark("vmm: context taken on")
         from shared.process import close_fds_except, die_with_parent, set_process_name
 
         die_with_parent(signal.SIGKILL)  # after the uid change, which clears it
@@ -332,6 +350,7 @@ def _vmm(  # pragma: no cover - runs in the VMM
         from controlplane import cli
 
         cli.START_NS = int(request["start_ns"])
+        cli.BIND_EARLY = True  # everything is imported: the API serves ~15 ms after binding
         argv = list(request["argv"])
         if not any(a.startswith("--parent-cpu-time-us") for a in argv):
             argv += ["--parent-cpu-time-us", str(int(request["cpu_us"]))]  # the client's share

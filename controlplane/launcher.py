@@ -19,6 +19,7 @@ from controlplane.zygote import Zygote
 from shared.boot.errors import BootError
 from shared.kvm import Kvm, KvmError, open_kvm
 from shared.seccomp import SeccompKillLog
+from shared.startup_trace import mark
 
 
 class Launcher:
@@ -31,8 +32,9 @@ class Launcher:
         self.seccomp_kills = SeccompKillLog.open()  # which syscall a filter killed a worker for
 
     @classmethod
-    def start(cls, seccomp: bool = True) -> Launcher:
-        zygote = Zygote.start(seccomp)  # seccomp False: --no-seccomp
+    def start(cls, seccomp: bool = True, close_in_zygote: tuple[int, ...] = ()) -> Launcher:
+        """Fork the zygote; it closes `close_in_zygote` (fds it must not hold) at once."""
+        zygote = Zygote.start(seccomp, close_in_zygote)  # seccomp False: --no-seccomp
         run_dir = tempfile.mkdtemp(prefix="embervm-")
         return cls(zygote, run_dir)
 
@@ -48,6 +50,7 @@ class Launcher:
             Kvm(kvm_fd).check()
             devices = plan_devices(spec)
             plan = build_guest(spec, devices)
+            mark("start_vm: guest built")
         except (KvmError, BootError, OSError, ValueError) as e:
             os.close(kvm_fd)
             for device in devices:

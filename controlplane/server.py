@@ -8,8 +8,8 @@ and guarantees the path is removed on exit.
 from __future__ import annotations
 
 import contextlib
-import os
 import signal
+import socket
 import threading
 from collections.abc import Iterator
 from types import FrameType
@@ -18,7 +18,8 @@ import uvicorn
 from fastapi import FastAPI
 
 from controlplane import logger as fclog
-from controlplane.uds import bind_unix_socket
+from controlplane import startup_signals
+from controlplane.uds import bind_unix_socket, release_unix_socket
 
 log = fclog.get("server")
 
@@ -41,6 +42,7 @@ class _Server(uvicorn.Server):
             self.should_exit = True
 
         previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        startup_signals.take_over(handle)  # one that came while embervm started
         try:
             yield
         finally:
@@ -51,9 +53,10 @@ class _Server(uvicorn.Server):
 class ApiServer:
     """One uvicorn server on one Unix socket; `serve` blocks until `stop` or a signal."""
 
-    def __init__(self, app: FastAPI, socket_path: str) -> None:
+    def __init__(self, app: FastAPI, socket_path: str, sock: socket.socket | None = None) -> None:
+        """`sock`: the socket `bind_unix_socket(socket_path)` made already (None: bind it now)."""
         self.socket_path = socket_path
-        self.sock = bind_unix_socket(socket_path)
+        self.sock = sock if sock is not None else bind_unix_socket(socket_path)
         config = uvicorn.Config(
             app,
             log_config=None,
@@ -89,6 +92,4 @@ class ApiServer:
         self.server.should_exit = True
 
     def close(self) -> None:
-        self.sock.close()
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.socket_path)
+        release_unix_socket(self.sock, self.socket_path)

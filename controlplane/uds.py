@@ -6,6 +6,7 @@ or FastAPI (most of a cold start's time).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -46,3 +47,10 @@ def bind_unix_socket(path: str) -> socket.socket:
         sock.close()
         raise SocketInUseError(err.errno, f"Failed to open the API socket at {path}: {err.strerror}") from None
     return sock
+
+
+def release_unix_socket(sock: socket.socket, path: str) -> None:
+    """Close a socket `bind_unix_socket` made (uvicorn may have closed it) and remove its path."""
+    sock.close()
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)

@@ -38,11 +38,14 @@ from typing import Any
 
 import msgpack
 
+from controlplane import startup_signals
 from controlplane.policy import ZYGOTE, drop_zygote_capabilities
 from shared import isolation
-from shared.confine import load_process_filter, warm_linecache
+from shared.confine import PID_IN_OWN_NAMESPACE, default_filter, load_process_filter, warm_linecache
 from shared.device_kinds import DEVICE_KINDS
 from shared.process import close_fds_except, die_with_parent, reset_inherited_io, set_process_name
+from shared.seccomp import Filter, precompile
+from shared.startup_trace import mark as _mark
 
 WorkerEntry = Callable[[dict[str, Any], list[int]], int]
 
@@ -71,6 +74,18 @@ def _test_entry(args: dict[str, Any], fds: list[int]) -> int:
     return int(args.get("code", 0))
 
 
+def precompile_worker_filters() -> None:
+    """Generate, once, the seccomp program of each worker kind whose policy is fixed (its
+    entry module's `POLICY`; the balloon's names one of its fds: generated in the worker), as a
+    worker in its own PID namespace loads it: every worker forked from here loads it as is
+    (shared.seccomp.program_for)."""
+    for entry in WORKER_ENTRIES.values():
+        module = importlib.import_module(entry.partition(":")[0])
+        fixed = getattr(module, "POLICY", None)
+        if isinstance(fixed, Filter):
+            precompile(default_filter(fixed, PID_IN_OWN_NAMESPACE))
+
+
 def _resolve(kind: str) -> WorkerEntry:
     module_name, _, func = WORKER_ENTRIES[kind].partition(":")
     return getattr(importlib.import_module(module_name), func)  # type: ignore[no-any-return]
@@ -86,15 +101,19 @@ class Zygote:
         self._exits: dict[int, int] = {}
 
     @classmethod
-    def start(cls, seccomp: bool = True) -> Zygote:
+    def start(cls, seccomp: bool = True, close: tuple[int, ...] = ()) -> Zygote:
         """Fork the zygote. Call before this process starts any thread or ZeroMQ context.
-        `seccomp` False (--no-seccomp) leaves it without its filter (controlplane/policy.py)."""
+        `seccomp` False (--no-seccomp) leaves it without its filter (controlplane/policy.py);
+        the zygote closes the fds in `close` first thing (the API socket, bound before it)."""
         if threading.active_count() > 1:
             raise ZygoteError("the zygote must be forked before any thread starts")
         parent_sock, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - runs in the child
             parent_sock.close()
+            for fd in close:
+                os.close(fd)
+            startup_signals.reset_in_child()  # the supervisor's; the zygote dies of SIGTERM
             code = 1
             try:
                 code = _zygote_main(child_sock, seccomp)
@@ -191,6 +210,7 @@ def _zygote_main(sock: socket.socket, seccomp: bool = True) -> int:  # pragma: n
     # host's filesystem (shared.confine.warm_linecache; a worker reads what is missing).
     idle_work: list[Callable[[], object]] = [
         *(lambda kind=kind: _resolve(kind) for kind in WORKER_ENTRIES if kind != "vcpu"),
+        precompile_worker_filters,  # no-op when the fork server did it
         warm_linecache,
     ]
     devnull = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
@@ -202,6 +222,7 @@ def _zygote_main(sock: socket.socket, seccomp: bool = True) -> int:  # pragma: n
     drop_zygote_capabilities()
     if seccomp:
         load_process_filter(ZYGOTE)  # a deny-list; every worker inherits it under its own
+    _mark("zygote: confined")
     while True:
         ready, _, _ = select.select([sock_fd, wake_r], [], [], 0 if idle_work else None)
         if not ready and idle_work:
@@ -259,6 +280,7 @@ def _spawn(
         )
         _close_all(fds, *([stderr_fd] if stderr_fd != devnull else []))
         return
+    _mark(f"zygote: cloned {kind}" if pid else f"worker {kind}: born")
     if pid == 0:
         code = 1
         try:

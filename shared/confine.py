@@ -40,7 +40,7 @@ from typing import Any
 
 import prctl
 
-from shared.seccomp import Filter, PolicyError, compile_filter, filter_from_json, policy, tgkill_own_process
+from shared.seccomp import Filter, PolicyError, filter_from_json, load_program, policy, program_for, tgkill_own_process
 
 PR_CAP_AMBIENT = 47
 PR_CAP_AMBIENT_CLEAR_ALL = 4
@@ -171,6 +171,7 @@ def clear_ambient_capabilities() -> None:
 # --- step 3: the seccomp filter ------------------------------------------------------------------
 EMBERVM_PACKAGES = ("controlplane", "shared", "devices", "vcpu_worker", "jailer")
 _STDLIB = sysconfig.get_paths()["stdlib"] + os.sep
+_modules_read = -1  # len(sys.modules) at the last `read_sources` here or in a process we were forked from
 
 
 def warm_linecache() -> int:
@@ -180,8 +181,12 @@ def warm_linecache() -> int:
     standard library's source lines, and third-party frames (pydantic, FastAPI, pyzmq, ...)
     without theirs. Reading every loaded module's source took 5.6 MiB and ~85 ms in the
     zygote of each microVM; these are ~3.3 MiB, read while the zygote is idle
-    (docs/performance.md). Returns the number of files read."""
-    count = read_sources()
+    (docs/performance.md). Returns the number of files read.
+
+    A process forked after the last read (a worker of the zygote, a VMM of the fork server)
+    that has imported nothing since does not walk the modules again: that walk writes to
+    every module's reference count, so it copied ~1000 shared pages into each worker."""
+    count = 0 if len(sys.modules) == _modules_read else read_sources()
     linecache.updatecache = _no_source  # type: ignore[assignment]
     return count
 
@@ -189,6 +194,7 @@ def warm_linecache() -> int:
 def read_sources() -> int:
     """The reading half of `warm_linecache`, which leaves linecache's look-ups as they are
     (the fork server reads them once for every VMM). Returns the number of files read."""
+    global _modules_read
     count = 0
     for module in list(sys.modules.values()):
         path = getattr(module, "__file__", None)
@@ -203,6 +209,7 @@ def read_sources() -> int:
                 lines = f.readlines()
             linecache.cache[path] = (sum(map(len, lines)), None, lines, path)
             count += 1
+    _modules_read = len(sys.modules)
     return count
 
 
@@ -224,16 +231,23 @@ def preload_lazy_state() -> None:
     first.join()
 
 
+PID_IN_OWN_NAMESPACE = 1  # a worker's pid in its own PID namespace (shared.isolation)
+
+
+def default_filter(default: Filter, pid: int) -> Filter:
+    """A worker's default policy with tgkill pinned to its process `pid`."""
+    return default + policy(tgkill_own_process(pid))
+
+
 def effective_filter(settings: SeccompSettings, default: Filter) -> Filter | None:
     """The filter a worker loads: its default policy or the user's, plus tgkill pinned to
     this process (unless the user's filter has its own tgkill rules); None when seccomp is off."""
     if settings.mode == "off":
         return None
-    own_threads = policy(tgkill_own_process(os.getpid()))  # the pid is known only now
     if settings.mode == "custom":
         user = filter_from_json(settings.custom, "custom seccomp filter")
-        return user if "tgkill" in user.syscalls() else user + own_threads
-    return default + own_threads
+        return user if "tgkill" in user.syscalls() else user + policy(tgkill_own_process(os.getpid()))
+    return default_filter(default, os.getpid())  # the pid is known only now (1 in its own namespace)
 
 
 def install_filter(settings: SeccompSettings, default: Filter) -> bool:
@@ -245,8 +259,8 @@ def install_filter(settings: SeccompSettings, default: Filter) -> bool:
         return False
     preload_lazy_state()
     try:
-        compiled = compile_filter(flt, tsync=True)
-        compiled.load()
+        program = program_for(flt)  # generated already when the zygote (or fork server) knew it
+        load_program(program)
     except OSError as e:
         raise ConfineError(f"cannot load the seccomp filter: {e}") from None
     return True
@@ -257,7 +271,8 @@ def load_process_filter(flt: Filter) -> None:
     and the zygote's deny-lists (controlplane/policy.py)."""
     prctl.set_no_new_privs(1)
     try:
-        compile_filter(flt, tsync=True).load()
+        program = program_for(flt)
+        load_program(program)
     except OSError as e:
         raise ConfineError(f"cannot load the seccomp filter: {e}") from None
 

@@ -23,6 +23,7 @@ Debian's libseccomp2; no BPF is written by hand here.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
@@ -352,6 +353,75 @@ def compile_filter(flt: Filter, tsync: bool = True) -> pyseccomp.SyscallFilter:
             continue  # libseccomp refuses a rule that repeats the default action
         compiled.add_rule(action, rule.syscall, *(c.to_arg() for c in rule.args))
     return compiled
+
+
+# --- compiled programs, kept for the processes forked later ---------------------------------
+SYS_SECCOMP = 317  # x86-64
+SECCOMP_SET_MODE_FILTER = 1
+SECCOMP_FILTER_FLAG_TSYNC = 1
+PR_SET_NO_NEW_PRIVS = 38
+BPF_INSN_SIZE = 8  # struct sock_filter
+_programs: dict[str, bytes] = {}  # repr(Filter) -> its BPF program; inherited over fork
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_char_p)]
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def export_program(flt: Filter) -> bytes:
+    """The BPF program libseccomp generates for `flt`: what `compile_filter(flt).load()` loads
+    (both go through libseccomp's one generator), as an array of `struct sock_filter`."""
+    compiled = compile_filter(flt)
+    fd = os.memfd_create("embervm-seccomp", os.MFD_CLOEXEC)
+    try:
+        with os.fdopen(fd, "w+b", closefd=False) as f:
+            compiled.export_bpf(f)
+            f.seek(0)
+            return f.read()
+    finally:
+        os.close(fd)
+
+
+def program_for(flt: Filter) -> bytes:
+    """`flt`'s program, generated once per process tree: a process that forks (the fork server,
+    the zygote) generates the programs of the processes it will fork (`precompile`), and they
+    load it without libseccomp generating it again."""
+    key = repr(flt)  # a Filter is plain data: equal filters, equal reprs
+    program = _programs.get(key)
+    if program is None:
+        program = _programs[key] = export_program(flt)
+    return program
+
+
+def precompile(*filters: Filter) -> None:
+    """Generate the programs of filters that processes forked from this one will load."""
+    for flt in filters:
+        program_for(flt)
+
+
+def load_program(program: bytes, tsync: bool = True) -> None:
+    """Set no_new_privs and load a BPF program from `program_for`, as libseccomp's
+    `seccomp_load` does with the program it generates (seccomp(2), TSYNC: on every thread)."""
+    if not program or len(program) % BPF_INSN_SIZE:
+        raise OSError(errno.EINVAL, "not a BPF program")
+    if _libc.prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"PR_SET_NO_NEW_PRIVS: {os.strerror(err)}")
+    fprog = _SockFprog(len(program) // BPF_INSN_SIZE, program)
+    flags = SECCOMP_FILTER_FLAG_TSYNC if tsync else 0
+    syscall = _libc.syscall
+    syscall.restype = ctypes.c_long
+    result = syscall(
+        ctypes.c_long(SYS_SECCOMP), ctypes.c_uint(SECCOMP_SET_MODE_FILTER), ctypes.c_uint(flags), ctypes.byref(fprog)
+    )
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"seccomp(SECCOMP_SET_MODE_FILTER): {os.strerror(err)}")
+    if result > 0:  # TSYNC: the thread that could not take the filter
+        raise OSError(errno.EAGAIN, f"seccomp: thread {result} could not be synchronized")
 
 
 def syscall_name(number: int) -> str:

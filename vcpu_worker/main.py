@@ -35,6 +35,8 @@ from shared.kvm import host_address_of
 from shared.memlimit import limit_memory, vcpu_headroom
 from shared.memory import GuestMemory
 from shared.spawn import VcpuSpawn
+from shared.startup_trace import hold as hold_trace
+from shared.startup_trace import mark
 from shared.uffd import hand_over_mapping
 from vcpu_worker import vm_state
 from vcpu_worker.boot_timer import BootTimer
@@ -313,6 +315,8 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
     isolation_args = dict(args.get("isolation") or {})
     if not isolation_args.get("namespaces"):
         drop_privileges()  # before ZeroMQ starts its threads: capabilities are per thread
+    hold_trace()  # its later marks are written under the filter
+    mark("vcpu: run")
     install_kick_handler()
     ctx = zmq.Context()
     try:
@@ -332,6 +336,7 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
                     hand_over_mapping(spawn.uffd_dev, host_address_of(mapping), len(mapping), fd_channel)
 
             machine = build_machine(kvm_fd, memfd, args, on_mapped)
+            mark("vcpu: machine built")
             worker = VcpuWorker(machine, console_fd, ctl, fd_channel)
             if args.get("restore") is not None:
                 worker.restore_port_devices(args["restore"])
@@ -351,6 +356,7 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
             if args.get("restore") is not None:
                 vm_state.restore_clock(machine.vm, args["restore"])
             install_filter(seccomp, POLICY)  # set-up is over: from here on, only the policy's syscalls
+            mark("vcpu: filter loaded")
         except Exception as e:
             ctl.send(
                 p.encode(

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from shared import exitcodes
 from shared import kvm_abi as abi
 from shared.kvm import Vcpu
+from shared.startup_trace import mark
 from vcpu_worker.bus import Bus
 from vcpu_worker.mmio_bus import MmioBus
 
@@ -112,6 +113,7 @@ class VcpuThread:
             return not self._stopping
 
     def _main(self) -> None:
+        mark(f"vcpu {self.vcpu.id}: first KVM_RUN")
         try:
             while self._wait_while_paused():
                 reason = self.vcpu.run_once()

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
-from fastapi import FastAPI, Request
+import contextlib
+import functools
+import inspect
+
+import fastapi.routing
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import BaseRoute
 
 from controlplane.api import (
     actions,
@@ -62,6 +68,34 @@ def fault(message: str, status: int = 400) -> JSONResponse:
     return JSONResponse({"fault_message": message}, status_code=status)
 
 
+@functools.cache
+def _routes() -> tuple[BaseRoute, ...]:
+    """Every resource's routes, built once per process and shared by its apps (a route does
+    not refer to its app: the Vmm comes from `request.app`). FastAPI analyses each endpoint's
+    signature as a route is added; the fork server does it once for every VMM it forks."""
+    router = APIRouter()
+    for module in _ROUTERS:
+        router.include_router(module.router)
+    return tuple(router.routes)
+
+
+def warm_routes() -> None:
+    """Do once, for every route, what FastAPI does at a route's first request: it reads the
+    endpoint's source lines for its error messages (inspect.getsourcelines, whose tokenizer
+    compiles its regular expressions at first use: ~15 ms) and keeps them per function. For
+    the fork server, whose VMMs then answer their first request without it."""
+    extract = getattr(fastapi.routing, "_extract_endpoint_context", None)  # FastAPI's own cache
+    for route in _routes():
+        endpoint = getattr(route, "endpoint", None)
+        if endpoint is None:
+            continue
+        with contextlib.suppress(OSError, TypeError):
+            if extract is not None:
+                extract(endpoint)
+            else:
+                inspect.getsourcelines(endpoint)
+
+
 def create_app(vmm: Vmm, max_payload: int = DEFAULT_MAX_PAYLOAD) -> FastAPI:
     """The API for one Vmm; `max_payload` is --http-api-max-payload-size."""
     app = FastAPI(
@@ -72,8 +106,7 @@ def create_app(vmm: Vmm, max_payload: int = DEFAULT_MAX_PAYLOAD) -> FastAPI:
         openapi_url=None,
     )
     app.state.vmm = vmm
-    for module in _ROUTERS:
-        app.include_router(module.router)
+    app.router.routes.extend(_routes())
 
     @app.exception_handler(ApiError)
     async def api_error(_: Request, err: ApiError) -> JSONResponse:

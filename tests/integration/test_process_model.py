@@ -13,6 +13,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -280,6 +281,42 @@ def test_the_api_socket_is_created_by_the_vmm(mode: Launch, tmp_path: Path) -> N
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_a_signal_as_soon_as_the_api_socket_exists_stops_the_vmm(mode: Launch, tmp_path: Path) -> None:
+    """The socket may exist before the server serves (a VMM of the fork server binds it first):
+    a SIGTERM sent at once still stops the microVM as one sent later does."""
+    sock = tmp_path / "api.sock"
+    proc = mode.popen(["--api-sock", str(sock), "--id", "pm-early"], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.001)
+        proc.terminate()
+        assert proc.wait(30) == 128 + signal.SIGTERM
+        assert not sock.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_an_api_socket_in_use_is_refused(mode: Launch, tmp_path: Path) -> None:
+    path = tmp_path / "api.sock"
+    other = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    other.bind(str(path))
+    other.listen(1)
+    try:
+        proc = mode.popen(
+            ["--api-sock", str(path), "--id", "pm-in-use"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        _, err = proc.communicate(timeout=30)
+        assert proc.returncode == exitcodes.GENERIC_ERROR
+        assert b"already in use by another process" in err
+        assert path.exists()  # the other process's socket is left alone
+    finally:
+        other.close()
 
 
 # --- the context the VMM runs in -----------------------------------------------------------------
