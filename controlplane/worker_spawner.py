@@ -109,6 +109,13 @@ class WorkerSpawner:
             except ValueError as e:
                 raise VmStartError(f"cannot start the {device.what}: {e}") from None
             handle = self._spawn(device.kind, device.name, args, fds, device.what)
+            if restore and slot is not None and slot.kept_sockets is not None:
+                # first: a restoring vsock worker waits for them while it builds its device,
+                # before it registers its guest memory (lazy.receive waits for that)
+                try:
+                    slot.kept_sockets.hand_over(mine)  # the connections it resumes
+                except OSError as e:
+                    log.error("cannot hand the %s its kept host sockets: %s", device.what, e)
             if args.get("uffd_dev") and self._sup.lazy is not None:
                 self._sup.lazy.receive(mine, handle, READY_TIMEOUT_S)
         except VmStartError:
@@ -118,11 +125,6 @@ class WorkerSpawner:
         finally:
             theirs.close()
             mmio_device.close()  # only the worker holds it: its death closes the channel
-        if restore and slot is not None and slot.kept_sockets is not None:
-            try:
-                slot.kept_sockets.hand_over(mine)  # the connections it resumes
-            except OSError as e:
-                log.error("cannot hand the %s its kept host sockets: %s", device.what, e)
         handle.device_id, handle.fd_channel = device.device_id, mine
         handle.metric_groups = device.device_kind.metric_groups(device.device_id, device.args)
         if device.kind == BLOCK.name:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 DATA_PORT_OFFSET = 0  # 0x60
 COMMAND_PORT_OFFSET = 4  # 0x64
@@ -60,6 +61,37 @@ class I8042:
             "missed_write_count": 0,
             "error_count": 0,
         }
+
+    def save_state(self) -> dict[str, Any]:
+        """What the guest's driver has set (control and output port, a command awaiting its
+        data byte) and the bytes it has not read, for a snapshot."""
+        with self._lock:
+            return {
+                "status": self._status,
+                "ctr": self._ctr,
+                "outp": self._outp,
+                "pending_cmd": self._pending_cmd,
+                "buf": bytes(self._buf),
+            }
+
+    def restore_state(self, state: Any) -> None:
+        """Take a snapshot's state (`save_state`), each field cut to its width and the buffer
+        to its size; ValueError for a state that is not a map."""
+        if not isinstance(state, dict):
+            raise ValueError("the i8042's state is not a map")
+
+        def byte(key: str, default: int) -> int:
+            value = state.get(key, default)
+            return value & 0xFF if isinstance(value, int) else default
+
+        buf = state.get("buf", b"")
+        with self._lock:
+            self._status = byte("status", self._status) & ~SB_OUT_DATA_AVAIL  # derived from the buffer
+            self._ctr = byte("ctr", self._ctr)
+            self._outp = byte("outp", 0)
+            pending = byte("pending_cmd", 0)
+            self._pending_cmd = pending if pending in (CMD_WRITE_CTR, CMD_WRITE_OUTP) else 0
+            self._buf = deque(bytes(buf)[:BUFFER_SIZE] if isinstance(buf, bytes) else b"")
 
     def read(self, offset: int) -> int:
         with self._lock:

@@ -186,9 +186,19 @@ class VcpuWorker:
             return p.VmState(b"", "the vCPUs are not paused")
         try:
             state = vm_state.save_vm(self.machine.kvm, self.machine.vm, self.machine.vcpus)
+            state["serial"] = self.serial.save_state()
+            state["i8042"] = self.i8042.save_state()
             return p.VmState(msgpack.packb(state, use_bin_type=True), "")
         except Exception as e:
             return p.VmState(b"", f"cannot save the VM state: {e}")
+
+    def restore_port_devices(self, state: dict[str, Any]) -> None:
+        """A snapshot's serial port and i8042 registers (a snapshot written before they were
+        saved has neither: they keep their power-on state)."""
+        if state.get("serial") is not None:
+            self.serial.restore_state(state["serial"])
+        if state.get("i8042") is not None:
+            self.i8042.restore_state(state["i8042"])
 
     def _dirty_pages(self) -> p.DirtyPages:
         """Diff snapshot: KVM's dirty log of every slot, as one bitmap over the memfd."""
@@ -328,6 +338,8 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
             machine = build_machine(kvm_fd, memfd, args, on_mapped)
             mark("vcpu: machine built")
             worker = VcpuWorker(machine, console_fd, ctl, fd_channel)
+            if args.get("restore") is not None:
+                worker.restore_port_devices(args["restore"])
             timer = args.get("boot_timer")
             if timer:  # --boot-timer: the first MMIO window, before the virtio devices (as Firecracker)
                 boot_timer = BootTimer(int(timer["start_ns"]), worker._log_info)
@@ -341,6 +353,8 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
                 wait_for_zmq_threads(ctx)  # libzmq's threads start with sched_getparam: not under the filter
             base = int(isolation_args.get("base_vm_size", 0))  # a runaway worker dies, not the host:
             limit_memory(machine.mem.size, vcpu_headroom(len(machine.vcpus)), base=base)
+            if args.get("restore") is not None:
+                vm_state.restore_clock(machine.vm, args["restore"])
             install_filter(seccomp, POLICY)  # set-up is over: from here on, only the policy's syscalls
             mark("vcpu: filter loaded")
         except Exception as e:

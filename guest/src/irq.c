@@ -267,3 +267,52 @@ static void test_irq(void)
 		printf("irq: FAIL timer interrupts %llu\n", irq_count(TIMER_VECTOR) - before);
 }
 GUEST_TEST("irq", test_irq);
+
+/*
+ * uartirq: serial input taken by interrupt only, as Linux's 8250 driver takes it: IER enables
+ * the received-data interrupt once, then the CPU halts until IRQ 4; the handler drains the
+ * receive FIFO. Prints "uartirq: ready", then "uartirq: got <line> irqs <n>" per line, for
+ * ever (snapshot tests: a restored UART must keep IER, or no line ever arrives).
+ */
+#define IER_RDA 0x01
+#define UARTIRQ_LSR 5
+#define UART_LSR_DR 0x01
+#define UARTIRQ_LINE_MAX 128
+
+static char uartirq_line[UARTIRQ_LINE_MAX];
+static volatile u32 uartirq_len;
+static volatile bool uartirq_done;
+
+static void uartirq_handler(u32 gsi, void *arg)
+{
+	while (inb(COM1 + UARTIRQ_LSR) & UART_LSR_DR) {
+		char c = (char)inb(COM1);
+		serial_irqs = serial_irqs + 1;
+		if (uartirq_done)
+			continue; /* the main loop has not printed the last line yet: drop */
+		if (c == '\n' || c == '\r') {
+			uartirq_done = uartirq_len > 0;
+			continue;
+		}
+		if (uartirq_len < UARTIRQ_LINE_MAX - 1) {
+			uartirq_line[uartirq_len] = c;
+			uartirq_len = uartirq_len + 1;
+		}
+	}
+}
+
+static void test_uartirq(void)
+{
+	irq_enable(SERIAL_IRQ, uartirq_handler, NULL);
+	outb(COM1 + UART_IER, IER_RDA);
+	println("uartirq: ready");
+	for (;;) {
+		while (!uartirq_done)
+			wait_for_interrupt();
+		uartirq_line[uartirq_len] = '\0';
+		printf("uartirq: got %s irqs %u\n", uartirq_line, serial_irqs);
+		uartirq_len = 0;
+		uartirq_done = false;
+	}
+}
+GUEST_TEST("uartirq", test_uartirq);

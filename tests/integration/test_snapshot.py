@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 import signal
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -420,3 +421,64 @@ def test_uffd_backend_without_a_handler_is_refused(tmp_path, guest_images, vms):
 
     assert "page-fault handler" in message, message
     assert descendants(target.proc.proc.pid) == before
+
+
+def test_a_microvm_with_vsock_loads_without_waiting_for_its_kept_sockets(tmp_path, guest_images, vms):
+    # A restoring vsock worker waits for the supervisor's list of kept host sockets before it
+    # registers its guest memory; the supervisor must send it first (it used to wait for the
+    # registration first: the worker gave up after 5 s and then dropped the list as unexpected).
+    (tmp_path / "disk.img").write_bytes(bytes(256 * 512))
+    source = Vm(tmp_path, "source")
+    vms.append(source)
+    assert_no_content(source.client.put("/machine-config", json={"vcpu_count": 1, "mem_size_mib": MEM_MIB}))
+    boot = {"kernel_image_path": str(guest_images.elf), "boot_args": "test=snap snap.delay=20000"}
+    assert_no_content(source.client.put("/boot-source", json=boot))
+    drive = {"drive_id": "disk", "path_on_host": str(tmp_path / "disk.img"), "is_root_device": False}
+    assert_no_content(source.client.put("/drives/disk", json=drive))
+    uds = str(tmp_path / "v.sock")
+    assert_no_content(source.client.put("/vsock", json={"guest_cid": 3, "uds_path": uds}))
+    assert_no_content(source.client.put("/actions", json={"action_type": "InstanceStart"}))
+    source.wait_count_past(2)
+    assert_no_content(source.client.patch("/vm", json={"state": "Paused"}))
+    last = max(source.counts())
+    state, mem = source.snapshot(tmp_path, "vsock")
+    source.kill()
+    os.unlink(uds)  # as Firecracker, a load binds uds_path again
+
+    restored = load(tmp_path, vms, "restored", state, mem)
+
+    restored.wait_count_past(last + 2)
+    assert "vsock_kept" not in restored.proc.stderr.text, restored.proc.stderr.text[-3000:]
+    assert "kept sockets" not in restored.proc.stderr.text, restored.proc.stderr.text[-3000:]
+
+
+def test_a_restored_uart_keeps_the_guests_interrupt_driven_input(tmp_path, guest_images, vms):
+    # test=uartirq enables the received-data interrupt once and halts until IRQ 4, as Linux's
+    # 8250 driver does: a restored UART back at IER 0 would take the typed line and never
+    # interrupt, and the guest would wait for ever.
+    source = Vm(tmp_path, "source")
+    vms.append(source)
+    assert_no_content(source.client.put("/machine-config", json={"vcpu_count": 1, "mem_size_mib": MEM_MIB}))
+    boot = {"kernel_image_path": str(guest_images.elf), "boot_args": "test=uartirq"}
+    assert_no_content(source.client.put("/boot-source", json=boot))
+    assert_no_content(source.client.put("/actions", json={"action_type": "InstanceStart"}))
+    assert wait_until(lambda: "uartirq: ready" in source.proc.console.text, timeout=20), source.proc.console.text
+    assert_no_content(source.client.patch("/vm", json={"state": "Paused"}))
+    state, mem = source.snapshot(tmp_path, "uart")
+    source.kill()
+    sock = str(tmp_path / "restored.sock")
+    restored = Embervm("--api-sock", sock, stdin=subprocess.PIPE)
+    try:
+        wait_connectable(sock, restored)
+        with ApiClient(sock) as client:
+            body = {"snapshot_path": state, "mem_backend": {"backend_type": "File", "backend_path": mem}}
+            assert_no_content(client.put("/snapshot/load", json={**body, "resume_vm": True}))
+            assert restored.proc.stdin is not None
+            restored.proc.stdin.write(b"hello\n")
+            restored.proc.stdin.flush()
+            got = wait_until(lambda: "uartirq: got hello" in restored.console.text, timeout=20)
+            assert got, f"console:\n{restored.console.text}\nstderr:\n{restored.stderr.text[-3000:]}"
+    finally:
+        if restored.proc.stdin is not None:
+            restored.proc.stdin.close()
+        restored.close()

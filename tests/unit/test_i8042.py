@@ -59,3 +59,34 @@ def test_empty_buffer_read_is_counted_as_missed():
 
     assert dev.read(k.DATA_PORT_OFFSET) == 0
     assert dev.metrics["missed_read_count"] == 1
+
+
+def test_a_snapshot_restores_the_control_register_a_pending_command_and_unread_bytes():
+    dev, _ = make()
+    dev.write(k.COMMAND_PORT_OFFSET, k.CMD_WRITE_CTR)
+    dev.write(k.DATA_PORT_OFFSET, 0x47)
+    dev.write(k.COMMAND_PORT_OFFSET, k.CMD_DISABLE_KBD)
+    dev.write(k.COMMAND_PORT_OFFSET, k.CMD_SELF_TEST)  # 0x55 waits to be read
+    dev.write(k.COMMAND_PORT_OFFSET, k.CMD_WRITE_OUTP)  # its data byte comes after the snapshot
+
+    restored, events = make()
+    restored.restore_state(dev.save_state())
+    assert events == []  # neither a reset nor an interrupt
+
+    assert restored.read(k.COMMAND_PORT_OFFSET) & (k.SB_OUT_DATA_AVAIL | k.SB_KBD_ENABLED) == k.SB_OUT_DATA_AVAIL
+    assert restored.read(k.DATA_PORT_OFFSET) == 0x55
+    restored.write(k.DATA_PORT_OFFSET, 0x03)  # the output port's byte, not a keyboard command
+    restored.write(k.COMMAND_PORT_OFFSET, k.CMD_READ_OUTP)
+    restored.write(k.COMMAND_PORT_OFFSET, k.CMD_READ_CTR)
+    assert (restored.read(k.DATA_PORT_OFFSET), restored.read(k.DATA_PORT_OFFSET)) == (0x03, 0x47)
+    assert "reset" not in events
+
+
+def test_a_hostile_saved_state_is_cut_to_size():
+    dev, _ = make()
+    dev.restore_state({"ctr": 1 << 20, "pending_cmd": k.CMD_RESET_CPU, "buf": b"\x01" * 100, "status": "?"})
+
+    reads = [dev.read(k.DATA_PORT_OFFSET) for _ in range(k.BUFFER_SIZE + 1)]
+    assert reads == [1] * k.BUFFER_SIZE + [0]
+    dev.write(k.DATA_PORT_OFFSET, 0x10)  # no command is pending: a keyboard command, acknowledged
+    assert dev.read(k.DATA_PORT_OFFSET) == k.KBD_ACK

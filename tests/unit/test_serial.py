@@ -119,3 +119,64 @@ def test_loopback_mode_mirrors_modem_control_as_linux_probes_it():
     uart.write(s.DATA, 0x55)
     assert sink.out == b""
     assert uart.read(s.DATA) == 0x55
+
+
+def test_a_snapshot_of_the_registers_restores_them_in_a_new_uart():
+    uart, _ = make()
+    uart.write(s.LCR, s.LCR_DLAB | 0x03)
+    uart.write(s.DATA, 0x01)  # divisor latch: 115200 baud
+    uart.write(s.IER, 0x00)
+    uart.write(s.LCR, 0x03)
+    uart.write(s.IER, s.IER_RDA | s.IER_THRE)
+    uart.write(s.MCR, 0x0B)
+    uart.write(s.SCR, 0x5A)
+    uart.enqueue_input(b"ab")
+
+    restored, sink = make()
+    restored.restore_state(uart.save_state())
+    assert sink.irqs == 0  # restoring raises nothing: the interrupt controller's state has its own
+
+    assert (restored.read(s.IER), restored.read(s.LCR), restored.read(s.MCR), restored.read(s.SCR)) == (
+        s.IER_RDA | s.IER_THRE,
+        0x03,
+        0x0B,
+        0x5A,
+    )
+    restored.write(s.LCR, s.LCR_DLAB | 0x03)
+    assert (restored.read(s.DATA), restored.read(s.IER)) == (0x01, 0x00)
+    restored.write(s.LCR, 0x03)
+    assert bytes([restored.read(s.DATA), restored.read(s.DATA)]) == b"ab"
+
+
+def test_a_restored_uart_keeps_the_drivers_thre_interrupt_going():
+    # Linux caches IER and enables THRE only when it is off in its cache: a restored UART
+    # with IER back at 0 would take the bytes but never interrupt, and output would stop.
+    uart, _ = make()
+    uart.write(s.IER, s.IER_THRE)
+    restored, sink = make()
+    restored.restore_state(uart.save_state())
+
+    restored.write(s.DATA, ord("x"))
+
+    assert sink.out == b"x" and sink.irqs == 1
+    assert restored.read(s.IIR_FCR) & 0x0F == s.IIR_THRE
+
+
+def test_a_hostile_saved_state_is_cut_to_the_registers_widths_and_the_fifos_size():
+    uart, _ = make()
+    uart.restore_state({"ier": 0x1FF, "lcr": "x", "scr": -1, "rx": b"z" * 1000, "dll": 1 << 40})
+
+    assert uart.read(s.IER) == 0x0F and uart.read(s.LCR) == 0x03 and uart.read(s.SCR) == 0xFF
+    assert uart.rx_room() == 0
+    uart.write(s.LCR, s.LCR_DLAB)
+    assert uart.read(s.DATA) == 0
+
+
+def test_a_saved_state_that_is_not_a_map_is_refused():
+    uart, _ = make()
+    try:
+        uart.restore_state([1, 2])
+    except ValueError as e:
+        assert "serial" in str(e)
+    else:
+        raise AssertionError("a list was taken as the UART's state")

@@ -464,6 +464,61 @@ check_blkstress() { # blkstress:<seconds>: write files of known contents, fsync,
     fi
 }
 
+check_snapshot() { # snapshot:<vsock port> (after net, root on vda): the guest the host snapshots,
+    # kills and restores in new embervm processes (tests/e2e/snapshot_inside.py). It holds a
+    # vsock connection to the host (CID 2), then counts on the console once a second until the
+    # host types "E2E-GO <address/prefix>@<peer>" on it, which it does only after a restore.
+    # Then, in the restored guest: the same boot id, the uptime and the count going on, the held
+    # connection ended by the transport reset, eth0 re-addressed and pinging its peer, MMDS
+    # answering (its value names this clone), the root fs taking a write (that value, in
+    # /e2e/identity), a new vsock connection (port 5000), and no error in the kernel log since
+    port=${1:-5002}
+    boot_id=$(cat /proc/sys/kernel/random/boot_id)
+    vsock-e2e hold 2 "$port" >/tmp/hold.out 2>&1 &
+    holder=$!
+    wait_for_line() { i=0; while ! grep -q "$1" /tmp/hold.out && [ $i -lt 300 ]; do sleep 0.1; i=$((i + 1)); done; }
+    wait_for_line pong
+    logged=$(dmesg | wc -l)
+    echo "E2E-SNAP looping boot_id=$boot_id hold='$(head -n 1 /tmp/hold.out)' clocksource=$(cat /sys/devices/system/clocksource/clocksource0/current_clocksource)"
+    n=0
+    line=""
+    reset_at=""
+    while :; do
+        n=$((n + 1))
+        echo "E2E-COUNT $n up=$(cut -d' ' -f1 /proc/uptime)"
+        if read -t 1 line; then
+            case $line in
+            *E2E-GO*) break ;;
+            *) echo "E2E-SNAP read '$line'" ;;
+            esac
+        fi
+        # restored, but no GO line within 30 counts of the held connection's end: the serial
+        # input is broken; say so and end (rather than count until the host's timeout)
+        if [ -z "$reset_at" ] && grep -q closed /tmp/hold.out; then reset_at=$n; fi
+        if [ -n "$reset_at" ] && [ $((n - reset_at)) -ge 30 ]; then
+            fail snapshot_console "no E2E-GO line on the serial console"
+            return
+        fi
+    done
+    echo "E2E-SNAP restored boot_id=$(cat /proc/sys/kernel/random/boot_id) up=$(cut -d' ' -f1 /proc/uptime) count=$n"
+    pass snapshot_console "read '$line'"
+    line=${line#*E2E-GO }
+    wait_for_line closed
+    kill "$holder" 2>/dev/null
+    hold=$(tail -n 1 /tmp/hold.out)
+    [ "$hold" = "closed -104" ] && pass snapshot_held "$hold" || fail snapshot_held "'$hold' (want the reset's -104)"
+    ip addr flush dev eth0
+    check_net "$line"
+    check_mmds /latest/meta-data/e2e
+    identity=$(wget -q -O - --header "X-metadata-token: $(mmds_token)" "http://169.254.169.254/latest/meta-data/e2e" 2>&1)
+    if echo "$identity" >/e2e/identity && sync; then pass snapshot_write "identity=$identity"; else fail snapshot_write "no write"; fi
+    check_vsock_connect 5000
+    pattern='error|fail|BUG|WARNING|stall|lockup|timed? ?out|unstable|hung|Call Trace|soft|hard'
+    dmesg | tail -n +$((logged + 1)) | sed 's/^/E2E-DMESG /'
+    errors=$(dmesg | tail -n +$((logged + 1)) | grep -ciE "$pattern")
+    [ "$errors" -eq 0 ] && pass snapshot_dmesg "new_lines=$(($(dmesg | wc -l) - logged))" || fail snapshot_dmesg "errors=$errors"
+}
+
 check_dmesg() { # diagnostics: the kernel log, or the lines matching the argument (a regex)
     dmesg | grep -E "${1:-.}" | sed 's/^/E2E-DMESG /'
     pass dmesg "lines=$(dmesg | wc -l)"

@@ -7,6 +7,9 @@
  *   vsock-e2e stream CID PORT BYTES      connect, send BYTES of the pattern (byte o is o % 251),
  *                                        half-close, read the host's pattern until it closes;
  *                                        print "stream sent=N received=M bad=K"
+ *   vsock-e2e hold CID PORT              connect, send "hold\n", print the reply line, then keep the
+ *                                        connection until it ends; print "closed 0" (the peer
+ *                                        closed) or "closed -<errno>" (e.g. -104: reset)
  *
  * Freestanding (no libc, raw system calls), built by tests/e2e/environment.py with
  * gcc -static -nostdlib. Exit status 0 on success; on failure it prints
@@ -212,6 +215,26 @@ static int do_stream(unsigned int cid, unsigned int port, unsigned long total) {
     return 0;
 }
 
+static int do_hold(unsigned int cid, unsigned int port) {
+    struct sockaddr_vm addr = {AF_VSOCK, 0, port, cid, {0}};
+    char buf[256];
+    long fd = sys3(SYS_socket, AF_VSOCK, SOCK_STREAM, 0), r;
+    if (fd < 0) return fail("socket", fd);
+    if ((r = sys3(SYS_connect, fd, (long)&addr, sizeof addr)) < 0) return fail("connect", r);
+    if ((r = send_all(fd, "hold\n", 5)) < 0) return fail("write", r);
+    if ((r = read_line(fd, buf, sizeof buf)) < 0) return fail("read", r);
+    out(buf);
+    out("\n");
+    while ((r = sys3(SYS_read, fd, (long)buf, sizeof buf)) > 0) {
+    }
+    out("closed ");
+    if (r < 0) out("-");
+    out_number((unsigned long)(r < 0 ? -r : r));
+    out("\n");
+    sys3(SYS_close, fd, 0, 0);
+    return 0;
+}
+
 static int streq(const char *a, const char *b) {
     while (*a && *a == *b) a++, b++;
     return *a == *b;
@@ -225,7 +248,9 @@ int cmain(long *sp) {
     if (argc == 5 && streq(argv[1], "send")) return do_send(number(argv[2]), number(argv[3]), number(argv[4]));
     if (argc == 3 && streq(argv[1], "sink")) return do_sink(number(argv[2]));
     if (argc == 5 && streq(argv[1], "stream")) return do_stream(number(argv[2]), number(argv[3]), number(argv[4]));
-    out("usage: vsock-e2e connect CID PORT MESSAGE | echo PORT | send CID PORT BYTES | sink PORT | stream CID PORT BYTES\n");
+    if (argc == 4 && streq(argv[1], "hold")) return do_hold(number(argv[2]), number(argv[3]));
+    out("usage: vsock-e2e connect CID PORT MESSAGE | echo PORT | send CID PORT BYTES | sink PORT | stream CID PORT BYTES"
+        " | hold CID PORT\n");
     return 2;
 }
 

@@ -3,6 +3,7 @@
     python vsock_host.py serve UDS_PATH_PORT              # guest-initiated: the VMM connects here
     python vsock_host.py connect UDS_PATH PORT MESSAGE    # host-initiated: "CONNECT PORT\\n", "OK ..."
     python vsock_host.py stream UDS_PATH_PORT BYTES [COUNT]  # guest-initiated streams, checked both ways
+    python vsock_host.py hold UDS_PATH_PORT               # like serve, then keep the connection open
 
 `serve` accepts one connection on the Unix socket `<uds_path>_<port>` the VMM connects to
 when the guest connects to CID 2, reads a line and answers "pong:<line>". `connect` keeps
@@ -44,6 +45,33 @@ def serve(path: str) -> int:
             line = read_line(conn)
             conn.sendall(f"pong:{line}\n".encode())
     print(f"served {line}")
+    return 0
+
+
+def hold(path: str) -> int:
+    """Serve one connection as `serve` does, then keep it open until the peer ends it (the
+    snapshot test: the guest holds it across a snapshot); prints "held <line>" once answered
+    and "closed after_s=<s>" when it ends."""
+    if os.path.exists(path):
+        os.unlink(path)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as listener:
+        listener.bind(path)
+        listener.listen(1)
+        listener.settimeout(600)
+        conn, _ = listener.accept()
+        with conn:
+            conn.settimeout(30)
+            line = read_line(conn)
+            conn.sendall(f"pong:{line}\n".encode())
+            print(f"held {line}", flush=True)
+            start = time.monotonic()
+            conn.settimeout(None)
+            try:
+                while conn.recv(4096):
+                    pass
+            except OSError as exc:
+                print(f"error {exc}", flush=True)
+    print(f"closed after_s={time.monotonic() - start:.1f}", flush=True)
     return 0
 
 
@@ -121,6 +149,8 @@ def connect(path: str, port: int, message: str) -> int:
 if __name__ == "__main__":
     if sys.argv[1:2] == ["serve"] and len(sys.argv) == 3:
         sys.exit(serve(sys.argv[2]))
+    if sys.argv[1:2] == ["hold"] and len(sys.argv) == 3:
+        sys.exit(hold(sys.argv[2]))
     if sys.argv[1:2] == ["stream"] and len(sys.argv) in (4, 5):
         sys.exit(stream(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]) if len(sys.argv) == 5 else 1))
     if sys.argv[1:2] == ["connect"] and len(sys.argv) == 5:
