@@ -12,6 +12,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from vcpu_worker.port_state import SavedPort
+
 DATA_PORT_OFFSET = 0  # 0x60
 COMMAND_PORT_OFFSET = 4  # 0x64
 
@@ -77,21 +79,14 @@ class I8042:
     def restore_state(self, state: Any) -> None:
         """Take a snapshot's state (`save_state`), each field cut to its width and the buffer
         to its size; ValueError for a state that is not a map."""
-        if not isinstance(state, dict):
-            raise ValueError("the i8042's state is not a map")
-
-        def byte(key: str, default: int) -> int:
-            value = state.get(key, default)
-            return value & 0xFF if isinstance(value, int) else default
-
-        buf = state.get("buf", b"")
+        saved = SavedPort(state, "i8042")
         with self._lock:
-            self._status = byte("status", self._status) & ~SB_OUT_DATA_AVAIL  # derived from the buffer
-            self._ctr = byte("ctr", self._ctr)
-            self._outp = byte("outp", 0)
-            pending = byte("pending_cmd", 0)
+            self._status = saved.byte("status", self._status) & ~SB_OUT_DATA_AVAIL  # derived from the buffer
+            self._ctr = saved.byte("ctr", self._ctr)
+            self._outp = saved.byte("outp", 0)
+            pending = saved.byte("pending_cmd", 0)
             self._pending_cmd = pending if pending in (CMD_WRITE_CTR, CMD_WRITE_OUTP) else 0
-            self._buf = deque(bytes(buf)[:BUFFER_SIZE] if isinstance(buf, bytes) else b"")
+            self._buf = deque(saved.buffer("buf", BUFFER_SIZE))
 
     def read(self, offset: int) -> int:
         with self._lock:

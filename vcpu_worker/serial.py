@@ -16,6 +16,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from vcpu_worker.port_state import SavedPort
+
 DATA, IER, IIR_FCR, LCR, MCR, LSR, MSR, SCR = range(8)
 
 IER_RDA = 0x01
@@ -82,23 +84,16 @@ class Serial8250:
         """Take a snapshot's registers (`save_state`); the file is checksummed but not trusted:
         every register is cut to its width and the receive FIFO to its size. ValueError for a
         state that is not a map."""
-        if not isinstance(state, dict):
-            raise ValueError("the serial port's state is not a map")
-
-        def byte(key: str, default: int) -> int:
-            value = state.get(key, default)
-            return value & 0xFF if isinstance(value, int) else default
-
-        rx = state.get("rx", b"")
+        saved = SavedPort(state, "serial port")
         with self._lock:
-            self.ier = byte("ier", 0) & 0x0F
-            self.lcr = byte("lcr", self.lcr)
-            self.mcr = byte("mcr", self.mcr)
-            self.scr = byte("scr", 0)
-            self.dll = byte("dll", self.dll)
-            self.dlm = byte("dlm", 0)
-            self._thre_pending = bool(state.get("thre_pending", False))
-            self._rx = deque(bytes(rx)[:RX_FIFO_SIZE] if isinstance(rx, bytes) else b"")
+            self.ier = saved.byte("ier", 0) & 0x0F
+            self.lcr = saved.byte("lcr", self.lcr)
+            self.mcr = saved.byte("mcr", self.mcr)
+            self.scr = saved.byte("scr", 0)
+            self.dll = saved.byte("dll", self.dll)
+            self.dlm = saved.byte("dlm", 0)
+            self._thre_pending = saved.flag("thre_pending")
+            self._rx = deque(saved.buffer("rx", RX_FIFO_SIZE))
 
     def rx_room(self) -> int:
         """How many input bytes the receive FIFO can take now."""
