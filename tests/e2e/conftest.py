@@ -1,12 +1,24 @@
-"""The soak (marked `soak`) runs only when asked for: `-m soak` (tests/e2e/README.md).
+"""The nested modules' environment (`env`), and the soak (marked `soak`), which runs only
+when asked for: `-m soak` (tests/e2e/README.md).
 
-A hook rather than `addopts = -m "not soak"`: a second `-m` on the command line (say
+For the soak, a hook rather than `addopts = -m "not soak"`: a second `-m` on the command line (say
 `scripts/test -m "not e2e"`) would replace that one and let the soak in.
 """
 
 from __future__ import annotations
 
 import pytest
+
+from tests.e2e.environment import Environment, EnvironmentError_, prepare
+
+
+@pytest.fixture(scope="session")
+def env() -> Environment:
+    """The prepared e2e environment; a nested test fails, rather than skips, without it."""
+    try:
+        return prepare()
+    except EnvironmentError_ as exc:
+        pytest.fail(f"cannot prepare the nested environment: {exc}")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

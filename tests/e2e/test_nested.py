@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.environment import Environment, EnvironmentError_, prepare
+from tests.e2e.environment import Environment
 from tests.e2e.nested import Case, NestedRun, run_cases
 
 # The first test sets up the module's one outer-VM run of every case (about ten minutes on a
@@ -219,14 +219,6 @@ NET_EXHAUSTED_CASE = Case(
 )
 FAULT_CASES = [BLK_FAULTS_CASE, VSOCK_FAULTS_CASE, NET_FAULTS_CASE, NET_EXHAUSTED_CASE]
 CASES = {c.name: c for c in [*BOOT_CASES, *DEVICE_CASES, API_CASE, *FAULT_CASES]}
-
-
-@pytest.fixture(scope="module")
-def env() -> Environment:
-    try:
-        return prepare()
-    except EnvironmentError_ as exc:
-        pytest.fail(f"cannot prepare the nested environment: {exc}")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e.environment import Environment, EnvironmentError_, prepare
+from tests.e2e.environment import Environment
 from tests.e2e.nested import Case, NestedRun, run_cases
 
 pytestmark = pytest.mark.e2e
@@ -32,11 +32,7 @@ CASE = Case(
 
 
 @pytest.fixture(scope="module")
-def nested() -> NestedRun:
-    try:
-        env: Environment = prepare()
-    except EnvironmentError_ as exc:
-        pytest.fail(f"cannot prepare the nested environment: {exc}")
+def nested(env: Environment) -> NestedRun:
     return run_cases([CASE], env)
 
 

@@ -15,7 +15,7 @@ import re
 
 import pytest
 
-from tests.e2e.environment import Environment, EnvironmentError_, prepare
+from tests.e2e.environment import Environment
 from tests.e2e.nested import OUTER_OVERHEAD_S, Case, CaseResult, NestedRun, parse_cases
 from tests.e2e.outer import run_outer
 
@@ -44,11 +44,7 @@ PEERS = {"restored": "172.16.5.1", "clone1": "172.16.6.1", "clone2": "172.16.7.1
 
 
 @pytest.fixture(scope="module")
-def nested() -> NestedRun:
-    try:
-        env: Environment = prepare()
-    except EnvironmentError_ as exc:
-        pytest.fail(f"cannot prepare the nested environment: {exc}")
+def nested(env: Environment) -> NestedRun:
     scenario = {
         "case": {**CASE.to_json(), "initrd": True},
         "metadata": {"latest": {"meta-data": {"e2e": "source"}}},

@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-from tests.e2e.environment import Environment, EnvironmentError_, prepare
+from tests.e2e.environment import Environment
 from tests.e2e.nested import Case, NestedRun, run_cases
 from tests.e2e.test_nested import FAULT_DRIVER, IO_PEER, METADATA, ROOT_DRIVE, VSOCK_HOST, fields
 
@@ -54,11 +54,7 @@ SOAK_CASE = Case(
 
 
 @pytest.fixture(scope="module")
-def soak() -> NestedRun:
-    try:
-        env: Environment = prepare()
-    except EnvironmentError_ as exc:
-        pytest.fail(f"cannot prepare the nested environment: {exc}")
+def soak(env: Environment) -> NestedRun:
     return run_cases([SOAK_CASE], env)
 
 
