@@ -3,6 +3,7 @@ and the `-I -S` launcher that starts it (controlplane/forkclient.py, client_laun
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -10,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -104,26 +106,17 @@ def test_the_launchers_cold_path_does_not_import_from_the_working_directory(tmp_
     assert "working directory" not in out.stderr
 
 
-def _fake_server(tmp_path: Path) -> socket.socket:
-    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-    listener.bind(str(tmp_path / "fs.sock"))
-    listener.listen(1)
-    listener.settimeout(60)
-    return listener
-
-
-def _client(tmp_path: Path) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "EMBERVM_FORK_SERVER": str(tmp_path / "fs.sock")}
-    code = "from controlplane import forkclient; forkclient.main(['--id', 't'])"
-    return subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO, stdin=subprocess.DEVNULL)
-
-
-def test_a_signal_that_comes_while_the_server_forks_is_forwarded_to_the_vmm(tmp_path: Path) -> None:
-    """The VMM's API socket can exist before this process has read the server's answer: a
-    SIGTERM sent then must reach the VMM, not be lost (as pid 1 of a PID namespace) nor kill
-    the client alone."""
-    with _fake_server(tmp_path) as listener:
-        client = _client(tmp_path)
+@contextlib.contextmanager
+def sigterm_during_the_fork(tmp_path: Path) -> Iterator[tuple[socket.socket, subprocess.Popen[bytes]]]:
+    """A client of a fake fork server, SIGTERMed after it asked for a fork and before the
+    server answers; (the server's end of the connection, the client)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as listener:
+        listener.bind(str(tmp_path / "fs.sock"))
+        listener.listen(1)
+        listener.settimeout(60)
+        env = {**os.environ, "EMBERVM_FORK_SERVER": str(tmp_path / "fs.sock")}
+        code = "from controlplane import forkclient; forkclient.main(['--id', 't'])"
+        client = subprocess.Popen([sys.executable, "-c", code], env=env, cwd=REPO, stdin=subprocess.DEVNULL)
         try:
             conn, _ = listener.accept()
             with conn:
@@ -131,29 +124,26 @@ def test_a_signal_that_comes_while_the_server_forks_is_forwarded_to_the_vmm(tmp_
                 assert forkclient.receive(conn)["op"] == "fork"  # type: ignore[index]
                 client.send_signal(signal.SIGTERM)  # before the answer
                 time.sleep(0.3)
-                assert client.poll() is None, "the client died of the signal meant for the VMM"
-                forkclient.send(conn, {"op": "forked", "pid": 12345})
-                assert forkclient.receive(conn) == {"op": "signal", "signal": signal.SIGTERM}
-                forkclient.send(conn, {"op": "exit", "status": 7 << 8})
-            assert client.wait(30) == 7
+                yield conn, client
         finally:
             client.kill()
             client.wait()
+
+
+def test_a_signal_that_comes_while_the_server_forks_is_forwarded_to_the_vmm(tmp_path: Path) -> None:
+    """The VMM's API socket can exist before this process has read the server's answer: a
+    SIGTERM sent then must reach the VMM, not be lost (as pid 1 of a PID namespace) nor kill
+    the client alone."""
+    with sigterm_during_the_fork(tmp_path) as (conn, client):
+        assert client.poll() is None, "the client died of the signal meant for the VMM"
+        forkclient.send(conn, {"op": "forked", "pid": 12345})
+        assert forkclient.receive(conn) == {"op": "signal", "signal": signal.SIGTERM}
+        forkclient.send(conn, {"op": "exit", "status": 7 << 8})
+        assert client.wait(30) == 7
 
 
 def test_a_signal_before_a_refused_fork_stops_the_client(tmp_path: Path) -> None:
     """Refused, the client would start cold: a SIGTERM that came meanwhile stops it instead."""
-    with _fake_server(tmp_path) as listener:
-        client = _client(tmp_path)
-        try:
-            conn, _ = listener.accept()
-            with conn:
-                conn.settimeout(60)
-                assert forkclient.receive(conn)["op"] == "fork"  # type: ignore[index]
-                client.send_signal(signal.SIGTERM)
-                time.sleep(0.3)
-                forkclient.send(conn, {"op": "refused", "why": "test"})
-                assert client.wait(30) == -signal.SIGTERM
-        finally:
-            client.kill()
-            client.wait()
+    with sigterm_during_the_fork(tmp_path) as (conn, client):
+        forkclient.send(conn, {"op": "refused", "why": "test"})
+        assert client.wait(30) == -signal.SIGTERM
