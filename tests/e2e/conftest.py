@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from tests.e2e import outer
 from tests.e2e.environment import Environment, EnvironmentError_, prepare
 
 
@@ -28,3 +29,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     if soak:
         config.hook.pytest_deselected(items=soak)
         items[:] = [item for item in items if not item.get_closest_marker("soak")]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """Stalled outer VMs were run once more (tests/e2e/outer.py); say so even when that passed."""
+    if outer.STALLS:
+        terminalreporter.section("outer VM stalls, each run once more")
+        for line in outer.STALLS:
+            terminalreporter.write_line(line)

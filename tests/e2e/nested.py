@@ -23,7 +23,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from tests.e2e.environment import Environment, prepare  # noqa: E402
-from tests.e2e.outer import OuterRun, run_outer  # noqa: E402
+from tests.e2e.outer import STUCK, OuterRun, run_outer_retrying_a_stall  # noqa: E402
 
 # `quiet`: every console byte costs two trapped port accesses, which one level down in an
 # emulator is ~1 ms; Linux's boot log alone would add ~20 s per boot.
@@ -118,7 +118,11 @@ class NestedRun:
         return self.results[name]
 
     def tail(self, lines: int = 60) -> str:
-        text = "\n".join(self.outer.console.splitlines()[-lines:])
+        """The console's end; from `lines` before E2E-OUTER-STUCK when the job ran out of time."""
+        console = self.outer.console.splitlines()
+        stuck = next((i for i, line in enumerate(console) if line.startswith(STUCK)), None)
+        start = len(console) - lines if stuck is None else stuck - lines
+        text = "\n".join(console[max(start, 0) :])
         return f"--- outer VM console (last {lines} lines; full log {self.outer.log}) ---\n{text}\n--- end ---"
 
 
@@ -161,7 +165,7 @@ def inside_job(cases: list[Case]) -> str:
 
 def run_cases(cases: list[Case], env: Environment | None = None, echo: TextIO | None = None) -> NestedRun:
     timeout = OUTER_OVERHEAD_S + sum(c.timeout + 15 for c in cases)
-    outer = run_outer(inside_job(cases), timeout, env=env or prepare(), echo=echo)
+    outer = run_outer_retrying_a_stall(inside_job(cases), timeout, env=env or prepare(), echo=echo)
     return NestedRun(outer, parse_cases(outer.console))
 
 

@@ -68,6 +68,7 @@ class Embervm:
         self.facts: list[str] = []
         self.seccomp: dict[str, tuple[int, str]] = {}
         self.api: ApiClient | None = None
+        self.progress(f"started pid={self.proc.pid}")
 
     def client(self, timeout: float = 60) -> ApiClient:
         deadline = time.monotonic() + timeout
@@ -79,7 +80,12 @@ class Embervm:
         return self.api
 
     def fact(self, key: str, value: object) -> None:
+        """Kept for the case's frame, and shown at once: a run that times out shows how far it got."""
         self.facts.append(f"{key}={value}")
+        self.progress(f"{key}={value}")
+
+    def progress(self, what: str) -> None:
+        out(f"E2E-PROGRESS {self.name} {what} t={time.monotonic() - self.start:.1f}")
 
     def console(self) -> str:
         return self.console_path.read_bytes().decode(errors="replace")
@@ -115,8 +121,11 @@ class Embervm:
             time.sleep(0.3)
         timed_out = self.proc.poll() is None
         if timed_out:
+            self.progress("timed out: killed")
             self.proc.kill()
-        return self.proc.wait(), timed_out
+        status = self.proc.wait()
+        self.progress(f"exited status={status}")
+        return status, timed_out
 
     def report(self, api_lines: list[str], status: int, timed_out: bool) -> None:
         """The case's frame (see the module docstring)."""

@@ -5,14 +5,16 @@ from __future__ import annotations
 import io
 import stat
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
+from tests.e2e import outer
 from tests.e2e.cpio import Archive
 from tests.e2e.environment import EnvironmentError_, ModuleIndex
 from tests.e2e.nested import BASE_ARGS, Case, inside_job, parse_cases
-from tests.e2e.outer import decode_status
+from tests.e2e.outer import OuterRun, decode_status
 
 
 def read_newc(data: bytes) -> dict[str, tuple[int, bytes, tuple[int, int]]]:
@@ -125,6 +127,48 @@ def test_isa_debug_exit_status_is_decoded_and_the_console_is_the_fallback():
     assert decode_status(0, "E2E-OUTER-EXIT 7\n") == 7  # powered off instead
     assert decode_status(124, "") is None  # timeout(1)
     assert decode_status(137, "E2E-OUTER-EXIT 2\n") == 2
+
+
+def test_an_outer_vm_that_prints_nothing_for_the_stall_time_is_ended_as_stalled(tmp_path: Path):
+    proc = subprocess.Popen(["sh", "-c", "echo once; exec sleep 60"], stdout=subprocess.PIPE)
+    heard = [time.monotonic()]
+    start = time.monotonic()
+
+    status, ended, silent_s = outer._wait(proc, start + 60, heard, stall_s=1.5)
+
+    assert ended and status != 0 and silent_s is not None and silent_s > 1.5
+    assert time.monotonic() - start < 10
+    proc.stdout.close()  # type: ignore[union-attr]
+
+
+def test_an_outer_vm_that_goes_on_printing_runs_to_its_deadline():
+    proc = subprocess.Popen(["sh", "-c", "exec sleep 60"])
+    heard = [time.monotonic() + 3600]  # heard from "just now" all along
+
+    status, ended, silent_s = outer._wait(proc, time.monotonic() + 2, heard, stall_s=1)
+
+    assert (ended, silent_s) == (True, None) and status != 0
+
+
+def run_of(console: str, job_status: int | None, timed_out: bool, silent_s: float | None = None) -> OuterRun:
+    return OuterRun(0, job_status, console, Path("log"), 1.0, timed_out, silent_s)
+
+
+def test_only_a_stalled_outer_vm_is_run_once_more(monkeypatch: pytest.MonkeyPatch):
+    stalled = run_of("E2E-OUTER-READY\nE2E-OUTER-ALIVE uptime=68.10 load=1.0\n", None, True, silent_s=241)
+    stuck = run_of("E2E-OUTER-STUCK the job ran out of time at uptime=870\nE2E-OUTER-EXIT 137\n", 137, False)
+    fine = run_of("E2E-OUTER-EXIT 0\n", 0, False)
+    cases = (([stalled, fine], 2, fine), ([stuck, fine], 1, stuck), ([stalled, stalled], 2, stalled))
+    for runs, calls, result in cases:
+        queue = list(runs)
+        monkeypatch.setattr(outer, "run_outer", lambda *a, queue=queue, **k: queue.pop(0))
+        monkeypatch.setattr(outer, "STALLS", [])
+
+        assert outer.run_outer_retrying_a_stall("job", 10) is result
+        assert len(runs) - len(queue) == calls
+        assert len(outer.STALLS) == calls - 1
+    assert "stalled: silent for 241 s" in stalled.describe() and "uptime 68.10" in stalled.describe()
+    assert "E2E-OUTER-STUCK" in stuck.describe() and not stuck.stalled
 
 
 SAMPLE = """noise

@@ -27,14 +27,46 @@ arg() { for w in $(cat /proc/cmdline); do case "$w" in "$1"=*) echo "${w#*=}" ;;
 timeout_s=$(arg e2e.timeout)
 echo "E2E-OUTER-READY uptime=$(cut -d' ' -f1 /proc/uptime) kvm=$([ -c /dev/kvm ] && echo yes || echo no)"
 
+# A line a minute (e2e.alive), so that a run that times out shows whether the outer VM still ran (a job
+# that hung) or stopped printing altogether (the outer VM stalled).
+alive_s=$(arg e2e.alive)
+if [ "${alive_s:-0}" -gt 0 ]; then
+    ( while sleep "$alive_s"; do echo "E2E-OUTER-ALIVE uptime=$(cut -d' ' -f1 /proc/uptime) load=$(cut -d' ' -f1 /proc/loadavg)"; done ) &
+    alive=$!
+fi
+
+# When the job runs out of time, show where it and the kernel are, before it is killed: the
+# processes, the blocked tasks' kernel stacks (also sysrq w) and the kernel's last lines.
+stuck() {
+    echo "E2E-OUTER-STUCK the job ran out of time at uptime=$(cut -d' ' -f1 /proc/uptime)"
+    ps -o pid,stat,rss,args
+    for d in /proc/[0-9]*; do
+        case $(cut -d' ' -f3 "$d/stat" 2>/dev/null) in
+        D) echo "--- $d $(cat "$d/comm")"; cat "$d/stack" ;;
+        esac
+    done
+    echo w > /proc/sysrq-trigger 2>/dev/null
+    dmesg | tail -n 60
+    echo "E2E-OUTER-STUCK end"
+}
+
 cd "$E2E_REPO" 2>/dev/null || cd /tmp
 if [ -x /e2e/job ]; then
-    timeout -s KILL "${timeout_s:-600}" /e2e/job
+    # the deadline counts from the outer kernel's start; the job gets what the boot left
+    left=$(( ${timeout_s:-600} - $(cut -d. -f1 /proc/uptime) ))
+    exec 3<&0  # a job in the background keeps the console as its stdin (the demo types there)
+    /e2e/job <&3 3<&- &
+    job=$!
+    ( sleep "$left"; stuck; kill -KILL $job ) &
+    watch=$!
+    wait $job
     rc=$?
+    kill $watch 2>/dev/null
 else
     echo "E2E-OUTER no /e2e/job in the initramfs"
     rc=127
 fi
+[ -n "$alive" ] && kill $alive 2>/dev/null
 echo "E2E-OUTER-EXIT $rc"
 sync
 "$E2E_PYTHON" "$E2E_REPO/tests/e2e/guest/debug_exit.py" "$rc"
