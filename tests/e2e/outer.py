@@ -36,13 +36,12 @@ from tests.e2e.environment import Environment, prepare  # noqa: E402
 
 MEMORY = "2G"
 STUCK = "E2E-OUTER-STUCK "
-ALIVE = re.compile(r"^E2E-OUTER-ALIVE uptime=([\d.]+)", re.M)
 OUTER_EXIT = re.compile(r"^E2E-OUTER-EXIT (\d+)\s*$", re.M)
 # what the outer /init keeps of the run's time, to show a job that ran out of it (E2E-OUTER-STUCK)
 # and to power off
 JOB_MARGIN_S = 30
-ALIVE_PERIOD_S = 60  # the outer /init's heartbeat (E2E-OUTER-ALIVE)
-STALL_S = 4 * ALIVE_PERIOD_S  # that long without a line from the outer VM: it stopped running
+ALIVE_PERIOD_S = 60  # the outer /init's heartbeat (E2E-OUTER-ALIVE), on its second serial port
+STALL_S = 4 * ALIVE_PERIOD_S  # that long without a line or heartbeat from the outer VM: it stopped
 OUTER_CMDLINE = "console=ttyS0 panic=-1 quiet i8042.noaux tsc=reliable"
 # `-M pc`, not microvm: Linux calibrates the TSC against the PIT, and under the emulator on
 # a busy host that fails now and then; pc also has an HPET to fall back on, while on
@@ -63,6 +62,7 @@ class OuterRun:
     seconds: float
     timed_out: bool
     silent_s: float | None = None  # set when run_outer ended QEMU for printing nothing that long
+    alive: str = ""  # the outer /init's last heartbeat line
 
     @property
     def ok(self) -> bool:
@@ -83,8 +83,7 @@ class OuterRun:
         if self.stuck:
             return f"the job ran out of time ({self.seconds:.0f} s); the outer VM showed where (E2E-OUTER-STUCK)"
         if self.stalled:
-            last = ALIVE.findall(self.console)
-            alive = f"last E2E-OUTER-ALIVE at uptime {last[-1]} s" if last else "no E2E-OUTER-ALIVE line"
+            alive = f"last heartbeat: {self.alive}" if self.alive else "no heartbeat"
             ended = f"silent for {self.silent_s:.0f} s" if self.silent_s is not None else "QEMU timed out"
             return f"the outer VM stalled: {ended}, after {self.seconds:.0f} s ({alive})"
         if self.timed_out:
@@ -102,14 +101,21 @@ def accelerator() -> list[str]:
     return ["-accel", "tcg,tb-size=512", "-cpu", "max"]
 
 
-def outer_args(timeout_s: float, interactive: bool) -> str:
-    """The outer /init's settings: the job's deadline, and a heartbeat unless a person is at the console."""
-    return f"e2e.timeout={int(timeout_s) - JOB_MARGIN_S} e2e.alive={0 if interactive else ALIVE_PERIOD_S}"
+def outer_args(timeout_s: float, heartbeat: bool) -> str:
+    """The outer /init's settings: the job's deadline, and how often it beats (0: never)."""
+    return f"e2e.timeout={int(timeout_s) - JOB_MARGIN_S} e2e.alive={ALIVE_PERIOD_S if heartbeat else 0}"
 
 
 def qemu_command(
-    env: Environment, initrd: Path, timeout_s: float, cmdline_extra: str = "", interactive: bool = False
+    env: Environment,
+    initrd: Path,
+    timeout_s: float,
+    cmdline_extra: str = "",
+    interactive: bool = False,
+    heartbeat: Path | None = None,
 ) -> list[str]:
+    """`heartbeat`: a file for the outer /init's heartbeat, its second serial port (ttyS1): on
+    the console it could land in the middle of a line the job is printing."""
     # --foreground keeps QEMU in the terminal's foreground process group, so that it may read it.
     foreground = ["--foreground"] if interactive else []
     return [
@@ -121,11 +127,12 @@ def qemu_command(
         "-m", MEMORY,
         "-nodefaults", "-no-user-config", "-display", "none", "-monitor", "none",
         "-serial", "stdio",
+        *(["-serial", f"file:{heartbeat}"] if heartbeat else []),
         "-no-reboot",
         "-device", "isa-debug-exit,iobase=0xf4,iosize=0x04",
         "-kernel", str(env.kernel.bzimage),
         "-initrd", str(initrd),
-        "-append", f"{OUTER_CMDLINE} {outer_args(timeout_s, interactive)} {cmdline_extra}".strip(),
+        "-append", f"{OUTER_CMDLINE} {outer_args(timeout_s, heartbeat is not None)} {cmdline_extra}".strip(),
     ]  # fmt: skip
 
 
@@ -182,11 +189,12 @@ def run_outer(
             with env.outer_initramfs.open("rb") as base:
                 shutil.copyfileobj(base, out, 1 << 20)
         log = log_path or Path(tempfile.gettempdir()) / f"embervm-e2e-{os.getpid()}-{time.monotonic_ns()}.log"
+        heartbeat = None if interactive else work / "alive"
         start = time.monotonic()
         chunks: list[bytes] = []
         with log.open("wb") as log_file:
             proc = subprocess.Popen(
-                qemu_command(env, initrd, timeout_s, interactive=interactive),
+                qemu_command(env, initrd, timeout_s, interactive=interactive, heartbeat=heartbeat),
                 stdin=None if interactive else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT,
@@ -196,30 +204,35 @@ def run_outer(
             pump = threading.Thread(target=_pump, args=(proc.stdout, log_file, echo, chunks, heard), daemon=True)
             pump.start()
             try:
-                status, ended, silent_s = _wait(proc, start + timeout_s + 30, heard, None if interactive else STALL_S)
+                status, ended, silent_s = _wait(proc, start + timeout_s + 30, heard, heartbeat)
             finally:
                 pump.join(10)
                 proc.stdout.close()
         seconds = time.monotonic() - start
+        beats = heartbeat.read_text(errors="replace").splitlines() if heartbeat and heartbeat.exists() else []
     finally:
         shutil.rmtree(work, ignore_errors=True)
     console = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
     timed_out = ended or status in (124, 137)
-    return OuterRun(status, decode_status(status, console), console, log, seconds, timed_out, silent_s)
+    job_status = decode_status(status, console)
+    return OuterRun(status, job_status, console, log, seconds, timed_out, silent_s, beats[-1].strip() if beats else "")
 
 
 def _wait(
-    proc: subprocess.Popen[bytes], deadline: float, heard: list[float], stall_s: float | None
+    proc: subprocess.Popen[bytes], deadline: float, heard: list[float], heartbeat: Path | None
 ) -> tuple[int, bool, float | None]:
-    """QEMU's exit status, whether we ended it, and how long the outer VM had been silent when
-    that was for printing nothing for `stall_s` (its /init prints a heartbeat: it stopped)."""
+    """QEMU's exit status, whether we ended it, and, when that was because the outer VM went
+    STALL_S without a console line or a heartbeat (it stopped running), how long."""
+    size = 0
     while True:
         try:
             return proc.wait(1), False, None
         except subprocess.TimeoutExpired:
             pass
+        if heartbeat is not None and heartbeat.exists() and heartbeat.stat().st_size != size:
+            size, heard[0] = heartbeat.stat().st_size, time.monotonic()
         silent = time.monotonic() - heard[0]
-        stalled = stall_s is not None and silent > stall_s
+        stalled = heartbeat is not None and silent > STALL_S
         if stalled or time.monotonic() > deadline:
             proc.terminate()  # `timeout` passes it on to QEMU
             try:

@@ -129,33 +129,36 @@ def test_isa_debug_exit_status_is_decoded_and_the_console_is_the_fallback():
     assert decode_status(137, "E2E-OUTER-EXIT 2\n") == 2
 
 
-def test_an_outer_vm_that_prints_nothing_for_the_stall_time_is_ended_as_stalled(tmp_path: Path):
-    proc = subprocess.Popen(["sh", "-c", "echo once; exec sleep 60"], stdout=subprocess.PIPE)
-    heard = [time.monotonic()]
+def test_an_outer_vm_silent_on_console_and_heartbeat_for_the_stall_time_is_ended_as_stalled(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+):
+    monkeypatch.setattr(outer, "STALL_S", 1.5)
+    proc = subprocess.Popen(["sh", "-c", "echo beat >alive; exec sleep 60"], cwd=tmp_path)
     start = time.monotonic()
 
-    status, ended, silent_s = outer._wait(proc, start + 60, heard, stall_s=1.5)
+    status, ended, silent_s = outer._wait(proc, start + 60, [start], tmp_path / "alive")
 
     assert ended and status != 0 and silent_s is not None and silent_s > 1.5
     assert time.monotonic() - start < 10
-    proc.stdout.close()  # type: ignore[union-attr]
 
 
-def test_an_outer_vm_that_goes_on_printing_runs_to_its_deadline():
-    proc = subprocess.Popen(["sh", "-c", "exec sleep 60"])
-    heard = [time.monotonic() + 3600]  # heard from "just now" all along
+def test_an_outer_vm_whose_heartbeat_goes_on_runs_to_its_deadline(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    monkeypatch.setattr(outer, "STALL_S", 1.5)
+    proc = subprocess.Popen(["sh", "-c", "while :; do echo beat >>alive; sleep 0.3; done"], cwd=tmp_path)
+    start = time.monotonic()
 
-    status, ended, silent_s = outer._wait(proc, time.monotonic() + 2, heard, stall_s=1)
+    status, ended, silent_s = outer._wait(proc, start + 4, [start], tmp_path / "alive")
 
     assert (ended, silent_s) == (True, None) and status != 0
+    assert time.monotonic() - start > 4
 
 
 def run_of(console: str, job_status: int | None, timed_out: bool, silent_s: float | None = None) -> OuterRun:
-    return OuterRun(0, job_status, console, Path("log"), 1.0, timed_out, silent_s)
+    return OuterRun(0, job_status, console, Path("log"), 1.0, timed_out, silent_s, "E2E-OUTER-ALIVE uptime=68.10")
 
 
 def test_only_a_stalled_outer_vm_is_run_once_more(monkeypatch: pytest.MonkeyPatch):
-    stalled = run_of("E2E-OUTER-READY\nE2E-OUTER-ALIVE uptime=68.10 load=1.0\n", None, True, silent_s=241)
+    stalled = run_of("E2E-OUTER-READY\n", None, True, silent_s=241)
     stuck = run_of("E2E-OUTER-STUCK the job ran out of time at uptime=870\nE2E-OUTER-EXIT 137\n", 137, False)
     fine = run_of("E2E-OUTER-EXIT 0\n", 0, False)
     cases = (([stalled, fine], 2, fine), ([stuck, fine], 1, stuck), ([stalled, stalled], 2, stalled))
@@ -167,7 +170,7 @@ def test_only_a_stalled_outer_vm_is_run_once_more(monkeypatch: pytest.MonkeyPatc
         assert outer.run_outer_retrying_a_stall("job", 10) is result
         assert len(runs) - len(queue) == calls
         assert len(outer.STALLS) == calls - 1
-    assert "stalled: silent for 241 s" in stalled.describe() and "uptime 68.10" in stalled.describe()
+    assert "stalled: silent for 241 s" in stalled.describe() and "uptime=68.10" in stalled.describe()
     assert "E2E-OUTER-STUCK" in stuck.describe() and not stuck.stalled
 
 

@@ -11,7 +11,7 @@ import pytest
 from tests.e2e.environment import Environment
 from tests.e2e.nested import Case, NestedRun, run_cases
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.timeout(1800)]  # a stalled outer VM runs twice (tests/e2e/outer.py)
 
 TARGET_MIB = 64
 BALLOON_HOST = '"$E2E_PYTHON" "$E2E_REPO/tests/e2e/guest/balloon_host.py"'

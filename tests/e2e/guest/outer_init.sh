@@ -27,11 +27,14 @@ arg() { for w in $(cat /proc/cmdline); do case "$w" in "$1"=*) echo "${w#*=}" ;;
 timeout_s=$(arg e2e.timeout)
 echo "E2E-OUTER-READY uptime=$(cut -d' ' -f1 /proc/uptime) kvm=$([ -c /dev/kvm ] && echo yes || echo no)"
 
-# A line a minute (e2e.alive), so that a run that times out shows whether the outer VM still ran (a job
-# that hung) or stopped printing altogether (the outer VM stalled).
+# A line a minute (e2e.alive) on the second serial port (the host keeps it apart from the
+# console, where it could cut a line of the job's in two): the host tells an outer VM that
+# stopped running (stalled) from a job that hung.
 alive_s=$(arg e2e.alive)
-if [ "${alive_s:-0}" -gt 0 ]; then
-    ( while sleep "$alive_s"; do echo "E2E-OUTER-ALIVE uptime=$(cut -d' ' -f1 /proc/uptime) load=$(cut -d' ' -f1 /proc/loadavg)"; done ) &
+if [ "${alive_s:-0}" -gt 0 ] && [ -c /dev/ttyS1 ]; then
+    ( while sleep "$alive_s"; do
+        echo "E2E-OUTER-ALIVE uptime=$(cut -d' ' -f1 /proc/uptime) load=$(cut -d' ' -f1 /proc/loadavg)" >/dev/ttyS1
+    done ) &
     alive=$!
 fi
 
