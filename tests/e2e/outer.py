@@ -214,7 +214,7 @@ def run_outer(
         shutil.rmtree(work, ignore_errors=True)
     console = b"".join(chunks).decode(errors="replace").replace("\r\n", "\n")
     timed_out = ended or status in (124, 137)
-    job_status = decode_status(status, console)
+    job_status = decode_status(0 if ended else status, console)  # a status we caused says nothing of the job
     return OuterRun(status, job_status, console, log, seconds, timed_out, silent_s, beats[-1].strip() if beats else "")
 
 
