@@ -1,14 +1,16 @@
 """Supervisor side of a running microVM: its worker processes and their channels.
 
 `controlplane.launcher.Launcher` lays out the devices and guest memory, then `MicroVm`
-forks, in order (`controlplane.worker_spawner`):
+asks the zygote for these, in this order, and waits for all of them at once
+(`controlplane.worker_spawner`, `controlplane.worker_start`):
 
 1. one worker per virtio device (`DevicePlan`: a block worker per drive, a net worker per
    network interface, ...), holding guest memory, its irqfd and queue eventfds, its
    backend fds (disk, TAP) and its fd channel; each binds its MMIO endpoint and says Ready;
 2. the vCPU worker, holding /dev/kvm, guest memory, the console socket and every
    device's eventfds, which it registers with KVM (ioeventfd on QueueNotify, irqfd on
-   the GSI); it forwards other accesses to a device window to that device's worker.
+   the GSI); it forwards other accesses to a device window to that device's worker. Its
+   vCPUs run once every device worker is Ready.
 
 Then the monitor thread (`controlplane.monitor_loop`) is the only user of the control
 socket and the only thread that changes the device slots; `MicroVm`'s methods, called by
@@ -122,22 +124,15 @@ class MicroVm:
         self, kvm_fd: int, plan: GuestPlan, devices: list[DevicePlan], restored: dict[str, Any] | None = None
     ) -> None:
         """Spawn the workers; `restored`: per device name, a snapshot's state for its worker."""
-        mmio: dict[str, socket.socket] = {}  # device name -> the vCPU worker's end of its MMIO channel
         restored = restored or {}
         try:
             self._spawner.keep(plan.memfd, devices)
             for name, saved in restored.items():
                 seed_state_area(self._sup.slots[name].state_fd, saved)
-            for device in devices:
-                slot = self._sup.slots[device.name]
-                mmio[device.name] = self._spawner.spawn_device_worker(slot.plan, restore=device.name in restored)
-            self._console = self._spawner.spawn_vcpu_worker(kvm_fd, plan.memfd, plan.vcpu_args, devices, mmio)
+            self._console = self._spawner.start_workers(kvm_fd, plan.memfd, plan.vcpu_args, devices, restored.keys())
         except VmStartError:
             self._abort_start()
             raise
-        finally:
-            for channel in mmio.values():
-                channel.close()  # the vCPU worker holds its own copies
         self._monitor.console = self._console
         self._sup.state = "Running"
         self._thread.start()

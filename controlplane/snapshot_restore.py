@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import select
 import socket
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, BinaryIO
@@ -23,6 +22,7 @@ from controlplane.builder import GuestPlan, close_plans, plan_devices, remove_vs
 from controlplane.page_server import PageServer
 from controlplane.snapshot import PreparedLoad, SnapshotError, check_devices
 from controlplane.uffd_backend import ExternalUffdHandler, UffdBackendError
+from controlplane.worker_start import VmStartError
 from shared import fdpass, uffd
 from shared import protocol as p
 from shared.boot.errors import BootError
@@ -53,14 +53,10 @@ class LazyLoad:
         """What a new worker gets: the device while memory is loading, else nothing (-1)."""
         return -1 if self.server.complete.is_set() else self.device_fd
 
-    def receive(self, channel: socket.socket, handle: WorkerHandle, timeout: float) -> None:
-        """The new worker's userfaultfd, on its fd channel, for the page server; VmStartError
-        when it does not come (or is not one fd with LazyMemory)."""
-        from controlplane.microvm import VmStartError
-
-        ready = select.select([channel.fileno(), handle.pidfd], [], [], timeout)[0]
-        if channel.fileno() not in ready:
-            raise VmStartError(f"the {handle.name} worker did not register its guest memory mapping")
+    def take(self, channel: socket.socket, handle: WorkerHandle) -> None:
+        """The new worker's userfaultfd, readable now on its fd channel, for the page server
+        (`controlplane.worker_start` waits for it); VmStartError when the channel ended or
+        holds anything but one fd with LazyMemory."""
         try:
             received = fdpass.recv_message(channel)
         except (fdpass.FdChannelError, OSError) as e:
@@ -98,7 +94,7 @@ def seed_state_area(state_fd: int, saved: dict[str, Any]) -> None:
 def restore_microvm(
     launcher: Launcher, prepared: PreparedLoad, console_out: BinaryIO, on_exit: Callable[[int, str], None]
 ) -> MicroVm:
-    from controlplane.microvm import MicroVm, VmStartError
+    from controlplane.microvm import MicroVm
 
     spec = prepared.spec
     launcher._count += 1

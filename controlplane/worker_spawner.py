@@ -1,5 +1,6 @@
-"""Spawning a microVM's workers under the spawn contract (`shared.spawn`), and keeping the
-fds a replacement device worker is given.
+"""Spawning a microVM's workers under the spawn contract (`shared.spawn`), all at once
+(`controlplane.worker_start` waits for them), and keeping the fds a replacement device
+worker is given.
 
 Used by the thread that starts the microVM, then only by the monitor thread (restarts).
 """
@@ -11,19 +12,16 @@ import dataclasses
 import logging
 import os
 import socket
-import time
-from collections.abc import Callable
+from collections.abc import Collection
 from typing import Any
-
-import zmq
 
 from controlplane.builder import DevicePlan
 from controlplane.faults import RestartPolicy, RestartTracker
-from controlplane.supervision import MAX_DETAIL, MAX_REASON, VCPU, DeviceSlot, Supervision
+from controlplane.supervision import VCPU, DeviceSlot, Supervision
 from controlplane.vm_spec import VmSpec
 from controlplane.vsock_sockets import KeptSockets
 from controlplane.worker_handle import VCPU_GROUPS, WorkerHandle, WorkerStderr
-from controlplane.worker_log import escape
+from controlplane.worker_start import OnMessage, StartingWorker, VmStartError, await_started
 from controlplane.zygote import ZygoteError
 from devices.vsock.durable import RESUME_CONNECTIONS
 from shared import fdpass
@@ -38,17 +36,13 @@ from shared.spawn import DeviceSpawn, VcpuDevice, VcpuSpawn
 
 log = logging.getLogger("embervm.microvm")
 
-READY_TIMEOUT_S = 30.0
+__all__ = ["READY_TIMEOUT_S", "VmStartError", "WorkerSpawner"]
 
-OnMessage = Callable[[WorkerHandle, p.Message], None]  # another worker's message, while waiting for Ready
-
-
-class VmStartError(Exception):
-    """The microVM could not start; the message is fit for an API `fault_message`."""
+READY_TIMEOUT_S = 30.0  # for a worker's memory registration and Ready, from the wait's start
 
 
 class WorkerSpawner:
-    """Forks workers through the zygote and waits for their Ready; keeps each device's fds
+    """Forks workers through the zygote and waits for them to start; keeps each device's fds
     and state area in its `DeviceSlot`, and guest memory's fd, for replacement workers."""
 
     def __init__(self, sup: Supervision, spec: VmSpec, on_message: OnMessage) -> None:
@@ -78,12 +72,73 @@ class WorkerSpawner:
             if device.kind == VSOCK.name and RESUME_CONNECTIONS:  # its connections survive the worker
                 self._sup.slots[device.name].kept_sockets = KeptSockets()
 
+    def start_workers(
+        self,
+        kvm_fd: int,
+        memfd: int,
+        vcpu_args: dict[str, object],
+        devices: list[DevicePlan],
+        restored: Collection[str] = (),
+    ) -> socket.socket:
+        """A new microVM's workers, started concurrently: every device worker (from its slot's
+        plan; `restored`: the names of those that restore a snapshot's state) and then the vCPU
+        worker are asked of the zygote before any is waited for; then one wait for all
+        (`controlplane.worker_start`). The vCPU worker holds its vCPUs until every device
+        worker is Ready, as when the workers started one after another: the guest never runs
+        against a device that is not serving yet (on a load, one still restoring its state).
+        Returns the supervisor's end of the console socket. VmStartError: the caller kills
+        every spawned worker (`MicroVm._abort_start`); each fd made here is closed."""
+        starting: list[StartingWorker] = []
+        mmio: dict[str, socket.socket] = {}  # device name -> the vCPU worker's end of its MMIO channel
+        console: socket.socket | None = None
+        hold = bool(devices) and not vcpu_args.get("start_paused")  # released with Resume
+        try:
+            for device in devices:
+                worker, mmio[device.name] = self.begin_device_worker(
+                    self._sup.slots[device.name].plan, restore=device.name in restored
+                )
+                starting.append(worker)
+            args = {**vcpu_args, "start_paused": True} if hold else vcpu_args
+            worker, console = self.begin_vcpu_worker(kvm_fd, memfd, args, devices, mmio)
+            starting.append(worker)
+            for channel in mmio.values():
+                channel.close()  # the vCPU worker holds its own copies
+            mmio.clear()
+            await_started(self._sup, starting, self._on_message, READY_TIMEOUT_S, self._sup.lazy)
+        except VmStartError:
+            for worker in starting:
+                worker.abandon()
+            for channel in mmio.values():
+                channel.close()
+            if console is not None:
+                console.close()
+            raise
+        if hold:
+            self._sup.send(VCPU.encode(), p.Resume())
+        return console
+
     def spawn_device_worker(
         self, device: DevicePlan, restore: bool = False, needs_reset: bool = False
     ) -> socket.socket:
-        """Any virtio device's worker, under the spawn contract (`shared.spawn.DeviceSpawn`):
-        the plan's fds and args + mem_size and the control endpoint (+ its state area and the
-        restart flags). Returns the vCPU worker's end of the new MMIO channel."""
+        """A device's replacement worker, started and waited for; returns the vCPU worker's
+        end of its new MMIO channel."""
+        worker, mmio_vcpu = self.begin_device_worker(device, restore, needs_reset)
+        try:
+            await_started(self._sup, [worker], self._on_message, READY_TIMEOUT_S, self._sup.lazy)
+        except VmStartError:
+            worker.abandon()
+            mmio_vcpu.close()
+            raise
+        return mmio_vcpu
+
+    def begin_device_worker(
+        self, device: DevicePlan, restore: bool = False, needs_reset: bool = False
+    ) -> tuple[StartingWorker, socket.socket]:
+        """Ask the zygote for any virtio device's worker, under the spawn contract
+        (`shared.spawn.DeviceSpawn`): the plan's fds and args + mem_size and the control
+        endpoint (+ its state area and the restart flags); a restoring vsock worker is handed
+        its kept sockets at once. Returns the worker, to wait for (`await_started`), and the
+        vCPU worker's end of the new MMIO channel."""
         mine, theirs = fdpass.channel_pair()
         mmio_vcpu, mmio_device = mmio_channel_pair()
         slot = self._sup.slots.get(device.name)
@@ -109,15 +164,6 @@ class WorkerSpawner:
             except ValueError as e:
                 raise VmStartError(f"cannot start the {device.what}: {e}") from None
             handle = self._spawn(device.kind, device.name, args, fds, device.what)
-            if restore and slot is not None and slot.kept_sockets is not None:
-                # first: a restoring vsock worker waits for them while it builds its device,
-                # before it registers its guest memory (lazy.receive waits for that)
-                try:
-                    slot.kept_sockets.hand_over(mine)  # the connections it resumes
-                except OSError as e:
-                    log.error("cannot hand the %s its kept host sockets: %s", device.what, e)
-            if args.get("uffd_dev") and self._sup.lazy is not None:
-                self._sup.lazy.receive(mine, handle, READY_TIMEOUT_S)
         except VmStartError:
             mine.close()
             mmio_vcpu.close()
@@ -125,28 +171,29 @@ class WorkerSpawner:
         finally:
             theirs.close()
             mmio_device.close()  # only the worker holds it: its death closes the channel
-        handle.device_id, handle.fd_channel = device.device_id, mine
+        if restore and slot is not None and slot.kept_sockets is not None:
+            # now: a restoring vsock worker waits for them while it builds its device, before
+            # it registers its guest memory (which `await_started` waits for)
+            try:
+                slot.kept_sockets.hand_over(mine)  # the connections it resumes
+            except OSError as e:
+                log.error("cannot hand the %s its kept host sockets: %s", device.what, e)
+        handle.device_id = device.device_id
         handle.metric_groups = device.device_kind.metric_groups(device.device_id, device.args)
         if device.kind == BLOCK.name:
             handle.drive_id = device.device_id
-        try:
-            self._await_ready(handle)
-        except VmStartError:
-            mmio_vcpu.close()
-            raise
-        handle.last_heartbeat = time.monotonic()
-        return mmio_vcpu
+        return StartingWorker(handle, mine, registration_due=bool(args.get("uffd_dev"))), mmio_vcpu
 
-    def spawn_vcpu_worker(
+    def begin_vcpu_worker(
         self,
         kvm_fd: int,
         memfd: int,
         vcpu_args: dict[str, object],
         devices: list[DevicePlan],
         mmio: dict[str, socket.socket],
-    ) -> socket.socket:
-        """The vCPU worker (`shared.spawn.VcpuSpawn`); returns the supervisor's end of the
-        console socket."""
+    ) -> tuple[StartingWorker, socket.socket]:
+        """Ask the zygote for the vCPU worker (`shared.spawn.VcpuSpawn`); returns it, to wait
+        for, and the supervisor's end of the console socket."""
         console, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         channel_mine, channel_theirs = fdpass.channel_pair()
         spawn = VcpuSpawn(
@@ -164,8 +211,6 @@ class WorkerSpawner:
         args, fds = spawn.to_zygote()
         try:
             handle = self._spawn("vcpu", VCPU, args, fds, "vCPU worker")
-            if spawn.uffd_dev >= 0 and self._sup.lazy is not None:
-                self._sup.lazy.receive(channel_mine, handle, READY_TIMEOUT_S)
         except VmStartError:
             channel_mine.close()
             console.close()
@@ -173,14 +218,8 @@ class WorkerSpawner:
         finally:
             theirs.close()
             channel_theirs.close()
-        handle.fd_channel = channel_mine
         handle.metric_groups = VCPU_GROUPS
-        try:
-            self._await_ready(handle)
-        except VmStartError:
-            console.close()
-            raise
-        return console
+        return StartingWorker(handle, channel_mine, registration_due=spawn.uffd_dev >= 0), console
 
     def _spawn(self, kind: str, name: str, args: dict[str, Any], fds: list[int], what: str) -> WorkerHandle:
         namespaces = not self._spec.no_namespaces
@@ -215,33 +254,6 @@ class WorkerSpawner:
         elif spec.seccomp_filter and self._seccomp_filters is None:
             self._seccomp_filters = load_filter_file(spec.seccomp_filter)
         return settings_for(kind, spec.no_seccomp, self._seccomp_filters, spec.seccomp_test_hooks).to_arg()
-
-    def _await_ready(self, handle: WorkerHandle) -> None:
-        """Wait for `handle`'s Ready; VmStartError if it exits or stays silent instead."""
-        poller = zmq.Poller()
-        poller.register(self._sup.ctl, zmq.POLLIN)
-        poller.register(handle.pidfd, zmq.POLLIN)
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while (remaining := deadline - time.monotonic()) > 0:
-            events = dict(poller.poll(timeout=int(remaining * 1000) + 1))
-            if self._sup.ctl in events:
-                received = self._sup.recv()
-                if received is None:
-                    continue
-                sender, msg = received
-                if sender is handle and isinstance(msg, p.Ready):
-                    return
-                if sender is handle and isinstance(msg, p.Exited):
-                    if msg.detail:
-                        reason, detail = escape(msg.reason[:MAX_REASON]), escape(msg.detail[:MAX_DETAIL])
-                        log.error("[%s worker pid %d] %s: %s", sender.name, sender.pid, reason, detail)
-                    raise VmStartError(msg.reason)
-                self._on_message(sender, msg)
-            elif handle.pidfd in events:
-                status = self._sup.reap(handle)
-                how = self._sup.how(handle, status)
-                raise VmStartError(f"the {handle.name} worker {how} before it was ready")
-        raise VmStartError(f"the {handle.name} worker did not start within {READY_TIMEOUT_S:g} s")
 
     def close(self) -> None:
         if self.memfd >= 0:

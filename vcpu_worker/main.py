@@ -211,7 +211,8 @@ class VcpuWorker:
 
     def serve(self, start_paused: bool = False) -> int:
         """Run the vCPUs and the control loop until the guest or the supervisor ends it
-        (`start_paused`: a snapshot loaded without resume_vm; the vCPUs wait for Resume)."""
+        (`start_paused`: a snapshot loaded without resume_vm, or a microVM whose device
+        workers are still starting; the vCPUs wait for Resume)."""
         for t in self.vcpus:
             if start_paused:
                 t.hold_at_start()

@@ -281,18 +281,22 @@ def fake_vm(
     configure: Callable[[FakeWorker], None] | None = None,
     monitor: bool = True,
     settle_s: float = 0.0,
+    zygote: FakeZygote | None = None,
+    vcpu_args: dict[str, Any] | None = None,
 ) -> Iterator[FakeVm]:
     """A running MicroVm with a vCPU worker and a block worker for drive `rootfs` (and a net
     worker `net_eth0` serving MMDS), all fake. With `monitor=False` the monitor thread starts
     only at the end: the test calls the monitor's steps itself; `settle_s` gives that late
-    monitor time to end the microVM by itself before it is stopped."""
+    monitor time to end the microVM by itself before it is stopped. A test that passes its
+    own `zygote` can look at its workers after a failed start (then shuts it down itself)."""
     tmp = tempfile.mkdtemp(prefix="ev-")  # ipc:// paths must stay short
     disk = Path(tmp, "disk")
     disk.write_bytes(b"\0" * 4096)
     drive = DriveSpec("rootfs", str(disk), is_root_device=True)
     spec = VmSpec(kernel_image_path="/nonexistent", drives=[drive], restart_policy=restart_policy)
-    zygote = FakeZygote()
-    zygote.configure = configure
+    own_zygote = zygote is None
+    zygote = zygote or FakeZygote()
+    zygote.configure = configure or zygote.configure
     launcher = SimpleNamespace(zygote=zygote, seccomp_kills=FakeKills())
     exits: list[tuple[int, str]] = []
     devices = [DevicePlan("block", "rootfs", {"drive_id": "rootfs"}, [os.open(disk, os.O_RDWR)], drive)]
@@ -310,7 +314,13 @@ def fake_vm(
     if not monitor:
         vm._thread = threading.Thread(target=lambda: None)
     try:
-        vm._start(kvm_fd, SimpleNamespace(memfd=memfd, vcpu_args={}, cmdline=""), devices)  # type: ignore[arg-type]
+        vm._start(kvm_fd, SimpleNamespace(memfd=memfd, vcpu_args=vcpu_args or {}, cmdline=""), devices)  # type: ignore[arg-type]
+    except BaseException:
+        if own_zygote:
+            zygote.shutdown()
+        handler()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     finally:
         for fd in (kvm_fd, memfd):
             os.close(fd)
