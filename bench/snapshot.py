@@ -1,7 +1,7 @@
 """Snapshot benchmark: load request → vCPUs running, lazy (the page server) against the eager
 copy it replaces, at two memory sizes, beside a cold boot of the same guest.
 
-.venv/bin/python bench/snapshot.py [--sizes 256,2048] [--runs 5] [--baseline LABEL=PATH ...]
+.venv/bin/python bench/snapshot.py [--sizes 256,2048] [--runs 5] [--baseline LABEL=PATH ...] [--profile]
 
 For each size the test guest (test=snap: it counts in memory and does block I/O) is booted,
 paused and snapshotted (Full). The memory file is then made dense: every page the guest has
@@ -16,6 +16,10 @@ would leave it; the guest does not read those pages, so it restores and runs the
   count line.
 
 Firecracker's published figure is printed beside them for reference (not measured here).
+With `--profile`, after the timed runs of each size, `--runs` more loads through each fork
+server (this tree's and each baseline's) are traced (`shared.startup_trace`) and the median
+timeline of a load is printed per variant (ms since the client sent PUT /snapshot/load; a
+baseline prints only the marks its code has).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import variants as v  # noqa: E402
 from bench.apiproc import EMBERVM, wait_accepting  # noqa: E402
+from bench.startup_profile import Profile  # noqa: E402
 from guest.build import build_guest  # noqa: E402
 from shared.snapshot_memory import load_memory  # noqa: E402
 from tests.support.api_client import ApiClient  # noqa: E402
@@ -49,12 +54,16 @@ FIRECRACKER_NOTE = (
 
 
 class Proc:
-    def __init__(self, sock: str, console: Path, variant: v.Variant | None = None) -> None:
+    def __init__(
+        self, sock: str, console: Path, variant: v.Variant | None = None, trace: dict[str, str] | None = None
+    ) -> None:
         import subprocess
 
         self.console_path = console
         self._out = open(console, "wb")  # noqa: SIM115 - closed in stop()
         command, env = (variant.command, variant.environ()) if variant else ([EMBERVM], None)
+        if trace:
+            env = {**(env or os.environ), **trace}
         self.proc = subprocess.Popen(
             [*command, "--api-sock", sock],
             stdout=self._out,
@@ -96,6 +105,12 @@ def configure(api: ApiClient, kernel: Path, disk: Path, mib: int) -> None:
     expect(api.put("/drives/disk", json=drive), "drive")
 
 
+def load_body(state: Path, mem: Path) -> dict[str, object]:
+    """PUT /snapshot/load of the bench's snapshot, resumed at once."""
+    backend = {"backend_type": "File", "backend_path": str(mem)}
+    return {"snapshot_path": str(state), "mem_backend": backend, "resume_vm": True}
+
+
 def make_dense(mem: Path, size: int) -> None:
     chunk = os.urandom(1 << 20)
     with open(mem, "r+b") as f:
@@ -104,9 +119,13 @@ def make_dense(mem: Path, size: int) -> None:
             f.write(chunk)
 
 
-def bench_size(tmp: Path, kernel: Path, mib: int, runs: int, variants: list[v.Variant]) -> dict[str, dict[str, float]]:
+def bench_size(
+    tmp: Path, kernel: Path, mib: int, runs: int, variants: list[v.Variant], profile: bool = False
+) -> dict[str, dict[str, float]]:
     """Per variant: medians of the load, the next count, the eager copy and a cold boot; the
-    variants' runs interleaved, every load of the one snapshot this tree made."""
+    variants' runs interleaved, every load of the one snapshot this tree made. `profile`:
+    then trace `runs` more loads through each fork-server variant, interleaved, and print
+    their timelines."""
     disk = tmp / "disk.img"
     disk.write_bytes(bytes(256 * 512))
     cold: dict[str, list[float]] = {x.label: [] for x in variants}
@@ -140,13 +159,8 @@ def bench_size(tmp: Path, kernel: Path, mib: int, runs: int, variants: list[v.Va
         for n, variant in enumerate(variants):
             vm = Proc(str(tmp / f"load{i}-{n}.sock"), tmp / f"load{i}-{n}.out", variant)
             try:
-                body = {
-                    "snapshot_path": str(state),
-                    "mem_backend": {"backend_type": "File", "backend_path": str(mem)},
-                    "resume_vm": True,
-                }
                 start = time.perf_counter()
-                expect(vm.api.put("/snapshot/load", json=body), "load")
+                expect(vm.api.put("/snapshot/load", json=load_body(state, mem)), "load")
                 loads[variant.label].append(time.perf_counter() - start)
                 first_counts[variant.label].append(vm.wait_count(last) - start)
             finally:
@@ -158,6 +172,28 @@ def bench_size(tmp: Path, kernel: Path, mib: int, runs: int, variants: list[v.Va
             eager.append(time.perf_counter() - start)
         finally:
             os.close(fd)
+    traced = [x for x in variants if x.server is not None] if profile else []
+    marks = {x.label: Profile(f"{tmp}/trace-{n}") for n, x in enumerate(traced)}
+    answered: dict[str, list[float]] = {x.label: [] for x in traced}
+    counted: dict[str, list[float]] = {x.label: [] for x in traced}
+    for i in range(runs if traced else 0):
+        for n, variant in enumerate(traced):
+            trace = marks[variant.label]
+            vm = Proc(str(tmp / f"trace{i}-{n}.sock"), tmp / f"trace{i}-{n}.out", variant, trace.env())
+            try:
+                start_ns, start = time.monotonic_ns(), time.perf_counter()
+                expect(vm.api.put("/snapshot/load", json=load_body(state, mem)), "load")
+                answered[variant.label].append((time.perf_counter() - start) * 1e3)
+                counted[variant.label].append((vm.wait_count(last) - start) * 1e3)
+                trace.take(start_ns)
+            finally:
+                vm.stop()
+    for variant in traced:
+        until = {
+            "bench: load answered": statistics.median(answered[variant.label]),
+            "bench: next count": statistics.median(counted[variant.label]),
+        }
+        marks[variant.label].print(f"where a load's time goes at {mib} MiB, {variant.label}", until)
     return {
         x.label: {
             "load": statistics.median(loads[x.label]) * 1e3,
@@ -174,6 +210,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="256,2048", help="guest memory sizes in MiB")
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--baseline", action="append", default=[], metavar="LABEL=PATH", help="another checkout")
+    parser.add_argument("--profile", action="store_true", help="then trace loads through the fork servers")
     opts = parser.parse_args()
     kernel = build_guest().elf
     results = {}
@@ -184,7 +221,7 @@ def main() -> None:
         ):
             variants = [*v.baselines(opts.baseline, tmp, stack), v.cold()]
             variants.append(stack.enter_context(v.fork_server(tmp)).variant())
-            results[mib] = bench_size(Path(tmp), kernel, mib, opts.runs, variants)
+            results[mib] = bench_size(Path(tmp), kernel, mib, opts.runs, variants, opts.profile)
     print(f"medians of {opts.runs} interleaved runs, test guest (test=snap), dense memory file, 1 vCPU")
     print(
         f"{'memory':>8} {'variant':28} {'load → vCPUs running':>22} {'→ next count':>14} "

@@ -29,6 +29,7 @@ from shared.boot.errors import BootError
 from shared.devstate import StateArea
 from shared.kvm import Kvm, KvmError, open_kvm
 from shared.memory import create_guest_memfd
+from shared.startup_trace import mark
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -133,6 +134,7 @@ def restore_microvm(
     else:
         server = PageServer(prepared.mem_file, spec.mem_size)
     vm.set_lazy(LazyLoad(server, device_fd))
+    mark("restore: devices and memory laid out")
     try:
         vm._start(kvm_fd, GuestPlan(memfd, vcpu_args, ""), devices, restored)
     finally:

@@ -40,6 +40,7 @@ from controlplane.models import (
 )
 from controlplane.models.resources import ConfigError, Resources
 from controlplane.models.restart_policy import RestartPolicyBody
+from shared.startup_trace import mark
 from shared.versions import EMBERVM_VERSION, FIRECRACKER_VERSION
 
 NOT_SUPPORTED_PRE_BOOT = "The requested operation is not supported before starting the microVM."
@@ -514,11 +515,13 @@ class Vmm:
             if not self.resources.unconfigured():
                 raise ApiError(LOAD_AFTER_CONFIG)
             begin = time.monotonic_ns()
+            mark("load: request taken")
             try:
                 request = load_request(body)
                 prepared = prepare_load(request, self.options.as_spec_fields(), self.instance_id)
             except SnapshotError as err:
                 raise ApiError(str(err)) from None
+            mark("load: snapshot read")
             restore_vm = getattr(self.launcher, "restore_vm", None)
             if restore_vm is None:
                 prepared.close()
@@ -535,6 +538,7 @@ class Vmm:
             self.resources = self.resources.restored_from(prepared.state.config, prepared.spec)
             self.metrics.source = vm.metrics
             self.mmds.on_change = vm.update_mmds
+            mark("load: microVM restored")
             elapsed_us = max(1, (time.monotonic_ns() - begin) // 1000)
             self.metrics.store("latencies_us", "load_snapshot", elapsed_us)
             log.info("'load snapshot' API request took %d us.", elapsed_us)

@@ -33,6 +33,7 @@ from shared.devworker_client import channel_pair as mmio_channel_pair
 from shared.dirty import create_dirty_memfd
 from shared.seccomp import Filter, PolicyError, load_filter_file
 from shared.spawn import DeviceSpawn, VcpuDevice, VcpuSpawn
+from shared.startup_trace import mark
 
 log = logging.getLogger("embervm.microvm")
 
@@ -104,7 +105,9 @@ class WorkerSpawner:
             for channel in mmio.values():
                 channel.close()  # the vCPU worker holds its own copies
             mmio.clear()
+            mark("start: every worker asked for")
             await_started(self._sup, starting, self._on_message, READY_TIMEOUT_S, self._sup.lazy)
+            mark("start: every worker ready")
         except VmStartError:
             for worker in starting:
                 worker.abandon()

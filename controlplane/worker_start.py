@@ -28,6 +28,7 @@ from controlplane.supervision import MAX_DETAIL, MAX_REASON, Supervision
 from controlplane.worker_handle import WorkerHandle
 from controlplane.worker_log import escape
 from shared import protocol as p
+from shared.startup_trace import mark
 
 if TYPE_CHECKING:
     from controlplane.snapshot_restore import LazyLoad
@@ -107,6 +108,7 @@ def await_started(
             if member is not None and isinstance(msg, p.Ready) and not member.ready:
                 member.ready = True
                 sender.last_heartbeat = time.monotonic()
+                mark(f"start: {sender.name} ready")
             elif member is not None and isinstance(msg, p.Exited):
                 reason = escape(msg.reason[:MAX_REASON])
                 if msg.detail:

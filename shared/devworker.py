@@ -66,6 +66,8 @@ from shared.process import die_with_parent
 from shared.ratelimit import BucketConfig, RateLimiter
 from shared.seccomp import COMMON, Filter
 from shared.spawn import DeviceSpawn
+from shared.startup_trace import hold as hold_trace
+from shared.startup_trace import mark
 from shared.uffd import hand_over_mapping
 from shared.virtio import constants as c
 from shared.virtio.mmio import MmioTransport, TransportError
@@ -322,6 +324,7 @@ class DeviceWorker:
             self.persist_state()
         self.transport.publish_registers()
         self.send(p.Ready(os.getpid()))
+        mark(f"{self.channels.name}: ready")
         self.loop.run()
         self._flush_logs()
         self.send(p.Metrics(self.metrics()))
@@ -594,6 +597,8 @@ def run_device(
     and shared.isolation explain the order)."""
     seccomp = seccomp or SeccompSettings()
     namespaced = bool(channels.isolation.get("namespaces"))
+    hold_trace()  # its later marks are written under the filter
+    mark(f"{channels.name}: run")
     if not namespaced:
         drop_privileges()  # before ZeroMQ starts its threads: capabilities are per thread
     ctx = zmq.Context()
@@ -606,7 +611,9 @@ def run_device(
             return exitcodes.BAD_CONFIGURATION
         try:
             enter_confinement(ctx, channels.isolation)
+            mark(f"{channels.name}: confined")
             transport, hooks = build()
+            mark(f"{channels.name}: device built")
             if channels.uffd_dev >= 0:  # before anything reads guest memory
                 mapping = transport.mem.host_mapping
                 hand_over_mapping(channels.uffd_dev, host_address(mapping), len(mapping), channels.fd_channel)
@@ -619,6 +626,7 @@ def run_device(
             base = int(channels.isolation.get("base_vm_size", 0))
             limit_memory(transport.mem.size, base=base)  # the ceiling: a runaway worker dies, the host lives
             install_filter(seccomp, policy)  # set-up is over: from here on, only the policy's syscalls
+            mark(f"{channels.name}: filter loaded")
         except Exception as e:
             _report_start_failure(control, channels, e)
             control.close()

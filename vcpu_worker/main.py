@@ -222,6 +222,7 @@ class VcpuWorker:
                 t.pause()
             self.state = "Paused"
         self.send(p.Ready(os.getpid()))
+        mark("vcpu: ready")
         poller = zmq.Poller()
         poller.register(self.ctl, zmq.POLLIN)
         poller.register(self._wake_r, zmq.POLLIN)
