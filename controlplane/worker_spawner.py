@@ -21,7 +21,7 @@ from controlplane.supervision import VCPU, DeviceSlot, Supervision
 from controlplane.vm_spec import VmSpec
 from controlplane.vsock_sockets import KeptSockets
 from controlplane.worker_handle import VCPU_GROUPS, WorkerHandle, WorkerStderr
-from controlplane.worker_start import OnMessage, StartingWorker, VmStartError, await_started
+from controlplane.worker_start import OnMessage, StartingWorker, VmStartError, await_resumed, await_started
 from controlplane.zygote import ZygoteError
 from devices.vsock.durable import RESUME_CONNECTIONS
 from shared import fdpass
@@ -86,7 +86,8 @@ class WorkerSpawner:
         worker are asked of the zygote before any is waited for; then one wait for all
         (`controlplane.worker_start`). The vCPU worker holds its vCPUs until every device
         worker is Ready, as when the workers started one after another: the guest never runs
-        against a device that is not serving yet (on a load, one still restoring its state).
+        against a device that is not serving yet (on a load, one still restoring its state);
+        the start returns once they run (or, `start_paused`, wait for the API's Resume).
         Returns the supervisor's end of the console socket. VmStartError: the caller kills
         every spawned worker (`MicroVm._abort_start`); each fd made here is closed."""
         starting: list[StartingWorker] = []
@@ -95,29 +96,30 @@ class WorkerSpawner:
         hold = bool(devices) and not vcpu_args.get("start_paused")  # released with Resume
         try:
             for device in devices:
-                worker, mmio[device.name] = self.begin_device_worker(
+                started, mmio[device.name] = self.begin_device_worker(
                     self._sup.slots[device.name].plan, restore=device.name in restored
                 )
-                starting.append(worker)
+                starting.append(started)
             args = {**vcpu_args, "start_paused": True} if hold else vcpu_args
-            worker, console = self.begin_vcpu_worker(kvm_fd, memfd, args, devices, mmio)
-            starting.append(worker)
+            vcpu, console = self.begin_vcpu_worker(kvm_fd, memfd, args, devices, mmio)
+            starting.append(vcpu)
             for channel in mmio.values():
                 channel.close()  # the vCPU worker holds its own copies
             mmio.clear()
             mark("start: every worker asked for")
             await_started(self._sup, starting, self._on_message, READY_TIMEOUT_S, self._sup.lazy)
             mark("start: every worker ready")
+            if hold:
+                self._sup.send(VCPU.encode(), p.Resume())
+                await_resumed(self._sup, vcpu.handle, self._on_message, READY_TIMEOUT_S)
         except VmStartError:
-            for worker in starting:
-                worker.abandon()
+            for started in starting:
+                started.abandon()
             for channel in mmio.values():
                 channel.close()
             if console is not None:
                 console.close()
             raise
-        if hold:
-            self._sup.send(VCPU.encode(), p.Resume())
         return console
 
     def spawn_device_worker(
@@ -125,11 +127,11 @@ class WorkerSpawner:
     ) -> socket.socket:
         """A device's replacement worker, started and waited for; returns the vCPU worker's
         end of its new MMIO channel."""
-        worker, mmio_vcpu = self.begin_device_worker(device, restore, needs_reset)
+        started, mmio_vcpu = self.begin_device_worker(device, restore, needs_reset)
         try:
-            await_started(self._sup, [worker], self._on_message, READY_TIMEOUT_S, self._sup.lazy)
+            await_started(self._sup, [started], self._on_message, READY_TIMEOUT_S, self._sup.lazy)
         except VmStartError:
-            worker.abandon()
+            started.abandon()
             mmio_vcpu.close()
             raise
         return mmio_vcpu

@@ -110,11 +110,7 @@ def await_started(
                 sender.last_heartbeat = time.monotonic()
                 mark(f"start: {sender.name} ready")
             elif member is not None and isinstance(msg, p.Exited):
-                reason = escape(msg.reason[:MAX_REASON])
-                if msg.detail:
-                    detail = escape(msg.detail[:MAX_DETAIL])
-                    log.error("[%s worker pid %d] %s: %s", sender.name, sender.pid, reason, detail)
-                raise VmStartError(reason)
+                raise _refused(sender, msg)
             else:
                 on_message(sender, msg)
             continue
@@ -131,3 +127,37 @@ def await_started(
         if s.registration_due:
             raise VmStartError(f"the {s.handle.name} worker did not register its guest memory mapping")
         raise VmStartError(f"the {s.handle.name} worker did not start within {timeout:g} s")
+
+
+def await_resumed(sup: Supervision, vcpu: WorkerHandle, on_message: OnMessage, timeout: float) -> None:
+    """After the Resume that releases a started vCPU worker's vCPUs: wait for its
+    StateChanged (applied by `on_message`), so that a start returns with the vCPUs running;
+    VmStartError when the worker exits or stays silent instead."""
+    poller = zmq.Poller()
+    poller.register(sup.ctl, zmq.POLLIN)
+    poller.register(vcpu.pidfd, zmq.POLLIN)
+    deadline = time.monotonic() + timeout
+    while (remaining := deadline - time.monotonic()) > 0:
+        events = dict(poller.poll(timeout=int(remaining * 1000) + 1))
+        if sup.ctl in events:
+            received = sup.recv()
+            if received is None:
+                continue
+            sender, msg = received
+            if sender is vcpu and isinstance(msg, p.Exited):
+                raise _refused(sender, msg)
+            on_message(sender, msg)
+            if sender is vcpu and isinstance(msg, p.StateChanged):
+                return
+        elif vcpu.pidfd in events:
+            how = sup.how(vcpu, sup.reap(vcpu))
+            raise VmStartError(f"the {vcpu.name} worker {how} before its vCPUs ran")
+    raise VmStartError(f"the {vcpu.name} worker did not run its vCPUs within {timeout:g} s")
+
+
+def _refused(sender: WorkerHandle, msg: p.Exited) -> VmStartError:
+    """A starting worker's Exited (untrusted text: cut and escaped) as the start's error."""
+    reason = escape(msg.reason[:MAX_REASON])
+    if msg.detail:
+        log.error("[%s worker pid %d] %s: %s", sender.name, sender.pid, reason, escape(msg.detail[:MAX_DETAIL]))
+    return VmStartError(reason)

@@ -236,6 +236,25 @@ def test_block_worker_that_cannot_start_fails_the_start_and_leaves_no_worker(lau
     assert zygote_children(launcher) <= before
 
 
+def test_a_worker_failing_while_the_others_start_fails_the_start_and_leaves_nothing(launcher, guest_images, disks):
+    # The workers start concurrently (controlplane/worker_start.py): the second drive's worker
+    # fails while the first drive's and the vCPU worker are starting; all of them go, and
+    # every fd the start made is closed.
+    rootfs, data = disks
+    bad = {"bandwidth": {"size": -1, "refill_time": 100}, "ops": None}
+    drives = [
+        DriveSpec("rootfs", str(rootfs), is_root_device=True),
+        DriveSpec("data", str(data), rate_limiter=bad),
+    ]
+    before, fds = zygote_children(launcher), set(os.listdir("/proc/self/fd"))
+
+    with pytest.raises(VmStartError, match="block_data worker cannot start"):
+        start(launcher, guest_images, "test=boot", drives)
+
+    assert zygote_children(launcher) <= before
+    assert set(os.listdir("/proc/self/fd")) <= fds
+
+
 def test_every_worker_of_a_running_vm_has_its_memory_ceiling(looping_vm) -> None:
     """RLIMIT_AS (shared.memlimit): guest memory + headroom, per worker, set by the worker."""
     vm, _ = looping_vm

@@ -117,3 +117,25 @@ def test_a_worker_that_dies_after_its_ready_while_another_starts_fails_the_start
         pass
 
     assert [w.name for w in zygote.workers if w.alive] == []
+
+
+def test_a_vcpu_worker_that_dies_when_released_fails_the_start(zygote: FakeZygote) -> None:
+    def configure(worker: FakeWorker) -> None:
+        if worker.kind == "vcpu":
+            on_control = worker._on_control
+
+            def die_on_resume(msg: p.Message) -> None:
+                if isinstance(msg, p.Resume):
+                    worker.kill()
+                else:
+                    on_control(msg)
+
+            worker._on_control = die_on_resume  # type: ignore[method-assign]
+
+    with (
+        pytest.raises(VmStartError, match=r"the vcpu worker .* before its vCPUs ran"),
+        fake_vm(configure=configure, zygote=zygote),
+    ):
+        pass
+
+    assert [w.name for w in zygote.workers if w.alive] == []
