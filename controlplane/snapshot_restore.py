@@ -141,6 +141,7 @@ def restore_microvm(
         os.close(kvm_fd)
         os.close(memfd)
         close_plans(devices)
+    mark("restore: workers started")
     vm.snapshot_taken()  # the loaded snapshot is the base of the next Diff
     server.start_filling()
     if not prepared.resume:

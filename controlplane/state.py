@@ -534,6 +534,7 @@ class Vmm:
                 raise ApiError(f"Load snapshot error: {err}") from None
             finally:
                 prepared.close()
+            mark("load: restore_vm returned")
             self.vm = vm
             self.resources = self.resources.restored_from(prepared.state.config, prepared.spec)
             self.metrics.source = vm.metrics

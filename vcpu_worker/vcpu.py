@@ -113,9 +113,12 @@ class VcpuThread:
             return not self._stopping
 
     def _main(self) -> None:
-        mark(f"vcpu {self.vcpu.id}: first KVM_RUN")
+        first = True
         try:
             while self._wait_while_paused():
+                if first:  # (a vCPU held at start marks when it is released)
+                    mark(f"vcpu {self.vcpu.id}: first KVM_RUN")
+                    first = False
                 reason = self.vcpu.run_once()
                 if not self._handle_exit(reason):
                     return
