@@ -79,6 +79,7 @@ class FakeWorker(threading.Thread):
         self.answer_updates = True
         self.die_after_answer = False  # crash right after answering an update
         self.ready = True  # say Ready at once
+        self.die_after_ready = False  # and then die
         self._outbox: queue.SimpleQueue[list[bytes]] = queue.SimpleQueue()
         self._halt = threading.Event()
 
@@ -108,6 +109,9 @@ class FakeWorker(threading.Thread):
             poller.register(self.fd_channel.fileno(), zmq.POLLIN)
         if self.ready:
             self._send(p.Ready(self.pid))
+            if self.die_after_ready:
+                time.sleep(0.05)  # the Ready reaches the supervisor before the death
+                self.kill()
         next_beat = 0.0
         while not self._halt.is_set() and self.alive:
             while not self._outbox.empty():
@@ -190,6 +194,7 @@ class FakeZygote:
         self.hold: Callable[[SpawnRecord], None] | None = None  # runs inside spawn, before it returns
         self.fail_next = False
         self.configure: Callable[[FakeWorker], None] | None = None  # before the worker starts
+        self.spawned: Callable[[FakeZygote], None] | None = None  # after each spawn, before it returns
 
     def spawn(
         self,
@@ -216,6 +221,8 @@ class FakeZygote:
             self.configure(worker)
         self.workers.append(worker)
         worker.start()
+        if self.spawned is not None:
+            self.spawned(self)
         return worker.pid
 
     def worker(self, name: str) -> FakeWorker:

@@ -6,14 +6,14 @@ start fails the start with nothing left running and no fd left open."""
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
 from controlplane import worker_spawner
 from controlplane.microvm import VmStartError
 from shared import protocol as p
-from tests.unit.controlplane.fake_workers import FakeWorker, FakeZygote, SpawnRecord, fake_vm, wait_until
+from tests.unit.controlplane.fake_workers import FakeWorker, FakeZygote, fake_vm, wait_until
 
 
 @pytest.fixture
@@ -33,27 +33,33 @@ def open_fds() -> set[str]:
     return set(os.listdir("/proc/self/fd"))
 
 
+def when_all_are_asked_for(count: int, act: Callable[[FakeZygote], None]) -> Callable[[FakeZygote], None]:
+    """A `FakeZygote.spawned` hook: `act` once the zygote has forked `count` workers."""
+
+    def spawned(zygote: FakeZygote) -> None:
+        if len(zygote.workers) == count:
+            act(zygote)
+
+    return spawned
+
+
 def test_every_worker_is_asked_for_before_any_ready_and_the_vcpus_run_after_the_last(zygote: FakeZygote) -> None:
-    # The device workers say Ready only once the vCPU worker has been asked for: a start that
-    # waited for each Ready before the next spawn would time out.
-    devices: list[FakeWorker] = []
-
-    def configure(worker: FakeWorker) -> None:
-        if worker.kind != "vcpu":
-            worker.ready = False
-            devices.append(worker)
-
-    def release_devices(record: SpawnRecord) -> None:
-        if record.kind == "vcpu":
-            for worker in devices:
+    # The device workers say Ready only once all three workers have been asked for: a start
+    # that waited for each Ready before the next spawn would time out.
+    def release_devices(zygote: FakeZygote) -> None:
+        for worker in zygote.workers:
+            if worker.kind != "vcpu":
                 worker.send(p.Ready(worker.pid))
 
-    zygote.hold = release_devices
+    def configure(worker: FakeWorker) -> None:
+        worker.ready = worker.kind == "vcpu"
+
+    zygote.spawned = when_all_are_asked_for(3, release_devices)
     with fake_vm(net_mmds=True, configure=configure, zygote=zygote) as fv:
-        assert [s.name for s in zygote.spawns] == ["block_rootfs", "net_eth0", "vcpu"]
+        assert sorted(s.name for s in zygote.spawns) == ["block_rootfs", "net_eth0", "vcpu"]
         vcpu = fv.worker("vcpu")
-        assert zygote.spawns[-1].args["start_paused"] is True  # held until the devices serve
-        wait_until(lambda: vcpu.got(p.Resume), what="the vCPU worker's Resume")
+        assert next(s for s in zygote.spawns if s.kind == "vcpu").args["start_paused"] is True
+        assert vcpu.got(p.Resume)  # the start returned after the vCPUs were released
         assert fv.vm.state == "Running"
 
 
@@ -63,7 +69,7 @@ def test_a_microvm_loaded_without_resume_keeps_its_vcpus_held(zygote: FakeZygote
         fv.vm.metrics()  # a command sent after the start: any Resume would have come before it
         assert vcpu.got(p.FlushMetrics)
         assert not vcpu.got(p.Resume)
-        assert zygote.spawns[-1].args["start_paused"] is True
+        assert next(s for s in zygote.spawns if s.kind == "vcpu").args["start_paused"] is True
 
 
 @pytest.mark.parametrize("how", ["dies", "refuses", "stays silent"])
@@ -72,19 +78,17 @@ def test_a_worker_failing_while_the_others_start_fails_the_start_and_leaves_noth
 ) -> None:
     before = open_fds()
 
+    def fail_net(zygote: FakeZygote) -> None:
+        net = zygote.worker("net_eth0")
+        if how == "dies":
+            net.kill()
+        elif how == "refuses":
+            net.send(p.Exited(1, "net_eth0 worker cannot start: no such TAP", "Traceback ..."))
+
     def configure(worker: FakeWorker) -> None:
-        if worker.name == "net_eth0":
-            worker.ready = False
+        worker.ready = worker.name != "net_eth0"
 
-    def fail_net_once_all_are_asked_for(record: SpawnRecord) -> None:
-        if record.kind == "vcpu":
-            net = zygote.worker("net_eth0")
-            if how == "dies":
-                net.kill()
-            elif how == "refuses":
-                net.send(p.Exited(1, "net_eth0 worker cannot start: no such TAP", "Traceback ..."))
-
-    zygote.hold = fail_net_once_all_are_asked_for
+    zygote.spawned = when_all_are_asked_for(3, fail_net)
     expected = {
         "dies": r"the net_eth0 worker .* before it was ready",
         "refuses": r"^net_eth0 worker cannot start: no such TAP$",
@@ -94,7 +98,7 @@ def test_a_worker_failing_while_the_others_start_fails_the_start_and_leaves_noth
     with pytest.raises(VmStartError, match=expected), fake_vm(net_mmds=True, configure=configure, zygote=zygote):
         pass
 
-    assert [s.name for s in zygote.spawns] == ["block_rootfs", "net_eth0", "vcpu"]
+    assert sorted(s.name for s in zygote.spawns) == ["block_rootfs", "net_eth0", "vcpu"]
     assert [w.name for w in zygote.workers if w.alive] == []  # killed and reaped, Ready or not
     zygote.shutdown()
     wait_until(lambda: open_fds() <= before, timeout=5, what=f"no fd left open: {open_fds() - before}")
@@ -102,16 +106,8 @@ def test_a_worker_failing_while_the_others_start_fails_the_start_and_leaves_noth
 
 def test_a_worker_that_dies_after_its_ready_while_another_starts_fails_the_start(zygote: FakeZygote) -> None:
     def configure(worker: FakeWorker) -> None:
-        if worker.kind == "vcpu":
-            worker.ready = False
-
-    def kill_block_after_its_ready(record: SpawnRecord) -> None:
-        if record.kind == "vcpu":
-            block = zygote.worker("block_rootfs")
-            wait_until(lambda: block.alive)
-            block.kill()
-
-    zygote.hold = kill_block_after_its_ready
+        worker.ready = worker.kind != "vcpu"  # the vCPU worker never says Ready
+        worker.die_after_ready = worker.kind == "block"
 
     with pytest.raises(VmStartError, match="the block_rootfs worker"), fake_vm(configure=configure, zygote=zygote):
         pass
