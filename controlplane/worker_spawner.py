@@ -81,31 +81,31 @@ class WorkerSpawner:
         devices: list[DevicePlan],
         restored: Collection[str] = (),
     ) -> socket.socket:
-        """A new microVM's workers, started concurrently: the vCPU worker (the longest to build:
-        KVM's VM and memory slot) and then every device worker (from its slot's plan;
-        `restored`: the names of those that restore a snapshot's state) are asked of the
-        zygote before any is waited for, each device's MMIO channel made first; then one wait
-        for all (`controlplane.worker_start`). The vCPU worker holds its vCPUs until every device
+        """A new microVM's workers, started concurrently: every device worker (from its slot's
+        plan; `restored`: the names of those that restore a snapshot's state) and then the vCPU
+        worker are asked of the zygote before any is waited for; then one wait for all
+        (`controlplane.worker_start`). The vCPU worker holds its vCPUs until every device
         worker is Ready, as when the workers started one after another: the guest never runs
         against a device that is not serving yet (on a load, one still restoring its state);
         the start returns once they run (or, `start_paused`, wait for the API's Resume).
         Returns the supervisor's end of the console socket. VmStartError: the caller kills
         every spawned worker (`MicroVm._abort_start`); each fd made here is closed."""
         starting: list[StartingWorker] = []
-        pairs = {d.name: mmio_channel_pair() for d in devices}  # (vCPU worker's end, device worker's end)
+        mmio: dict[str, socket.socket] = {}  # device name -> the vCPU worker's end of its MMIO channel
         console: socket.socket | None = None
         hold = bool(devices) and not vcpu_args.get("start_paused")  # released with Resume
         try:
+            for device in devices:
+                started, mmio[device.name] = self.begin_device_worker(
+                    self._sup.slots[device.name].plan, restore=device.name in restored
+                )
+                starting.append(started)
             args = {**vcpu_args, "start_paused": True} if hold else vcpu_args
-            mmio = {name: pair[0] for name, pair in pairs.items()}
             vcpu, console = self.begin_vcpu_worker(kvm_fd, memfd, args, devices, mmio)
             starting.append(vcpu)
-            for device in devices:
-                started, vcpu_end = self.begin_device_worker(
-                    self._sup.slots[device.name].plan, restore=device.name in restored, mmio=pairs.pop(device.name)
-                )
-                vcpu_end.close()  # the vCPU worker holds its own copy
-                starting.append(started)
+            for channel in mmio.values():
+                channel.close()  # the vCPU worker holds its own copies
+            mmio.clear()
             mark("start: every worker asked for")
             await_started(self._sup, starting, self._on_message, READY_TIMEOUT_S, self._sup.lazy)
             mark("start: every worker ready")
@@ -115,13 +115,11 @@ class WorkerSpawner:
         except VmStartError:
             for started in starting:
                 started.abandon()
+            for channel in mmio.values():
+                channel.close()
             if console is not None:
                 console.close()
             raise
-        finally:
-            for pair in pairs.values():  # of the devices not asked for
-                for end in pair:
-                    end.close()
         return console
 
     def spawn_device_worker(
@@ -139,20 +137,15 @@ class WorkerSpawner:
         return mmio_vcpu
 
     def begin_device_worker(
-        self,
-        device: DevicePlan,
-        restore: bool = False,
-        needs_reset: bool = False,
-        mmio: tuple[socket.socket, socket.socket] | None = None,
+        self, device: DevicePlan, restore: bool = False, needs_reset: bool = False
     ) -> tuple[StartingWorker, socket.socket]:
         """Ask the zygote for any virtio device's worker, under the spawn contract
         (`shared.spawn.DeviceSpawn`): the plan's fds and args + mem_size and the control
         endpoint (+ its state area and the restart flags); a restoring vsock worker is handed
         its kept sockets at once. Returns the worker, to wait for (`await_started`), and the
-        vCPU worker's end of its MMIO channel (`mmio`, made by the caller, or a new one); the
-        worker's end is closed here, the vCPU worker's end too when this raises."""
+        vCPU worker's end of the new MMIO channel."""
         mine, theirs = fdpass.channel_pair()
-        mmio_vcpu, mmio_device = mmio or mmio_channel_pair()
+        mmio_vcpu, mmio_device = mmio_channel_pair()
         slot = self._sup.slots.get(device.name)
         spawn = DeviceSpawn(
             device.device_kind,
