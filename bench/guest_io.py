@@ -354,23 +354,9 @@ def prepare_outer() -> None:
             disk.write(block)
 
 
-def heartbeat(period_s: float = 60) -> None:
-    """A line now and then, so that a run that times out shows whether the outer VM still
-    ran (a guest that hung) or stopped printing altogether (the outer VM stalled)."""
-
-    def beat() -> None:
-        start = time.monotonic()
-        while True:
-            time.sleep(period_s)
-            print(f"bench: alive {time.monotonic() - start:.0f} s, load {os.getloadavg()[0]:.1f}", flush=True)
-
-    threading.Thread(target=beat, daemon=True).start()
-
-
 def inside(args: argparse.Namespace) -> int:
     prepare_outer()
     print(f"bench: kvm stats {kvm_stats()} vhost-vsock={_has_vsock()}", flush=True)
-    heartbeat()
     peer = Peer()
     runs: dict[str, list[dict[str, Any]]] = {"embervm": [], "qemu": []}
 
@@ -491,7 +477,7 @@ def table(runs: dict[str, list[dict[str, Any]]], verbose: bool) -> list[str]:
 def measure(args: argparse.Namespace) -> tuple[Any, dict[str, list[dict[str, Any]]] | None]:
     """One outer-VM run; (the OuterRun, {"embervm": [figures per run], "qemu": [...]} or None)."""
     from tests.e2e.environment import prepare
-    from tests.e2e.outer import run_outer
+    from tests.e2e.outer import run_outer_retrying_a_stall
 
     env = prepare()
     job = (
@@ -503,7 +489,8 @@ def measure(args: argparse.Namespace) -> tuple[Any, dict[str, list[dict[str, Any
         + "\n"
     )
     timeout = 180 + args.runs * 2 * args.guest_timeout
-    run = run_outer(job, timeout, env=env, extra=outer_archive(), echo=sys.stderr if args.verbose else None)
+    echo = sys.stderr if args.verbose else None
+    run = run_outer_retrying_a_stall(job, timeout, env=env, extra=outer_archive(), echo=echo)
     lines = [line for line in run.console.splitlines() if line.startswith(RESULT_MARK)]
     if not run.ok or not lines:
         return run, None

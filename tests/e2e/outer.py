@@ -229,8 +229,9 @@ def _wait(
             return proc.wait(1), False, None
         except subprocess.TimeoutExpired:
             pass
-        if heartbeat is not None and heartbeat.exists() and heartbeat.stat().st_size != size:
-            size, heard[0] = heartbeat.stat().st_size, time.monotonic()
+        grown = heartbeat.stat().st_size if heartbeat is not None and heartbeat.exists() else size
+        if grown != size:
+            size, heard[0] = grown, time.monotonic()
         silent = time.monotonic() - heard[0]
         stalled = heartbeat is not None and silent > STALL_S
         if stalled or time.monotonic() > deadline:
@@ -247,9 +248,9 @@ STALLS: list[str] = []  # the stalled runs retried in this process, for the test
 
 
 def run_outer_retrying_a_stall(job: str, timeout_s: float, env: Environment | None = None, **kw: Any) -> OuterRun:
-    """run_outer, once more when the outer VM stalled. Its kernel has locked up now and then,
-    under the emulator, as it destroyed an inner VM, and printed nothing more (its heartbeat
-    stopped; tests/e2e/README.md). A job that hangs while the outer VM runs is not retried:
+    """run_outer, once more when the outer VM stalled: under the emulator it has stopped
+    running now and then, heartbeat included (seen as an inner VM was destroyed, and as one
+    booted; tests/e2e/README.md). A job that hangs while the outer VM runs is not retried:
     the outer /init shows it (E2E-OUTER-STUCK) and the run fails."""
     run = run_outer(job, timeout_s, env=env, **kw)
     if run.stalled:
