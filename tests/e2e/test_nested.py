@@ -134,8 +134,10 @@ VSOCK_FAULTS_CASE = Case(
     # connection the guest sends 1 MiB of a pattern to the host (CID 2 port 5001) and
     # half-closes, then reads 48 MiB of the pattern back while the outer VM SIGKILLs the vsock
     # worker 5 times at random moments and crashes it through /faults. Every byte must arrive
-    # once, in order. (Random SIGKILLs during a guest -> host stream can land in the one
-    # window that resets the connection instead: the docs say which.)
+    # once, in order. The kills start once the host peer has the guest's half-close ("stream
+    # guest-done"): a SIGKILL during the guest -> host half can land in the one window that
+    # resets the connection instead (docs/faults.md, "Vsock connections"), and a fixed delay
+    # after InstanceStart put the first kill there on a slow CI host.
     "vsock-faults",
     checks=["boot", f"vsockstream:{VSOCK_SEND_BYTES}/{VSOCK_STREAM_BYTES}"],
     config={
@@ -146,7 +148,8 @@ VSOCK_FAULTS_CASE = Case(
     before=(
         f"mkdir -p /tmp/e2e-vsock-faults; {VSOCK_HOST} stream {VSOCK_FAULTS_UDS}_5001 {VSOCK_STREAM_BYTES}"
         " >stream.log 2>&1 &"
-        f" {FAULT_DRIVER} api.sock embervm-vsock vsock --start 16 --kills 5 --faults crash >faults.log 2>&1 &"
+        f" {FAULT_DRIVER} api.sock embervm-vsock vsock --wait-line 'stream.log:stream guest-done' --start 1"
+        " --kills 5 --faults crash >faults.log 2>&1 &"
         " echo $! >driver.pid"
     ),
     after=(

@@ -64,7 +64,7 @@ def test_ten_minutes_of_random_worker_kills_under_block_net_and_vsock_traffic_lo
     kills = [line for line in result.after if line.startswith("FAULT kill ")]
     done = next((line for line in result.after if line.startswith("FAULT done ")), "")
     sinks = [fields(line) for line in result.after if line.startswith("io_peer tcp-hash ")]
-    streams = [line for line in result.after if line.startswith("stream ")]
+    streams = [line for line in result.after if line.startswith("stream ") and not line.startswith("stream guest-done")]
     blk, net, vsock = (fields(result.check(name)[1]) for name in ("blkstress", "netstress", "vsockloop"))
     by_worker = {w: sum(f"worker={w}" in k for k in kills) for w in WORKERS.split(",")}
     print(

@@ -3,7 +3,8 @@
     python fault_driver.py API_SOCK WORKER_PREFIX DEVICE_ID [--start S] [--kills N] [--faults crash,hang,delay:MS:COUNT]
 
 Once GET / says the instance is Running (and, with `--wait-tap TAP:N`, once the TAP carried
-N frames: the guest's traffic has begun), it waits `--start` seconds more (the guest boots
+N frames: the guest's traffic has begun; with `--wait-line FILE:TEXT`, once FILE has a line
+starting with TEXT: a peer says the guest reached a phase), it waits `--start` seconds more (the guest boots
 and starts its load: a worker killed during InstanceStart fails the start, by design), then SIGKILLs the worker
 whose process name starts with WORKER_PREFIX `--kills` times, at random moments `--gap` (2-5 s)
 apart, each time waiting until a replacement (a new pid) runs. Then it injects each of
@@ -87,6 +88,20 @@ def wait_tap(tap: str, frames: str) -> bool:
     while time.monotonic() < deadline:
         try:
             if sum(int((stats / f"{way}_packets").read_text()) for way in ("rx", "tx")) >= int(frames):
+                return True
+        except OSError:
+            pass
+        time.sleep(0.1)
+    return False
+
+
+def wait_line(path: str, text: str) -> bool:
+    """Until `path` has a line starting with `text` (a peer's progress line, e.g. the vsock
+    host's "stream guest-done": the guest -> host half of a stream is over)."""
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if any(line.startswith(text) for line in Path(path).read_text().splitlines()):
                 return True
         except OSError:
             pass
@@ -193,12 +208,16 @@ def main() -> int:
     parser.add_argument("--soak-prefixes", default="", help="with --soak: a random one of these each time")
     parser.add_argument("--faults-first", action="store_true", help="inject --faults before the kills")
     parser.add_argument("--wait-tap", default="", help="TAP:N: first wait until the TAP has carried N frames")
+    parser.add_argument("--wait-line", default="", help="FILE:TEXT: first wait until FILE has a line starting TEXT")
     args = parser.parse_args()
     if not wait_running(args.api_sock):
         print("FAULT the instance never ran", flush=True)
         return 1
     if args.wait_tap and not wait_tap(*args.wait_tap.split(":")):
         print(f"FAULT {args.wait_tap}: the guest's traffic never came", flush=True)
+        return 1
+    if args.wait_line and not wait_line(*args.wait_line.split(":", 1)):
+        print(f"FAULT {args.wait_line}: the line never came", flush=True)
         return 1
     time.sleep(args.start)
     done = inject(args) if args.faults_first else 0

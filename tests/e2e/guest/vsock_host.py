@@ -96,8 +96,9 @@ def stream(path: str, reply_bytes: int, count: int = 1) -> int:
 
 
 def stream_one(conn: socket.socket, reply_bytes: int) -> int:
-    """One guest stream (see `stream`); prints "stream received= bad= sent= seconds=", or
-    "stream error ..." if the connection broke."""
+    """One guest stream (see `stream`); prints "stream guest-done received= bad=" at the guest's
+    half-close, then "stream received= bad= sent= seconds=", or "stream error ..." if the
+    connection broke."""
     pattern = bytes(range(251)) * 263  # any offset (< 251) plus 64 KiB
     received = bad = sent = 0
     start = time.monotonic()
@@ -110,6 +111,7 @@ def stream_one(conn: socket.socket, reply_bytes: int) -> int:
                 if chunk != expected:
                     bad += sum(a != b for a, b in zip(chunk, expected, strict=True))
                 received += len(chunk)
+            print(f"stream guest-done received={received} bad={bad}", flush=True)  # a fault driver's cue
             while sent < reply_bytes:
                 n = min(1 << 16, reply_bytes - sent)
                 offset = sent % 251
