@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.e2e import outer
+from tests.e2e import bounds, outer
 from tests.e2e.environment import Environment, EnvironmentError_, prepare
 
 
@@ -32,8 +32,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    """Stalled outer VMs were run once more (tests/e2e/outer.py); say so even when that passed."""
+    """Stalled outer VMs were run once more (tests/e2e/outer.py); say so even when that passed.
+    And how close each timing bound came (tests/e2e/bounds.py)."""
     if outer.STALLS:
         terminalreporter.section("outer VM stalls, each run once more")
         for line in outer.STALLS:
+            terminalreporter.write_line(line)
+    if bounds.MEASURED:
+        terminalreporter.section("timing bounds of the nested runs: measured of bound")
+        for line in bounds.MEASURED:
             terminalreporter.write_line(line)
