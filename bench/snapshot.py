@@ -10,8 +10,8 @@ would leave it; the guest does not read those pages, so it restores and runs the
 
 - "load → vCPUs running": PUT /snapshot/load with resume_vm=true, timed at the client (the
   call returns once the vCPU worker runs its vCPUs), in a fresh embervm each run, once it
-  serves: its answer to GET / came, as Firecracker's Go SDK waits for an answered request
-  before it configures a VMM. A VMM of the fork server accepts on its socket before it serves
+  serves: its answer to GET /machine-config came, as firecracker-go-sdk's `waitForSocket`
+  waits for that answer before it configures a VMM. A VMM of the fork server accepts on its socket before it serves
   (controlplane.cli.BIND_EARLY), so a request sent at once waits for the rest of its start;
   that is the launch's cost (bench/api.py: launch → GET / answered), not the load's;
 - "launch → vCPUs running": the whole restore from nothing: the launch, the wait until it
@@ -82,8 +82,10 @@ class Proc:
         self.api = ApiClient(sock, timeout=120)
 
     def wait_serving(self) -> None:
-        """Until the VMM answers GET / (see the module's docstring)."""
-        expect(self.api.get("/"), "GET /")
+        """Until the VMM answers GET /machine-config (see the module's docstring)."""
+        response = self.api.get("/machine-config")
+        if response.status_code != 200:
+            raise RuntimeError(f"GET /machine-config: {response.status_code} {response.text}")
 
     def counts(self) -> list[int]:
         return [int(m) for m in COUNT.findall(self.console_path.read_bytes())]
