@@ -26,9 +26,11 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 WAIT_S = 60
+PHASE_WAIT_S = 300  # for the instance to run, or the guest to reach a phase
 
 
 def worker_pid(prefix: str) -> int | None:
@@ -67,46 +69,39 @@ def api(sock_path: str, method: str, path: str, body: object = None) -> tuple[in
     return int(head.split()[1]), rest.decode(errors="replace")
 
 
-def wait_running(sock_path: str) -> bool:
-    deadline = time.monotonic() + 300
+def until(check: Callable[[], bool], period_s: float, errors: tuple[type[Exception], ...] = (OSError,)) -> bool:
+    """Whether `check` comes true within PHASE_WAIT_S, asked every `period_s`; `errors`
+    raised by it mean "not yet"."""
+    deadline = time.monotonic() + PHASE_WAIT_S
     while time.monotonic() < deadline:
         try:
-            status, body = api(sock_path, "GET", "/")
-            if status == 200 and json.loads(body).get("state") == "Running":
+            if check():
                 return True
-        except (OSError, ValueError):
+        except errors:
             pass
-        time.sleep(0.5)
+        time.sleep(period_s)
     return False
+
+
+def wait_running(sock_path: str) -> bool:
+    def running() -> bool:
+        status, body = api(sock_path, "GET", "/")
+        return status == 200 and json.loads(body).get("state") == "Running"
+
+    return until(running, 0.5, (OSError, ValueError))
 
 
 def wait_tap(tap: str, frames: str) -> bool:
     """Until the guest's traffic has begun: the TAP has carried `frames` frames (either way).
     A fixed delay after InstanceStart would not do: the guest's boot takes 10-50 s here."""
     stats = Path("/sys/class/net") / tap / "statistics"
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if sum(int((stats / f"{way}_packets").read_text()) for way in ("rx", "tx")) >= int(frames):
-                return True
-        except OSError:
-            pass
-        time.sleep(0.1)
-    return False
+    return until(lambda: sum(int((stats / f"{way}_packets").read_text()) for way in ("rx", "tx")) >= int(frames), 0.1)
 
 
 def wait_line(path: str, text: str) -> bool:
     """Until `path` has a line starting with `text` (a peer's progress line, e.g. the vsock
     host's "stream guest-done": the guest -> host half of a stream is over)."""
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline:
-        try:
-            if any(line.startswith(text) for line in Path(path).read_text().splitlines()):
-                return True
-        except OSError:
-            pass
-        time.sleep(0.1)
-    return False
+    return until(lambda: any(line.startswith(text) for line in Path(path).read_text().splitlines()), 0.1)
 
 
 def worker_reported(sock_path: str, device_id: str) -> dict[str, object]:
