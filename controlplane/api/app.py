@@ -106,28 +106,37 @@ def _route_a_request_no_route_takes() -> None:
     without logging or a worker thread, so the fork server stays safe to fork."""
     app = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
     app.router.routes.extend(_routes())
+    route_one_request(app, "PUT", "/-")
+
+
+def route_one_request(app: FastAPI, method: str, path: str) -> int:
+    """Run one request without a body through `app`, in an event loop of its own that is
+    closed afterwards; its status."""
     scope: dict[str, object] = {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
-        "method": "PUT",
+        "method": method,
         "scheme": "http",
-        "path": "/-",
-        "raw_path": b"/-",
+        "path": path,
+        "raw_path": path.encode(),
         "root_path": "",
         "query_string": b"",
         "headers": [],
         "server": None,
         "client": None,
     }
+    statuses: list[int] = []
 
     async def receive() -> dict[str, object]:
         return {"type": "http.request", "body": b"", "more_body": False}
 
-    async def send(_: object) -> None:
-        pass
+    async def send(message: dict[str, object]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(int(message["status"]))  # type: ignore[call-overload]
 
     asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+    return statuses[0]
 
 
 def create_app(vmm: Vmm, max_payload: int = DEFAULT_MAX_PAYLOAD) -> FastAPI:

@@ -41,7 +41,7 @@ def test_a_vmm_imports_nothing_the_server_did_not_preload() -> None:
 
 ROUTE_ONE_REQUEST = textwrap.dedent(
     """
-    import asyncio, sys
+    import sys
     import fastapi.dependencies.utils
     import fastapi.routing
     from fastapi import FastAPI
@@ -61,19 +61,8 @@ ROUTE_ONE_REQUEST = textwrap.dedent(
         fastapi.routing.get_dependant = counting
     app = FastAPI()  # a VMM's own app, on the process's routes
     app.router.routes.extend(api_app._routes())
-    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
-             "scheme": "http", "path": "/snapshot/load", "raw_path": b"/snapshot/load", "root_path": "",
-             "query_string": b"", "headers": [], "server": None, "client": None}
-    answers = []
-
-    async def receive():
-        return {"type": "http.request", "body": b"", "more_body": False}
-
-    async def send(message):
-        answers.append(message)
-
-    asyncio.run(app(scope, receive, send))
-    print(answers[0]["status"], len(built))
+    status = api_app.route_one_request(app, "GET", "/snapshot/load")
+    print(status, len(built))
     """
 )
 
