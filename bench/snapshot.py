@@ -11,9 +11,10 @@ would leave it; the guest does not read those pages, so it restores and runs the
 - "load → vCPUs running": PUT /snapshot/load with resume_vm=true, timed at the client (the
   call returns once the vCPU worker runs its vCPUs), in a fresh embervm each run, once it
   serves: its answer to GET /machine-config came, as firecracker-go-sdk's `waitForSocket`
-  waits for that answer before it configures a VMM. A VMM of the fork server accepts on its socket before it serves
-  (controlplane.cli.BIND_EARLY), so a request sent at once waits for the rest of its start;
-  that is the launch's cost (bench/api.py: launch → GET / answered), not the load's;
+  waits for that answer before it configures a VMM. A VMM of the fork server accepts on its
+  socket before it serves (controlplane.cli.BIND_EARLY), so a request sent at once waits for
+  the rest of its start; that is the launch's cost (bench/api.py: launch → GET / answered),
+  not the load's;
 - "launch → vCPUs running": the whole restore from nothing: the launch, the wait until it
   serves, and the load;
 - "eager copy": what loading the same memory file into a memfd before the guest runs costs
@@ -90,6 +91,14 @@ class Proc:
         response = self.api.get("/machine-config")
         if response.status_code != 200:
             raise RuntimeError(f"GET /machine-config: {response.status_code} {response.text}")
+
+    def load(self, body: dict[str, object]) -> tuple[int, float, float]:
+        """PUT /snapshot/load once the VMM serves: (monotonic_ns and perf_counter when the
+        request went, perf_counter when its answer came)."""
+        self.wait_serving()
+        start_ns, start = time.monotonic_ns(), time.perf_counter()
+        expect(self.api.put("/snapshot/load", json=body), "load")
+        return start_ns, start, time.perf_counter()
 
     def counts(self) -> list[int]:
         return [int(m) for m in COUNT.findall(self.console_path.read_bytes())]
@@ -177,11 +186,9 @@ def bench_size(
         for n, variant in enumerate(variants):
             vm = Proc(str(tmp / f"load{i}-{n}.sock"), tmp / f"load{i}-{n}.out", variant)
             try:
-                vm.wait_serving()
-                start = time.perf_counter()
-                expect(vm.api.put("/snapshot/load", json=load_body(state, mem)), "load")
-                loads[variant.label].append(time.perf_counter() - start)
-                restores[variant.label].append(time.perf_counter() - vm.launched)
+                _, start, answered = vm.load(load_body(state, mem))
+                loads[variant.label].append(answered - start)
+                restores[variant.label].append(answered - vm.launched)
                 first_counts[variant.label].append(vm.wait_count(last) - start)
             finally:
                 vm.stop()
@@ -201,10 +208,8 @@ def bench_size(
             trace = marks[variant.label]
             vm = Proc(str(tmp / f"trace{i}-{n}.sock"), tmp / f"trace{i}-{n}.out", variant, trace.env())
             try:
-                vm.wait_serving()
-                start_ns, start = time.monotonic_ns(), time.perf_counter()
-                expect(vm.api.put("/snapshot/load", json=load_body(state, mem)), "load")
-                answered[variant.label].append((time.perf_counter() - start) * 1e3)
+                start_ns, start, answer = vm.load(load_body(state, mem))
+                answered[variant.label].append((answer - start) * 1e3)
                 counted[variant.label].append((vm.wait_count(last) - start) * 1e3)
                 trace.take(start_ns)
             finally:
