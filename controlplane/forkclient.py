@@ -17,8 +17,9 @@ started by the `-I -S` launcher that has no site-packages, in this process after
 the interpreter as usual: `controlplane.client_launcher`).
 
 This process lives for as long as its microVM and starts for every one, so before that choice
-it imports only modules written in C (`_socket`, `_signal`, `_json`; `select` once forked): `socket`,
-`signal` and `json` would cost more than the fork server's whole answer (docs/performance.md).
+it imports only modules written in C (`posix`, `_socket`, `_signal`, `_json`; `select` once forked):
+`os`, `socket`, `signal` and `json` would cost more than the fork server's whole answer
+(docs/performance.md).
 
 `EMBERVM_FORK_SERVER`: the server's socket path, or `off`; default `/run/embervm/forkserver.sock`
 as root, `$XDG_RUNTIME_DIR/embervm/forkserver.sock` otherwise.
@@ -29,7 +30,7 @@ from __future__ import annotations
 import _json
 import _signal
 import _socket
-import os
+import posix as os  # `os` itself would cost 2 ms (collections.abc, posixpath) without site
 import sys
 import time
 
@@ -46,43 +47,49 @@ GENERIC_ERROR = 1  # shared.exitcodes.GENERIC_ERROR, without importing it
 COLD_ENTRY = "from controlplane.cli import main; main()"
 
 
+def environ() -> dict[str, str]:
+    """The environment as `os.environ` has it (`posix.environ` holds bytes)."""
+    encoding, errors = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+    return {k.decode(encoding, errors): v.decode(encoding, errors) for k, v in os.environ.items()}
+
+
 def default_socket_path() -> str:
     if os.geteuid() == 0:
         return "/run/embervm/forkserver.sock"
-    runtime = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/embervm-{os.geteuid()}"
+    runtime = environ().get("XDG_RUNTIME_DIR") or f"/tmp/embervm-{os.geteuid()}"
     return f"{runtime}/embervm/forkserver.sock"
 
 
 def socket_path() -> str | None:
     """Where to look for the server; None: do not (`EMBERVM_FORK_SERVER=off`)."""
-    value = os.environ.get(ENV_VAR)
+    value = environ().get(ENV_VAR)
     if value is None:
         return default_socket_path()
     return None if value in ("", "off", "0", "no") else value
 
 
-def _sha256_hex(data: bytes) -> str:
-    try:
-        from _sha2 import sha256  # type: ignore[import-not-found]  # Python >= 3.12
-    except ImportError:
-        from _sha256 import sha256  # type: ignore[import-not-found,no-redef]  # 3.11 (hashlib loads OpenSSL: slower)
-    return str(sha256(data).hexdigest())
-
-
 def code_stamp() -> str:
     """What identifies the code a VMM would run: the interpreter and every embervm module's
-    path, size and mtime. The server refuses a client whose stamp differs from its own (it
-    was started before an upgrade), and the client starts cold instead."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path, size and mtime (the text itself: hashing it would import more than it saves). The
+    server refuses a client whose stamp differs from its own (it was started before an
+    upgrade), and the client starts cold instead."""
+    path = __file__ if __file__.startswith("/") else f"{os.getcwd()}/{__file__}"
+    root = path.rpartition("/")[0].rpartition("/")[0]
     parts = [sys.executable, sys.version]
     for package in PACKAGES:
-        for directory, dirs, files in os.walk(os.path.join(root, package)):
-            dirs[:] = sorted(d for d in dirs if d != "__pycache__")
-            for name in sorted(files):
-                if name.endswith(".py"):
-                    st = os.stat(os.path.join(directory, name))
-                    parts.append(f"{directory}/{name}:{st.st_size}:{st.st_mtime_ns}")
-    return _sha256_hex("\n".join(parts).encode())
+        _stamp_tree(f"{root}/{package}", parts)
+    return "\n".join(parts)
+
+
+def _stamp_tree(directory: str, parts: list[str]) -> None:
+    with os.scandir(directory) as it:
+        entries = sorted(it, key=lambda entry: entry.name)
+    for entry in entries:
+        if entry.name.endswith(".py") and not entry.is_dir():
+            st = entry.stat()
+            parts.append(f"{entry.path}:{st.st_size}:{st.st_mtime_ns}")
+        elif entry.name != "__pycache__" and entry.is_dir(follow_symlinks=False):
+            _stamp_tree(entry.path, parts)
 
 
 # --- JSON with the json package's own C parts (the package imports re, ~5 ms) -----------------
@@ -178,7 +185,7 @@ def request_fork(sock: _socket.socket, argv: list[str]) -> int | None:
         request = {
             "op": "fork",
             "argv": argv,
-            "env": dict(os.environ),
+            "env": environ(),
             "stdio": stdio,
             "start_ns": START_NS,
             "cpu_us": time.process_time_ns() // 1000,

@@ -71,16 +71,18 @@ def build_machine(
     if not 1 <= vcpu_count <= min(layout.MAX_VCPUS, kvm.max_vcpus()):
         raise ValueError(f"vcpu_count {vcpu_count} is out of range (1..{min(layout.MAX_VCPUS, kvm.max_vcpus())})")
     vm = kvm.create_vm()
-    vm.set_tss_address(layout.KVM_TSS_ADDRESS)
-    vm.set_identity_map_address(layout.KVM_IDENTITY_MAP_ADDRESS)
-    vm.create_irqchip()
-    vm.create_pit2()
     mem = GuestMemory.map(memfd, int(args["mem_size"]))
     if on_mapped is not None:
         on_mapped(mem)
     base = host_address_of(mem.host_mapping)
+    # The memory slots before the irqchip, as Firecracker orders them: a slot added to a VM
+    # that has one took 5-11 ms here (64 MiB, kvm_pvm), against 0.1 ms before it.
     for region in mem.regions:
         vm.add_memory(region.guest_addr, region.size, base + region.file_offset)
+    vm.set_tss_address(layout.KVM_TSS_ADDRESS)
+    vm.set_identity_map_address(layout.KVM_IDENTITY_MAP_ADDRESS)
+    vm.create_irqchip()
+    vm.create_pit2()
     if args.get("restore") is not None:
         return _restore_machine(kvm, vm, mem, vcpu_count, args)
     supported = kvm.supported_cpuid()

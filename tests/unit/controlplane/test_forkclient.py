@@ -21,7 +21,7 @@ from shared.versions import FIRECRACKER_VERSION
 
 REPO = Path(__file__).resolve().parents[3]
 # Pure-Python modules that cost milliseconds each and that the client does without.
-SLOW_MODULES = {"socket", "signal", "json", "typing", "enum", "re", "selectors", "hashlib", "pathlib"}
+SLOW_MODULES = {"os", "socket", "signal", "json", "typing", "enum", "re", "selectors", "hashlib", "pathlib"}
 
 
 @pytest.mark.parametrize(
