@@ -109,7 +109,7 @@ def memory_of_running_vm(variant: v.Variant, config: Path) -> list[tuple[str, in
             seen += chunk
         pids = descendants(proc.pid)
         if variant.server:
-            pids += [pid for reaper in variant.server.children() for pid in descendants(reaper)]
+            pids += [pid for reaper in variant.server.reapers() for pid in descendants(reaper)]
         rows = []
         for pid in pids:
             m = memory_kib(pid)

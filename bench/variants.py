@@ -144,12 +144,13 @@ class ForkServer:
     def settle(self, timeout: float = 30.0) -> None:
         """Wait until the server has reaped every reaper (their CPU is then counted)."""
         deadline = time.monotonic() + timeout
-        while self.children() and time.monotonic() < deadline:
+        while self.reapers() and time.monotonic() < deadline:
             time.sleep(0.005)
 
-    def children(self) -> list[int]:
+    def reapers(self) -> list[int]:
+        """The server's children that serve a microVM (not the spare that waits for the next)."""
         tasks = Path(f"/proc/{self.proc.pid}/task").glob("*/children")
-        return [int(pid) for task in tasks for pid in task.read_text().split()]
+        return [int(pid) for task in tasks for pid in task.read_text().split() if _comm(int(pid)) == "embervm-reaper"]
 
     def close(self) -> None:
         self.proc.terminate()
@@ -168,6 +169,13 @@ def fork_server(
         yield server
     finally:
         server.close()
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def children_cpu_s() -> float:

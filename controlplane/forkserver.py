@@ -12,7 +12,8 @@ Per request (`controlplane.forkclient` is the other side; docs/ARCHITECTURE.md, 
 2. the request: argv, environment, which of fds 0-2 are open, and with SCM_RIGHTS those fds
    and the client's working directory; its code stamp must be this server's (an upgraded
    installation is refused, and the client starts cold);
-3. fork the *reaper*, which reads the client's context from the kernel
+3. hand the request to the *reaper*, forked ahead of it while the server was idle (the
+   *spare*: `SPARE_NAME` until it has a request), which reads the client's context from the kernel
    (`controlplane.caller_context`), opens its cgroups, enters its namespaces and forks the
    *VMM*; moves the VMM into the cgroups; then forwards the client's signals to the VMM,
    kills the VMM if the client's connection ends, and sends the client the VMM's wait status;
@@ -38,7 +39,7 @@ import struct
 import sys
 import threading
 import time
-from typing import Any, NoReturn
+from typing import Any, NamedTuple, NoReturn
 
 from controlplane import caller_context as cc
 from controlplane import forkclient
@@ -46,6 +47,8 @@ from shared.startup_trace import mark as _mark
 
 MAX_FDS = 4  # stdin, stdout, stderr, cwd
 REQUEST_TIMEOUT_S = 2.0
+SPARE_NAME = "embervm-spare"  # a reaper forked ahead, waiting for its request
+HANDOVER = struct.Struct("=i")  # the client's pid, then the request as the client sent it
 
 
 def preload() -> None:
@@ -110,6 +113,7 @@ class ForkServer:
             os.umask(old_umask)
         self.inode = os.stat(path).st_ino
         self.sock.listen(64)
+        self.spare: Spare | None = None
 
     def serve(self) -> int:
         wake_r, wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -120,6 +124,11 @@ class ForkServer:
             signal.signal(sig, lambda signum, _f: stopping.append(signum))
         try:
             while not stopping:
+                if self.spare is None and not (self.max_forks and self.forks >= self.max_forks):
+                    try:
+                        self.spare = self._fork_spare()  # while idle: off the next request's path
+                    except OSError as e:  # a request forks one itself, or is refused
+                        print(f"embervm-forkserver: cannot fork a spare reaper: {e}", file=sys.stderr)
                 try:
                     ready, _, _ = select.select([self.sock.fileno(), wake_r], [], [])
                 except InterruptedError:
@@ -140,8 +149,11 @@ class ForkServer:
 
     def close(self) -> None:
         """Stop listening. The socket path is removed only if it is still ours (a new server
-        may have replaced it); running VMMs and their reapers are not touched."""
+        may have replaced it); running VMMs and their reapers are not touched; the spare ends at its socket's EOF."""
         self.sock.close()
+        if self.spare is not None:
+            self.spare.sock.close()
+            self.spare = None
         with contextlib.suppress(OSError):
             if os.stat(self.path).st_ino == self.inode:
                 os.unlink(self.path)
@@ -170,7 +182,7 @@ class ForkServer:
             try:
                 if select.select([conn], [], [], 0)[0] and not conn.recv(1, socket.MSG_PEEK):
                     return  # the client is gone: `pid` may already name another process
-                self._fork_reaper(conn, pid, pidfd, request, fds)
+                self._hand_over(conn, pid, pidfd, data, fds)
             finally:
                 os.close(pidfd)
         except (OSError, ValueError) as e:
@@ -182,20 +194,70 @@ class ForkServer:
                     os.close(fd)
             conn.close()
 
-    def _fork_reaper(self, conn: socket.socket, pid: int, pidfd: int, request: dict[str, Any], fds: list[int]) -> None:
+    def _hand_over(self, conn: socket.socket, pid: int, pidfd: int, data: bytes, fds: list[int]) -> None:
+        """Give the spare the request and the fds it needs: it is the reaper from now on. A
+        spare that died meanwhile (killed by hand) is replaced once."""
+        message = [HANDOVER.pack(pid) + data]
+        for _attempt in range(2):
+            spare = self.spare if self.spare is not None else self._fork_spare()
+            self.spare = None
+            try:
+                socket.send_fds(spare.sock, message, [conn.fileno(), pidfd, *fds])
+            except OSError:
+                continue
+            finally:
+                spare.sock.close()
+            self.forks += 1
+            _mark("server: request handed over")
+            return
+        raise OSError("no reaper could be started")
+
+    def _fork_spare(self) -> Spare:
         if threading.active_count() > 1:
             raise OSError("the fork server has a thread: it cannot fork")
         sys.stdout.flush()
         sys.stderr.flush()
-        self.forks += 1
+        mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         child = os.fork()
-        _mark("server: reaper forked" if child else "reaper: born")
-        if child == 0:  # pragma: no cover - runs in the reaper
+        if child == 0:  # pragma: no cover - runs in the spare
             code = 1
             try:
-                code = _reaper(conn, pid, pidfd, request, fds, self.sock)
+                mine.close()
+                code = _spare(theirs, self.sock)
             finally:
                 os._exit(code)
+        theirs.close()
+        return Spare(child, mine)
+
+
+class Spare(NamedTuple):
+    """A reaper forked ahead; `sock` takes its request."""
+
+    pid: int
+    sock: socket.socket
+
+
+def _spare(sock: socket.socket, listener: socket.socket) -> int:  # pragma: no cover - runs in the spare
+    """Wait for a request (EOF: the server stopped), then be its reaper."""
+    listener.close()
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
+        signal.signal(sig, signal.SIG_DFL)
+    signal.set_wakeup_fd(-1)
+    from shared.process import set_process_name
+
+    set_process_name(SPARE_NAME)
+    data, fds, _, _ = socket.recv_fds(sock, forkclient.MAX_MSG + HANDOVER.size, MAX_FDS + 2)
+    sock.close()
+    if len(data) <= HANDOVER.size or len(fds) < 2:
+        for fd in fds:
+            os.close(fd)
+        return 0
+    _mark("reaper: request taken")
+    set_process_name("embervm-reaper")
+    (client,) = HANDOVER.unpack_from(data)
+    conn = socket.socket(fileno=fds[0])
+    conn.settimeout(REQUEST_TIMEOUT_S)  # as the server had it (the fd's O_NONBLOCK is shared)
+    return _reaper(conn, client, fds[1], json.loads(data[HANDOVER.size :]), fds[2:])
 
 
 def _reply(conn: socket.socket, message: dict[str, Any]) -> None:
@@ -233,16 +295,9 @@ def _reap_children() -> None:
 
 
 def _reaper(  # pragma: no cover - runs in the reaper
-    conn: socket.socket, client: int, pidfd: int, request: dict[str, Any], fds: list[int], listener: socket.socket
+    conn: socket.socket, client: int, pidfd: int, request: dict[str, Any], fds: list[int]
 ) -> int:
     """The reaper: put a VMM in the client's context, then bind their lives together."""
-    listener.close()
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGCHLD):
-        signal.signal(sig, signal.SIG_DFL)
-    signal.set_wakeup_fd(-1)
-    from shared.process import set_process_name
-
-    set_process_name("embervm-reaper")
     try:
         ctx = cc.read_context(client)
         why = cc.refusal(ctx)

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from controlplane.forkserver import SPARE_NAME
 from guest.build import GuestImages
 from shared import exitcodes
 from tests.support.api_client import ApiClient
@@ -47,8 +48,17 @@ class Server:
         assert "listening" in line, line
 
     def reapers(self) -> list[int]:
-        tasks = Path(f"/proc/{self.proc.pid}/task").glob("*/children")
-        return [int(pid) for task in tasks for pid in task.read_text().split()]
+        return [pid for pid in children(self.proc.pid) if _comm(pid) == "embervm-reaper"]
+
+    def spare(self, timeout: float = 30) -> int:
+        """The reaper the server forked ahead for its next request."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for pid in children(self.proc.pid):
+                if _comm(pid) == SPARE_NAME:
+                    return pid
+            time.sleep(0.02)
+        raise AssertionError("the server has no spare reaper")
 
     def close(self) -> None:
         self.proc.terminate()
@@ -132,6 +142,13 @@ def descendants(pid: int) -> list[int]:
         out.append(current)
         todo.extend(children(current))
     return out
+
+
+def _comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
 
 
 def _ns(pid: int, name: str) -> int:
@@ -251,6 +268,48 @@ def test_sigkill_of_the_started_process_leaves_no_microvm(
     proc.kill()
     assert proc.wait(30) == -signal.SIGKILL
     assert wait_gone(vm) == []
+
+
+def test_a_request_is_served_by_the_reaper_forked_ahead_of_it(
+    server: Server, guest_images: GuestImages, tmp_path: Path
+) -> None:
+    """The fork off a request's path: the spare waiting before it becomes its reaper (the
+    VMM's parent), and the server forks the next spare."""
+    spare = server.spare()
+    launch = Launch(server)
+    try:
+        proc = launch.popen(
+            ["--config-file", config(tmp_path, guest_images.elf, "loop"), "--no-api"], stdout=subprocess.PIPE
+        )
+        read_until(proc, b"tick 1")
+        vmm = launch.vmm(proc.pid)
+        assert _comm(spare) == "embervm-reaper"
+        assert vmm in children(spare)
+        assert server.spare() != spare
+    finally:
+        launch.close()
+
+
+def test_a_spare_killed_while_waiting_is_replaced(server: Server, guest_images: GuestImages, tmp_path: Path) -> None:
+    os.kill(server.spare(), signal.SIGKILL)
+    launch = Launch(server)
+    try:
+        proc = launch.popen(
+            ["--config-file", config(tmp_path, guest_images.elf, "echo"), "--no-api"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        read_until(proc, b"echo ready")
+        assert launch.vmm(proc.pid) != proc.pid  # forked by the server, not started cold
+    finally:
+        launch.close()
+
+
+def test_the_spare_ends_with_the_server(tmp_path: Path) -> None:
+    own = Server(tmp_path)
+    spare = own.spare()
+    own.close()
+    assert wait_gone([spare]) == []
 
 
 def test_the_started_process_ends_with_the_vmm(mode: Launch, guest_images: GuestImages, tmp_path: Path) -> None:
