@@ -2,7 +2,9 @@
 
 It creates the sealed memfd, loads kernel + initrd + command line, and writes the
 boot structures (zero page, page tables, GDT, MP table, ACPI tables). What it returns
-is everything the vCPU worker needs, as msgpack-friendly values plus the memfd.
+is everything the vCPU worker needs, as msgpack-friendly values plus the memfd: `plan_guest`
+makes the memfd and the vCPU worker's arguments, and its `GuestPlan.fill` writes guest
+memory and gives the boot vCPU state, while the workers start (`WorkerSpawner.start_workers`).
 
 Devices (`plan_devices`): one `DevicePlan` per virtio device, whatever its kind. Each
 kind registers a planner (`@planner("block")`) that opens its backends here (workers open
@@ -275,9 +277,15 @@ def kernel_cmdline(spec: VmSpec, devices: list[DevicePlan]) -> str:
 
 @dataclass
 class GuestPlan:
+    """A new microVM's guest memory and the vCPU worker's arguments. `fill` (None once the
+    memory is written, and for a snapshot's) writes the kernel, initrd, command line and
+    boot structures into the memfd and returns the boot vCPU state (`cpu_state` of the vCPU
+    worker): the memory is written while the workers start, before any vCPU runs."""
+
     memfd: int
     vcpu_args: dict[str, Any]
     cmdline: str
+    fill: Callable[[], dict[str, Any]] | None = None
 
 
 def validate_spec(spec: VmSpec) -> None:
@@ -291,35 +299,17 @@ def validate_spec(spec: VmSpec) -> None:
             raise BootError(f"{what} {path} does not exist or is not a file")
 
 
-def build_guest(spec: VmSpec, devices: list[DevicePlan] | None = None) -> GuestPlan:
-    """Create and fill guest memory for `spec` with `devices`; the caller owns the returned memfd."""
+def plan_guest(spec: VmSpec, devices: list[DevicePlan] | None = None) -> GuestPlan:
+    """Check `spec`, create its (empty) guest memory and the vCPU worker's arguments; the
+    caller owns the returned memfd and runs `fill` before any vCPU does."""
     validate_spec(spec)
     devices = devices or []
     cmdline = kernel_cmdline(spec, devices)
     memfd = create_guest_memfd(spec.mem_size, f"embervm-{spec.vm_id}-mem")
-    try:
-        mem = GuestMemory.map(memfd, spec.mem_size)
-        try:
-            write_mptable(mem, spec.vcpu_count)
-            rsdp = write_acpi_tables(mem, spec.vcpu_count, [(d.base, d.gsi) for d in devices])
-            boot = load_boot(
-                mem,
-                Path(spec.kernel_image_path),
-                cmdline,
-                Path(spec.initrd_path) if spec.initrd_path else None,
-                spec.mem_size,
-                acpi_rsdp=rsdp,
-            )
-        finally:
-            mem.close()
-    except BaseException:
-        os.close(memfd)
-        raise
     vcpu_args = {
         "mem_size": spec.mem_size,
         "vcpu_count": spec.vcpu_count,
         "smt": spec.smt,
-        "cpu_state": boot.cpu_state.to_dict(),
         "msrs": [list(m) for m in boot_msrs()],
         "cpu_template": spec.cpu_config or {},
         "cpuid_clear": [list(c) for c in spec.cpuid_clear],
@@ -327,4 +317,24 @@ def build_guest(spec: VmSpec, devices: list[DevicePlan] | None = None) -> GuestP
     }
     if spec.boot_timer:  # Firecracker's request_ts: when InstanceStart builds the microVM
         vcpu_args["boot_timer"] = {"base": layout.BOOT_TIMER_BASE, "start_ns": time.monotonic_ns()}
-    return GuestPlan(memfd, vcpu_args, cmdline)
+    return GuestPlan(memfd, vcpu_args, cmdline, lambda: fill_guest(spec, devices, memfd, cmdline))
+
+
+def fill_guest(spec: VmSpec, devices: list[DevicePlan], memfd: int, cmdline: str) -> dict[str, Any]:
+    """Write the MP table, ACPI tables, kernel, initrd, command line and boot structures into
+    `memfd`; the boot vCPU state. BootError, OSError, ValueError: the image cannot boot."""
+    mem = GuestMemory.map(memfd, spec.mem_size)
+    try:
+        write_mptable(mem, spec.vcpu_count)
+        rsdp = write_acpi_tables(mem, spec.vcpu_count, [(d.base, d.gsi) for d in devices])
+        boot = load_boot(
+            mem,
+            Path(spec.kernel_image_path),
+            cmdline,
+            Path(spec.initrd_path) if spec.initrd_path else None,
+            spec.mem_size,
+            acpi_rsdp=rsdp,
+        )
+    finally:
+        mem.close()
+    return boot.cpu_state.to_dict()

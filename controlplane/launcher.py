@@ -1,7 +1,8 @@
 """Forks the workers of microVMs: the zygote and a run directory, made before any thread exists.
 
 `Launcher.start_vm` lays out the devices and guest memory (`controlplane.builder`), then
-hands them to a new `MicroVm`, which spawns one worker per device and the vCPU worker.
+hands them to a new `MicroVm`, which spawns one worker per device and the vCPU worker
+(and writes guest memory meanwhile).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import shutil
 import tempfile
 from typing import BinaryIO
 
-from controlplane.builder import DevicePlan, build_guest, plan_devices, remove_vsock_socket
+from controlplane.builder import DevicePlan, plan_devices, plan_guest, remove_vsock_socket
 from controlplane.microvm import ExitCallback, MicroVm, VmStartError
 from controlplane.snapshot_restore import PreparedLoad, restore_microvm
 from controlplane.vm_spec import VmSpec
@@ -49,8 +50,8 @@ class Launcher:
         try:
             Kvm(kvm_fd).check()
             devices = plan_devices(spec)
-            plan = build_guest(spec, devices)
-            mark("start_vm: guest built")
+            plan = plan_guest(spec, devices)  # its memory is written while the workers start
+            mark("start_vm: guest planned")
         except (KvmError, BootError, OSError, ValueError) as e:
             os.close(kvm_fd)
             for device in devices:

@@ -129,7 +129,9 @@ class MicroVm:
             self._spawner.keep(plan.memfd, devices)
             for name, saved in restored.items():
                 seed_state_area(self._sup.slots[name].state_fd, saved)
-            self._console = self._spawner.start_workers(kvm_fd, plan.memfd, plan.vcpu_args, devices, restored.keys())
+            self._console = self._spawner.start_workers(
+                kvm_fd, plan.memfd, plan.vcpu_args, devices, restored.keys(), plan.fill
+            )
         except VmStartError:
             self._abort_start()
             raise

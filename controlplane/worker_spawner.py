@@ -12,8 +12,10 @@ import dataclasses
 import logging
 import os
 import socket
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from typing import Any
+
+import msgpack
 
 from controlplane.builder import DevicePlan
 from controlplane.faults import RestartPolicy, RestartTracker
@@ -26,6 +28,7 @@ from controlplane.zygote import ZygoteError
 from devices.vsock.durable import RESUME_CONNECTIONS
 from shared import fdpass
 from shared import protocol as p
+from shared.boot.errors import BootError
 from shared.confine import settings_for
 from shared.device_kinds import BLOCK, VSOCK
 from shared.devstate import create_state_memfd
@@ -80,19 +83,24 @@ class WorkerSpawner:
         vcpu_args: dict[str, object],
         devices: list[DevicePlan],
         restored: Collection[str] = (),
+        fill: Callable[[], dict[str, Any]] | None = None,
     ) -> socket.socket:
         """A new microVM's workers, started concurrently: every device worker (from its slot's
         plan; `restored`: the names of those that restore a snapshot's state) and then the vCPU
         worker are asked of the zygote before any is waited for; then one wait for all
-        (`controlplane.worker_start`). The vCPU worker holds its vCPUs until every device
-        worker is Ready, as when the workers started one after another: the guest never runs
-        against a device that is not serving yet (on a load, one still restoring its state);
-        the start returns once they run (or, `start_paused`, wait for the API's Resume).
+        (`controlplane.worker_start`). `fill` (`GuestPlan.fill`) writes guest memory while
+        they start; the vCPU worker reads the boot vCPU state it returns from a pipe, so no
+        vCPU runs before the memory is written (a failure fails the start). The vCPU worker
+        holds its vCPUs until every device worker is Ready, as when the workers started one
+        after another: the guest never runs against a device that is not serving yet (on a
+        load, one still restoring its state); the start returns once they run (or,
+        `start_paused`, wait for the API's Resume).
         Returns the supervisor's end of the console socket. VmStartError: the caller kills
         every spawned worker (`MicroVm._abort_start`); each fd made here is closed."""
         starting: list[StartingWorker] = []
         mmio: dict[str, socket.socket] = {}  # device name -> the vCPU worker's end of its MMIO channel
         console: socket.socket | None = None
+        boot_state = -1  # the write end of the vCPU worker's boot-state pipe, until written
         hold = bool(devices) and not vcpu_args.get("start_paused")  # released with Resume
         try:
             for device in devices:
@@ -101,12 +109,23 @@ class WorkerSpawner:
                 )
                 starting.append(started)
             args = {**vcpu_args, "start_paused": True} if hold else vcpu_args
-            vcpu, console = self.begin_vcpu_worker(kvm_fd, memfd, args, devices, mmio)
+            theirs = -1
+            if fill is not None:
+                theirs, boot_state = os.pipe2(os.O_CLOEXEC)
+            try:
+                vcpu, console = self.begin_vcpu_worker(kvm_fd, memfd, args, devices, mmio, theirs)
+            finally:
+                if theirs >= 0:
+                    os.close(theirs)
             starting.append(vcpu)
             for channel in mmio.values():
                 channel.close()  # the vCPU worker holds its own copies
             mmio.clear()
             mark("start: every worker asked for")
+            if fill is not None:
+                fd, boot_state = boot_state, -1
+                _send_boot_state(fd, fill)
+                mark("start: guest memory written")
             await_started(self._sup, starting, self._on_message, READY_TIMEOUT_S, self._sup.lazy)
             mark("start: every worker ready")
             if hold:
@@ -120,6 +139,9 @@ class WorkerSpawner:
             if console is not None:
                 console.close()
             raise
+        finally:
+            if boot_state >= 0:
+                os.close(boot_state)  # unwritten: the vCPU worker reads EOF and stops
         return console
 
     def spawn_device_worker(
@@ -196,9 +218,11 @@ class WorkerSpawner:
         vcpu_args: dict[str, object],
         devices: list[DevicePlan],
         mmio: dict[str, socket.socket],
+        boot_state: int = -1,
     ) -> tuple[StartingWorker, socket.socket]:
         """Ask the zygote for the vCPU worker (`shared.spawn.VcpuSpawn`); returns it, to wait
-        for, and the supervisor's end of the console socket."""
+        for, and the supervisor's end of the console socket. `boot_state`: the read end of the
+        pipe its boot vCPU state comes on (-1: `vcpu_args` hold it, or a snapshot's)."""
         console, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         channel_mine, channel_theirs = fdpass.channel_pair()
         spawn = VcpuSpawn(
@@ -212,6 +236,7 @@ class WorkerSpawner:
             ],
             {**vcpu_args, "control_endpoint": self._sup.endpoint},
             uffd_dev=self._sup.lazy.worker_fd() if self._sup.lazy is not None else -1,
+            boot_state=boot_state,
         )
         args, fds = spawn.to_zygote()
         try:
@@ -265,3 +290,21 @@ class WorkerSpawner:
             with contextlib.suppress(OSError):
                 os.close(self.memfd)
             self.memfd = -1
+
+
+def _send_boot_state(fd: int, fill: Callable[[], dict[str, Any]]) -> None:
+    """Write guest memory (`fill`), then the boot vCPU state on the vCPU worker's pipe, and
+    close it. VmStartError if the guest cannot boot (the caller closes nothing more)."""
+    try:
+        try:
+            state = fill()
+        except (BootError, OSError, ValueError) as e:
+            raise VmStartError(str(e)) from None
+        data = msgpack.packb(state)
+        view = memoryview(data)
+        while view:  # a few hundred bytes: one write, as the pipe holds 64 KiB
+            view = view[os.write(fd, view) :]
+    except OSError as e:
+        raise VmStartError(f"cannot hand the vCPU worker its boot state: {e}") from None
+    finally:
+        os.close(fd)

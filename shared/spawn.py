@@ -161,6 +161,8 @@ class VcpuSpawn:
     devices: list[VcpuDevice] = field(default_factory=list)
     args: dict[str, Any] = field(default_factory=dict)
     uffd_dev: int = -1  # /dev/userfaultfd while memory is loaded lazily (args["uffd_dev"]: its index)
+    boot_state: int = -1  # a pipe that brings the boot vCPU state once guest memory is written
+    # (args["boot_state_fd"]: its index; without it args["cpu_state"] holds it, or a snapshot does)
 
     def to_zygote(self) -> tuple[dict[str, Any], list[int]]:
         fds = [self.kvm, self.memfd, self.console, self.fd_channel]
@@ -181,6 +183,9 @@ class VcpuSpawn:
         if self.uffd_dev >= 0:
             extra["uffd_dev"] = len(fds)
             fds.append(self.uffd_dev)
+        if self.boot_state >= 0:
+            extra["boot_state_fd"] = len(fds)
+            fds.append(self.boot_state)
         return {**self.args, "virtio_devices": entries, **extra}, fds
 
     @classmethod
@@ -207,4 +212,5 @@ class VcpuSpawn:
             for raw in args.get("virtio_devices") or []
         ]
         uffd_dev = fd(args["uffd_dev"]) if args.get("uffd_dev") is not None else -1
-        return cls(fds[0], fds[1], fds[2], fds[3], devices, args, uffd_dev)
+        boot_state = fd(args["boot_state_fd"]) if args.get("boot_state_fd") is not None else -1
+        return cls(fds[0], fds[1], fds[2], fds[3], devices, args, uffd_dev, boot_state)

@@ -1,17 +1,21 @@
 """Build the KVM side of a microVM inside the vCPU worker.
 
 The VM must be created here, not in the supervisor: KVM rejects VM and vCPU ioctls
-from any process but the one that created the VM. The supervisor has already written
-the kernel and boot structures into the memfd; this module maps that memfd as guest
-RAM, creates the in-kernel interrupt controllers and PIT, and puts each vCPU in the
-state the 64-bit Linux boot protocol asks for.
+from any process but the one that created the VM. The supervisor writes the kernel and
+boot structures into the memfd while this worker starts, then sends the boot vCPU state
+on a pipe; this module maps that memfd as guest RAM, creates the in-kernel interrupt
+controllers and PIT, and puts each vCPU in the state the 64-bit Linux boot protocol asks
+for once that state has come.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+import msgpack
 
 from shared import layout
 from shared.boot import cpuid
@@ -20,6 +24,8 @@ from shared.boot.cpu_template import apply_msr_modifiers, check_kvm_capabilities
 from shared.kvm import Kvm, Vcpu, Vm, host_address_of
 from shared.memory import GuestMemory
 from vcpu_worker import vm_state
+
+MAX_BOOT_STATE = 64 * 1024  # the boot vCPU state is a few hundred bytes of msgpack
 
 
 @dataclass
@@ -59,10 +65,15 @@ def configure_vcpu(vcpu: Vcpu, state: BootCpuState, msrs: list[tuple[int, int]])
 
 
 def build_machine(
-    kvm_fd: int, memfd: int, args: dict[str, Any], on_mapped: Callable[[GuestMemory], None] | None = None
+    kvm_fd: int,
+    memfd: int,
+    args: dict[str, Any],
+    on_mapped: Callable[[GuestMemory], None] | None = None,
+    boot_state_fd: int = -1,
 ) -> Machine:
     """Create the VM, its memory slots, irqchip, PIT and configured vCPUs; `on_mapped` runs
-    once guest memory is mapped, before anything touches it (lazy restore: shared.uffd)."""
+    once guest memory is mapped, before anything touches it (lazy restore: shared.uffd).
+    `boot_state_fd`: the pipe the boot vCPU state comes on (-1: `args["cpu_state"]`)."""
     kvm = Kvm(kvm_fd)
     kvm.check()
     template = args.get("cpu_template") or {}
@@ -86,7 +97,7 @@ def build_machine(
     if args.get("restore") is not None:
         return _restore_machine(kvm, vm, mem, vcpu_count, args)
     supported = kvm.supported_cpuid()
-    state = BootCpuState.from_dict(args["cpu_state"])
+    state = BootCpuState.from_dict(read_boot_state(boot_state_fd) if boot_state_fd >= 0 else args["cpu_state"])
     msrs = [(int(i), int(v)) for i, v in args["msrs"]]
     vcpus = []
     for vcpu_id in range(vcpu_count):
@@ -103,6 +114,25 @@ def build_machine(
         apply_msr_modifiers(vcpu, template)  # after the boot MSRs, checked by reading back
         vcpus.append(vcpu)
     return Machine(kvm, vm, mem, vcpus)
+
+
+def read_boot_state(fd: int) -> dict[str, Any]:
+    """The boot vCPU state the supervisor sends once guest memory is written, then closes
+    the pipe; EOF before it: the supervisor could not write the guest (it ends the start)."""
+    data = b""
+    try:
+        while chunk := os.read(fd, MAX_BOOT_STATE + 1 - len(data)):
+            data += chunk
+            if len(data) > MAX_BOOT_STATE:
+                raise ValueError(f"the boot vCPU state is over {MAX_BOOT_STATE} bytes")
+    finally:
+        os.close(fd)
+    if not data:
+        raise ValueError("no boot vCPU state came: guest memory was not written")
+    state = msgpack.unpackb(data)
+    if not isinstance(state, dict):
+        raise ValueError("the boot vCPU state is not a map")
+    return state
 
 
 def _restore_machine(kvm: Kvm, vm: Vm, mem: GuestMemory, vcpu_count: int, args: dict[str, Any]) -> Machine:

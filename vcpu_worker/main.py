@@ -337,7 +337,7 @@ def run(args: dict[str, Any], fds: list[int]) -> int:
                     mapping = mem.host_mapping
                     hand_over_mapping(spawn.uffd_dev, host_address_of(mapping), len(mapping), fd_channel)
 
-            machine = build_machine(kvm_fd, memfd, args, on_mapped)
+            machine = build_machine(kvm_fd, memfd, args, on_mapped, spawn.boot_state)
             mark("vcpu: machine built")
             worker = VcpuWorker(machine, console_fd, ctl, fd_channel)
             if args.get("restore") is not None:

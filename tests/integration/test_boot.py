@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -146,11 +147,29 @@ def test_killed_vcpu_worker_is_reported(launcher, guest_images: GuestImages):
 
 
 def test_kernel_that_is_neither_elf_nor_bzimage_is_refused(launcher, tmp_path: Path):
+    """Guest memory is written while the workers start: the vCPU worker already asked for is
+    stopped when the image turns out not to boot, and none is left."""
     junk = tmp_path / "junk"
     junk.write_bytes(b"not a kernel" * 100)
 
     with pytest.raises(VmStartError, match="neither an ELF vmlinux nor a bzImage"):
         launcher.start_vm(VmSpec(kernel_image_path=str(junk)), ConsoleCapture(), lambda c, r: None)
+    deadline = time.monotonic() + 10
+    while _live_children(launcher.zygote.pid) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert _live_children(launcher.zygote.pid) == []
+
+
+def _live_children(pid: int) -> list[int]:
+    pids = [int(c) for t in Path(f"/proc/{pid}/task").glob("*/children") for c in t.read_text().split()]
+    live = []
+    for child in pids:
+        try:
+            if Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                live.append(child)
+        except OSError:
+            pass
+    return live
 
 
 def test_missing_kernel_file_is_refused(launcher, tmp_path: Path):

@@ -321,7 +321,7 @@ def fake_vm(
     if not monitor:
         vm._thread = threading.Thread(target=lambda: None)
     try:
-        vm._start(kvm_fd, SimpleNamespace(memfd=memfd, vcpu_args=vcpu_args or {}, cmdline=""), devices)  # type: ignore[arg-type]
+        vm._start(kvm_fd, SimpleNamespace(memfd=memfd, vcpu_args=vcpu_args or {}, cmdline="", fill=None), devices)  # type: ignore[arg-type]
     except BaseException:
         if own_zygote:
             zygote.shutdown()
