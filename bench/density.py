@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench import variants as v  # noqa: E402
-from bench.procstats import descendants, memory_kib  # noqa: E402
+from bench.procstats import descendants, memory_kib, process_name  # noqa: E402
 from guest.build import build_guest  # noqa: E402
 
 FIRECRACKER_MIB = 5.0
@@ -65,19 +65,52 @@ def start(variant: v.Variant, cfg: Path) -> subprocess.Popen[bytes]:
     return proc
 
 
-def total_pss_kib(variant: v.Variant, procs: list[subprocess.Popen[bytes]]) -> int:
-    """PSS of every process of these microVMs, and of the fork server and its reapers' trees."""
+def vm_pids(variant: v.Variant, procs: list[subprocess.Popen[bytes]]) -> set[int]:
+    """Every process of these microVMs, and the fork server and its reapers' trees."""
     pids = [pid for proc in procs for pid in descendants(proc.pid)]
     if variant.server:
         pids += descendants(variant.server.proc.pid)
+    return set(pids)
+
+
+def total_pss_kib(variant: v.Variant, procs: list[subprocess.Popen[bytes]]) -> int:
     total = 0
-    for pid in set(pids):
+    for pid in vm_pids(variant, procs):
         with contextlib.suppress(OSError, KeyError):
             total += memory_kib(pid)["pss"]
     return total
 
 
-def measure(variant: v.Variant, configs: list[Path], n: int) -> tuple[int, int]:
+def by_process(variant: v.Variant, procs: list[subprocess.Popen[bytes]]) -> dict[str, list[dict[str, int]]]:
+    """Each process's memory, by process name (what one more microVM is made of)."""
+    table: dict[str, list[dict[str, int]]] = {}
+    clients = {proc.pid for proc in procs}
+    server = variant.server.proc.pid if variant.server else -1
+    for pid in vm_pids(variant, procs):
+        with contextlib.suppress(OSError, KeyError):
+            name = process_name(pid)
+            if pid in clients and variant.server:
+                name += " (client)"
+            elif pid == server or name == "embervm-spare":
+                name += " (once)"
+            table.setdefault(name, []).append(memory_kib(pid))
+    return table
+
+
+def print_by_process(table: dict[str, list[dict[str, int]]], vms: int) -> None:
+    print(f"    by process, with {vms} running (KiB each; private: pages no other process maps):")
+    total = 0.0
+    for name, rows in sorted(table.items(), key=lambda kv: -sum(r["private"] for r in kv[1])):
+        private = sum(r["private"] for r in rows) / len(rows)
+        pss = sum(r["pss"] for r in rows) / len(rows)
+        per_vm = 0.0 if name.endswith("(once)") else sum(r["private"] for r in rows) / vms
+        total += per_vm
+        print(f"      {name:24} x{len(rows):3}  private {private:7.0f}  PSS {pss:7.0f}  "
+              f"({per_vm / 1024:4.1f} MiB per microVM)")  # fmt: skip
+    print(f"      {'private, all':24}       {total / 1024:.1f} MiB per microVM")
+
+
+def measure(variant: v.Variant, configs: list[Path], n: int) -> tuple[int, int, dict[str, list[dict[str, int]]]]:
     procs: list[subprocess.Popen[bytes]] = []
     try:
         for cfg in configs[:n]:
@@ -87,7 +120,7 @@ def measure(variant: v.Variant, configs: list[Path], n: int) -> tuple[int, int]:
         for cfg in configs[n : 2 * n]:
             procs.append(start(variant, cfg))
         time.sleep(1)
-        return first, total_pss_kib(variant, procs)
+        return first, total_pss_kib(variant, procs), by_process(variant, procs)
     finally:
         for proc in procs:
             proc.terminate()
@@ -118,10 +151,11 @@ def main() -> None:
         variants.append(stack.enter_context(v.fork_server(tmp)).variant())
         print(f"marginal memory per running microVM (drive + NIC + vsock), ({n * 2} running - {n}) / {n}:")
         for variant in variants:
-            with_n, with_2n = measure(variant, configs, n)
+            with_n, with_2n, table = measure(variant, configs, n)
             marginal = (with_2n - with_n) / n / 1024
             print(f"  {variant.label:28} {marginal:6.1f} MiB PSS   (total {with_n / 1024:.0f} MiB with {n}, "
                   f"{with_2n / 1024:.0f} MiB with {2 * n}; goal ≤ {GOAL_MIB:.0f} MiB)")  # fmt: skip
+            print_by_process(table, 2 * n)
         print(f"  {'firecracker (published)':28}  < {FIRECRACKER_MIB:.0f} MiB of VMM overhead per microVM")
 
 

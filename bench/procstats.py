@@ -24,12 +24,15 @@ def descendants(pid: int) -> list[int]:
 
 
 def memory_kib(pid: int) -> dict[str, int]:
-    """Rss and Pss of one process, from smaps_rollup."""
-    values = {}
+    """Rss, Pss and private (clean + dirty: pages no other process maps) of one process,
+    from smaps_rollup."""
+    values = {"private": 0}
     for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
         key, _, rest = line.partition(":")
         if key in ("Rss", "Pss"):
             values[key.lower()] = int(rest.split()[0])
+        elif key in ("Private_Clean", "Private_Dirty"):
+            values["private"] += int(rest.split()[0])
     return values
 
 
