@@ -79,8 +79,8 @@ def snapshot(server: v.ForkServer, run_dir: Path) -> dict[str, int]:
     memory = memory_kib(pid)
     return {
         "server fds": len(os.listdir(f"/proc/{pid}/fd")),
-        "processes under the server": len(descendants(pid)) - 1,
-        "clients left": len(descendants(os.getpid())) - 2,  # this process and the server
+        "reapers and their processes": sum(len(descendants(reaper)) for reaper in server.reapers()),
+        "clients left": len(descendants(os.getpid())) - 1 - len(descendants(pid)),  # not this one, not the server's
         "run-directory files": sum(1 for _ in run_dir.rglob("*")),
         "server PSS KiB": memory["pss"],
         "server RSS KiB": memory["rss"],
