@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e import outer
+from tests.e2e import nested, outer
 from tests.e2e.cpio import Archive
 from tests.e2e.environment import EnvironmentError_, ModuleIndex
 from tests.e2e.nested import BASE_ARGS, Case, inside_job, parse_cases
@@ -172,6 +172,36 @@ def test_only_a_stalled_outer_vm_is_run_once_more(monkeypatch: pytest.MonkeyPatc
         assert len(outer.STALLS) == calls - 1
     assert "stalled: silent for 241 s" in stalled.describe() and "uptime=68.10" in stalled.describe()
     assert "E2E-OUTER-STUCK" in stuck.describe() and not stuck.stalled
+
+
+def test_after_a_stall_only_the_cases_that_had_not_ended_run_again(monkeypatch: pytest.MonkeyPatch):
+    """A stall during case b keeps a's result from the first outer VM and runs b (not a) in a
+    second one; the summary counts the stall."""
+    first = run_of(
+        "E2E-CASE-BEGIN a\nE2E-CASE-END a status=0 timed_out=0 init_s=1.0 total_s=2.0\nE2E-CASE-BEGIN b\n",
+        None,
+        True,
+        silent_s=241,
+    )
+    second = run_of(
+        "E2E-CASE-BEGIN b\nE2E-CASE-END b status=0 timed_out=0 init_s=1.0 total_s=2.0\nE2E-OUTER-EXIT 0\n", 0, False
+    )
+    queue, jobs = [first, second], []
+
+    def fake_run_outer(job: str, *_: object, **__: object) -> outer.OuterRun:
+        jobs.append(job)
+        return queue.pop(0)
+
+    monkeypatch.setattr(outer, "run_outer", fake_run_outer)
+    monkeypatch.setattr(outer, "STALLS", [])
+    cases = [Case("a", kernel="vmlinux"), Case("b", kernel="vmlinux")]
+
+    run = nested.run_cases(cases, env=object())  # type: ignore[arg-type]
+
+    assert len(jobs) == 2 and '"name": "a"' in jobs[0] and '"name": "b"' in jobs[0]
+    assert '"name": "a"' not in jobs[1] and '"name": "b"' in jobs[1]
+    assert run.outer is second and (run["a"].status, run["b"].status) == (0, 0)
+    assert len(outer.STALLS) == 1 and "1 of 2 cases run again" in outer.STALLS[0]
 
 
 SAMPLE = """noise
