@@ -149,7 +149,8 @@ class ForkServer:
 
     def close(self) -> None:
         """Stop listening. The socket path is removed only if it is still ours (a new server
-        may have replaced it); running VMMs and their reapers are not touched; the spare ends at its socket's EOF."""
+        may have replaced it); running VMMs and their reapers are not touched; the spare
+        ends at its socket's EOF."""
         self.sock.close()
         if self.spare is not None:
             self.spare.sock.close()
