@@ -26,6 +26,7 @@ sys.path.insert(0, str(REPO))
 
 from bench import variants as v  # noqa: E402
 from bench.procstats import descendants, memory_kib, process_name  # noqa: E402
+from controlplane.forkserver import SPARE_NAME  # noqa: E402
 from guest.build import build_guest  # noqa: E402
 
 FIRECRACKER_MIB = 5.0
@@ -91,7 +92,7 @@ def by_process(variant: v.Variant, procs: list[subprocess.Popen[bytes]]) -> dict
             name = process_name(pid)
             if pid in clients and variant.server:
                 name += " (client)"
-            elif pid == server or name == "embervm-spare":
+            elif pid == server or name == SPARE_NAME:
                 name += " (once)"
             table.setdefault(name, []).append(memory_kib(pid))
     return table

@@ -26,6 +26,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bench.procstats import process_name
+from controlplane.forkserver import REAPER_NAME
+
 BIN = Path(sys.executable).parent
 EMBERVM = str(BIN / "embervm")
 FORKSERVER = str(BIN / "embervm-forkserver")
@@ -150,7 +153,12 @@ class ForkServer:
     def reapers(self) -> list[int]:
         """The server's children that serve a microVM (not the spare that waits for the next)."""
         tasks = Path(f"/proc/{self.proc.pid}/task").glob("*/children")
-        return [int(pid) for task in tasks for pid in task.read_text().split() if _comm(int(pid)) == "embervm-reaper"]
+        reapers = []
+        for pid in (int(pid) for task in tasks for pid in task.read_text().split()):
+            with contextlib.suppress(OSError):  # a child that ended meanwhile
+                if process_name(pid) == REAPER_NAME:
+                    reapers.append(pid)
+        return reapers
 
     def close(self) -> None:
         self.proc.terminate()
@@ -169,13 +177,6 @@ def fork_server(
         yield server
     finally:
         server.close()
-
-
-def _comm(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return ""
 
 
 def children_cpu_s() -> float:

@@ -48,6 +48,7 @@ from shared.startup_trace import mark as _mark
 MAX_FDS = 4  # stdin, stdout, stderr, cwd
 REQUEST_TIMEOUT_S = 2.0
 SPARE_NAME = "embervm-spare"  # a reaper forked ahead, waiting for its request
+REAPER_NAME = "embervm-reaper"  # the spare once it has its request
 HANDOVER = struct.Struct("=i")  # the client's pid, then the request as the client sent it
 
 
@@ -254,7 +255,7 @@ def _spare(sock: socket.socket, listener: socket.socket) -> int:  # pragma: no c
             os.close(fd)
         return 0
     _mark("reaper: request taken")
-    set_process_name("embervm-reaper")
+    set_process_name(REAPER_NAME)
     (client,) = HANDOVER.unpack_from(data)
     conn = socket.socket(fileno=fds[0])
     conn.settimeout(REQUEST_TIMEOUT_S)  # as the server had it (the fd's O_NONBLOCK is shared)

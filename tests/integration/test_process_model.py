@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from controlplane.forkserver import SPARE_NAME
+from controlplane.forkserver import REAPER_NAME, SPARE_NAME
 from guest.build import GuestImages
 from shared import exitcodes
 from tests.support.api_client import ApiClient
@@ -48,7 +48,7 @@ class Server:
         assert "listening" in line, line
 
     def reapers(self) -> list[int]:
-        return [pid for pid in children(self.proc.pid) if _comm(pid) == "embervm-reaper"]
+        return [pid for pid in children(self.proc.pid) if _comm(pid) == REAPER_NAME]
 
     def spare(self, timeout: float = 30) -> int:
         """The reaper the server forked ahead for its next request."""
@@ -283,7 +283,7 @@ def test_a_request_is_served_by_the_reaper_forked_ahead_of_it(
         )
         read_until(proc, b"tick 1")
         vmm = launch.vmm(proc.pid)
-        assert _comm(spare) == "embervm-reaper"
+        assert _comm(spare) == REAPER_NAME
         assert vmm in children(spare)
         assert server.spare() != spare
     finally:
