@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import re
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +15,7 @@ from controlplane.vm_spec import VmSpec
 from guest.build import GuestImages
 from shared import exitcodes, layout
 from tests.support.console import ConsoleCapture
+from tests.support.waiting import wait_until
 
 MEM_MIB = 64
 
@@ -154,10 +154,7 @@ def test_kernel_that_is_neither_elf_nor_bzimage_is_refused(launcher, tmp_path: P
 
     with pytest.raises(VmStartError, match="neither an ELF vmlinux nor a bzImage"):
         launcher.start_vm(VmSpec(kernel_image_path=str(junk)), ConsoleCapture(), lambda c, r: None)
-    deadline = time.monotonic() + 10
-    while _live_children(launcher.zygote.pid) and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert _live_children(launcher.zygote.pid) == []
+    assert wait_until(lambda: not _live_children(launcher.zygote.pid)), _live_children(launcher.zygote.pid)
 
 
 def _live_children(pid: int) -> list[int]:
